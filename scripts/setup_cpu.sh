@@ -27,8 +27,8 @@ if [ ! -f "$VENV/.tsdkd_setup_done" ] && [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
   die "only ${free_gb} GiB free on $(pwd); the CPU stack (torch, vLLM, DeepSpeed, Ray) needs about ${MIN_FREE_GB} GiB. Free some disk or pass another VENV_DIR."
 fi
 
-# Idempotency: skip when the stamp matches this script and pyproject.toml.
-stamp_of() { cat scripts/setup_cpu.sh pyproject.toml | sha256sum | cut -c1-16; }
+# Idempotency: skip when the stamp matches this script, the patch set and pyproject.toml.
+stamp_of() { cat scripts/setup_cpu.sh scripts/apply_patches.sh patches/*.patch pyproject.toml | sha256sum | cut -c1-16; }
 STAMP=$(stamp_of)
 if [ -f "$VENV/.tsdkd_setup_done" ] && [ "$(cat "$VENV/.tsdkd_setup_done")" = "$STAMP" ] \
    && "$VENV/bin/python" -c "import tsdkd_plugin, openrlhf, vllm, deepspeed, ray" 2>/dev/null; then
@@ -60,6 +60,9 @@ step "removing torchvision/torchaudio/torchcodec (mismatched with CPU torch)"
 
 step "openrlhf==0.11.2 (--no-deps: its flash-attn pin needs CUDA)"
 "${PIP[@]}" install -q --no-deps openrlhf==0.11.2 || pin_missing "openrlhf==0.11.2"
+
+step "OpenRLHF CPU-mode patch set (patches/README.md)"
+bash scripts/apply_patches.sh "$VENV"
 
 step "flash-attn==2.8.3 Python part (no CUDA kernels)"
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('flash_attn') else 1)"; then

@@ -1,0 +1,115 @@
+"""tsdkd_plugin.host.device and cpu_launch: CPU-mode detection, environment, logical-GPU sizing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tsdkd_plugin.host import cpu_launch, device
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_cpu_mode_follows_cuda_and_the_override(monkeypatch):
+    monkeypatch.delenv("TSDKD_DEVICE", raising=False)
+    monkeypatch.delenv("OPENRLHF_DEVICE", raising=False)
+    assert device.cpu_mode() is (not _has_cuda())
+    monkeypatch.setenv("TSDKD_DEVICE", "cpu")
+    assert device.cpu_mode() is True
+    assert device.device_type() == "cpu" == device.ema_device()
+    assert str(device.current_device()) == "cpu"
+
+
+def test_cpu_mode_env_keeps_values_the_user_set(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = device.cpu_mode_env(threads_per_process=2)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert env["OPENRLHF_DEVICE"] == env["TSDKD_DEVICE"] == env["DS_ACCELERATOR"] == "cpu"
+
+
+def test_single_process_dist_env_fills_only_missing_values(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    env = device.set_single_process_dist_env()
+    expected = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "29511"}
+    assert env == expected
+
+
+@pytest.mark.parametrize(
+    "args, gpus",
+    [
+        # colocate_all: engines, reference and actor share the actor's bundles.
+        (["--actor.num_gpus_per_node", "1", "--vllm.num_engines", "1", "--train.colocate_all",
+          "--reward.remote_url", "r.py", "--algo.advantage.estimator", "group_norm"], 1),
+        # separate placement: engine + actor + reference (KL coef defaults to 0.01).
+        (["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1",
+          "--reward.remote_url", "r.py", "--algo.advantage.estimator", "group_norm"], 3),
+        # no KL, no reference.
+        (["--actor.num_gpus_per_node", "1", "--vllm.num_engines", "2", "--algo.kl.init_coef", "0",
+          "--reward.remote_url", "r.py", "--algo.advantage.estimator", "rloo"], 3),
+        # PPO with GAE: critic and reward model too; colocate_critic_reward shares them.
+        (["--actor.num_gpus_per_node", "2", "--ref.num_gpus_per_node", "2", "--critic.num_gpus_per_node", "2",
+          "--reward.num_gpus_per_node", "2", "--vllm.num_engines", "2", "--train.colocate_actor_ref",
+          "--train.colocate_critic_reward"], 2 + 2 + 2),
+        # upstream defaults: 8 GPUs per group, reference + critic + reward model.
+        ([], 8 + 8 + 8 + 8),
+    ],
+)
+def test_logical_gpus_match_what_train_ppo_ray_requests(args, gpus):
+    assert cpu_launch.logical_gpus_for_ppo_ray(args) == gpus
+
+
+def test_flash_attention_is_refused_with_a_clear_sentence():
+    problem = cpu_launch.flash_attention_problem("openrlhf.cli.train_sft", ["--model.model_name_or_path", "m"])
+    assert "--ds.attn_implementation sdpa" in problem
+    assert cpu_launch.flash_attention_problem("openrlhf.cli.train_sft", ["--ds.attn_implementation=sdpa"]) is None
+    assert "packing_samples" in cpu_launch.flash_attention_problem(
+        "openrlhf.cli.train_ppo_ray", ["--ds.attn_implementation", "sdpa", "--ds.packing_samples"]
+    )
+    assert cpu_launch.flash_attention_problem("some.other.module", []) is None
+
+
+def test_cpu_launch_exits_2_before_starting_anything(capsys, monkeypatch):
+    monkeypatch.setenv("TSDKD_DEVICE", "cpu")
+    with pytest.raises(SystemExit) as excinfo:
+        cpu_launch.main(["openrlhf.cli.train_dpo", "--model.model_name_or_path", "m"])
+    assert excinfo.value.code == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_ray_cluster_has_logical_gpus_and_the_cpu_env(tmp_path):
+    script = """
+import os, sys, tempfile
+import ray
+from tsdkd_plugin.host import device
+tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
+device.init_local_ray_cluster(num_gpus=2, temp_dir=tmp)
+resources = ray.cluster_resources()
+
+NAMES = ("OPENRLHF_DEVICE", "VLLM_CPU_KVCACHE_SPACE", "DS_ACCELERATOR")
+
+@ray.remote(num_gpus=1)
+def worker_view():
+    return ray.get_gpu_ids(), [os.environ.get(name) for name in NAMES]
+
+gpu_ids, env = ray.get(worker_view.remote())
+ray.shutdown()
+import shutil; shutil.rmtree(tmp, ignore_errors=True)
+print(resources["GPU"], resources["CPU"], len(gpu_ids), *env)
+"""
+    env = {**os.environ, "TSDKD_DEVICE": "cpu"}
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "2.0 8.0 1 cpu 1 cpu"

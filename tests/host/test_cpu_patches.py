@@ -1,0 +1,199 @@
+"""The OpenRLHF CPU patch set: applies to pristine 0.11.2, is idempotent, reverts, imports, picks the CPU.
+
+The pristine package comes from the released wheel (`pip download openrlhf==0.11.2`), or
+from the wheel file named by $TSDKD_OPENRLHF_WHEEL when there is no index to download from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+APPLY = ROOT / "scripts" / "apply_patches.sh"
+PATCH = ROOT / "patches" / "openrlhf-0.11.2-cpu.patch"
+UPSTREAM = "openrlhf==0.11.2"
+
+
+@pytest.fixture(scope="module")
+def openrlhf_wheel(tmp_path_factory) -> Path:
+    local = os.environ.get("TSDKD_OPENRLHF_WHEEL")
+    if local:
+        return Path(local)
+    dest = tmp_path_factory.mktemp("openrlhf_wheel")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), UPSTREAM]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    wheels = sorted(dest.glob("openrlhf-0.11.2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        pytest.skip(
+            f"could not download the {UPSTREAM} wheel (offline: set TSDKD_OPENRLHF_WHEEL=path.whl): {proc.stderr[-300:]}"
+        )
+    return wheels[0]
+
+
+@pytest.fixture
+def pristine_site(openrlhf_wheel, tmp_path) -> Path:
+    """A site-packages-like directory holding the wheel's openrlhf/ and its dist-info, unmodified."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(openrlhf_wheel) as wheel:
+        wheel.extractall(tmp_path / "unzipped")
+    unzipped = tmp_path / "unzipped"
+    # The wheel stores the package under openrlhf-<v>.data/purelib/.
+    package = next(unzipped.glob("**/purelib/openrlhf"), None) or unzipped / "openrlhf"
+    site.mkdir()
+    shutil.move(str(package), site / "openrlhf")
+    for dist_info in unzipped.glob("openrlhf-*.dist-info"):
+        shutil.move(str(dist_info), site / dist_info.name)
+    return site
+
+
+def run_apply(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(APPLY), *args], capture_output=True, text=True, timeout=120)
+
+
+def tree_digest(package_dir: Path) -> dict:
+    return {
+        str(p.relative_to(package_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(package_dir.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def test_patch_applies_to_pristine_release_idempotently_and_reverts(pristine_site):
+    pristine = tree_digest(pristine_site / "openrlhf")
+
+    assert run_apply("--site-packages", str(pristine_site), "--check").returncode == 1
+    first = run_apply("--site-packages", str(pristine_site))
+    assert first.returncode == 0, first.stderr
+    assert "applied openrlhf-0.11.2-cpu.patch" in first.stdout
+    patched = tree_digest(pristine_site / "openrlhf")
+    assert patched != pristine and "utils/device.py" in patched
+
+    again = run_apply("--site-packages", str(pristine_site))
+    assert again.returncode == 0, again.stderr
+    assert "already applied" in again.stdout
+    assert tree_digest(pristine_site / "openrlhf") == patched
+    assert run_apply("--site-packages", str(pristine_site), "--check").returncode == 0
+
+    # pip uninstall must remove what the patch added.
+    record = (pristine_site / "openrlhf-0.11.2.dist-info" / "RECORD").read_text().splitlines()
+    assert "openrlhf/utils/device.py,," in record
+
+    reverted = run_apply("--site-packages", str(pristine_site), "--revert")
+    assert reverted.returncode == 0, reverted.stderr
+    assert tree_digest(pristine_site / "openrlhf") == pristine
+
+
+def test_patch_refuses_another_openrlhf_release(pristine_site):
+    (pristine_site / "openrlhf-0.11.2.dist-info").rename(pristine_site / "openrlhf-0.11.3.dist-info")
+    result = run_apply("--site-packages", str(pristine_site))
+    assert result.returncode == 2
+    assert "is for openrlhf 0.11.2 but" in result.stderr
+
+
+def test_patched_package_imports_and_selects_the_cpu(pristine_site):
+    assert run_apply("--site-packages", str(pristine_site)).returncode == 0
+    probe = (
+        "import openrlhf, openrlhf.utils.device as d\n"
+        "import openrlhf.cli.train_ppo_ray, openrlhf.cli.train_sft, openrlhf.cli.train_dpo\n"
+        "import openrlhf.trainer.ray.ppo_actor, openrlhf.trainer.ray.vllm_engine\n"
+        "import openrlhf.trainer.ray.vllm_worker_wrap\n"
+        "print(openrlhf.__file__); print(d.use_cpu(), d.device_type(), d.current_device())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(pristine_site)}
+    env.pop("OPENRLHF_DEVICE", None)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    location, device_line = result.stdout.strip().splitlines()[-2:]
+    assert location.startswith(str(pristine_site)), location
+    if _has_cuda():
+        pytest.skip("this machine has CUDA, which the device helper picks; the CPU check is for CPU-only machines")
+    assert device_line == "True cpu cpu"
+
+
+def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
+    """With CUDA, each helper returns/does exactly what the CUDA call it replaced did."""
+    import torch
+
+    from openrlhf.utils import device
+
+    calls = []
+    monkeypatch.delenv("OPENRLHF_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda rank: calls.append(("set_device", rank)))
+    assert device.use_cpu() is False
+    assert device.device_type() == "cuda"
+    assert device.current_device() == 3
+    device.synchronize()
+    device.set_device(1)
+    assert calls == ["synchronize", ("set_device", 1)]
+
+    # OPENRLHF_DEVICE=cpu forces the CPU even with CUDA.
+    monkeypatch.setenv("OPENRLHF_DEVICE", "cpu")
+    calls.clear()
+    assert device.use_cpu() is True and device.current_device() == torch.device("cpu")
+    device.synchronize()
+    device.set_device(0)
+    assert calls == []
+
+
+def test_installed_openrlhf_is_the_patched_release(pristine_site):
+    """setup_cpu.sh applied exactly this patch to the environment running the tests."""
+    import openrlhf
+
+    assert run_apply("--site-packages", str(pristine_site)).returncode == 0
+    installed = tree_digest(Path(openrlhf.__file__).parent)
+    expected = tree_digest(pristine_site / "openrlhf")
+    differing = sorted(name for name in expected.keys() | installed.keys() if expected.get(name) != installed.get(name))
+    assert not differing, (
+        f"installed openrlhf differs from 0.11.2 + patch in {differing[:10]}; run bash scripts/apply_patches.sh"
+    )
+
+
+# CUDA calls left in the patched package, all on GPU-only paths: NCCL weight broadcast
+# (ppo_actor._init_vllm_sync_group/_broadcast_param, WorkerWrap.update_weight), CUDA IPC
+# (WorkerWrap.update_weight_cuda_ipc, get_physical_gpu_id), ring attention (needs flash-attn),
+# and two sites already guarded by a CPU branch (replay buffer, loss_utils). A new
+# unguarded CUDA call in an upgrade changes these counts and is caught here.
+REMAINING_CUDA_CALLS = {
+    "trainer/ray/ppo_actor.py": 2,
+    "trainer/ray/vllm_worker_wrap.py": 3,
+    "trainer/ray/utils.py": 2,
+    "trainer/ppo_utils/replay_buffer.py": 1,
+    "models/ring_attn_utils.py": 1,
+    "utils/loss_utils.py": 1,
+}
+CUDA_CALL = re.compile(
+    r"torch\.cuda\.(current_device|synchronize|set_device|current_stream|get_device_properties)\(|"
+    r"device=\"cuda\"|init_device_mesh\(\s*\"cuda\""
+)
+
+
+def test_only_gpu_only_paths_keep_cuda_calls(pristine_site):
+    assert run_apply("--site-packages", str(pristine_site)).returncode == 0
+    package = pristine_site / "openrlhf"
+    counts = {}
+    for path in package.rglob("*.py"):
+        relative = str(path.relative_to(package))
+        if relative == "utils/device.py" or relative.startswith("cli/"):
+            continue
+        hits = len(CUDA_CALL.findall(path.read_text()))
+        if hits:
+            counts[relative] = hits
+    assert counts == REMAINING_CUDA_CALLS
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,1 @@
+"""The one place OpenRLHF is touched (see docs/LAYOUT.md). Import-light."""
