@@ -1,0 +1,145 @@
+"""Where a chunk of logit rows comes from, and where its gradient goes.
+
+The objective (engine.py) never holds a [tokens x vocab] matrix: it asks a row
+source for the logits of a few hundred tokens at a time, over the shared
+vocabulary, already in the compute dtype. Two sources, one interface:
+
+- LogitsRows:  rows of an existing [B, T, V] logits tensor (plain entry point,
+               dense teacher logits);
+- HiddenRows:  hidden [N, H] @ lm_head_weight[:shared].T computed per chunk (the
+               fused entry point, the Liger-Kernel idea; also the teacher's side).
+
+The student's sources also take gradients w.r.t. those logit rows and turn them
+into gradients of what they were computed from, chunk by chunk: the logits
+tensor itself (StudentLogits) or hidden states and lm_head weight (StudentHidden,
+via G @ W and G^T @ h accumulated in place, so the weight gradient needs no
+per-chunk [V, H] temporary when dtypes match).
+
+`index` is either a slice of the valid-token list (a contiguous chunk) or a
+LongTensor of positions in it (the correction pass works on a subset).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Index = slice | torch.Tensor
+
+
+class LogitsRows:
+    """Rows of logits [B, T, V] at the valid positions, columns [0, shared)."""
+
+    def __init__(self, logits: torch.Tensor, positions: torch.Tensor, shared: int) -> None:
+        self.flat = logits.reshape(-1, logits.shape[-1])[:, :shared]
+        self.positions = positions
+        self.shared = shared
+
+    def fill(self, index: Index, out: torch.Tensor) -> None:
+        rows = self.positions[index]
+        if out.dtype == self.flat.dtype:
+            torch.index_select(self.flat, 0, rows, out=out)
+        else:
+            out.copy_(self.flat.index_select(0, rows))
+
+
+class HiddenRows:
+    """Logits computed as hidden[index] @ weight[:shared].T (hidden already restricted to valid tokens)."""
+
+    def __init__(self, hidden_rows: torch.Tensor, weight: torch.Tensor, shared: int) -> None:
+        self.hidden = hidden_rows
+        self.weight = weight[:shared]
+        self.shared = shared
+
+    def fill(self, index: Index, out: torch.Tensor) -> None:
+        rows = self.hidden[index]
+        if out.dtype == self.weight.dtype == rows.dtype:
+            torch.mm(rows, self.weight.t(), out=out)
+        else:  # bf16/fp16 matmul like the model's own lm_head, then upcast
+            out.copy_(rows @ self.weight.t())
+
+
+class StudentLogits(LogitsRows):
+    """Student rows from a logits tensor; gradients are kept per valid token in the compute dtype."""
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        positions: torch.Tensor,
+        shared: int,
+        compute_dtype: torch.dtype,
+        *,
+        need_grad: bool = True,
+    ) -> None:
+        super().__init__(logits, positions, shared)
+        self.grad = (
+            torch.zeros(positions.numel(), shared, dtype=compute_dtype, device=logits.device) if need_grad else None
+        )
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.grad is not None
+
+    def add_grad(self, index: Index, grad_rows: torch.Tensor) -> None:
+        if isinstance(index, slice):
+            self.grad[index].add_(grad_rows)
+        else:
+            self.grad.index_add_(0, index, grad_rows)
+
+    def add_sparse_grad(self, index: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
+        """grad[index[i], columns[i, j]] += values[i, j]."""
+        rows = index.unsqueeze(1).expand_as(columns)
+        self.grad.index_put_((rows, columns), values.to(self.grad.dtype), accumulate=True)
+
+
+class StudentHidden(HiddenRows):
+    """Student rows from hidden states and lm_head weight; gradients for both, accumulated per chunk."""
+
+    def __init__(
+        self,
+        hidden_rows: torch.Tensor,
+        weight: torch.Tensor,
+        shared: int,
+        compute_dtype: torch.dtype,
+        *,
+        need_hidden_grad: bool = True,
+        need_weight_grad: bool = True,
+    ) -> None:
+        super().__init__(hidden_rows, weight, shared)
+        device = hidden_rows.device
+        self.grad_hidden = (
+            torch.zeros(hidden_rows.shape, dtype=compute_dtype, device=device) if need_hidden_grad else None
+        )
+        # Full row count: rows >= shared (padding rows) get zero gradient.
+        self.grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight_grad else None
+
+    @property
+    def wants_grad(self) -> bool:
+        return self.grad_hidden is not None or self.grad_weight is not None
+
+    def add_grad(self, index: Index, grad_rows: torch.Tensor) -> None:
+        grad_mm = grad_rows if grad_rows.dtype == self.weight.dtype else grad_rows.to(self.weight.dtype)
+        if self.grad_hidden is not None:
+            part = grad_mm @ self.weight
+            if isinstance(index, slice):
+                self.grad_hidden[index].add_(part)
+            else:
+                self.grad_hidden.index_add_(0, index, part.to(self.grad_hidden.dtype))
+        if self.grad_weight is not None:
+            rows = self.hidden[index]
+            target = self.grad_weight[: self.shared]
+            if grad_mm.dtype == target.dtype == rows.dtype:
+                target.addmm_(grad_mm.t(), rows)
+            else:
+                target.add_(grad_mm.t() @ rows.to(grad_mm.dtype))
+
+    def add_sparse_grad(self, index: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> None:
+        """The gradient with values[i, j] at logit (index[i], columns[i, j]): a few rows of W each."""
+        dtype = self.grad_weight.dtype if self.grad_weight is not None else self.grad_hidden.dtype
+        values = values.to(dtype)
+        if self.grad_hidden is not None:
+            picked = self.weight[columns].to(dtype)  # [n, k, H]
+            self.grad_hidden.index_add_(0, index, torch.einsum("nk,nkh->nh", values, picked))
+        if self.grad_weight is not None:
+            rows = self.hidden[index].to(dtype)  # [n, H]
+            contrib = values.unsqueeze(2) * rows.unsqueeze(1)  # [n, k, H]
+            self.grad_weight.index_add_(0, columns.reshape(-1), contrib.reshape(-1, rows.shape[1]))

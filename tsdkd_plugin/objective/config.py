@@ -1,0 +1,148 @@
+"""TSDKDConfig: every weight and switch of the TSD-KD objective, validated once.
+
+A bad value fails here, at construction, with a sentence naming the field and
+its valid range -- not as a NaN deep inside a Ray worker. Values that depend on
+the data (k against the vocabulary size, group size against the batch) are
+checked when the loss is called.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+GATE_KINDS = ("soft", "hard", "none")
+INDIRECT_LEVELS = ("token", "sequence", "both")
+LISTMLE_FORMS = ("suffix", "prefix")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TSDKDConfig:
+    """Hyper-parameters of L = w_dir*L_dir + lambda_ent*L_ent + alpha*L_ind + alpha_seq*L_seq.
+
+    Defaults follow the paper and the authors' reference code (see
+    docs/objective.md); every term is switched off by setting its weight to 0.
+    """
+
+    # ---- direct distillation: token-selective generalized JSD ----------------
+    direct_weight: float = 1.0
+    """Weight of L_dir (1.0 in the paper's formula; 0 switches the direct term off)."""
+
+    beta: float = 0.9
+    """Generalized-JSD interpolation beta in [0, 1], TRL's convention:
+    JSD_beta(p, q) = beta*KL(p||M) + (1-beta)*KL(q||M), M = beta*p + (1-beta)*q,
+    with p the teacher and q the student. As in TRL, beta = 0 means forward KL(p||q)
+    and beta = 1 reverse KL(q||p) (the JSD itself would vanish at both ends)."""
+
+    temperature: float = 1.0
+    """Softmax temperature tau > 0 applied to both models' logits for every term
+    (distributions, entropies, candidate scores and sequence log-likelihoods)."""
+
+    gate: str = "soft"
+    """Per-token weight of the JSD from the entropy gap H_S - H_T (stop-gradient):
+    "soft": sigmoid(H_S - H_T) (reference code, default); "hard": 1[H_S - H_T > gate_margin];
+    "none": 1 everywhere (plain GKD, for ablations)."""
+
+    gate_margin: float = 0.0
+    """Margin s of the hard gate (nats, any finite real); ignored by the other gates."""
+
+    # ---- indirect distillation: the teacher re-ranks the student's candidates --
+    indirect_level: str = "token"
+    """Which ListMLE terms exist: "token" (opener tokens, paper/reference default),
+    "sequence" (n responses per prompt ranked by the teacher; our extension) or "both"."""
+
+    indirect_weight: float = 0.1
+    """alpha: weight of the token-level ListMLE L_ind (0 switches it off)."""
+
+    sequence_weight: float = 0.1
+    """alpha_seq: weight of the sequence-level ListMLE L_seq (used only when
+    indirect_level is "sequence" or "both"; 0 switches it off)."""
+
+    opener_fraction: float = 0.1
+    """c in (0, 1]: the opener of a response is its shortest prefix holding a
+    fraction c of the response's total student entropy (computed per sequence)."""
+
+    num_candidates: int = 10
+    """k >= 1: student top-k candidate tokens re-ranked by the teacher at each opener
+    position (must not exceed the shared vocabulary; checked at call time)."""
+
+    listmle_form: str = "suffix"
+    """"suffix": the correct Plackett-Luce likelihood (log-sum-exp over j >= i).
+    "prefix": the reference code's bug (log-sum-exp over j <= i), which rewards the
+    reversed order; kept only to reproduce the reference for an ablation."""
+
+    # ---- entropy regularization ------------------------------------------------
+    entropy_weight: float = 1.0
+    """lambda_ent >= 0: weight of L_ent, the mean student entropy over the most
+    uncertain completion tokens (minimized; 0 switches it off)."""
+
+    entropy_top_fraction: float = 0.9
+    """Fraction in (0, 1] of valid completion tokens (highest student entropy) that
+    L_ent averages over: tokens at or above the (1 - fraction)-quantile of H_S.
+    0.9 reproduces the reference code (0.1-quantile threshold); the reviewers'
+    reading "top 10% most uncertain tokens" is 0.1."""
+
+    # ---- computation -----------------------------------------------------------
+    chunk_size: int = 256
+    """Tokens per chunk (>= 1) when logits are computed or processed chunk by chunk;
+    work memory is about 6 * chunk_size * vocab * 4 bytes (0.9 GB at 256 x 151,936)."""
+
+    sparse_top_k: int = 64
+    """K >= 1: teacher top-K log-probs per token carried by the sparse transport
+    (the rest of the teacher's mass is kept as one tail bucket)."""
+
+    def __post_init__(self) -> None:
+        for name in ("direct_weight", "indirect_weight", "sequence_weight", "entropy_weight"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"TSDKDConfig.{name} must be a finite real >= 0, got {value!r}")
+        if not _is_real(self.beta) or not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"TSDKDConfig.beta must be in [0, 1], got {self.beta!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"TSDKDConfig.temperature must be a finite real > 0, got {self.temperature!r}")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"TSDKDConfig.gate must be one of {GATE_KINDS}, got {self.gate!r}")
+        if not _is_real(self.gate_margin) or not math.isfinite(self.gate_margin):
+            raise ValueError(f"TSDKDConfig.gate_margin must be a finite real, got {self.gate_margin!r}")
+        if self.indirect_level not in INDIRECT_LEVELS:
+            raise ValueError(
+                f"TSDKDConfig.indirect_level must be one of {INDIRECT_LEVELS}, got {self.indirect_level!r}"
+            )
+        for name in ("opener_fraction", "entropy_top_fraction"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 < value <= 1.0:
+                raise ValueError(f"TSDKDConfig.{name} must be in (0, 1], got {value!r}")
+        if self.listmle_form not in LISTMLE_FORMS:
+            raise ValueError(f"TSDKDConfig.listmle_form must be one of {LISTMLE_FORMS}, got {self.listmle_form!r}")
+        for name in ("num_candidates", "chunk_size", "sparse_top_k"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"TSDKDConfig.{name} must be an integer >= 1, got {value!r}")
+
+    # ---- which terms are on ------------------------------------------------------
+    @property
+    def direct_on(self) -> bool:
+        return self.direct_weight > 0
+
+    @property
+    def entropy_on(self) -> bool:
+        return self.entropy_weight > 0
+
+    @property
+    def token_level_on(self) -> bool:
+        return self.indirect_level in ("token", "both") and self.indirect_weight > 0
+
+    @property
+    def sequence_level_on(self) -> bool:
+        return self.indirect_level in ("sequence", "both") and self.sequence_weight > 0
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
