@@ -166,7 +166,7 @@ def test_all_masked_batch_gives_zero_and_finite_gradients(path):
             )  # fmt: skip
         loss, metrics = tsdkd_loss_fused(h, w, teacher, mask, cfg, **kwargs)
     loss.backward()
-    assert float(loss) == 0.0 and metrics["num_tokens"] == 0.0
+    assert loss.item() == 0.0 and metrics["num_tokens"] == 0.0
     assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
     assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tsdkd_plugin.objective import (
+    NonFiniteInputError,
     TeacherSignals,
     TSDKDConfig,
     teacher_signals_from_logits,
@@ -105,7 +106,9 @@ def test_mismatched_devices(batch):
 def test_non_finite_dense_teacher(bad, batch):
     teacher = batch["teacher"].clone()
     teacher[1, 2, 5] = bad
-    with pytest.raises(ValueError, match="teacher logits contain NaN or inf"):
+    # NonFiniteInputError is a ValueError the actor may skip (a data fault, not a bug).
+    assert issubclass(NonFiniteInputError, ValueError)
+    with pytest.raises(NonFiniteInputError, match="teacher logits contain NaN or inf"):
         call(batch, teacher=TeacherSignals(logits=teacher))
     hidden = torch.randn(2, 4, 3)
     hidden[0, 1, 0] = bad
@@ -123,7 +126,7 @@ def test_non_finite_sparse_teacher(field, batch):
         candidate_ids=torch.topk(batch["student"], 3).indices,
     )  # fmt: skip
     getattr(signals, field).view(-1)[3] = math.nan
-    with pytest.raises(ValueError, match=f"teacher.{field} contains NaN or inf"):
+    with pytest.raises(NonFiniteInputError, match=f"teacher.{field} contains NaN or inf"):
         call(batch, cfg, teacher=signals)
 
 
@@ -136,6 +139,11 @@ def test_sparse_transport_errors(batch):
         call(batch, TSDKDConfig(num_candidates=3, temperature=2.0), teacher=signals)
     with pytest.raises(ValueError, match="sparse_top_k=13 must be <= shared_vocab_size=12"):
         teacher_signals_from_logits(batch["teacher"], TSDKDConfig(sparse_top_k=13), mask=batch["mask"], shared_vocab_size=12)
+    duplicated = teacher_signals_from_logits(
+        batch["teacher"], cfg, mask=batch["mask"], shared_vocab_size=12, candidate_ids=torch.zeros(2, 4, 3, dtype=torch.long)
+    )
+    with pytest.raises(ValueError, match="teacher.candidate_ids must be distinct"):
+        call(batch, cfg, teacher=duplicated)
     with_cands = teacher_signals_from_logits(
         batch["teacher"], cfg, mask=batch["mask"], shared_vocab_size=12, candidate_ids=torch.zeros(2, 4, 2, dtype=torch.long)
     )
@@ -186,5 +194,5 @@ def test_config_type_is_checked(batch):
 def test_non_finite_student_is_an_error_not_a_nan(bad, batch):
     batch["student_override"] = batch["student"].clone()
     batch["student_override"][0, 1, 3] = bad
-    with pytest.raises(ValueError, match="student logits contain NaN or inf"):
+    with pytest.raises(NonFiniteInputError, match="student logits contain NaN or inf"):
         call(batch)

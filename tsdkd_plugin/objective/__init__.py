@@ -6,6 +6,7 @@ See docs/objective.md for the formulas, defaults, transports and chunking.
 
 Modules, one concern each:
     config.py         TSDKDConfig, every weight and switch, validated at construction
+    errors.py         NonFiniteInputError (NaN/inf inputs: a ValueError the actor may skip)
     selective_jsd.py  direct term: entropy gate, generalized JSD (dense and K+1-bucket) with gradients
     entropy.py        entropy regularization: entropy, its gradient, quantile selection
     listmle.py        indirect terms: ListMLE (suffix / buggy prefix), per-sequence opener, sequence level
@@ -18,6 +19,7 @@ Modules, one concern each:
 from .config import TSDKDConfig
 from .engine import METRIC_KEYS
 from .entropy import entropy_selection
+from .errors import NonFiniteInputError
 from .listmle import listmle, listmle_value_and_grad, opener_mask, sequence_listmle
 from .loss import tsdkd_loss, tsdkd_loss_fused
 from .selective_jsd import entropy_gate, generalized_jsd_dense, generalized_jsd_partition
@@ -25,6 +27,7 @@ from .transport import TeacherSignals, check_shared_vocab, teacher_signals_from_
 
 __all__ = [
     "METRIC_KEYS",
+    "NonFiniteInputError",
     "TSDKDConfig",
     "TeacherSignals",
     "check_shared_vocab",

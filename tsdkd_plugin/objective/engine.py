@@ -37,6 +37,7 @@ import torch
 
 from .config import TSDKDConfig
 from .entropy import add_entropy_grad_, entropy_from_logprobs, entropy_selection, expected_selected_count
+from .errors import NonFiniteInputError
 from .listmle import add_logprob_grad_, listmle_value_and_grad, opener_mask, sequence_listmle
 from .selective_jsd import entropy_gate, gate_selected, generalized_jsd_dense, generalized_jsd_partition
 
@@ -150,6 +151,8 @@ def run_objective(
     work = _Workspace(chunk, shared, compute_dtype, device)
     dense_teacher = teacher.rows is not None
     need_grad = student.wants_grad
+    # Only L_dir and L_ent put a dense gradient on every token in the main pass.
+    main_pass_grad = need_grad and (config.direct_on or config.entropy_on)
     token_on, seq_on = config.token_level_on, config.sequence_level_on
     need_teacher_rows = dense_teacher and (
         config.direct_on
@@ -158,8 +161,8 @@ def run_objective(
     )
     need_teacher_token_logprob = dense_teacher and seq_on and teacher.sequence_scores is None
 
-    def per_token(dtype=compute_dtype):
-        return torch.zeros(num, dtype=dtype, device=device)
+    def per_token():
+        return torch.zeros(num, dtype=compute_dtype, device=device)
 
     student_entropy = per_token()
     have_teacher_entropy = need_teacher_rows or not dense_teacher
@@ -209,21 +212,21 @@ def run_objective(
         if config.direct_on:
             if dense_teacher:
                 jsd[index] = generalized_jsd_dense(
-                    logq, q, logp, p, config.beta, grad_out=grad if need_grad else None, scratch=scratch
+                    logq, q, logp, p, config.beta, grad_out=grad if main_pass_grad else None, scratch=scratch
                 )
             else:
                 jsd[index] = generalized_jsd_partition(
                     logq, q, teacher.topk_ids[index], teacher.topk_logprobs[index],
-                    teacher.tail_logprob[index], config.beta, grad_out=grad if need_grad else None, scratch=scratch,
+                    teacher.tail_logprob[index], config.beta, grad_out=grad if main_pass_grad else None, scratch=scratch,
                 )  # fmt: skip
             w = entropy_gate(h_s, teacher_entropy[index], config.gate, config.gate_margin)
             gate[index] = w
-            if need_grad:
+            if main_pass_grad:
                 grad.mul_((w * direct_coef).unsqueeze(1))
-        elif need_grad:
+        elif main_pass_grad:
             grad.zero_()
 
-        if config.entropy_on and need_grad:
+        if config.entropy_on and main_pass_grad:
             coef = torch.full((c,), entropy_coef_guess, dtype=compute_dtype, device=device)
             add_entropy_grad_(grad, logq, q, h_s, coef, scratch=scratch)
 
@@ -245,13 +248,13 @@ def run_objective(
             if need_teacher_token_logprob:
                 teacher_token_logprob[index] = logp.gather(1, sampled).squeeze(1)
 
-        if need_grad:
+        if main_pass_grad:
             student.add_grad(index, grad)
 
     if bool(bad_teacher):
-        raise ValueError("teacher logits contain NaN or inf; teacher inputs must be finite")
+        raise NonFiniteInputError("teacher logits contain NaN or inf; teacher inputs must be finite")
     if bool(bad_student):
-        raise ValueError("student logits contain NaN or inf")
+        raise NonFiniteInputError("student logits contain NaN or inf")
 
     # ---------------- whole-batch selections ----------------
     loss_direct = (gate * jsd).sum() / num if config.direct_on else zero
@@ -350,8 +353,9 @@ def run_objective(
     values = torch.stack([stats[key].reshape(()).to(compute_dtype) for key in METRIC_KEYS]).tolist()
     metrics = dict(zip(METRIC_KEYS, (float(v) for v in values)))
     if not math.isfinite(metrics["loss"]):
-        raise ValueError(
-            "TSD-KD loss is not finite although inputs passed validation; please report the inputs that caused it"
+        raise NonFiniteInputError(
+            "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
+            "-inf while K < vocabulary); check the teacher signals"
         )
     return total, metrics
 

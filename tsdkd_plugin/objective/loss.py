@@ -13,6 +13,7 @@ import torch
 from .chunking import HiddenRows, LogitsRows, StudentHidden, StudentLogits
 from .config import TSDKDConfig
 from .engine import TeacherView, Tokens, run_objective
+from .errors import NonFiniteInputError
 from .transport import TeacherSignals, check_shared_vocab
 
 
@@ -118,10 +119,14 @@ def _check_tensor(name, tensor, shape, device, *, floating=None) -> None:
         raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
 
 
-def _check_ids(name: str, ids: torch.Tensor, valid: torch.Tensor, shared: int) -> None:
+def _check_ids(name: str, ids: torch.Tensor, valid: torch.Tensor, shared: int, *, distinct: bool = False) -> None:
     picked = ids[valid]
     if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= shared):
         raise ValueError(f"{name} must lie in [0, shared_vocab_size={shared}) on response tokens")
+    if distinct and picked.numel():
+        ordered = picked.sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            raise ValueError(f"{name} must be distinct within each token (a top-K / top-k list)")
 
 
 def _check_finite(name: str, tensor: torch.Tensor, *, allow_neg_inf: bool = False) -> None:
@@ -129,7 +134,7 @@ def _check_finite(name: str, tensor: torch.Tensor, *, allow_neg_inf: bool = Fals
     if not allow_neg_inf:
         bad |= tensor == float("-inf")
     if bool(bad.any()):
-        raise ValueError(f"{name} contains NaN or inf on response tokens; teacher inputs must be finite")
+        raise NonFiniteInputError(f"{name} contains NaN or inf on response tokens; teacher inputs must be finite")
 
 
 def _prepare(
@@ -180,7 +185,7 @@ def _prepare(
         _check_tensor("teacher.entropy", teacher.entropy, (bsz, seqlen), device, floating=True)
         if top_k > shared:
             raise ValueError(f"teacher top-K ({top_k}) exceeds shared_vocab_size={shared}")
-        _check_ids("teacher.topk_ids", teacher.topk_ids, valid, shared)
+        _check_ids("teacher.topk_ids", teacher.topk_ids, valid, shared, distinct=True)
         view.topk_logprobs = rows_of(teacher.topk_logprobs)
         view.topk_ids = rows_of(teacher.topk_ids).long()
         view.tail_logprob = rows_of(teacher.tail_logprob)
@@ -196,7 +201,7 @@ def _prepare(
     if teacher.candidate_ids is not None and config.token_level_on:
         k = config.num_candidates
         _check_tensor("teacher.candidate_ids", teacher.candidate_ids, (bsz, seqlen, k), device, floating=False)
-        _check_ids("teacher.candidate_ids", teacher.candidate_ids, valid, shared)
+        _check_ids("teacher.candidate_ids", teacher.candidate_ids, valid, shared, distinct=True)
         view.candidate_ids = rows_of(teacher.candidate_ids).long()
         if teacher.candidate_logprobs is not None:
             _check_tensor("teacher.candidate_logprobs", teacher.candidate_logprobs, (bsz, seqlen, k), device, floating=True)

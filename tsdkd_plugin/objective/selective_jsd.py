@@ -97,7 +97,7 @@ def generalized_jsd_dense(
     return value
 
 
-def _log_tail_mass(logq: torch.Tensor, ids: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+def log_tail_mass(logq: torch.Tensor, ids: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """log of the student's probability outside `ids`, per row, computed exactly
     (log-sum-exp over the complement) instead of as 1 - sum(top), which cancels
     catastrophically when the top-K hold almost all the mass."""
@@ -137,7 +137,7 @@ def generalized_jsd_partition(
     row); teacher_topk_logprobs [C, K]; teacher_tail_logprob [C] (-inf if empty).
     """
     student_top = logq.gather(1, teacher_ids)
-    student_tail = _log_tail_mass(logq, teacher_ids, scratch)
+    student_tail = log_tail_mass(logq, teacher_ids, scratch)
     log_q_part = torch.cat([student_top, student_tail.unsqueeze(1)], dim=1)
     log_p_part = torch.cat([teacher_topk_logprobs, teacher_tail_logprob.unsqueeze(1)], dim=1)
     tail_nonempty = torch.isfinite(student_tail)

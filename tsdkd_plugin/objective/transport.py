@@ -28,7 +28,8 @@ import torch
 from .chunking import HiddenRows, LogitsRows
 from .config import TSDKDConfig
 from .entropy import entropy_from_logprobs
-from .selective_jsd import _log_tail_mass
+from .errors import NonFiniteInputError
+from .selective_jsd import log_tail_mass
 
 SPARSE_FIELDS = ("topk_logprobs", "topk_ids", "tail_logprob", "entropy")
 
@@ -186,12 +187,12 @@ def _teacher_signals(
         entropy = entropy_from_logprobs(buf, work)
         # NaN or +-inf anywhere in a row makes its entropy NaN (inf - inf, 0 * -inf).
         if not bool(torch.isfinite(entropy).all()):
-            raise ValueError(f"{source_name} contains NaN or inf; teacher inputs must be finite")
+            raise NonFiniteInputError(f"{source_name} contains NaN or inf; teacher inputs must be finite")
         out_entropy[rows] = entropy
         top_vals, top_ids = torch.topk(buf, top_k, dim=1)
         out_topk[rows] = top_vals
         out_ids[rows] = top_ids.to(torch.int32)
-        out_tail[rows] = _log_tail_mass(buf, top_ids, work)
+        out_tail[rows] = log_tail_mass(buf, top_ids, work)
         if cand_flat is not None:
             out_cand[rows] = buf.gather(1, cand_flat[rows])
         if sampled_flat is not None:
