@@ -59,12 +59,20 @@ def preflight(args, config) -> int:
     """Checks that read models and data (still before any Ray worker). Returns the shared
     vocabulary size. Exits with status 2 and one sentence on bad input."""
     from tsdkd_plugin.host.args import ArgumentError
-    from tsdkd_plugin.host.preflight import check_model_path, check_prompt_dataset, shared_vocabulary_size
+    from tsdkd_plugin.host.preflight import (
+        check_model_path,
+        check_prompt_dataset,
+        check_resume_checkpoint,
+        check_run_flags,
+        shared_vocabulary_size,
+    )
 
     try:
+        check_run_flags(args)
         check_model_path("--actor.model_name_or_path", args.actor.model_name_or_path)
         check_model_path("--teacher.model_name_or_path", args.teacher.model_name_or_path)
         check_prompt_dataset(args)
+        check_resume_checkpoint(args)
         return shared_vocabulary_size(args.actor.model_name_or_path, args.teacher.model_name_or_path)
     except ArgumentError as error:
         sys.stderr.write(f"{PROG}: error: {error}\n")
@@ -112,9 +120,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_cluster_capacity(args, ray.cluster_resources().get("GPU", 0))
     except ArgumentError as error:
         sys.exit(f"{PROG}: error: {error}")
+    from tsdkd_plugin.host.faults import stop_reason
     from tsdkd_plugin.host.launch import train
 
-    train(args, config, shared_vocab_size)
+    try:
+        train(args, config, shared_vocab_size)
+    except Exception as error:
+        # A stopped run (teacher unavailable, repeated non-finite losses: docs/reliability.md)
+        # ends with its one-sentence reason, not Ray's nested worker tracebacks.
+        stopped = stop_reason(error)
+        if stopped is None:
+            raise
+        ray.shutdown()  # flush the workers' forwarded logs first, so the reason is the last line
+        sys.exit(f"{PROG}: error: {stopped}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Dict, Optional
 
 import ray
@@ -26,7 +27,14 @@ import torch
 import openrlhf.trainer.ray.ppo_actor as upstream_ppo_actor
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
 
+from tsdkd_plugin.host.checkpoint import (
+    actor_checkpoint_dir,
+    fresh_checkpoint_states,
+    resume_hint,
+    save_checkpoint_atomically,
+)
 from tsdkd_plugin.host.device import current_device, ema_device
 from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
 from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
@@ -37,7 +45,16 @@ from tsdkd_plugin.host.teacher import (
     score_samples,
     where_am_i,
 )
-from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, tsdkd_loss
+from tsdkd_plugin.host.faults import inject_nonfinite_teacher
+from tsdkd_plugin.host.numerics import (
+    DEFAULT_MAX_NONFINITE_STEPS,
+    NonFiniteGuard,
+    is_nonfinite_error,
+    poison_with_nan,
+    response_health,
+    zero_surrogate,
+)
+from tsdkd_plugin.objective import METRIC_KEYS, TSDKDConfig, TeacherSignals, tsdkd_loss
 
 
 @contextlib.contextmanager
@@ -68,6 +85,17 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             group_size=self.group_size,
             limit=self.replay_buffer.limit,
             cpu_offload=self.replay_buffer.cpu_offload,
+        )
+        if self.actor.temperature == 0:
+            # --rollout.temperature 0 = greedy vLLM rollouts (vLLM 0.29 raises any value in (0, 0.01) to
+            # 0.01). Upstream's Actor divides its logits by this temperature (1/0 = NaN); the objective
+            # wants raw logits anyway, so the student's forward keeps them raw.
+            self.actor.temperature = 1.0
+        # Non-finite micro-batches are skipped and counted; too many in a row stop the run
+        # (host/numerics.py). The hint is computed at the stop, when `latest` is final.
+        self.nonfinite_guard = NonFiniteGuard(
+            max_consecutive=getattr(self.args.tsdkd, "max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS),
+            resume_hint=functools.partial(resume_hint, self.args.ckpt.path),
         )
 
     def ppo_train(self, kl_ctl: float):
@@ -108,19 +136,37 @@ class TSDKDActorTrainer(ActorPPOTrainer):
 
         # Positions that sampled a padding row (id >= len(tokenizer)) are not tokens: skipped, counted.
         loss_mask = in_vocab_action_mask(sequences, action_mask, self.shared_vocab_size)
-        if self.colocated_teacher is not None:
-            # Dense transport: the in-process teacher's hidden states; the objective makes its
-            # logits chunk by chunk (never the full [tokens x vocab] teacher matrix).
-            with torch.no_grad():
-                hidden = response_hidden_states(
-                    self.colocated_teacher, sequences, experience.attention_mask, num_actions
-                )
-            with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
-                teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight)
+        poison_teacher = inject_nonfinite_teacher()  # test-only fault hook (host/faults.py); False normally
+        nonfinite_reason = None
+        try:
+            if self.colocated_teacher is not None:
+                # Dense transport: the in-process teacher's hidden states; the objective makes its
+                # logits chunk by chunk (never the full [tokens x vocab] teacher matrix).
+                with torch.no_grad():
+                    hidden = response_hidden_states(
+                        self.colocated_teacher, sequences, experience.attention_mask, num_actions
+                    )
+                if poison_teacher:
+                    hidden = torch.full_like(hidden, float("nan"))
+                with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
+                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight)
+                    loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
+            else:
+                teacher = sparse_teacher_signals(poison_with_nan(signals) if poison_teacher else signals,
+                                                 self.loss_config)
                 loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
-        else:
-            teacher = sparse_teacher_signals(signals, self.loss_config)
-            loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
+            if not bool(torch.isfinite(loss)):
+                nonfinite_reason = "the TSD-KD loss is NaN or inf"
+        except ValueError as error:
+            if not is_nonfinite_error(error):
+                raise
+            nonfinite_reason = str(error)
+        # All ranks skip together (see host/numerics.py), so collectives and accumulation stay aligned.
+        any_rank_nonfinite = self.strategy.all_reduce(float(nonfinite_reason is not None), op="max") > 0
+        skipped = self.nonfinite_guard.record(any_rank_nonfinite, nonfinite_reason or "on another rank")
+        if skipped:
+            loss = zero_surrogate(student_logits)  # gradient exactly 0; one backward per micro-batch as usual
+            terms = {name: 0.0 for name in METRIC_KEYS}  # same keys as a normal step; 0 = skipped
         terms["out_of_vocab_fraction"] = float((action_mask.bool() & ~loss_mask).sum().item()) / max(
             float(action_mask.sum().item()), 1.0
         )
@@ -137,6 +183,13 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         for name, value in terms.items():
             metrics[f"tsdkd/{name}"] = value
             weights[f"tsdkd/{name}"] = "token"
+        # Per-sample counters, logged as fractions of the step's samples (docs/reliability.md).
+        health = response_health(sequences, action_mask, loss_mask, getattr(self.tokenizer, "eos_token_id", None))
+        metrics["tsdkd/empty_response_fraction"] = health["empty_response"]
+        metrics["tsdkd/no_eos_fraction"] = health["no_eos"]
+        metrics["tsdkd/nonfinite_skipped"] = float(skipped)
+        for name in ("tsdkd/empty_response_fraction", "tsdkd/no_eos_fraction", "tsdkd/nonfinite_skipped"):
+            weights[name] = "sample"
         metrics["actor_lr"] = self.actor_scheduler.get_last_lr()[0]
         weights["actor_lr"] = None
         metrics["actor_grad_norm"] = self.strategy.get_grad_norm(self.actor)
@@ -182,6 +235,33 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
 
     def placement(self) -> Dict:
         return where_am_i()
+
+    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
+        """Upstream's checkpoint contents (DeepSpeed engine + client states + metric.json, and the
+        HF copy with --ckpt.save_hf), written atomically so a kill never leaves an unusable
+        `latest` (host/checkpoint.py; upstream deletes old tags before saving the new one)."""
+        args = self.strategy.args
+        if not self.disable_ds_ckpt:
+            save_checkpoint_atomically(
+                self.actor.model,
+                actor_checkpoint_dir(args.ckpt.path),
+                tag,
+                client_state=client_states or {},
+                max_num=args.ckpt.max_num,
+                max_mem_gib=args.ckpt.max_mem,
+                is_rank_0=self.strategy.is_rank_0(),
+                barrier=torch_dist_barrier_and_cuda_sync,
+                write_metric=lambda tag_dir: self.strategy._write_ckpt_metric(tag_dir, metric_value, metric_key),
+            )
+        if self.save_hf_ckpt:
+            model = self.ema_model if args.train.enable_ema else self.actor
+            self.strategy.save_model(model, self.tokenizer, os.path.join(args.ckpt.path, f"{tag}_hf"))
+        torch_dist_barrier_and_cuda_sync()
+
+    def get_checkpoint_states(self):
+        """Upstream returns {} when `_actor` exists but holds no `latest` yet (a run killed before
+        its first save completed), and PPOTrainer.fit then fails on a missing key: start at step 0."""
+        return self.checkpoint_states or fresh_checkpoint_states()
 
     @torch.no_grad()
     def student_candidates(self, sequences, action_mask, attention_mask) -> torch.Tensor:

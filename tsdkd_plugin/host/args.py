@@ -17,12 +17,15 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
+from tsdkd_plugin.host.numerics import DEFAULT_MAX_NONFINITE_STEPS
 from tsdkd_plugin.objective import TSDKDConfig
 from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_FORMS
 
 CONFIG_FIELD_CHOICES = {"gate": GATE_KINDS, "indirect_level": INDIRECT_LEVELS, "listmle_form": LISTMLE_FORMS}
 
 TEACHER_PLACEMENTS = ("separate", "colocate")
+DEFAULT_TEACHER_TIMEOUT_S = 1800.0
+DEFAULT_TEACHER_MAX_RETRIES = 2
 
 # Upstream flags whose train_ppo_ray default would be wrong for distillation.
 TSDKD_UPSTREAM_DEFAULTS = {
@@ -46,6 +49,21 @@ def _str2bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _bounded_number(kind, minimum: float, inclusive: bool):
+    """argparse type for reliability flags: a finite number above a bound; the error names the bound."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not (value >= minimum if inclusive else value > minimum) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum:g}, got {text}")
+        return value
+
+    return parse
 
 
 # Config fields that are set through another flag (so one value has one flag).
@@ -106,6 +124,14 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
                          help="K of the sparse transport: teacher top-K log-probs per token (+ one tail bucket)")
     teacher.add_argument("--teacher.offload", action="store_true", default=False,
                          help="offload teacher weights to CPU between forwards (DeepSpeed)")
+    # Reliability (docs/reliability.md): a dead or hung teacher stops the run in bounded time.
+    teacher.add_argument("--teacher.timeout_s", type=_bounded_number(float, 0, inclusive=False),
+                         default=DEFAULT_TEACHER_TIMEOUT_S,
+                         help="seconds one step's teacher forward may take before it is retried (default: %(default)g)")
+    teacher.add_argument("--teacher.max_retries", type=_bounded_number(int, 0, inclusive=True),
+                         default=DEFAULT_TEACHER_MAX_RETRIES,
+                         help="retries of a failed or timed-out teacher forward before the run stops with the "
+                              "latest checkpoint intact (default: %(default)s)")
 
     objective = parser.add_argument_group("TSD-KD objective (--tsdkd.*): see docs/objective.md")
     for field in dataclasses.fields(TSDKDConfig):
@@ -119,6 +145,10 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
                            help="lambda: probability that a step trains on the student's own samples; other steps "
                                 "use the dataset's reference responses from --data.label_key (GKD-style mixing). "
                                 "1.0 = fully on-policy (reference)")
+    objective.add_argument("--tsdkd.max_nonfinite_steps", type=_bounded_number(int, 1, inclusive=True),
+                           default=DEFAULT_MAX_NONFINITE_STEPS,
+                           help="micro-batches with a NaN/inf loss are skipped (logged as tsdkd/nonfinite_skipped); "
+                                "this many in a row stop the run (default: %(default)s)")
     objective.add_argument("--tsdkd.dry_run", action="store_true", default=False,
                            help="validate everything, print the resolved plan (groups, GPUs, nodes) and exit")
 

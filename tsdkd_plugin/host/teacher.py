@@ -22,6 +22,7 @@ from openrlhf.trainer.ray.launcher import BaseModelActor
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 
 from tsdkd_plugin.host.device import current_device
+from tsdkd_plugin.host.faults import inject_teacher_forward_fault
 from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_hidden
 
@@ -117,6 +118,7 @@ class TeacherModelActor(BaseModelActor):
         return where_am_i()
 
     def forward(self, sequences, action_mask, attention_mask, candidate_ids=None) -> Dict[str, torch.Tensor]:
+        inject_teacher_forward_fault()  # test-only (TSDKD_FAULT_INJECT, host/faults.py); no-op otherwise
         return score_samples(
             self.model, self.strategy.args.ds.zero_stage, self.config, self.shared_vocab_size,
             sequences, action_mask, attention_mask, candidate_ids,

@@ -12,7 +12,7 @@ signals for the student's own samples.
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import Any, Callable, List
 
 import ray
 import torch
@@ -22,10 +22,65 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from openrlhf.utils.logging_utils import init_logger
 
+from tsdkd_plugin.host.args import DEFAULT_TEACHER_MAX_RETRIES, DEFAULT_TEACHER_TIMEOUT_S
+from tsdkd_plugin.host.checkpoint import resume_hint
 from tsdkd_plugin.host.experience import group_ids_from_rollout_index
+from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason
 from tsdkd_plugin.host.off_policy import is_off_policy_step, replace_with_reference_responses
 
 logger = init_logger(__name__)
+
+# Pause between teacher attempts (capped by the timeout): a restarting node or a transient
+# object-store error gets a moment; a dead actor fails again at once, so the total stays bounded.
+TEACHER_RETRY_PAUSE_S = 2.0
+
+
+class TeacherUnavailableError(TrainingStoppedError):
+    """The teacher group failed, or did not answer in time, on every attempt."""
+
+
+class RetriesExhausted(Exception):
+    """Every attempt of `get_with_retries` failed; carries the count and the last error."""
+
+    def __init__(self, attempts: int, last_error: BaseException):
+        super().__init__(attempts, last_error)
+        self.attempts, self.last_error = attempts, last_error
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """A Ray error's str() is often a multi-line traceback; its first line says what happened."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def get_with_retries(
+    submit: Callable[[], List[Any]],
+    *,
+    timeout_s: float,
+    max_retries: int,
+    what: str,
+    get: Callable = ray.get,
+    sleep: Callable[[float], None] = time.sleep,
+) -> List[Any]:
+    """get(submit(), timeout=timeout_s), re-submitting after a Ray error or a timeout, at most
+    max_retries times; then RetriesExhausted. Total time <= (max_retries + 1) x (timeout_s + pause)."""
+    last_error = None
+    for attempt in range(1, max_retries + 2):
+        refs = submit()
+        try:
+            return get(refs, timeout=timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            last_error = error
+            for ref in refs:  # best effort: drop queued work of a hung attempt
+                try:
+                    ray.cancel(ref)
+                except Exception:
+                    pass
+            logger.warning(f"{what}: attempt {attempt}/{max_retries + 1} failed ({first_line(error)})")
+            if attempt <= max_retries:
+                sleep(min(TEACHER_RETRY_PAUSE_S, timeout_s))
+    raise RetriesExhausted(max_retries + 1, last_error)
 
 
 class TeacherRankedExperienceMaker(RemoteExperienceMaker):
@@ -58,11 +113,7 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
         else:
             refs = self.actor_model_group.async_run_method_batch(method_name="student_candidates", **batch)
             candidates = self._flatten_results(refs, duplicate_factor)
-            teacher_duplicates = 1  # the teacher group runs without ring attention / TP
-            refs = self.teacher_model_group.async_run_method_batch(
-                method_name="forward", candidate_ids=candidates, **batch
-            )
-            signals_list = self._flatten_results(refs, teacher_duplicates)
+            signals_list = self._teacher_signals(candidates, batch)
 
         n = self.args.rollout.n_samples_per_prompt
         for samples, signals in zip(samples_list, signals_list):
@@ -78,14 +129,56 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
         logger.info(f"TSD-KD experience for {num_samples} samples in {time.time() - started:.1f}s")
         return samples_list
 
+    def _teacher_signals(self, candidates, batch) -> List:
+        """The separate teacher group's signals, each attempt bounded by --teacher.timeout_s and
+        retried --teacher.max_retries times; then the run stops with TeacherUnavailableError.
+        (A dead teacher actor is not restarted: its retries fail at once, and the run stops.)"""
+        teacher = self.args.teacher
+        timeout_s = getattr(teacher, "timeout_s", DEFAULT_TEACHER_TIMEOUT_S)
+        max_retries = getattr(teacher, "max_retries", DEFAULT_TEACHER_MAX_RETRIES)
+
+        def submit():
+            return self.teacher_model_group.async_run_method_batch(
+                method_name="forward", candidate_ids=candidates, **batch
+            )
+
+        try:
+            results = get_with_retries(submit, timeout_s=timeout_s, max_retries=max_retries, what="teacher forward")
+        except RetriesExhausted as exhausted:
+            raise TeacherUnavailableError(
+                f"TSD-KD stopped: the teacher group (--teacher.model_name_or_path {teacher.model_name_or_path}) "
+                f"failed to return its signals {exhausted.attempts} times (--teacher.max_retries {max_retries}, "
+                f"--teacher.timeout_s {timeout_s:g} each); last error: {first_line(exhausted.last_error)}; "
+                f"{resume_hint(self.args.ckpt.path)}"
+            ) from None
+        teacher_duplicates = 1  # the teacher group runs without ring attention / TP
+        return [signals for chunk in results[::teacher_duplicates] for signals in chunk]
+
 
 class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
     def __init__(self, pretrain, strategy, actor_model_group, teacher_model_group, vllm_engines, **generate_kwargs):
+        # The prompt DataLoader built by super().__init__ shuffles with this process's global torch RNG
+        # (torch.distributed is not initialized here, so upstream's seeded DistributedSampler is not
+        # used), which every process seeds at random: seed it, so the same command draws the same
+        # prompt order (a resume restores the order from the checkpointed loader state either way).
+        torch.manual_seed(strategy.args.train.seed)
         super().__init__(pretrain, strategy, actor_model_group, None, None, None, vllm_engines, **generate_kwargs)
         self.teacher_model_group = teacher_model_group
         self.experience_maker = TeacherRankedExperienceMaker(
             actor_model_group, teacher_model_group, self.kl_ctl, strategy, self.tokenizer
         )
+
+    def fit(self, global_step: int = 0) -> None:
+        try:
+            super().fit(global_step)
+        except Exception as error:
+            if stop_reason(error) is not None:
+                # A stopped run keeps what it logged: upstream closes (flushes) the trackers only
+                # after the last step.
+                for tracker in (self.wandb_logger, self.tensorboard_logger):
+                    if tracker is not None:
+                        tracker.close()
+            raise
 
     def train_step(self, rollout_samples, global_step: int):
         off_policy = is_off_policy_step(self.args.tsdkd.on_policy_fraction, self.args.train.seed, global_step)
