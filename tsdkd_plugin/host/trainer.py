@@ -83,6 +83,13 @@ def get_with_retries(
     raise RetriesExhausted(max_retries + 1, last_error)
 
 
+def transport_bytes_per_token(samples_list, signals_list) -> float:
+    """Bytes of teacher signals shipped per response token (the sparse transport's cost)."""
+    total_bytes = sum(t.numel() * t.element_size() for signals in signals_list for t in signals.values())
+    tokens = sum(float(s.action_mask.sum()) for s in samples_list)
+    return total_bytes / max(tokens, 1.0)
+
+
 class TeacherRankedExperienceMaker(RemoteExperienceMaker):
     """Experiences = student samples + teacher signals (+ verifier rewards if configured).
 
@@ -96,6 +103,7 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
     def __init__(self, actor_model_group, teacher_model_group, kl_controller, strategy, tokenizer):
         super().__init__(actor_model_group, None, None, None, kl_controller, strategy, tokenizer)
         self.teacher_model_group = teacher_model_group
+        self.last_timing: dict = {}  # seconds per phase of the last batch (tsdkd/time_*: upstream sums timing/* into step_total)
 
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples) -> List[Experience]:
@@ -107,13 +115,21 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
             attention_mask=[s.attention_mask for s in samples_list],
         )
         duplicate_factor = self.args.ds.ring_attn_size * self.args.ds.tensor_parallel_size
+        phase_started = time.time()
         if self.teacher_model_group is None:
             refs = self.actor_model_group.async_run_method_batch(method_name="colocated_teacher_scores", **batch)
             signals_list = self._flatten_results(refs, duplicate_factor)
+            self.last_timing = {"tsdkd/time_teacher_scoring": time.time() - phase_started}
         else:
             refs = self.actor_model_group.async_run_method_batch(method_name="student_candidates", **batch)
             candidates = self._flatten_results(refs, duplicate_factor)
+            candidates_done = time.time()
             signals_list = self._teacher_signals(candidates, batch)
+            self.last_timing = {
+                "tsdkd/time_student_candidates": candidates_done - phase_started,
+                "tsdkd/time_teacher_scoring": time.time() - candidates_done,  # forward + sparse signals + transport
+            }
+        self.last_timing["tsdkd/transport_bytes_per_token"] = transport_bytes_per_token(samples_list, signals_list)
 
         n = self.args.rollout.n_samples_per_prompt
         for samples, signals in zip(samples_list, signals_list):
@@ -188,6 +204,7 @@ class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
             )
         status, global_step = super().train_step(rollout_samples, global_step)
         status["tsdkd/off_policy_step"] = float(off_policy)
+        status.update(self.experience_maker.last_timing)
         return status, global_step
 
 
