@@ -38,7 +38,10 @@ def test_cpu_mode_env_keeps_values_the_user_set(monkeypatch):
 
 def test_single_process_dist_env_fills_only_missing_values(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so monkeypatch restores each variable's original state (often: unset)
+        # after the test; the function under test writes os.environ directly.
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MASTER_PORT", "29511")
     env = device.set_single_process_dist_env()
     expected = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "29511"}
