@@ -1,0 +1,151 @@
+"""The main job's budgets, input checks, cache refusal, flags and log handling (no training here;
+the end-to-end smoke run is in test_smoke_job.py)."""
+
+import hashlib
+import json
+import shutil
+import sys
+
+import pytest
+
+from tsdkd_plugin.toy import default_job
+from tsdkd_plugin.toy.cache import MARKER_FILE
+from tsdkd_plugin.toy.default_job import (
+    BUDGETS,
+    StageFailed,
+    StepProgress,
+    check_budget,
+    distill_flags,
+    run_logged,
+    sft_cache_path,
+    training_curve,
+    tsdkd_flags,
+)
+
+
+def _tree_digest(path):
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", list(BUDGETS))
+def test_every_budget_fills_its_batches(name):
+    budget = BUDGETS[name]
+    check_budget(budget)
+    d = budget.distill
+    assert d.optimizer_steps == d.n_prompts * d.samples_per_prompt // d.train_batch_size >= 1
+    assert budget.teacher.steps >= 1 and budget.student.steps >= 1
+
+
+def test_default_budget_teacher_outtrains_student():
+    budget = BUDGETS["default"]
+    # The calibration's teacher needs ~1,700 steps of batch 32 to reach ~75%; the student gets a short SFT.
+    assert budget.teacher.steps >= 1700
+    assert budget.student.steps < budget.teacher.steps
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "sudoku"], "unknown task 'sudoku'; valid tasks: arith"),
+        (["--difficulty", "extreme"], "unknown difficulty 'extreme'; valid difficulties: easy, medium, hard"),
+        (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, default, full"),
+        (["--n-prompts", "4"], "has 4 rows, fewer than the batch size 8"),
+        (["--n-test", "0"], "--n-test must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_touches_nothing(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    status = default_job.main(["--budget", "smoke", "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "c"), *argv])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not run_dir.exists() and not (tmp_path / "c").exists()
+
+
+def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    budget = BUDGETS["smoke"]
+    recipe = default_job.with_difficulty_lengths(budget, "easy").teacher
+    entry = sft_cache_path(recipe, "easy", cache_dir)
+    kind, key = entry.name.rsplit("-", 1)
+    # A complete-looking cache entry (marker and all) whose tokenizer maps two tokens differently.
+    base = default_job._base_model_dir("teacher", cache_dir)
+    shutil.copytree(base, entry)
+    (entry / MARKER_FILE).write_text(json.dumps({"kind": kind, "key": key}))
+    tokenizer_json = entry / "tokenizer.json"
+    data = json.loads(tokenizer_json.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    tokenizer_json.write_text(json.dumps(data))
+    before = _tree_digest(entry)
+
+    status = default_job.main(["--budget", "smoke", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"refusing the cached teacher at {entry}" in err and "tokenizer does not match" in err
+    assert "left untouched" in err and "Traceback" not in err
+    assert _tree_digest(entry) == before
+
+
+def test_tsdkd_flags_parse_with_the_real_cli(tmp_path, toy_teacher_dir, toy_student_dir, arith_data_dir):
+    from tsdkd_plugin.cli.train_tsdkd import parse_args
+
+    budget = BUDGETS["default"].distill
+    flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
+                          output_dir=tmp_path / "model", seed=3)
+    flags += tsdkd_flags({"gate": "hard", "indirect_level": "both", "entropy_weight": 0.0},
+                         teacher_dir=toy_teacher_dir)
+    args, config = parse_args(flags)
+    assert (config.gate, config.indirect_level, config.entropy_weight) == ("hard", "both", 0.0)
+    assert args.rollout.n_samples_per_prompt == budget.samples_per_prompt
+    assert args.train.batch_size == budget.train_batch_size and args.train.seed == 3
+    assert args.ds.param_dtype == "fp32" and args.teacher.placement == "colocate"
+    assert [url.endswith("tsdkd_plugin/toy/reward_func.py") for url in args.reward.remote_url] == [True]
+
+
+def test_step_progress_reads_openrlhf_output():
+    sft = StepProgress(None, "epoch_bar", epochs=2)
+    assert sft.position("Train step of epoch 1:  40%|####      | 20/50 [00:10<00:15, 2.0it/s, gpt_loss=1]") == 70
+    assert sft.total == 100
+    assert sft.position("Train epoch:   0%|          | 0/2") is None
+    ray = StepProgress(8, "global_step")
+    assert ray.position("(TSDKDTrainerImpl pid=1) INFO ppo_trainer.py:551] ✨ Global step 3: {'reward': 0.5}") == 3
+
+
+def test_training_curve_parses_global_step_lines(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "noise\n"
+        "(T pid=1) INFO x] ✨ Global step 1: {'reward': 0.25, 'policy_loss': 1.5, 'note': 'text'}\n"
+        "(T pid=1) INFO x] ✨ Global step 2: {'reward': 0.5, 'policy_loss': 1.25}\n"
+        "(T pid=1) INFO x] ✨ Global step 3: {'reward': tensor(0.5)}\n"
+    )
+    assert training_curve(log) == [
+        {"global_step": 1, "reward": 0.25, "policy_loss": 1.5},
+        {"global_step": 2, "reward": 0.5, "policy_loss": 1.25},
+    ]
+
+
+def test_failed_command_names_its_log_and_shows_its_end(tmp_path):
+    script = "import sys; print('step one'); print('the real error', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(StageFailed) as info:
+        run_logged([sys.executable, "-c", script], tmp_path / "x.log", desc="stage x")
+    message = str(info.value)
+    assert message.startswith(f"stage x exited with status 3; its log is {tmp_path / 'x.log'}")
+    assert "the real error" in message and info.value.exit_status == 1
+
+
+def test_command_past_its_limit_is_stopped(tmp_path):
+    with pytest.raises(StageFailed, match="ran past its 2 s limit"):
+        run_logged([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
+                   tmp_path / "slow.log", desc="slow stage", timeout_s=2)
+
+
+def test_successful_command_is_logged(tmp_path):
+    result = run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log", desc="ok")
+    assert result.returncode == 0 and "hello" in (tmp_path / "ok.log").read_text()

@@ -1,0 +1,291 @@
+"""Greedy evaluation of a saved HF model directory on a split of the arithmetic task.
+
+    python -m tsdkd_plugin.toy.evaluate --model DIR --prompts data/prompts_test.jsonl [--json OUT]
+
+Accuracy is what the task's verifier says (the integer after `####` equals the
+label), overall and by number of operations. Prompts are rendered exactly as
+OpenRLHF renders them with `--data.apply_chat_template` (the tokenizer's chat
+template with the generation prompt), so a model is evaluated on the same
+input format it was trained on.
+
+Batched `transformers` generation is used rather than vLLM: the toy models are
+tiny (hundreds of problems per second on two cores), and this keeps evaluation
+free of engine start-up time and of Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from tsdkd_plugin.toy.arith_task import LABEL_KEY, PROMPT_KEY, extract_final_answer, verify
+
+# Longest worked solution per difficulty is 44 / 52 / 95 tokens (docs/toy_task.md);
+# the margin lets a model that rambles past the answer still be read correctly.
+MAX_NEW_TOKENS_BY_DIFFICULTY = {"easy": 64, "medium": 72, "hard": 128}
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_BATCH_SIZE = 256
+NUM_EXAMPLES_KEPT = 8
+
+
+@dataclass
+class OpsBucket:
+    n: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+@dataclass
+class EvalResult:
+    """What one model got right on one split."""
+
+    model: str
+    prompts: str
+    n: int
+    correct: int
+    answered: int  # responses that contain a well-formed `#### n`, right or wrong
+    by_num_ops: dict[int, OpsBucket]
+    seconds: float
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["accuracy"] = self.accuracy
+        data["answered_rate"] = self.answered / self.n if self.n else 0.0
+        # JSON object keys are strings; sorted by number of operations.
+        data["by_num_ops"] = {
+            str(ops): {"n": b.n, "correct": b.correct, "accuracy": b.accuracy}
+            for ops, b in sorted(self.by_num_ops.items())
+        }
+        return data
+
+
+def load_prompt_rows(path: str | Path) -> list[dict]:
+    """Rows of a prompts_*.jsonl file (prompt, answer, num_ops), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist; write it with python -m tsdkd_plugin.toy.arith_task")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if PROMPT_KEY not in row or LABEL_KEY not in row:
+                raise ValueError(f"{path} line {line_number} has no {PROMPT_KEY!r} or {LABEL_KEY!r} key")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The text the model sees: chat messages through the chat template (with the
+    assistant generation prompt), or a plain-text prompt as is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def score_responses(rows: Sequence[Mapping], responses: Sequence[str]) -> tuple[int, int, dict[int, OpsBucket]]:
+    """(correct, answered, per-number-of-operations buckets) for responses aligned with rows."""
+    if len(rows) != len(responses):
+        raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
+    correct = answered = 0
+    buckets: dict[int, OpsBucket] = {}
+    for row, response in zip(rows, responses):
+        ok = verify(response, row[LABEL_KEY])
+        correct += ok
+        answered += extract_final_answer(response) is not None
+        bucket = buckets.setdefault(int(row.get("num_ops", 0)), OpsBucket())
+        bucket.n += 1
+        bucket.correct += ok
+    return correct, answered, buckets
+
+
+def load_model_for_eval(model_dir: str | Path):
+    """(model, tokenizer) in fp32 on the CPU, in eval mode, tokenizer padding on the left."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # Our own bar shows progress; transformers' per-load "Loading weights" bars would only add noise.
+    transformers_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # Left padding: every prompt in a batch then ends where generation starts.
+    tokenizer.padding_side = "left"
+    # fp32 whatever the checkpoint was saved in (OpenRLHF saves bf16): tiny models, exact greedy ties.
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a response: the tokenizer's eos plus whatever the generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    ids.discard(None)
+    return sorted(ids)
+
+
+def generate_greedy(
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    desc: str = "generating",
+    do_sample: bool = False,
+    num_return_sequences: int = 1,
+    temperature: float = 1.0,
+) -> list[str]:
+    """Responses (special tokens removed) for every prompt, in input order.
+
+    With do_sample, `num_return_sequences` samples per prompt are returned
+    consecutively (prompt i's samples at i*n .. i*n+n-1).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Prompts of similar length share a batch (less padding); results are put back in order.
+    order = sorted(range(len(prompt_texts)), key=lambda i: len(prompt_texts[i]))
+    responses: list[list[str] | None] = [None] * len(prompt_texts)
+    stops = stop_token_ids(model, tokenizer)
+    bar = tqdm(total=len(prompt_texts), desc=desc, unit="prompt", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch_indices = order[start : start + batch_size]
+            # The chat template already wrote every special token the prompt needs.
+            encoded = tokenizer(
+                [prompt_texts[i] for i in batch_indices],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=None,
+                top_k=None,
+                num_return_sequences=num_return_sequences,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for position, i in enumerate(batch_indices):
+                responses[i] = texts[position * num_return_sequences : (position + 1) * num_return_sequences]
+            bar.update(len(batch_indices))
+    bar.close()
+    return [text for group in responses for text in group]
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> EvalResult:
+    """Greedy accuracy of the model in model_dir on the prompts file (optionally its first `limit` rows)."""
+    rows = load_prompt_rows(prompts_path)
+    if limit is not None:
+        rows = rows[:limit]
+    started = time.time()
+    model, tokenizer = load_model_for_eval(model_dir)
+    texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in rows]
+    responses = generate_greedy(
+        model,
+        tokenizer,
+        texts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc or f"evaluating {Path(model_dir).name}",
+    )
+    correct, answered, buckets = score_responses(rows, responses)
+    examples = [
+        {"prompt": texts[i], "response": responses[i], "label": rows[i][LABEL_KEY],
+         "correct": bool(verify(responses[i], rows[i][LABEL_KEY]))}
+        for i in range(min(NUM_EXAMPLES_KEPT, len(rows)))
+    ]
+    return EvalResult(
+        model=str(model_dir),
+        prompts=str(prompts_path),
+        n=len(rows),
+        correct=correct,
+        answered=answered,
+        by_num_ops=buckets,
+        seconds=time.time() - started,
+        examples=examples,
+    )
+
+
+def format_result_line(name: str, result: EvalResult) -> str:
+    by_ops = " ".join(f"{ops}ops {b.accuracy:6.1%}" for ops, b in sorted(result.by_num_ops.items()))
+    return f"{name:<18} {result.accuracy:6.1%}  ({result.correct}/{result.n})  {by_ops}"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tsdkd_plugin.toy.evaluate",
+        description="Greedy accuracy of a saved HF model on a prompts_*.jsonl split of the arithmetic task.",
+    )
+    parser.add_argument("--model", required=True, help="HF model directory (config.json, weights, tokenizer)")
+    parser.add_argument("--prompts", required=True, help="prompts JSONL (prompt, answer, num_ops)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--json", default=None, help="write the full result (per-ops counts, examples) here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        print(f"evaluate: error: {model_dir} is not a saved HF model directory (no config.json).", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_model(
+            model_dir, args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(format_result_line(model_dir.name, result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
