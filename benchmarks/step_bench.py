@@ -88,7 +88,8 @@ def run(name, module_args, out, env, timeout):
     scalars = tensorboard_scalars(out / "tb")
     steps = sorted(scalars["train/timing/step_total"])[1:]  # step 1 warms the engine up
     timings = {phase: statistics.mean(scalars[f"train/timing/{phase}"][s] for s in steps) for phase in PHASES}
-    for key in ("tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring", "tsdkd/transport_bytes_per_token"):
+    for key in ("tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring", "tsdkd/transport_bytes_per_token",
+                "rollout/response_length_mean"):
         if f"train/{key}" in scalars:
             timings[key] = statistics.mean(scalars[f"train/{key}"][s] for s in steps)
     timings["wall"] = time.time() - started
@@ -105,6 +106,10 @@ def table(results, params) -> str:
     for phase in PHASES:
         g, t = grpo[phase], results["TSD-KD"][phase]
         lines.append(f"| {phase} | {g:.3f} | {t:.3f} | {t / g:.2f}x |" if g > 0 else f"| {phase} | {g:.3f} | {t:.3f} | - |")
+    lengths = [results[name].get("rollout/response_length_mean") for name in ("GRPO", "TSD-KD")]
+    if None not in lengths:
+        lines.append(f"| mean response length (tokens) | {lengths[0]:.1f} | {lengths[1]:.1f} | "
+                     f"{lengths[1] / lengths[0]:.2f}x |")
     tsdkd = results["TSD-KD"]
     if "tsdkd/time_teacher_scoring" in tsdkd:
         lines.append("")
@@ -117,7 +122,8 @@ def table(results, params) -> str:
     lines.append("")
     lines.append(f"Student {params['student']:,} parameters; TSD-KD teacher {params['teacher']:,} "
                  f"({params['teacher'] / params['student']:.2f}x); GRPO's reference model is the student's copy. "
-                 f"Mean over {grpo['steps']} steps after the first.")
+                 f"Mean over {grpo['steps']:.0f} steps after the first, {len(results)} jobs alternated "
+                 f"{params['repeats']} times.")
     return "\n".join(lines)
 
 
@@ -128,6 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternate GRPO and TSD-KD this many times and average (cancels load drift)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/STEP_TIME.md")
     args = parser.parse_args(argv)
 
@@ -144,26 +152,28 @@ def main(argv=None) -> None:
            "PYTHONUNBUFFERED": "1"}
     reward = REPO / "tsdkd_plugin" / "toy" / "reward_func.py"
     prompts = data / "prompts_train.jsonl"
-    results = {}
+    runs = {"GRPO": [], "TSD-KD": []}
     try:
-        grpo_out = work / "grpo"
-        results["GRPO"] = run("GRPO", [
-            "tsdkd_plugin.host.cpu_launch", "openrlhf.cli.train_ppo_ray",
-            *shared_args(student, prompts, grpo_out, args),
-            "--algo.advantage.estimator", "group_norm", "--algo.kl.use_loss", "--algo.kl.estimator", "k3",
-            "--algo.kl.init_coef", "0.01", "--ref.num_nodes", "1", "--ref.num_gpus_per_node", "1",
-            "--reward.remote_url", str(reward),
-        ], grpo_out, env, args.timeout)
-        tsdkd_out = work / "tsdkd"
-        results["TSD-KD"] = run("TSD-KD", [
-            "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, tsdkd_out, args),
-            "--teacher.model_name_or_path", str(teacher), "--teacher.placement", "separate",
-            "--reward.remote_url", str(reward),
-        ], tsdkd_out, env, args.timeout)
+        for repeat in range(args.repeats):
+            grpo_out = work / f"grpo{repeat}"
+            runs["GRPO"].append(run("GRPO", [
+                "tsdkd_plugin.host.cpu_launch", "openrlhf.cli.train_ppo_ray",
+                *shared_args(student, prompts, grpo_out, args),
+                "--algo.advantage.estimator", "group_norm", "--algo.kl.use_loss", "--algo.kl.estimator", "k3",
+                "--algo.kl.init_coef", "0.01", "--ref.num_nodes", "1", "--ref.num_gpus_per_node", "1",
+                "--reward.remote_url", str(reward),
+            ], grpo_out, env, args.timeout))
+            tsdkd_out = work / f"tsdkd{repeat}"
+            runs["TSD-KD"].append(run("TSD-KD", [
+                "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, tsdkd_out, args),
+                "--teacher.model_name_or_path", str(teacher), "--teacher.placement", "separate",
+                "--reward.remote_url", str(reward),
+            ], tsdkd_out, env, args.timeout))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    results = {name: {key: statistics.mean(r[key] for r in reps) for key in reps[0]} for name, reps in runs.items()}
 
-    params = {"student": parameter_count(student), "teacher": parameter_count(teacher)}
+    params = {"student": parameter_count(student), "teacher": parameter_count(teacher), "repeats": args.repeats}
     ratio = results["TSD-KD"]["step_total"] / results["GRPO"]["step_total"]
     report = table(results, params)
     verdict = f"TSD-KD step = {ratio:.2f}x GRPO step (target <= 1.3x): {'met' if ratio <= 1.3 else 'NOT met'}."
