@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-${TSDKD_VENV:-.venv}}"
 PY="${PYTHON:-python3}"
-MIN_FREE_GB=8
+MIN_FREE_GB="${TSDKD_SETUP_MIN_FREE_GB:-8}"  # overridable so the check itself can be tested
 
 die() { echo "setup_cpu.sh: $*" >&2; exit 1; }
 
