@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,23 +80,6 @@ def grpo_args(model_dir, prompts_file, reward_file, out_dir):
     ]
 
 
-def probe_text(tokenizer) -> str:
-    messages = [{"role": "user", "content": "Q: 12+7=?"}, {"role": "assistant", "content": "12+7=19. #### 19"}]
-    return tokenizer.apply_chat_template(messages, tokenize=False)
-
-
-def hf_prompt_logprobs(model_dir, token_ids):
-    """log p(token_i | tokens_<i) for i >= 1 under the HF model in fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
-    with torch.no_grad():
-        logits = model(torch.tensor([token_ids])).logits[0, :-1].float()
-    targets = torch.tensor(token_ids[1:]).unsqueeze(-1)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).tolist()
-
-
 def run_and_probe(probe_file: str, initial_model: str, train_args: list) -> None:
     """Child process: run upstream train_ppo_ray, then compare the engine with the saved and initial models."""
     import ray
@@ -123,14 +104,12 @@ def run_and_probe(probe_file: str, initial_model: str, train_args: list) -> None
     train_seconds = time.time() - started
 
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
+
+    from tsdkd_plugin.testing import engine_prompt_logprobs, hf_prompt_logprobs, probe_token_ids
 
     out_model = train_args[train_args.index("--ckpt.output_dir") + 1]
-    tokenizer = AutoTokenizer.from_pretrained(out_model)
-    token_ids = tokenizer(probe_text(tokenizer), add_special_tokens=False)["input_ids"]
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    output = ray.get(engines[0].generate.remote(prompt_token_ids=token_ids, sampling_params=params))
-    engine = [position[token].logprob for position, token in zip(output.prompt_logprobs[1:], token_ids[1:])]
+    token_ids = probe_token_ids(AutoTokenizer.from_pretrained(out_model))
+    engine = engine_prompt_logprobs(engines[0], token_ids)
     result = {
         "train_seconds": train_seconds,
         "engine": engine,
@@ -141,34 +120,9 @@ def run_and_probe(probe_file: str, initial_model: str, train_args: list) -> None
     ray.shutdown()
 
 
-def run_child(cmd, env, log_file: Path, timeout: float) -> int:
-    """Run cmd in its own process group; on timeout end that group (the Ray cluster it started included)."""
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-
-
-def tensorboard_scalars(tb_dir: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    runs = [p.parent for p in tb_dir.rglob("events.out.tfevents.*")]
-    assert runs, f"no TensorBoard event file under {tb_dir}"
-    accumulator = EventAccumulator(str(runs[0]))
-    accumulator.Reload()
-    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
-
-
-def max_abs_diff(a, b) -> float:
-    assert len(a) == len(b)
-    return max(abs(x - y) for x, y in zip(a, b))
-
-
 def test_openrlhf_grpo_runs_on_cpu_and_syncs_weights_into_vllm(tmp_path, toy_student_dir, arith_data_dir):
+    from tsdkd_plugin.testing import log_tail, max_abs_diff, run_child, tensorboard_scalars
+
     reward_file = tmp_path / "dense_reward.py"
     reward_file.write_text(DENSE_REWARD_FUNC)
     train_args = grpo_args(toy_student_dir, arith_data_dir / "prompts_train.jsonl", reward_file, tmp_path)
@@ -182,8 +136,7 @@ def test_openrlhf_grpo_runs_on_cpu_and_syncs_weights_into_vllm(tmp_path, toy_stu
         returncode = run_child(cmd, env, log_file, RUN_TIMEOUT_S)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    log_tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-60:])
-    assert returncode == 0, f"train_ppo_ray on CPU failed (exit {returncode}); log tail:\n{log_tail}"
+    assert returncode == 0, f"train_ppo_ray on CPU failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
 
     scalars = tensorboard_scalars(tmp_path / "tb")
     for tag in ("train/policy_loss", "train/reward", "train/kl", "train/actor_grad_norm"):

@@ -11,7 +11,6 @@ import pytest
 from tsdkd_plugin.recipes_tools.memory import (
     GIB,
     KNOWN_CONFIGS,
-    ModelShape,
     build_doc,
     estimate_recipe,
     fits,

@@ -15,7 +15,7 @@ import inspect
 import typing
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 from tsdkd_plugin.host.numerics import DEFAULT_MAX_NONFINITE_STEPS
 from tsdkd_plugin.objective import TSDKDConfig

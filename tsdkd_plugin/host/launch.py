@@ -8,10 +8,9 @@ so the same command runs on one node or many under `ray job submit`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import ray
 from ray.util.placement_group import placement_group
