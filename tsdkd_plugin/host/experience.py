@@ -114,7 +114,13 @@ class TeacherSignalReplayBuffer(NaiveReplayBuffer):
         self.items.extend(items)
 
     def finalize_groups(self) -> None:
-        """Group the appended samples by prompt; call once all experiences of a step are in."""
+        """Group the appended samples by prompt; call once all experiences of a step are in.
+
+        Without sequence-level ranking (group_size 1) every sample is its own group, so the
+        DataLoader's batch of micro_train_batch_size groups is that many samples."""
+        if self.group_size == 1:
+            self.groups = [[item] for item in self.items]
+            return
         by_group: Dict[int, List[Experience]] = {}
         for item in self.items:
             by_group.setdefault(int(item.tsdkd["group_ids"]), []).append(item)
