@@ -479,7 +479,8 @@ def run_comparison(options: argparse.Namespace) -> int:
     banner("comparison written")
     for kind, path in written.items():
         print(f"  {kind}: {path}")
-    print(Path(written["markdown"]).read_text().split("![comparison]")[0].split("problems, greedy decoding.")[-1])
+    # The table, as in the markdown report.
+    print("\n".join(line for line in Path(written["markdown"]).read_text().splitlines() if line.startswith("|")))
     return 0
 
 
