@@ -118,3 +118,12 @@ def test_report_from_finished_runs_lists_what_is_missing(tmp_path):
     summary = json.loads(written["json"].read_text())["summary"]
     assert list(summary) == ["gkd", "tsdkd"]
     assert summary["tsdkd"]["mean"] == pytest.approx(0.32)
+
+
+def test_a_run_that_missed_its_step_budget_is_redone():
+    assert compare.budget_shortfall({"optimizer_steps_planned": 32, "optimizer_steps": 8}) == (
+        "it took 8 of its 32 optimizer steps"
+    )
+    assert compare.budget_shortfall({"optimizer_steps_planned": 32, "optimizer_steps": 32}) is None
+    # SFT and DPO runs plan no Ray rollouts: their steps are what their data gives.
+    assert compare.budget_shortfall({"optimizer_steps": 30}) is None

@@ -105,6 +105,12 @@ METHODS: dict[str, Method] = {
                {"indirect_level": "sequence"}),
         Method("tsdkd-both", "token + sequence", "ablation", "tsdkd",
                "TSD-KD with both ListMLE levels (--tsdkd.indirect_level both)", {"indirect_level": "both"}),
+        Method("tsdkd-gated-jsd-only", "gated JSD only", "ablation", "tsdkd",
+               "only TSD-KD's direct term, the soft-gated JSD (--tsdkd.indirect_weight 0 --tsdkd.entropy_weight 0): "
+               "GKD with the entropy-gap gate, which isolates the gate", {"indirect_weight": 0.0, "entropy_weight": 0.0}),
+        Method("tsdkd-entropy-top10", "entropy on top 10%", "ablation", "tsdkd",
+               "TSD-KD with the entropy term on the 10% most uncertain tokens, the reviewers' reading, instead of "
+               "the reference code's 90% (--tsdkd.entropy_top_fraction 0.1)", {"entropy_top_fraction": 0.1}),
         Method("tsdkd-prefix", "prefix ListMLE (ref. code)", "ablation", "tsdkd",
                "TSD-KD with the reference code's prefix log-cumsum-exp ListMLE, which rewards the reversed order "
                "(--tsdkd.listmle_form prefix)", {"listmle_form": "prefix"}),
@@ -354,6 +360,16 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def budget_shortfall(run: Mapping) -> str | None:
+    """Why a finished on-policy run is not an equal-budget result (it took another number of
+    optimizer steps than planned, as counted in its log), or None. Such a run is redone: e.g.
+    one trained by a trainer version that mis-sized its micro-batches."""
+    planned, taken = run.get("optimizer_steps_planned"), run.get("optimizer_steps")
+    if planned is not None and taken is not None and planned != taken:
+        return f"it took {taken} of its {planned} optimizer steps"
+    return None
+
+
 def load_finished_runs(results_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json")) if not p.name.endswith(".failed.json")]
 
@@ -362,17 +378,26 @@ def write_report(options, budget: Budget, references: Mapping, results_dir: Path
                  wall_seconds: float) -> dict:
     from tsdkd_plugin.toy.report import write_comparison_report
 
-    runs = [r for r in load_finished_runs(results_dir) if r["method"] in methods and r["seed"] in options.seed_list]
+    finished = [r for r in load_finished_runs(results_dir) if r["method"] in methods and r["seed"] in options.seed_list]
+    # Only runs that got the whole budget are results; the others are listed with the reason.
+    runs = [r for r in finished if not budget_shortfall(r)]
+    short = {(r["method"], r["seed"]): budget_shortfall(r) for r in finished if budget_shortfall(r)}
     done = {(r["method"], r["seed"]) for r in runs}
     missing = []
     for seed in options.seed_list:
         for method in methods:
             if (method, seed) not in done:
                 failed = results_dir / f"{method}-seed{seed}.failed.json"
-                why = json.loads(failed.read_text())["error"].splitlines()[0] if failed.is_file() else "not run yet"
+                if (method, seed) in short:
+                    why = f"left out: {short[(method, seed)]}"
+                elif failed.is_file():
+                    why = json.loads(failed.read_text())["error"].splitlines()[0]
+                else:
+                    why = "not run yet"
                 missing.append(f"{method} seed {seed}: {why}")
     comparison = {
-        "command": [PROG, *options.argv],
+        # The command that trains and reports; --report-only only rewrites its output.
+        "command": [PROG, *(a for a in options.argv if a != "--report-only")],
         "machine": machine_info(),
         "difficulty": options.difficulty,
         "seeds": options.seed_list,
@@ -453,7 +478,10 @@ def run_comparison(options: argparse.Namespace) -> int:
             result_file = results_dir / f"{name}-seed{seed}.json"
             failed_file = results_dir / f"{name}-seed{seed}.failed.json"
             if result_file.is_file():
-                continue
+                stale = budget_shortfall(json.loads(result_file.read_text()))
+                if not stale:
+                    continue
+                print(f"  redoing {name} seed {seed}: {stale}")
             banner(f"[{position}/{total}] {METHODS[name].label} ({name}), seed {seed}")
             run_started = time.time()
             load_at_start = machine_info()["load_average_1_5_15"]

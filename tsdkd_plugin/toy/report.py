@@ -258,7 +258,8 @@ def comparison_markdown(comparison: Mapping, summary: Mapping[str, Mapping], plo
         f"Command: `{' '.join(comparison['command'])}`  ",
         f"Machine: {_machine_line(comparison['machine'])}  ",
         f"Difficulty: {comparison['difficulty']}; seeds: {', '.join(str(s) for s in comparison['seeds'])}; "
-        f"wall time of the runs: {comparison['wall_seconds'] / 60:.0f} min",
+        f"time of the {len(comparison['runs'])} runs (training + evaluation, summed over resumed invocations): "
+        f"{sum(r.get('seconds', 0.0) for r in comparison['runs']) / 60:.0f} min",
         "",
         f"Equal budget for every method: the same initial student, the same {budget['n_prompts']} train prompts, "
         f"{budget['n_prompts'] * budget['samples_per_prompt']} sampled responses "
