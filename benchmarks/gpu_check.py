@@ -1,0 +1,432 @@
+"""GPU check of the CUDA code paths that CPU CI cannot exercise (not a test; run by gpu_check.sh).
+
+    python3 benchmarks/gpu_check.py --out DIR            # on a CUDA machine, paper-scale vocabulary
+    python benchmarks/gpu_check.py --smoke --out DIR     # tiny sizes on CPU, to try the script itself
+
+Needs only torch and transformers (the objective and model_io are torch-only), so it
+runs on a bare GPU image without OpenRLHF, DeepSpeed or Ray. It writes
+DIR/gpu_check.json and DIR/gpu_check.md. Sections:
+
+1. loss accuracy at Qwen2.5's vocabulary (151,936) and the 1.5B student's hidden size:
+   tsdkd_loss / tsdkd_loss_fused (fp32 and bf16, dense and sparse teacher) against
+   the naive objective of loss_bench.py computed in float64 on the GPU; loss and
+   gradient errors (relative norm, cosine).
+2. gradcheck of tsdkd_loss in float64 on the GPU (small vocabulary).
+3. memory and time of one forward+backward on the GPU: naive fp32 (full logits,
+   autograd) vs fused bf16 (dense teacher hidden+W, and sparse K=64 transport),
+   as ratios measured side by side in this run; OOM is reported, not fatal.
+4. teacher scoring: a randomly initialized Qwen2-architecture causal LM with the
+   151,936 vocabulary in bf16 (sdpa; flash-attention 2 if installed) through
+   model_io.response_hidden_states + teacher_signals_from_hidden, against the
+   same weights in fp32 and against the HF model's own logits; sequence-score
+   ranking agreement; tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from loss_bench import naive_tsdkd  # noqa: E402
+from tsdkd_plugin.host.model_io import response_hidden_states  # noqa: E402
+from tsdkd_plugin.objective import (  # noqa: E402
+    TeacherSignals,
+    TSDKDConfig,
+    teacher_signals_from_hidden,
+    tsdkd_loss,
+    tsdkd_loss_fused,
+)
+
+SEQ_LEN = 512
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def randn(seed, *shape, scale=1.0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).mul_(scale).to(device)
+
+
+def inputs(num_tokens, vocab, hidden, device):
+    batch = num_tokens // SEQ_LEN
+    return {
+        "h": randn(2, batch, SEQ_LEN, hidden, device=device),
+        "w": randn(1, vocab, hidden, scale=0.03, device=device),
+        "th": randn(4, batch, SEQ_LEN, hidden, device=device),
+        "tw": randn(3, vocab, hidden, scale=0.04, device=device),
+        "mask": torch.ones(batch, SEQ_LEN, device=device),
+    }
+
+
+def student_candidates(h, w, k, chunk=1024):
+    """Student top-k ids per position, chunk by chunk (what vLLM's logprobs give in training)."""
+    rows = h.reshape(-1, h.shape[-1])
+    ids = [torch.topk(rows[i : i + chunk] @ w.t(), k, dim=-1).indices for i in range(0, rows.shape[0], chunk)]
+    return torch.cat(ids).view(*h.shape[:2], k)
+
+
+def leaf(tensor, dtype=None):
+    """A fresh leaf copy that collects its own gradient."""
+    return tensor.detach().to(dtype or tensor.dtype).clone().requires_grad_(True)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+# ----------------------------------------------------------------------------- 1. accuracy
+
+
+OBJECTIVES = {
+    "default": TSDKDConfig(),
+    # The token-level ListMLE re-ranks the student's top-k candidates: bf16 logits tie or
+    # reorder near-equal candidates, a discrete change; without it the rest is continuous.
+    "without ListMLE": TSDKDConfig(indirect_weight=0.0),
+}
+
+
+def loss_accuracy(device, vocab, hidden, num_tokens, objective):
+    cfg = OBJECTIVES[objective]
+    x = inputs(num_tokens, vocab, hidden, device)
+
+    def reference(dtype):
+        """The naive objective in float64 (plain autograd) on inputs first rounded to dtype."""
+        h64, w64 = leaf(x["h"].to(dtype), torch.float64), leaf(x["w"].to(dtype), torch.float64)
+        with torch.no_grad():
+            t_logits64 = x["th"].to(dtype).double() @ x["tw"].to(dtype).double().t()
+        loss = naive_tsdkd(h64 @ w64.t(), t_logits64, cfg)
+        loss.backward()
+        result = float(loss.detach()), h64.grad.detach(), w64.grad.detach()
+        del h64, w64, t_logits64, loss
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result
+
+    # A bf16 path is compared with the float64 objective of its own (bf16-rounded) inputs:
+    # the rounding moves discrete choices (the entropy top fraction, the student's top-k
+    # candidates), so the float32 inputs' reference would charge that to the kernels.
+    references = {torch.float32: reference(torch.float32), torch.bfloat16: reference(torch.bfloat16)}
+    ref_loss, ref_gh, ref_gw = references[torch.float32]
+
+    rows = []
+
+    def record(name, loss, gh, gw):
+        ref_loss, ref_gh, ref_gw = references[gh.dtype]
+        rows.append({
+            "objective": objective, "path": name, "loss": float(loss), "loss_rel_err": abs(float(loss) - ref_loss) / abs(ref_loss),
+            "grad_hidden_rel_err": rel(gh, ref_gh), "grad_weight_rel_err": rel(gw, ref_gw),
+            "grad_hidden_cos": cos(gh, ref_gh), "grad_weight_cos": cos(gw, ref_gw),
+            "finite": bool(torch.isfinite(gh).all() and torch.isfinite(gw).all()),
+        })  # fmt: skip
+
+    # plain entry point, fp32 logits
+    h = leaf(x["h"])
+    w = leaf(x["w"])
+    with torch.no_grad():
+        t_logits = x["th"] @ x["tw"].t()
+    loss, _ = tsdkd_loss(h @ w.t(), TeacherSignals(logits=t_logits), x["mask"], cfg, shared_vocab_size=vocab)
+    loss.backward()
+    record("plain fp32 (full logits)", loss, h.grad, w.grad)
+    del t_logits
+
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        h = leaf(x["h"], dtype)
+        w = leaf(x["w"], dtype)
+        teacher = TeacherSignals(hidden=x["th"].to(dtype), lm_head_weight=x["tw"].to(dtype))
+        loss, _ = tsdkd_loss_fused(h, w, teacher, x["mask"], cfg, shared_vocab_size=vocab)
+        loss.backward()
+        record(f"fused {label}, dense teacher (hidden + W)", loss.detach(), h.grad, w.grad)
+
+    # sparse transport built by the teacher side in bf16, student fused bf16
+    h = leaf(x["h"], torch.bfloat16)
+    w = leaf(x["w"], torch.bfloat16)
+    candidates = student_candidates(h.detach(), w.detach(), cfg.num_candidates)
+    signals = teacher_signals_from_hidden(
+        x["th"].bfloat16(), x["tw"].bfloat16(), cfg, mask=x["mask"], shared_vocab_size=vocab, candidate_ids=candidates
+    )
+    loss, _ = tsdkd_loss_fused(h, w, signals, x["mask"], cfg, shared_vocab_size=vocab)
+    loss.backward()
+    record(f"fused bf16, sparse teacher (K={cfg.sparse_top_k}, built in bf16)", loss, h.grad, w.grad)
+    return {"objective": objective, "reference_loss_fp64": ref_loss,
+            "reference_loss_fp64_bf16_inputs": references[torch.bfloat16][0], "tokens": num_tokens, "vocab": vocab,
+            "hidden": hidden, "rows": rows}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- 2. gradcheck
+
+
+def gradcheck(device):
+    # The soft gate is stop-gradient by design (finite differences would see it move), so
+    # the check uses the hard gate, which like the selections is locally constant.
+    cfg = TSDKDConfig(num_candidates=3, chunk_size=3, indirect_level="both", entropy_top_fraction=0.6, gate="hard",
+                      beta=0.7)  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
+
+    h_s, w_s, h_t, w_t = r(2, 4, 3), r(11, 3), r(2, 4, 3), r(12, 3)
+    mask = torch.ones(2, 4, device=device)
+    sampled = torch.randint(0, 10, (2, 4), generator=generator).to(device)
+    teacher = TeacherSignals(hidden=h_t, lm_head_weight=w_t)
+    kwargs = dict(shared_vocab_size=10, sampled_ids=sampled, group_size=2)
+
+    def plain(logits):
+        return tsdkd_loss(logits, teacher, mask, cfg, **kwargs)[0]
+
+    def fused(hidden, weight):
+        return tsdkd_loss_fused(hidden, weight, teacher, mask, cfg, **kwargs)[0] * 2.0
+
+    return {
+        "plain_float64": bool(torch.autograd.gradcheck(plain, (leaf(h_s @ w_s.t()),), eps=1e-6, atol=1e-7)),
+        "fused_float64": bool(torch.autograd.gradcheck(fused, (leaf(h_s), leaf(w_s)), eps=1e-6, atol=1e-7)),
+    }
+
+
+# ----------------------------------------------------------------------------- 3. memory / time
+
+
+def one_step(name, x, vocab, cfg, device):
+    if name == "naive fp32":
+        h = leaf(x["h"])
+        w = leaf(x["w"])
+        with torch.no_grad():
+            t_logits = x["th"] @ x["tw"].t()
+        loss = naive_tsdkd(h @ w.t(), t_logits, cfg)
+    elif name == "fused bf16 dense":
+        h = leaf(x["h"], torch.bfloat16)
+        w = leaf(x["w"], torch.bfloat16)
+        teacher = TeacherSignals(hidden=x["th"].bfloat16(), lm_head_weight=x["tw"].bfloat16())
+        loss, _ = tsdkd_loss_fused(h, w, teacher, x["mask"], cfg, shared_vocab_size=vocab)
+    elif name == "fused bf16 sparse":
+        h = leaf(x["h"], torch.bfloat16)
+        w = leaf(x["w"], torch.bfloat16)
+        loss, _ = tsdkd_loss_fused(h, w, x["signals"], x["mask"], cfg, shared_vocab_size=vocab)
+    else:
+        raise ValueError(name)
+    loss.backward()
+    return float(loss.detach())
+
+
+def memory_time(device, vocab, hidden, sizes, repeats):
+    cfg = TSDKDConfig()
+    results = []
+    for n in sizes:
+        x = inputs(n, vocab, hidden, device)
+        with torch.no_grad():
+            h16, w16 = x["h"].bfloat16(), x["w"].bfloat16()
+            x["signals"] = teacher_signals_from_hidden(
+                x["th"].bfloat16(), x["tw"].bfloat16(), cfg, mask=x["mask"], shared_vocab_size=vocab,
+                candidate_ids=student_candidates(h16, w16, cfg.num_candidates),
+            )  # fmt: skip
+            del h16, w16
+        for name in ("naive fp32", "fused bf16 dense", "fused bf16 sparse"):
+            row = {"tokens": n, "path": name}
+            try:
+                one_step(name, x, vocab, cfg, device)  # warm-up (allocator, kernels)
+                sync(device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                times = []
+                for _ in range(repeats):
+                    sync(device)
+                    start = time.perf_counter()
+                    row["loss"] = one_step(name, x, vocab, cfg, device)
+                    sync(device)
+                    times.append(time.perf_counter() - start)
+                row["seconds_median"] = sorted(times)[len(times) // 2]
+                if device.type == "cuda":
+                    row["peak_gib_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            except torch.OutOfMemoryError as error:
+                row["error"] = "out of memory: " + str(error).splitlines()[0][:160]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del x
+    return results
+
+
+# ----------------------------------------------------------------------------- 4. teacher scoring
+
+
+def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_len, group):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = TSDKDConfig()
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=4096, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model32 = Qwen2ForCausalLM(config).to(device).eval()
+    with torch.no_grad():  # make the distributions peaked enough to be LM-like (random init is near-uniform)
+        model32.lm_head.weight.mul_(40.0)
+    model16 = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    model16.load_state_dict({k: v.bfloat16() for k, v in model32.state_dict().items()})
+    model16 = model16.to(device).eval()
+
+    generator = torch.Generator().manual_seed(5)
+    total = prompt_len + response_len
+    sequences = torch.randint(0, vocab, (batch, total), generator=generator).to(device)
+    attention_mask = torch.ones(batch, total, dtype=torch.long, device=device)
+    # left padding of different lengths, as OpenRLHF's batches have
+    for row in range(batch):
+        attention_mask[row, : (row * 7) % (prompt_len // 2)] = 0
+    mask = torch.ones(batch, response_len, dtype=torch.bool, device=device)
+    # ragged responses: the tail of some rows is padding
+    for row in range(batch):
+        mask[row, response_len - (row * 13) % (response_len // 4) :] = False
+    sampled = sequences[:, -response_len:].masked_fill(~mask, 0)
+    candidates = torch.randint(0, vocab, (batch, response_len, cfg.num_candidates), generator=generator).to(device)
+
+    out = {"attention": attn, "layers": layers, "hidden": hidden, "batch": batch, "tokens": batch * total}
+    with torch.no_grad():
+        # alignment: hidden @ W must equal the HF model's own logits at the response positions (fp32)
+        hidden32 = response_hidden_states(model32, sequences, attention_mask, response_len)
+        own = model32(input_ids=sequences, attention_mask=attention_mask,
+                      position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0)).logits[:, :-1][:, -response_len:]  # fmt: skip
+        mine = hidden32 @ model32.lm_head.weight.t()
+        out["alignment_max_abs_diff_fp32"] = float((own - mine)[mask].abs().max())
+        del own, mine
+        signals = {}
+        for label, model, hid in (("fp32", model32, hidden32), ("bf16", model16, None)):
+            sync(device)
+            start = time.perf_counter()
+            if hid is None:
+                hid = response_hidden_states(model, sequences, attention_mask, response_len)
+            signals[label] = teacher_signals_from_hidden(
+                hid, model.lm_head.weight, cfg, mask=mask, shared_vocab_size=vocab,
+                candidate_ids=candidates, sampled_ids=sampled,
+            )  # fmt: skip
+            sync(device)
+            out[f"{label}_seconds"] = time.perf_counter() - start
+        a, b = signals["fp32"].tensors(), signals["bf16"].tensors()
+        m = mask
+        out["entropy_mean_fp32"] = float(a["entropy"][m].float().mean())
+        out["entropy_max_abs_diff_bf16"] = float((a["entropy"][m].float() - b["entropy"][m].float()).abs().max())
+        out["candidate_logprob_max_abs_diff_bf16"] = float(
+            (a["candidate_logprobs"][m].float() - b["candidate_logprobs"][m].float()).abs().max()
+        )
+        sa, sb = a["sequence_scores"].float(), b["sequence_scores"].float()
+        out["sequence_score_max_abs_diff_bf16"] = float((sa - sb).abs().max())
+        agree = [bool(torch.equal(sa[i : i + group].argsort(), sb[i : i + group].argsort())) for i in range(0, batch, group)]
+        out["group_ranking_identical_fraction"] = sum(agree) / len(agree)
+        out["bf16_scoring_tokens_per_s"] = batch * total / out["bf16_seconds"]
+        out["sparse_signal_bytes_per_response_token"] = signals["bf16"].nbytes() / float(m.sum())
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def markdown(report):
+    lines = ["# GPU check", "", f"Command: `{report['command']}`  ", f"Device: {report['device']}  ",
+             f"Software: {report['software']}", ""]  # fmt: skip
+    acc = report["accuracy"][0]
+    lines += [f"## 1. Loss accuracy vs naive float64 ({acc['tokens']} tokens, V={acc['vocab']}, H={acc['hidden']})", "",
+              "fp32 rows are compared with the float64 objective of the same inputs, bf16 rows with the float64 "
+              "objective of the inputs rounded to bf16.", "",
+              "| objective | path | loss rel. err | grad hidden rel. err | grad W rel. err | cos (hidden / W) | finite |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for part in report["accuracy"]:
+        for r in part["rows"]:
+            lines.append(f"| {r['objective']} | {r['path']} | {r['loss_rel_err']:.2e} | {r['grad_hidden_rel_err']:.2e} | "
+                         f"{r['grad_weight_rel_err']:.2e} | {r['grad_hidden_cos']:.5f} / {r['grad_weight_cos']:.5f} | "
+                         f"{r['finite']} |")  # fmt: skip
+    g = report["gradcheck"]
+    lines += ["", f"## 2. gradcheck (float64, on the device, hard gate, both ListMLE levels): plain {g['plain_float64']}, "
+              f"fused {g['fused_float64']}", ""]  # fmt: skip
+    lines += ["## 3. One forward+backward: peak memory above inputs, median time", "",
+              "| tokens | path | peak GiB | ms | memory vs naive | time vs naive |", "|---|---|---|---|---|---|"]  # fmt: skip
+    naive = {r["tokens"]: r for r in report["memory_time"] if r["path"] == "naive fp32" and "error" not in r}
+    for r in report["memory_time"]:
+        if "error" in r:
+            lines.append(f"| {r['tokens']} | {r['path']} | {r['error']} | | | |")
+            continue
+        base = naive.get(r["tokens"])
+        mem = r.get("peak_gib_above_inputs")
+        ratio_m = f"{mem / base['peak_gib_above_inputs']:.3f}" if base and mem is not None else "naive OOM"
+        ratio_t = f"{r['seconds_median'] / base['seconds_median']:.2f}" if base else "naive OOM"
+        mem_s = f"{mem:.2f}" if mem is not None else "n/a"
+        lines.append(f"| {r['tokens']} | {r['path']} | {mem_s} | {1000 * r['seconds_median']:.1f} | {ratio_m} | {ratio_t} |")
+    t = report["teacher_scoring"]
+    lines += ["", f"## 4. Teacher scoring (Qwen2 architecture, {t['layers']} layers, H={t['hidden']}, "
+              f"V={acc['vocab']}, {t['attention']}, {t['batch']} sequences, {t['tokens']} tokens)", ""]  # fmt: skip
+    for key, value in t.items():
+        if key not in ("attention", "layers", "hidden", "batch", "tokens"):
+            lines.append(f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device (to try the script on CPU)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.smoke and device.type != "cuda":
+        sys.exit("gpu_check.py: no CUDA device; use --smoke to try the script on CPU")
+    if args.smoke:
+        vocab, hidden, acc_tokens, sizes, t_hidden, t_layers, t_batch, t_prompt, t_resp = 2048, 64, 512, [512], 64, 2, 8, 32, 64
+    else:
+        vocab, hidden, acc_tokens, sizes = 151936, 1536, 1024, [4096, 16384]
+        t_hidden, t_layers, t_batch, t_prompt, t_resp = 1024, 8, 16, 256, 1024
+    import transformers
+
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": name,
+        "software": f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}",
+    }
+    steps = [
+        ("accuracy", lambda: [loss_accuracy(device, vocab, hidden, acc_tokens, o) for o in OBJECTIVES]),
+        ("gradcheck", lambda: gradcheck(device)),
+        ("memory_time", lambda: memory_time(device, vocab, hidden, sizes, repeats=3)),
+        ("teacher_scoring", lambda: teacher_scoring(device, vocab, t_hidden, t_layers, t_batch, t_prompt, t_resp, 4)),
+    ]
+    for key, step in steps:
+        start = time.perf_counter()
+        print(f"== {key}", flush=True)
+        report[key] = step()
+        print(json.dumps(report[key])[:2000], f"({time.perf_counter() - start:.1f} s)", flush=True)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
