@@ -98,6 +98,8 @@ def test_dataset_with_a_broken_line(launch_argv, tmp_path, capsys):
         (["--tsdkd.gate", "sharp"], "invalid choice: 'sharp'"),
         (["--tsdkd.on_policy_fraction", "2"], "--tsdkd.on_policy_fraction must be in [0, 1]"),
         (["--vllm.num_engines", "0"], "--vllm.num_engines must be >= 1"),
+        (["--ds.lora.rank", "8", "--ds.tensor_parallel_size", "2"], "with --ds.tensor_parallel_size > 1 is not supported"),
+        (["--ds.lora.rank", "8", "--ds.load_in_4bit"], "(QLoRA) is not supported by TSD-KD"),
     ],
 )
 def test_out_of_range_options(launch_argv, capsys, flags, expected):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from types import SimpleNamespace
 from typing import Dict, Optional
 
 import ray
@@ -46,6 +47,7 @@ from tsdkd_plugin.host.teacher import (
     where_am_i,
 )
 from tsdkd_plugin.host.faults import inject_nonfinite_teacher
+from tsdkd_plugin.host.lora_sync import is_lora_model, merged_lora_parameters
 from tsdkd_plugin.host.numerics import (
     DEFAULT_MAX_NONFINITE_STEPS,
     NonFiniteGuard,
@@ -65,6 +67,29 @@ def _actor_trainer_class(trainer_factory):
         yield
     finally:
         upstream_ppo_actor.ActorPPOTrainer = original
+
+
+class MergedLoRAView:
+    """Stands in for the trainer's `actor` while upstream's `broadcast_to_vllm` runs.
+
+    Upstream reads the weights to send from `self.actor.model.module.named_parameters()`;
+    for a LoRA student this view answers with the merged weights under checkpoint names
+    (host/lora_sync.py), so the NCCL, CUDA-IPC and CPU sync paths all stay upstream's.
+    """
+
+    def __init__(self, actor, zero_stage: int):
+        self.is_vlm = getattr(actor, "is_vlm", False)
+        self.model = SimpleNamespace(module=self)
+        self._peft_model = actor.model.module
+        self._zero_stage = zero_stage
+
+    def _gather(self, params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), enabled=self._zero_stage == 3)
+
+    def named_parameters(self, remove_duplicate: bool = True):
+        return merged_lora_parameters(self._peft_model, self._gather, remove_duplicate=remove_duplicate)
 
 
 def sparse_teacher_signals(signals: Dict[str, torch.Tensor], config: TSDKDConfig) -> TeacherSignals:
@@ -101,6 +126,17 @@ class TSDKDActorTrainer(ActorPPOTrainer):
     def ppo_train(self, kl_ctl: float):
         self.replay_buffer.finalize_groups()
         return super().ppo_train(kl_ctl)
+
+    def broadcast_to_vllm(self):
+        """Upstream's sync; for a LoRA student, of the merged weights (upstream sends PEFT names)."""
+        if not is_lora_model(self.actor.model.module):
+            return super().broadcast_to_vllm()
+        actor = self.actor
+        self.actor = MergedLoRAView(actor, self.strategy.args.ds.zero_stage)
+        try:
+            return super().broadcast_to_vllm()
+        finally:
+            self.actor = actor
 
     def _objective(self, student_logits, teacher, loss_mask, sequences, num_actions):
         return tsdkd_loss(

@@ -420,10 +420,15 @@ def check_objective_vs_rollout(args: SimpleNamespace, config: TSDKDConfig) -> No
         raise ArgumentError("--vllm.num_engines must be >= 1: TSD-KD samples the student's candidates with vLLM")
     if args.train.dynamic_batch_enable:
         raise ArgumentError("--train.dynamic_batch_enable is not supported by TSD-KD yet (teacher signals are batched per micro-batch)")
-    if args.ds.lora.rank > 0:
+    if args.ds.lora.rank > 0 and args.ds.tensor_parallel_size > 1:
         raise ArgumentError(
-            "--ds.lora.rank > 0 is not supported by TSD-KD yet: OpenRLHF's weight sync sends LoRA parameter "
-            "names that the vLLM engines do not have; train full weights (use ZeRO-3 / --ds.adam_offload for memory)"
+            "--ds.lora.rank > 0 with --ds.tensor_parallel_size > 1 is not supported by TSD-KD: the merged LoRA "
+            "weights sent to vLLM are built from unsplit layers; use --ds.tensor_parallel_size 1 (ZeRO shards instead)"
+        )
+    if args.ds.lora.rank > 0 and args.ds.load_in_4bit:
+        raise ArgumentError(
+            "--ds.load_in_4bit with --ds.lora.rank > 0 (QLoRA) is not supported by TSD-KD: vLLM would receive "
+            "merged 4-bit weights it cannot load; drop --ds.load_in_4bit"
         )
     if args.ds.packing_samples:
         raise ArgumentError("--ds.packing_samples is not supported by TSD-KD yet; drop the flag")
