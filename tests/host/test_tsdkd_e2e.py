@@ -11,6 +11,9 @@ Checked afterwards:
   differ from the initial model's;
 - a DeepSpeed checkpoint was written at each step and the final HF model loads.
 
+The LoRA case (`--ds.lora.rank 8`) checks the same against the base model merged with the saved
+adapter by PEFT itself: the engine must hold the merged weights (host/lora_sync.py).
+
 This file is also the child process's entry point: it drives the CLI's own functions
 (parse_args -> preflight -> init_ray -> launch -> fit -> save), then probes the engine.
 """
@@ -56,6 +59,20 @@ def tsdkd_args(student, teacher, prompts, out_dir, placement):
     ]
 
 
+LORA_ARGS = ["--ds.lora.rank", "8", "--ds.lora.alpha", "16", "--actor.adam.lr", "1e-2"]
+
+
+def merge_adapter(base_model: str, adapter_dir: str, out_dir: str) -> str:
+    """The base model with the saved adapter merged by PEFT (fp32, independent of the sync code)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="float32")
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
+    return out_dir
+
+
 def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     """Child process: the CLI's steps, then compare the engine with the saved and initial models."""
     import ray
@@ -73,6 +90,8 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     ray.get(job.actor_group.async_save_model())
 
     out_model = args.ckpt.output_dir
+    if args.ds.lora.rank > 0:  # upstream saves the adapter only
+        out_model = merge_adapter(initial_model, out_model, str(Path(out_model).parent / "merged"))
     token_ids = probe_token_ids(AutoTokenizer.from_pretrained(out_model))
     result = {
         "engine": engine_prompt_logprobs(job.vllm_engines[0], token_ids),
@@ -83,14 +102,17 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     ray.shutdown()
 
 
-@pytest.mark.parametrize("placement", ["separate", "colocate"])
-def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, toy_student_dir, toy_teacher_dir, arith_data_dir):
+@pytest.mark.parametrize("placement, lora", [("separate", False), ("colocate", False), ("separate", True)],
+                         ids=["separate", "colocate", "separate-lora"])
+def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, lora, toy_student_dir, toy_teacher_dir,
+                                            arith_data_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from tsdkd_plugin.testing import log_tail, max_abs_diff, run_child, tensorboard_scalars
 
     argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", tmp_path, placement)
+    argv += LORA_ARGS if lora else []
     probe_file, log_file = tmp_path / "probe.json", tmp_path / "train_tsdkd.log"
     ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
     env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
@@ -109,7 +131,8 @@ def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, toy_student_dir
     assert scalars["train/tsdkd/loss_direct"][1] > 0 and scalars["train/tsdkd/opener_mean_length"][1] >= 1
 
     initial = load_file(str(Path(toy_student_dir) / "model.safetensors"))
-    trained = load_file(str(tmp_path / "model" / "model.safetensors"))
+    final_model = tmp_path / ("merged" if lora else "model")
+    trained = load_file(str(final_model / "model.safetensors"))
     assert max((trained[k].float() - initial[k].float()).abs().max().item() for k in initial) > 0
 
     probe = json.loads(probe_file.read_text())
@@ -120,7 +143,9 @@ def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, toy_student_dir
 
     checkpoints = sorted(p.name for p in (tmp_path / "ckpt" / "_actor").iterdir())
     assert {"global_step1", "global_step2", "latest"} <= set(checkpoints), checkpoints
-    AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+    AutoModelForCausalLM.from_pretrained(str(final_model))
+    if lora:
+        assert (tmp_path / "model" / "adapter_config.json").is_file()
 
 
 if __name__ == "__main__":

@@ -48,9 +48,24 @@ def test_every_pair_has_single_node_multi_node_and_colocated_recipes(recipe_path
     expected = {f"{pair}.{layout}.sh" for pair in PAIRS for layout in LAYOUTS}
     assert expected <= names, sorted(expected - names)
     assert {"grpo.1node.sh", "dpo.1node.sh"} <= names
-    # Small-GPU variant where memory needs it: ZeRO-3 + Adam offload. (No LoRA recipe: the
-    # TSD-KD preflight refuses --ds.lora.rank until the vLLM weight sync merges adapters.)
-    assert "gemma2-9b_to_2b.1node-24gb.sh" in names
+    # Small-GPU variants where memory needs them: ZeRO-3 + Adam offload, and a LoRA student.
+    assert {"gemma2-9b_to_2b.1node-24gb.sh", "qwen2.5-14b_to_1.5b.1node-24gb-lora.sh"} <= names
+
+
+def test_lora_recipe_declares_its_learning_rate_and_nothing_else(parsed_recipes):
+    from tsdkd_plugin.recipes_tools.recipe_check import declared_deviations
+
+    parsed = parsed_recipes["qwen2.5-14b_to_1.5b.1node-24gb-lora.sh"]
+    args = parsed.args
+    assert args.ds.lora.rank == 64 and args.ds.lora.alpha == 128 and args.ds.zero_stage == 3
+    assert set(declared_deviations(parsed.command.script)) == {"actor.adam.lr"}
+    assert args.actor.adam.lr == 1e-4
+    # the same data, rollouts and objective as the reference recipe
+    reference = parsed_recipes[REFERENCE]
+    for dotted in ("rollout.max_new_tokens", "data.max_len", "train.batch_size", "train.num_episodes"):
+        group, attr = dotted.split(".")
+        assert getattr(getattr(args, group), attr) == getattr(getattr(reference.args, group), attr), dotted
+    assert parsed.config == reference.config
 
 
 def test_every_recipe_parses_against_its_real_parser(parsed_recipes):
