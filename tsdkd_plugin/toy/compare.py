@@ -13,7 +13,8 @@ optimizer steps of the same size (see `DistillBudget`); only the training signal
   dpo         OpenRLHF `train_dpo` on teacher-ranked pairs of the student's own samples
   tsdkd       `train_tsdkd` with the default objective
   ablations   tsdkd without the direct / indirect / entropy term, hard gate, sequence-level and
-              token+sequence ranking, and the reference code's (wrong) prefix ListMLE
+              token+sequence ranking, gated JSD alone, entropy term on the top 10%, the terms
+              rescaled to the direct term's size, and the reference code's (wrong) prefix ListMLE
 
 Each finished run is stored as <run-dir>/results/<method>-seed<k>.json, so an interrupted
 comparison resumes where it stopped; the report (markdown table, PNG with error bars, JSON, with
@@ -111,6 +112,11 @@ METHODS: dict[str, Method] = {
         Method("tsdkd-entropy-top10", "entropy on top 10%", "ablation", "tsdkd",
                "TSD-KD with the entropy term on the 10% most uncertain tokens, the reviewers' reading, instead of "
                "the reference code's 90% (--tsdkd.entropy_top_fraction 0.1)", {"entropy_top_fraction": 0.1}),
+        Method("tsdkd-balanced", "terms rescaled (α 0.001, entropy 0.1)", "ablation", "tsdkd",
+               "TSD-KD with the indirect and entropy weights scaled down so that each term is about as large as "
+               "the gated JSD at the start of training (logged: L_dir ~0.02, L_ind ~15, L_ent ~0.25 at the "
+               "defaults) (--tsdkd.indirect_weight 0.001 --tsdkd.entropy_weight 0.1)",
+               {"indirect_weight": 0.001, "entropy_weight": 0.1}),
         Method("tsdkd-prefix", "prefix ListMLE (ref. code)", "ablation", "tsdkd",
                "TSD-KD with the reference code's prefix log-cumsum-exp ListMLE, which rewards the reversed order "
                "(--tsdkd.listmle_form prefix)", {"listmle_form": "prefix"}),
