@@ -25,6 +25,7 @@ DIR/gpu_check.json and DIR/gpu_check.md. Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 
 from loss_bench import naive_tsdkd  # noqa: E402
 from tsdkd_plugin.host.model_io import response_hidden_states  # noqa: E402
+from tsdkd_plugin.objective import chunking  # noqa: E402
 from tsdkd_plugin.objective import (  # noqa: E402
     TeacherSignals,
     TSDKDConfig,
@@ -82,6 +84,18 @@ def student_candidates(h, w, k, chunk=1024):
 def leaf(tensor, dtype=None):
     """A fresh leaf copy that collects its own gradient."""
     return tensor.detach().to(dtype or tensor.dtype).clone().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def fp32_logits_from_low_precision(enabled: bool):
+    """Switch the objective's fp32-output matmul for bf16 operands (chunking.HiddenRows) on or off,
+    to measure what it changes against the previous behaviour (bf16 logits, then upcast)."""
+    saved = chunking._MM_WITH_OUT_DTYPE
+    chunking._MM_WITH_OUT_DTYPE = saved and enabled
+    try:
+        yield
+    finally:
+        chunking._MM_WITH_OUT_DTYPE = saved
 
 
 def rel(a, b):
@@ -147,12 +161,14 @@ def loss_accuracy(device, vocab, hidden, num_tokens, objective):
     record("plain fp32 (full logits)", loss, h.grad, w.grad)
     del t_logits
 
-    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+    for dtype, label, fp32_logits in ((torch.float32, "fp32", True), (torch.bfloat16, "bf16", True),
+                                      (torch.bfloat16, "bf16 with bf16-rounded logits (before)", False)):
         h = leaf(x["h"], dtype)
         w = leaf(x["w"], dtype)
         teacher = TeacherSignals(hidden=x["th"].to(dtype), lm_head_weight=x["tw"].to(dtype))
-        loss, _ = tsdkd_loss_fused(h, w, teacher, x["mask"], cfg, shared_vocab_size=vocab)
-        loss.backward()
+        with fp32_logits_from_low_precision(fp32_logits):
+            loss, _ = tsdkd_loss_fused(h, w, teacher, x["mask"], cfg, shared_vocab_size=vocab)
+            loss.backward()
         record(f"fused {label}, dense teacher (hidden + W)", loss.detach(), h.grad, w.grad)
 
     # sparse transport built by the teacher side in bf16, student fused bf16
@@ -320,7 +336,8 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
         del own, mine
         del hidden32
         signals = {}
-        for label, model in (("fp32", model32), ("bf16", model16)):
+        for label, model, fp32_logits in (("fp32", model32, True), ("bf16", model16, True),
+                                          ("bf16_rounded_logits_before", model16, False)):
             def score():
                 hid = response_hidden_states(model, sequences, attention_mask, response_len)
                 return teacher_signals_from_hidden(
@@ -328,28 +345,31 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
                     candidate_ids=candidates, sampled_ids=sampled,
                 )  # fmt: skip
 
-            score()  # warm-up: kernel selection, allocator
-            sync(device)
-            start = time.perf_counter()
-            signals[label] = score()
-            sync(device)
+            with fp32_logits_from_low_precision(fp32_logits):
+                score()  # warm-up: kernel selection, allocator
+                sync(device)
+                start = time.perf_counter()
+                signals[label] = score()
+                sync(device)
             out[f"{label}_scoring_seconds"] = time.perf_counter() - start
-        a, b = signals["fp32"].tensors(), signals["bf16"].tensors()
+        a = signals["fp32"].tensors()
         m = mask
         out["entropy_mean_fp32"] = float(a["entropy"][m].float().mean())
-        entropy_diff = (a["entropy"][m].float() - b["entropy"][m].float()).abs()
-        out["entropy_mean_abs_diff_bf16"] = float(entropy_diff.mean())
-        out["entropy_max_abs_diff_bf16"] = float(entropy_diff.max())
-        candidate_diff = (a["candidate_logprobs"][m].float() - b["candidate_logprobs"][m].float()).abs()
-        out["candidate_logprob_mean_abs_diff_bf16"] = float(candidate_diff.mean())
-        out["candidate_logprob_max_abs_diff_bf16"] = float(candidate_diff.max())
-        # what the token-level ListMLE uses: the teacher's order of the k candidates
-        same_order = (a["candidate_logprobs"].argsort(-1) == b["candidate_logprobs"].argsort(-1)).all(-1)
-        out["candidate_order_identical_fraction_bf16"] = float(same_order[m].float().mean())
-        sa, sb = a["sequence_scores"].float(), b["sequence_scores"].float()
-        out["sequence_score_max_abs_diff_bf16"] = float((sa - sb).abs().max())
-        agree = [bool(torch.equal(sa[i : i + group].argsort(), sb[i : i + group].argsort())) for i in range(0, batch, group)]
-        out["group_ranking_identical_fraction"] = sum(agree) / len(agree)
+        for label in ("bf16", "bf16_rounded_logits_before"):
+            b = signals[label].tensors()
+            entropy_diff = (a["entropy"][m].float() - b["entropy"][m].float()).abs()
+            out[f"{label}_entropy_mean_abs_diff"] = float(entropy_diff.mean())
+            out[f"{label}_entropy_max_abs_diff"] = float(entropy_diff.max())
+            candidate_diff = (a["candidate_logprobs"][m].float() - b["candidate_logprobs"][m].float()).abs()
+            out[f"{label}_candidate_logprob_mean_abs_diff"] = float(candidate_diff.mean())
+            # what the token-level ListMLE uses: the teacher's order of the k candidates
+            same_order = (a["candidate_logprobs"].argsort(-1) == b["candidate_logprobs"].argsort(-1)).all(-1)
+            out[f"{label}_candidate_order_identical_fraction"] = float(same_order[m].float().mean())
+            sa, sb = a["sequence_scores"].float(), b["sequence_scores"].float()
+            out[f"{label}_sequence_score_max_abs_diff"] = float((sa - sb).abs().max())
+            agree = [bool(torch.equal(sa[i : i + group].argsort(), sb[i : i + group].argsort()))
+                     for i in range(0, batch, group)]  # fmt: skip
+            out[f"{label}_group_ranking_identical_fraction"] = sum(agree) / len(agree)
         out["fp32_scoring_tokens_per_s"] = batch * total / out["fp32_scoring_seconds"]
         out["bf16_scoring_tokens_per_s"] = batch * total / out["bf16_scoring_seconds"]
         out["sparse_signal_bytes_per_response_token"] = signals["bf16"].nbytes() / float(m.sum())

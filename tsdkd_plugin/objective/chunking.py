@@ -42,8 +42,18 @@ class LogitsRows:
             out.copy_(self.flat.index_select(0, rows))
 
 
+# torch.mm(..., out_dtype=torch.float32): fp32 logits straight from bf16/fp16 operands (CUDA, torch >= 2.8).
+_MM_WITH_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 class HiddenRows:
-    """Logits computed as hidden[index] @ weight[:shared].T (hidden already restricted to valid tokens)."""
+    """Logits computed as hidden[index] @ weight[:shared].T (hidden already restricted to valid tokens).
+
+    With bf16/fp16 operands on CUDA the logits come out of the matmul in fp32 (its accumulator's
+    precision): rounding 152k logits of magnitude ~10-30 to bf16 (steps of 0.06-0.125) would
+    reorder near-equal candidates, which the ListMLE terms read (benchmarks/GPU_CHECK.md).
+    Elsewhere (CPU) the matmul runs in the operands' dtype and the result is upcast.
+    """
 
     def __init__(self, hidden_rows: torch.Tensor, weight: torch.Tensor, shared: int) -> None:
         self.hidden = hidden_rows
@@ -54,6 +64,8 @@ class HiddenRows:
         rows = self.hidden[index]
         if out.dtype == self.weight.dtype == rows.dtype:
             torch.mm(rows, self.weight.t(), out=out)
+        elif rows.is_cuda and _MM_WITH_OUT_DTYPE and out.dtype == torch.float32 and rows.dtype == self.weight.dtype:
+            out.copy_(torch.mm(rows, self.weight.t(), out_dtype=torch.float32))
         else:  # bf16/fp16 matmul like the model's own lm_head, then upcast
             out.copy_(rows @ self.weight.t())
 
