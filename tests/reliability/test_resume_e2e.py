@@ -238,3 +238,34 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
     assert all(torch.isfinite(w.float()).all() for w in model_weights(ckpt_b / "global_step4").values())
     for tag in ("train/tsdkd/empty_response_fraction", "train/tsdkd/no_eos_fraction"):
         assert 0.0 <= scalars_b[tag][3] <= 1.0, tag
+
+
+def test_hung_teacher_times_out_and_stops_with_the_checkpoint_intact(tmp_path, toy_student_dir, toy_teacher_dir,
+                                                                     arith_data_dir):
+    """C: the teacher's forward never returns in step 2 (TSDKD_FAULT_INJECT=teacher_hang_at_call=2).
+    Each attempt is bounded by --teacher.timeout_s; the retry queues behind the hung call on the same
+    actor, so it times out too, and the run stops with one sentence; global_step1 stays intact."""
+    from tsdkd_plugin.host.checkpoint import checkpoint_problem
+
+    out = tmp_path / "c"
+    argv = command_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", out)
+    argv += ["--teacher.timeout_s", "20", "--teacher.max_retries", "1"]  # the last value of a flag wins
+    run_c = Launch(argv, tmp_path / "c.log", faults="teacher_hang_at_call=2")
+    started = time.time()
+    try:
+        code = run_c.wait(RUN_TIMEOUT_S)
+    finally:
+        run_c.cleanup()
+    elapsed = time.time() - started
+
+    log = run_c.log_file.read_text(errors="replace")
+    assert code != 0, f"a hung teacher must stop the run:\n{run_c.tail()}"
+    assert "teacher forward call 2: hanging" in log, run_c.tail()
+    errors = [line for line in log.splitlines() if line.startswith(f"{PROG}: error:")]
+    assert len(errors) == 1, f"expected one error line:\n{run_c.tail()}"
+    assert "the teacher group" in errors[0] and "--teacher.timeout_s 20 each" in errors[0], errors[0]
+    assert "failed to return its signals 2 times" in errors[0] and "GetTimeoutError" in errors[0], errors[0]
+    assert "--ckpt.load_enable to resume from global_step1" in errors[0], errors[0]
+    ckpt = out / "ckpt" / "_actor"
+    assert (ckpt / "latest").read_text() == "global_step1" and checkpoint_problem(str(ckpt)) is None
+    assert elapsed < RUN_TIMEOUT_S  # bounded: 2 attempts x (20 s + pause), not a hang
