@@ -240,32 +240,59 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
         assert 0.0 <= scalars_b[tag][3] <= 1.0, tag
 
 
-def test_hung_teacher_times_out_and_stops_with_the_checkpoint_intact(tmp_path, toy_student_dir, toy_teacher_dir,
-                                                                     arith_data_dir):
-    """C: the teacher's forward never returns in step 2 (TSDKD_FAULT_INJECT=teacher_hang_at_call=2).
-    Each attempt is bounded by --teacher.timeout_s; the retry queues behind the hung call on the same
-    actor, so it times out too, and the run stops with one sentence; global_step1 stays intact."""
+def test_hung_teacher_and_repeated_nan_steps_stop_with_the_checkpoint_intact(tmp_path, toy_student_dir,
+                                                                             toy_teacher_dir, arith_data_dir):
+    """Two more launches of the same command, at the same time (separate private Ray clusters):
+
+    C  the teacher's forward never returns in step 2 (teacher_hang_at_call=2). Each attempt is
+       bounded by --teacher.timeout_s; the retry queues behind the hung call on the same actor, so
+       it times out too, and the run stops with one sentence; global_step1 stays intact.
+    D  every training step from the 2nd gets NaN teacher signals (nonfinite_teacher_from_call=2)
+       with --tsdkd.max_nonfinite_steps 2: step 2's micro-batch is skipped (checkpoint global_step2),
+       step 3's is the second in a row and stops the run with one sentence; weights stay finite."""
+    import torch
+
     from tsdkd_plugin.host.checkpoint import checkpoint_problem
 
-    out = tmp_path / "c"
-    argv = command_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", out)
-    argv += ["--teacher.timeout_s", "20", "--teacher.max_retries", "1"]  # the last value of a flag wins
-    run_c = Launch(argv, tmp_path / "c.log", faults="teacher_hang_at_call=2")
-    started = time.time()
+    prompts = arith_data_dir / "prompts_train.jsonl"
+    dir_c, dir_d = tmp_path / "c", tmp_path / "d"
+    argv_c = command_args(toy_student_dir, toy_teacher_dir, prompts, dir_c)
+    argv_c += ["--teacher.timeout_s", "20", "--teacher.max_retries", "1"]  # the last value of a flag wins
+    argv_d = command_args(toy_student_dir, toy_teacher_dir, prompts, dir_d) + ["--tsdkd.max_nonfinite_steps", "2"]
+    launches = []
     try:
-        code = run_c.wait(RUN_TIMEOUT_S)
+        run_c = Launch(argv_c, tmp_path / "c.log", faults="teacher_hang_at_call=2")
+        launches.append(run_c)
+        run_d = Launch(argv_d, tmp_path / "d.log", faults="nonfinite_teacher_from_call=2")
+        launches.append(run_d)
+        code_c, code_d = run_c.wait(RUN_TIMEOUT_S), run_d.wait(RUN_TIMEOUT_S)
     finally:
-        run_c.cleanup()
-    elapsed = time.time() - started
+        for launch in launches:
+            launch.cleanup()
 
-    log = run_c.log_file.read_text(errors="replace")
-    assert code != 0, f"a hung teacher must stop the run:\n{run_c.tail()}"
-    assert "teacher forward call 2: hanging" in log, run_c.tail()
-    errors = [line for line in log.splitlines() if line.startswith(f"{PROG}: error:")]
-    assert len(errors) == 1, f"expected one error line:\n{run_c.tail()}"
-    assert "the teacher group" in errors[0] and "--teacher.timeout_s 20 each" in errors[0], errors[0]
-    assert "failed to return its signals 2 times" in errors[0] and "GetTimeoutError" in errors[0], errors[0]
-    assert "--ckpt.load_enable to resume from global_step1" in errors[0], errors[0]
-    ckpt = out / "ckpt" / "_actor"
-    assert (ckpt / "latest").read_text() == "global_step1" and checkpoint_problem(str(ckpt)) is None
-    assert elapsed < RUN_TIMEOUT_S  # bounded: 2 attempts x (20 s + pause), not a hang
+    def one_error_line(run, code):
+        log = run.log_file.read_text(errors="replace")
+        assert code != 0, f"the run should have stopped:\n{run.tail()}"
+        errors = [line for line in log.splitlines() if line.startswith(f"{PROG}: error:")]
+        assert len(errors) == 1, f"expected one error line:\n{run.tail()}"
+        assert errors[0] in log.strip().splitlines()[-5:], f"the run must end with its error line:\n{run.tail()}"
+        return log, errors[0]
+
+    # ---- C: hung teacher
+    log_c, error_c = one_error_line(run_c, code_c)
+    assert "teacher forward call 2: hanging" in log_c, run_c.tail()
+    assert "the teacher group" in error_c and "--teacher.timeout_s 20 each" in error_c, error_c
+    assert "failed to return its signals 2 times" in error_c and "GetTimeoutError" in error_c, error_c
+    assert "--ckpt.load_enable to resume from global_step1" in error_c, error_c
+    ckpt_c = dir_c / "ckpt" / "_actor"
+    assert (ckpt_c / "latest").read_text() == "global_step1" and checkpoint_problem(str(ckpt_c)) is None
+
+    # ---- D: NaN teacher signals from step 2 on
+    _, error_d = one_error_line(run_d, code_d)
+    assert "2 consecutive micro-batches had a non-finite loss" in error_d, error_d
+    assert "--ckpt.load_enable to resume from global_step2" in error_d, error_d
+    ckpt_d = dir_d / "ckpt" / "_actor"
+    assert (ckpt_d / "latest").read_text() == "global_step2" and checkpoint_problem(str(ckpt_d)) is None
+    scalars_d = all_scalars(dir_d / "tb")
+    assert scalars_d["train/tsdkd/nonfinite_skipped"][1] == 0.0 and scalars_d["train/tsdkd/nonfinite_skipped"][2] == 1.0
+    assert all(torch.isfinite(w.float()).all() for w in model_weights(ckpt_d / "global_step2").values())
