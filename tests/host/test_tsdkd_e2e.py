@@ -11,7 +11,7 @@ Checked afterwards:
   differ from the initial model's;
 - a DeepSpeed checkpoint was written at each step and the final HF model loads.
 
-The LoRA case (`--ds.lora.rank 8`) checks the same against the base model merged with the saved
+The LoRA case (`--ds.lora.rank 8` under ZeRO-3, as the LoRA recipe) checks the same against the base model merged with the saved
 adapter by PEFT itself: the engine must hold the merged weights (host/lora_sync.py).
 
 This file is also the child process's entry point: it drives the CLI's own functions
@@ -60,6 +60,8 @@ def tsdkd_args(student, teacher, prompts, out_dir, placement):
 
 
 LORA_ARGS = ["--ds.lora.rank", "8", "--ds.lora.alpha", "16", "--actor.adam.lr", "1e-2"]
+# The LoRA recipe's layout: ZeRO-3 shards the frozen base too, so the merge gathers base + adapters.
+ZERO3_ARGS = ["--ds.zero_stage", "3"]
 
 
 def merge_adapter(base_model: str, adapter_dir: str, out_dir: str) -> str:
@@ -102,8 +104,8 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     ray.shutdown()
 
 
-@pytest.mark.parametrize("placement, lora", [("separate", False), ("colocate", False), ("separate", True)],
-                         ids=["separate", "colocate", "separate-lora"])
+@pytest.mark.parametrize("placement, lora", [("separate", False), ("colocate", False), ("separate", "zero3")],
+                         ids=["separate", "colocate", "separate-lora-zero3"])
 def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, lora, toy_student_dir, toy_teacher_dir,
                                             arith_data_dir):
     from safetensors.torch import load_file
@@ -112,7 +114,7 @@ def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, lora, toy_stude
     from tsdkd_plugin.testing import log_tail, max_abs_diff, run_child, tensorboard_scalars
 
     argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", tmp_path, placement)
-    argv += LORA_ARGS if lora else []
+    argv += (LORA_ARGS + ZERO3_ARGS) if lora == "zero3" else []
     probe_file, log_file = tmp_path / "probe.json", tmp_path / "train_tsdkd.log"
     ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
     env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
