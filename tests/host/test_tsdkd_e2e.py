@@ -11,8 +11,9 @@ Checked afterwards:
   differ from the initial model's;
 - a DeepSpeed checkpoint was written at each step and the final HF model loads.
 
-The LoRA case (`--ds.lora.rank 8` under ZeRO-3, as the LoRA recipe) checks the same against the base model merged with the saved
-adapter by PEFT itself: the engine must hold the merged weights (host/lora_sync.py).
+The LoRA case (`--ds.lora.rank 8` under ZeRO-3, the LoRA recipe's layout) checks the same against
+the base model merged with the saved adapter by PEFT itself: the engine must hold the merged
+weights (host/lora_sync.py).
 
 This file is also the child process's entry point: it drives the CLI's own functions
 (parse_args -> preflight -> init_ray -> launch -> fit -> save), then probes the engine.
