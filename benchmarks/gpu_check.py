@@ -376,6 +376,47 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
     return out
 
 
+# ----------------------------------------------------------------------------- 5. LoRA merge
+
+
+def lora_merge(device):
+    """The merged weights a LoRA student sends to vLLM (host/lora_sync.py), in bf16 on the device,
+    against PEFT's own merge_and_unload; the PEFT model must be left bit-identical."""
+    import copy
+
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tsdkd_plugin.host.lora_sync import merged_lora_parameters
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    base = Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=64, lora_alpha=128,
+                                            target_modules="all-linear", bias="none"))  # fmt: skip
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = dict(copy.deepcopy(model).merge_and_unload().named_parameters(remove_duplicate=False))
+    sync(device)
+    start = time.perf_counter()
+    sent = dict(merged_lora_parameters(model, remove_duplicate=False))
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {
+        "same_names": set(sent) == set(expected),
+        "max_abs_diff_vs_peft_merge": max(float((sent[k].float() - expected[k].float()).abs().max()) for k in sent),
+        "peft_model_unchanged": all(torch.equal(p, before[n]) for n, p in model.named_parameters()),
+        # 1 ulp of bf16 at the weights' magnitude: PEFT adds the delta in place, we add it to a copy
+        "max_abs_weight": max(float(t.float().abs().max()) for t in expected.values()),
+        "seconds": seconds,
+        "dtype": str(next(iter(sent.values())).dtype),
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -415,6 +456,10 @@ def markdown(report):
     for key, value in t.items():
         if key not in ("attention", "layers", "hidden", "batch", "tokens"):
             lines.append(f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}")
+    lora = report.get("lora_merge")
+    if lora:
+        lines += ["", "## 5. LoRA merge for the vLLM sync (Qwen2 architecture, 4 layers, rank 64, all linear, bf16)", ""]
+        lines += [f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in lora.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -447,6 +492,7 @@ def main():
         ("gradcheck", lambda: gradcheck(device)),
         ("memory_time", lambda: memory_time(device, vocab, hidden, sizes, repeats=3)),
         ("teacher_scoring", lambda: teacher_scoring(device, vocab, t_hidden, t_layers, t_batch, t_prompt, t_resp, 4)),
+        ("lora_merge", lambda: lora_merge(device)),
     ]
     for key, step in steps:
         start = time.perf_counter()
