@@ -70,7 +70,8 @@ def merged_weight(layer, base_weight: torch.Tensor, gather: Gather = no_gather) 
     with torch.no_grad(), gather([base_weight, *_adapter_parameters(layer, adapters)]):
         merged = base_weight.detach().clone()
         for adapter in adapters:
-            merged += layer.get_delta_weight(adapter).to(merged.dtype)
+            # in place, as PEFT's merge: a float32 delta (PEFT's CPU path for bf16) is rounded once, with the sum
+            merged += layer.get_delta_weight(adapter)
     return merged
 
 
