@@ -31,15 +31,33 @@ def log_tail(log_file: Path, lines: int = 60) -> str:
 
 
 def tensorboard_scalars(tb_dir: Path) -> Dict[str, Dict[int, float]]:
-    """{tag: {step: value}} from the (single) TensorBoard run under tb_dir."""
+    """{tag: {step: value}} over every TensorBoard event file under tb_dir, oldest first, so a
+    resumed run's new file overrides the steps it repeats."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    runs = sorted({p.parent for p in Path(tb_dir).rglob("events.out.tfevents.*")})
-    if not runs:
+    event_files = sorted(Path(tb_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    if not event_files:
         raise FileNotFoundError(f"no TensorBoard event file under {tb_dir}")
-    accumulator = EventAccumulator(str(runs[0]))
-    accumulator.Reload()
-    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+    scalars: Dict[str, Dict[int, float]] = {}
+    for event_file in event_files:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+    return scalars
+
+
+def tree_digest(path: Path) -> Dict[str, str]:
+    """{relative path: sha256} of every file under path (bytecode caches left out), so two trees
+    compare byte for byte and a failed comparison shows which files differ."""
+    import hashlib
+
+    path = Path(path)
+    return {
+        p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def probe_token_ids(tokenizer) -> List[int]:

@@ -6,7 +6,6 @@ from the wheel file named by $TSDKD_OPENRLHF_WHEEL when there is no index to dow
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -16,6 +15,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tsdkd_plugin.testing import tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 APPLY = ROOT / "scripts" / "apply_patches.sh"
@@ -57,14 +58,6 @@ def pristine_site(openrlhf_wheel, tmp_path) -> Path:
 
 def run_apply(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(APPLY), *args], capture_output=True, text=True, timeout=120)
-
-
-def tree_digest(package_dir: Path) -> dict:
-    return {
-        str(p.relative_to(package_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(package_dir.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
 
 
 def test_patch_applies_to_pristine_release_idempotently_and_reverts(pristine_site):

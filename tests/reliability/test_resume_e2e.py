@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pytest
 
+from tsdkd_plugin.testing import tensorboard_scalars
+
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 540
@@ -135,19 +137,6 @@ def wait_for_latest(ckpt_dir: Path, tag: str, launch: Launch, timeout: float) ->
     raise AssertionError(f"no {tag} checkpoint within {timeout}s:\n{launch.tail()}")
 
 
-def all_scalars(tb_dir: Path):
-    """{tag: {step: value}} over every event file under tb_dir (a resumed run appends a new file)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars = {}
-    for event_file in sorted(Path(tb_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        accumulator = EventAccumulator(str(event_file))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
-    return scalars
-
-
 def model_weights(tag_dir: Path):
     import torch
 
@@ -208,7 +197,7 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
     log_resumed = run_resumed.log_file.read_text(errors="replace")
     assert code_resumed == 0, f"resumed run failed (exit {code_resumed}):\n{run_resumed.tail()}"
     assert "Global step 1:" not in log_resumed and "Global step 3:" in log_resumed, run_resumed.tail()
-    scalars_a, scalars_b = all_scalars(dir_a / "tb"), all_scalars(dir_b / "tb")
+    scalars_a, scalars_b = tensorboard_scalars(dir_a / "tb"), tensorboard_scalars(dir_b / "tb")
     assert set(scalars_a["train/policy_loss"]) == {1, 2, 3}, scalars_a["train/policy_loss"]
     assert {3, 4} <= set(scalars_b["train/policy_loss"]), scalars_b["train/policy_loss"]
     for tag in ("train/rollout/reward_mean", "train/rollout/response_length_mean"):  # same prompts, same samples
@@ -293,6 +282,6 @@ def test_hung_teacher_and_repeated_nan_steps_stop_with_the_checkpoint_intact(tmp
     assert "--ckpt.load_enable to resume from global_step2" in error_d, error_d
     ckpt_d = dir_d / "ckpt" / "_actor"
     assert (ckpt_d / "latest").read_text() == "global_step2" and checkpoint_problem(str(ckpt_d)) is None
-    scalars_d = all_scalars(dir_d / "tb")
+    scalars_d = tensorboard_scalars(dir_d / "tb")
     assert scalars_d["train/tsdkd/nonfinite_skipped"][1] == 0.0 and scalars_d["train/tsdkd/nonfinite_skipped"][2] == 1.0
     assert all(torch.isfinite(w.float()).all() for w in model_weights(ckpt_d / "global_step2").values())

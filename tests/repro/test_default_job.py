@@ -1,13 +1,13 @@
 """The main job's budgets, input checks, cache refusal, flags and log handling (no training here;
 the end-to-end smoke run is in test_smoke_job.py)."""
 
-import hashlib
 import json
 import shutil
 import sys
 
 import pytest
 
+from tsdkd_plugin.testing import tree_digest
 from tsdkd_plugin.toy import default_job
 from tsdkd_plugin.toy.cache import MARKER_FILE
 from tsdkd_plugin.toy.default_job import (
@@ -21,14 +21,6 @@ from tsdkd_plugin.toy.default_job import (
     training_curve,
     tsdkd_flags,
 )
-
-
-def _tree_digest(path):
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))
@@ -82,14 +74,14 @@ def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_pat
     vocab = data["model"]["vocab"]
     vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
     tokenizer_json.write_text(json.dumps(data))
-    before = _tree_digest(entry)
+    before = tree_digest(entry)
 
     status = default_job.main(["--budget", "smoke", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)])
     err = capsys.readouterr().err
     assert status == 2
     assert f"refusing the cached teacher at {entry}" in err and "tokenizer does not match" in err
     assert "left untouched" in err and "Traceback" not in err
-    assert _tree_digest(entry) == before
+    assert tree_digest(entry) == before
 
 
 def test_tsdkd_flags_parse_with_the_real_cli(tmp_path, toy_teacher_dir, toy_student_dir, arith_data_dir):

@@ -1,21 +1,12 @@
 """The fixture cache: keyed by recipe, deterministic, never overwritten, written atomically."""
 
-import hashlib
 import os
 
 import pytest
 
+from tsdkd_plugin.testing import tree_digest
 from tsdkd_plugin.toy import cache
 from tsdkd_plugin.toy.models import STUDENT_RECIPE
-
-
-def _tree_digest(path):
-    """sha256 of every file's name and bytes, so two builds can be compared byte for byte."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def test_builds_are_deterministic(tmp_path, toy_tokenizer_dir, toy_student_dir):
@@ -24,8 +15,8 @@ def test_builds_are_deterministic(tmp_path, toy_tokenizer_dir, toy_student_dir):
     fresh_student = cache.toy_model_dir(STUDENT_RECIPE, tmp_path)
     assert fresh_tokenizer.name == toy_tokenizer_dir.name
     assert fresh_student.name == toy_student_dir.name
-    assert _tree_digest(fresh_tokenizer) == _tree_digest(toy_tokenizer_dir)
-    assert _tree_digest(fresh_student) == _tree_digest(toy_student_dir)
+    assert tree_digest(fresh_tokenizer) == tree_digest(toy_tokenizer_dir)
+    assert tree_digest(fresh_student) == tree_digest(toy_student_dir)
 
 
 def test_key_follows_recipe():
