@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 from tsdkd_plugin.toy import arith_task
 from tsdkd_plugin.toy.default_job import (
     BUDGETS,
+    TOY_DS_FLAGS,
     Budget,
     CommandResult,
     JobError,
@@ -337,9 +338,7 @@ def run_dpo(seed: int, ctx: RunContext, stage_dir: Path) -> tuple[Path, CommandR
         "--adam.lr", str(d.lr),
         "--lr_scheduler", d.lr_scheduler,
         "--lr_warmup_ratio", str(d.warmup_ratio),
-        "--ds.zero_stage", "0",
-        "--ds.param_dtype", "fp32",
-        "--ds.attn_implementation", "sdpa",
+        *TOY_DS_FLAGS,
         "--ckpt.output_dir", str(output_dir),
         "--ckpt.path", str(stage_dir / "ds-ckpt"),
         "--logger.logging_steps", "10",

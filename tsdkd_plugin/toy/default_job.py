@@ -409,6 +409,11 @@ def write_task_data(out_dir: Path, difficulty: str, n_train: int, n_val: int, n_
     )
 
 
+# DeepSpeed settings of every toy training command (SFT, DPO, GRPO, TSD-KD): one CPU process
+# (nothing to shard), fp32 (bf16 matmuls are slow on most CPUs), PyTorch attention.
+TOY_DS_FLAGS = ("--ds.zero_stage", "0", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa")
+
+
 # --------------------------------------------------------------------------- teacher and student (cached)
 
 # Libraries whose versions decide what a training run produces from the same recipe.
@@ -469,9 +474,7 @@ def sft_flags(recipe: SFTRecipe, model_dir: Path, data_file: Path, output_dir: P
         "--lr_scheduler", recipe.lr_scheduler,
         "--lr_warmup_ratio", str(recipe.warmup_ratio),
         "--min_lr_ratio", str(recipe.min_lr_ratio),
-        "--ds.zero_stage", "0",
-        "--ds.param_dtype", "fp32",
-        "--ds.attn_implementation", "sdpa",
+        *TOY_DS_FLAGS,
         "--ckpt.output_dir", str(output_dir),
         # DeepSpeed checkpoints (none are written without --ckpt.save_steps) stay out of the cache.
         "--ckpt.path", str(ds_ckpt_dir),
@@ -578,9 +581,7 @@ def distill_flags(
         "--actor.num_gpus_per_node", "1",
         "--vllm.num_engines", "1",
         "--vllm.tensor_parallel_size", "1",
-        "--ds.zero_stage", "0",
-        "--ds.param_dtype", "fp32",
-        "--ds.attn_implementation", "sdpa",
+        *TOY_DS_FLAGS,
         "--ckpt.output_dir", str(output_dir),
         "--ckpt.path", str(output_dir.parent / "ds-ckpt"),
         "--ckpt.save_steps", "-1",

@@ -27,6 +27,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _write_text_atomic(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -76,10 +83,7 @@ def plot_job_accuracy(evaluations: Mapping[str, Mapping], path: Path, title: str
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_training_curve(curve: Sequence[Mapping], path: Path, title: str) -> Path | None:
@@ -99,10 +103,7 @@ def plot_training_curve(curve: Sequence[Mapping], path: Path, title: str) -> Pat
         ax.set_title("sample accuracy (verifier)" if key == "reward" else key.replace("tsdkd/", ""), fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def job_markdown(results: Mapping, plot_name: str, curve_name: str | None) -> str:
@@ -242,10 +243,7 @@ def plot_comparison(summary: Mapping[str, Mapping], references: Mapping[str, flo
     if references:
         ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def comparison_markdown(comparison: Mapping, summary: Mapping[str, Mapping], plot_name: str) -> str:
