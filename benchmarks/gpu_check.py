@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from loss_bench import naive_tsdkd  # noqa: E402
+from loss_bench import make_inputs, naive_tsdkd  # noqa: E402
 from tsdkd_plugin.host.model_io import response_hidden_states  # noqa: E402
 from tsdkd_plugin.objective import chunking  # noqa: E402
 from tsdkd_plugin.objective import (  # noqa: E402
@@ -50,7 +50,6 @@ from tsdkd_plugin.objective import (  # noqa: E402
     tsdkd_loss_fused,
 )
 
-SEQ_LEN = 512
 
 
 def sync(device):
@@ -58,20 +57,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def randn(seed, *shape, scale=1.0, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator).mul_(scale).to(device)
-
-
 def inputs(num_tokens, vocab, hidden, device):
-    batch = num_tokens // SEQ_LEN
-    return {
-        "h": randn(2, batch, SEQ_LEN, hidden, device=device),
-        "w": randn(1, vocab, hidden, scale=0.03, device=device),
-        "th": randn(4, batch, SEQ_LEN, hidden, device=device),
-        "tw": randn(3, vocab, hidden, scale=0.04, device=device),
-        "mask": torch.ones(batch, SEQ_LEN, device=device),
-    }
+    """loss_bench's deterministic inputs (same seeds and scales), moved to the device."""
+    x = make_inputs(num_tokens, vocab, hidden, teacher=True)
+    short = {"student_hidden": "h", "student_weight": "w", "teacher_hidden": "th", "teacher_weight": "tw",
+             "mask": "mask"}  # fmt: skip
+    return {name: x[key].to(device) for key, name in short.items()}
 
 
 def student_candidates(h, w, k, chunk=1024):
