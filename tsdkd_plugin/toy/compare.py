@@ -385,8 +385,9 @@ def write_report(options, budget: Budget, references: Mapping, results_dir: Path
 
     finished = [r for r in load_finished_runs(results_dir) if r["method"] in methods and r["seed"] in options.seed_list]
     # Only runs that got the whole budget are results; the others are listed with the reason.
-    runs = [r for r in finished if not budget_shortfall(r)]
-    short = {(r["method"], r["seed"]): budget_shortfall(r) for r in finished if budget_shortfall(r)}
+    shortfall = {(r["method"], r["seed"]): budget_shortfall(r) for r in finished}
+    runs = [r for r in finished if not shortfall[(r["method"], r["seed"])]]
+    short = {key: why for key, why in shortfall.items() if why}
     done = {(r["method"], r["seed"]) for r in runs}
     missing = []
     for seed in options.seed_list:
