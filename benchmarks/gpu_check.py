@@ -211,6 +211,10 @@ def gradcheck(device):
 # ----------------------------------------------------------------------------- 3. memory / time
 
 
+# the fused path as it was before fp32 logits from bf16 operands (bf16 logits, then upcast)
+BF16_LOGITS_BEFORE = "fused bf16 dense, bf16-rounded logits (before)"
+
+
 def one_step(name, x, vocab, cfg, device):
     if name == "naive fp32":
         h = leaf(x["h"])
@@ -218,11 +222,12 @@ def one_step(name, x, vocab, cfg, device):
         with torch.no_grad():
             t_logits = x["th"] @ x["tw"].t()
         loss = naive_tsdkd(h @ w.t(), t_logits, cfg)
-    elif name == "fused bf16 dense":
+    elif name in ("fused bf16 dense", BF16_LOGITS_BEFORE):
         h = leaf(x["h"], torch.bfloat16)
         w = leaf(x["w"], torch.bfloat16)
         teacher = TeacherSignals(hidden=x["th"].bfloat16(), lm_head_weight=x["tw"].bfloat16())
-        loss, _ = tsdkd_loss_fused(h, w, teacher, x["mask"], cfg, shared_vocab_size=vocab)
+        with fp32_logits_from_low_precision(name != BF16_LOGITS_BEFORE):
+            loss, _ = tsdkd_loss_fused(h, w, teacher, x["mask"], cfg, shared_vocab_size=vocab)
     elif name == "fused bf16 sparse":
         h = leaf(x["h"], torch.bfloat16)
         w = leaf(x["w"], torch.bfloat16)
@@ -245,7 +250,7 @@ def memory_time(device, vocab, hidden, sizes, repeats):
                 candidate_ids=student_candidates(h16, w16, cfg.num_candidates),
             )  # fmt: skip
             del h16, w16
-        for name in ("naive fp32", "fused bf16 dense", "fused bf16 sparse"):
+        for name in ("naive fp32", "fused bf16 dense", BF16_LOGITS_BEFORE, "fused bf16 sparse"):
             row = {"tokens": n, "path": name}
             try:
                 one_step(name, x, vocab, cfg, device)  # warm-up (allocator, kernels)
