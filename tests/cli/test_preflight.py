@@ -100,6 +100,9 @@ def test_dataset_with_a_broken_line(launch_argv, tmp_path, capsys):
         (["--vllm.num_engines", "0"], "--vllm.num_engines must be >= 1"),
         (["--ds.lora.rank", "8", "--ds.tensor_parallel_size", "2"], "with --ds.tensor_parallel_size > 1 is not supported"),
         (["--ds.lora.rank", "8", "--ds.load_in_4bit"], "(QLoRA) is not supported by TSD-KD"),
+        (["--ds.lora.rank", "-8"], "--ds.lora.rank must be >= 0"),
+        (["--ds.lora.rank", "8", "--ds.lora.alpha", "0"], "--ds.lora.alpha must be > 0"),
+        (["--ds.lora.rank", "8", "--ds.lora.dropout", "1"], "--ds.lora.dropout must be in [0, 1)"),
     ],
 )
 def test_out_of_range_options(launch_argv, capsys, flags, expected):

@@ -420,6 +420,12 @@ def check_objective_vs_rollout(args: SimpleNamespace, config: TSDKDConfig) -> No
         raise ArgumentError("--vllm.num_engines must be >= 1: TSD-KD samples the student's candidates with vLLM")
     if args.train.dynamic_batch_enable:
         raise ArgumentError("--train.dynamic_batch_enable is not supported by TSD-KD yet (teacher signals are batched per micro-batch)")
+    if args.ds.lora.rank < 0:
+        raise ArgumentError(f"--ds.lora.rank must be >= 0 (0: train full weights), got {args.ds.lora.rank}")
+    if args.ds.lora.rank > 0 and not args.ds.lora.alpha > 0:
+        raise ArgumentError(f"--ds.lora.alpha must be > 0 with --ds.lora.rank > 0, got {args.ds.lora.alpha}")
+    if args.ds.lora.rank > 0 and not 0.0 <= args.ds.lora.dropout < 1.0:
+        raise ArgumentError(f"--ds.lora.dropout must be in [0, 1), got {args.ds.lora.dropout}")
     if args.ds.lora.rank > 0 and args.ds.tensor_parallel_size > 1:
         raise ArgumentError(
             "--ds.lora.rank > 0 with --ds.tensor_parallel_size > 1 is not supported by TSD-KD: the merged LoRA "
