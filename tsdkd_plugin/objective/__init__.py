@@ -16,6 +16,7 @@ Modules, one concern each:
     loss.py           tsdkd_loss / tsdkd_loss_fused: call-time validation + autograd wrappers
 """
 
+from .chunking import IDENTITY_HEAD, OutputHead
 from .config import TSDKDConfig
 from .engine import METRIC_KEYS
 from .entropy import entropy_selection
@@ -26,6 +27,8 @@ from .selective_jsd import entropy_gate, generalized_jsd_dense, generalized_jsd_
 from .transport import TeacherSignals, check_shared_vocab, teacher_signals_from_hidden, teacher_signals_from_logits
 
 __all__ = [
+    "IDENTITY_HEAD",
+    "OutputHead",
     "METRIC_KEYS",
     "NonFiniteInputError",
     "TSDKDConfig",

@@ -21,9 +21,52 @@ LongTensor of positions in it (the correction pass works on a subset).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 Index = slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """What a model family does to `hidden @ W.T` before its logits are returned.
+
+        logits = softcap(scale * (hidden @ W.T)),   softcap(z) = cap * tanh(z / cap)  (when `softcap` is set)
+
+    Qwen2 / Qwen2.5 / Qwen3 / Llama: the identity (the default). Gemma-2: softcap =
+    config.final_logit_softcapping (30.0). Other families scale their logits (Cohere's
+    `logit_scale`, Granite's `1 / logits_scaling`). Hidden states that are turned into logits
+    by hand must go through the same head, or every distribution built from them is wrong.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"OutputHead.scale must be a finite real > 0, got {self.scale!r}")
+        if self.softcap is not None and (
+            not isinstance(self.softcap, (int, float)) or isinstance(self.softcap, bool)
+            or not math.isfinite(self.softcap) or self.softcap <= 0
+        ):
+            raise ValueError(f"OutputHead.softcap must be None or a finite real > 0, got {self.softcap!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits <- head(logits) in place (logits are the raw `hidden @ W.T`); returns logits."""
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+
+IDENTITY_HEAD = OutputHead()
 
 
 class LogitsRows:
@@ -47,7 +90,7 @@ _MM_WITH_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
 class HiddenRows:
-    """Logits computed as hidden[index] @ weight[:shared].T (hidden already restricted to valid tokens).
+    """Logits computed as head(hidden[index] @ weight[:shared].T) (hidden already restricted to valid tokens).
 
     With bf16/fp16 operands on CUDA the logits come out of the matmul in fp32 (its accumulator's
     precision): rounding 152k logits of magnitude ~10-30 to bf16 (steps of 0.06-0.125) would
@@ -55,10 +98,13 @@ class HiddenRows:
     Elsewhere (CPU) the matmul runs in the operands' dtype and the result is upcast.
     """
 
-    def __init__(self, hidden_rows: torch.Tensor, weight: torch.Tensor, shared: int) -> None:
+    def __init__(
+        self, hidden_rows: torch.Tensor, weight: torch.Tensor, shared: int, head: OutputHead = IDENTITY_HEAD
+    ) -> None:
         self.hidden = hidden_rows
         self.weight = weight[:shared]
         self.shared = shared
+        self.head = head
 
     def fill(self, index: Index, out: torch.Tensor) -> None:
         rows = self.hidden[index]
@@ -68,6 +114,7 @@ class HiddenRows:
             out.copy_(torch.mm(rows, self.weight.t(), out_dtype=torch.float32))
         else:  # bf16/fp16 matmul like the model's own lm_head, then upcast
             out.copy_(rows @ self.weight.t())
+        self.head.apply_(out)
 
 
 class StudentLogits(LogitsRows):

@@ -171,7 +171,7 @@ def _prepare(
         _check_tensor("teacher.lm_head_weight", teacher.lm_head_weight, (None, hidden_size), device, floating=True)
         if teacher.hidden.dtype != teacher.lm_head_weight.dtype:
             raise ValueError("teacher.hidden and teacher.lm_head_weight must have the same dtype")
-        view.rows = HiddenRows(rows_of(teacher.hidden), teacher.lm_head_weight, shared)
+        view.rows = HiddenRows(rows_of(teacher.hidden), teacher.lm_head_weight, shared, teacher.output_head)
     else:
         if teacher.temperature != config.temperature:
             raise ValueError(

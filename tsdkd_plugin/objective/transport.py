@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .chunking import HiddenRows, LogitsRows
+from .chunking import IDENTITY_HEAD, HiddenRows, LogitsRows, OutputHead
 from .config import TSDKDConfig
 from .entropy import entropy_from_logprobs
 from .errors import NonFiniteInputError
@@ -47,6 +47,9 @@ class TeacherSignals:
     """[B, T, Ht] teacher final hidden states (after the final norm)."""
     lm_head_weight: torch.Tensor | None = None
     """[Vt, Ht] teacher output embedding."""
+    output_head: OutputHead = IDENTITY_HEAD
+    """What the teacher's family does after `hidden @ lm_head_weight.T` (e.g. Gemma-2's logit
+    softcapping); used with `hidden` only."""
 
     # -- sparse (teacher remote) --
     topk_logprobs: torch.Tensor | None = None
@@ -255,9 +258,11 @@ def teacher_signals_from_hidden(
     shared_vocab_size: int,
     candidate_ids: torch.Tensor | None = None,
     sampled_ids: torch.Tensor | None = None,
+    output_head: OutputHead = IDENTITY_HEAD,
 ) -> TeacherSignals:
     """Same as teacher_signals_from_logits, from hidden states [B, T, H] and lm_head
-    weight [Vt, H]; logits exist only for config.chunk_size tokens at a time."""
+    weight [Vt, H]; logits = output_head(hidden @ W.T) exist only for config.chunk_size
+    tokens at a time."""
     if teacher_hidden.dim() != 3 or teacher_lm_head_weight.dim() != 2:
         raise ValueError("teacher_hidden must be [B, T, H] and teacher_lm_head_weight [V, H]")
     if teacher_hidden.shape[-1] != teacher_lm_head_weight.shape[-1]:
@@ -269,7 +274,7 @@ def teacher_signals_from_hidden(
     shared = check_shared_vocab(shared_vocab_size, None, teacher_lm_head_weight.shape[0])
     positions = mask.reshape(-1).nonzero().squeeze(1)
     hidden_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).index_select(0, positions)
-    source = HiddenRows(hidden_rows, teacher_lm_head_weight, shared)
+    source = HiddenRows(hidden_rows, teacher_lm_head_weight, shared, output_head)
     return _teacher_signals(
         source, tuple(teacher_hidden.shape[:2]), teacher_hidden.device, config, mask,
         shared, candidate_ids, sampled_ids, "teacher hidden states / lm_head_weight",
