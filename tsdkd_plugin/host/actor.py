@@ -249,6 +249,11 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         }
 
 
+def actor_trainer_factory(tsdkd_options: Dict):
+    """What upstream's `init_model_from_pretrained` calls in place of `ActorPPOTrainer(...)`."""
+    return functools.partial(TSDKDActorTrainer, tsdkd_options=tsdkd_options)
+
+
 class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
     """Policy actor with the TSD-KD trainer, student candidates, and an optional in-process teacher."""
 
@@ -258,8 +263,7 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
         self.tsdkd_options = dict(tsdkd_options)
         self.colocated_teacher = None
         teacher_path = self.tsdkd_options.get("colocated_teacher_path")
-        factory = functools.partial(TSDKDActorTrainer, tsdkd_options=self.tsdkd_options)
-        with _actor_trainer_class(factory):
+        with _actor_trainer_class(actor_trainer_factory(self.tsdkd_options)):
             super().init_model_from_pretrained(strategy, pretrain, max_steps=max_steps, vllm_engines=vllm_engines)
         if teacher_path:
             # The dense transport: the teacher lives beside the student and its full logits
