@@ -58,8 +58,8 @@ def vllm_engine_arguments(args: SimpleNamespace, shared_pg) -> Dict[str, Any]:
         logprobs_mode=None,
         agent_func_path=args.train.agent_func_path,
         remote_rm_url=args.reward.remote_url,
-        # The engine samples from the same numerics the actor trains in (fp32 on CPU runs).
-        dtype="float32" if args.ds.param_dtype == "fp32" else "bfloat16",
+        # No dtype: stock OpenRLHF creates its engines in bf16. In CPU mode the engines follow
+        # --ds.param_dtype through the environment (host/device.py, CPU_VLLM_DTYPE_VAR).
     )
 
 
