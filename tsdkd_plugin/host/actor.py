@@ -38,7 +38,7 @@ from tsdkd_plugin.host.checkpoint import (
 )
 from tsdkd_plugin.host.device import current_device, ema_device
 from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
-from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
 from tsdkd_plugin.host.teacher import (
     action_logits,
     in_vocab_action_mask,
@@ -185,7 +185,8 @@ class TSDKDActorTrainer(ActorPPOTrainer):
                 if poison_teacher:
                     hidden = torch.full_like(hidden, float("nan"))
                 with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
-                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight)
+                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight,
+                                             output_head=output_head_of(self.colocated_teacher))
                     loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
             else:
                 teacher = sparse_teacher_signals(poison_with_nan(signals) if poison_teacher else signals,

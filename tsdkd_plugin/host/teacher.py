@@ -23,7 +23,7 @@ from openrlhf.utils.deepspeed import DeepspeedStrategy
 
 from tsdkd_plugin.host.device import current_device
 from tsdkd_plugin.host.faults import inject_teacher_forward_fault
-from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_hidden
 
 
@@ -101,6 +101,7 @@ def score_samples(
             shared_vocab_size=shared_vocab_size,
             candidate_ids=None if candidate_ids is None else candidate_ids.to(device),
             sampled_ids=sequences[:, -num_actions:].masked_fill(~mask, 0),
+            output_head=output_head_of(model),  # e.g. Gemma-2's logit softcapping
         )
     return {name: tensor.to("cpu") for name, tensor in signals.tensors().items()}
 
