@@ -141,7 +141,9 @@ def attributes_assigned_on_self(source: str) -> Set[str]:
     }
 
 
-def what_only_the_patch_adds(patch_text: str, pristine_site: Path, patched_site: Path) -> Tuple[Dict[str, str], Dict[str, Tuple[str, str]]]:
+def what_only_the_patch_adds(
+    patch_text: str, pristine_site: Path, patched_site: Path
+) -> Tuple[Dict[str, str], Dict[str, Tuple[str, str]]]:
     """({module: what}, {member name: (module, what)}): modules the patch creates, and the
     functions, methods and `self.` attributes it adds to existing upstream modules."""
     modules: Dict[str, str] = {}
@@ -243,7 +245,9 @@ def trees(tmp_path_factory) -> Dict[str, Path]:
                 assert not (pristine / path).exists(), f"reversing {candidate.name} left {path} behind"
             break
     record = wheel_record(dist_info)
-    differing = sorted(p for p, digest in record.items() if not (pristine / p).is_file() or sha256_b64(pristine / p) != digest)
+    differing = sorted(
+        p for p, digest in record.items() if not (pristine / p).is_file() or sha256_b64(pristine / p) != digest
+    )
     extra = sorted(
         p.relative_to(pristine).as_posix() for p in (pristine / "openrlhf").rglob("*")
         if p.is_file() and p.relative_to(pristine).as_posix() not in record

@@ -115,7 +115,9 @@ def policy_init_arguments(
     )
 
 
-def teacher_init_arguments(args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int, strategy) -> Dict[str, Any]:
+def teacher_init_arguments(
+    args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int, strategy
+) -> Dict[str, Any]:
     """Keyword arguments of each teacher actor's `init_model_from_pretrained`."""
     return dict(
         strategy=strategy,
