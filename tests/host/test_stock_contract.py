@@ -331,6 +331,26 @@ def test_plugin_overrides_stay_compatible_with_pristine(probe):
     assert not probe["override_errors"], "\n".join(probe["override_errors"])
 
 
+def test_override_rule_rejects_what_would_break_an_upstream_call():
+    import inspect
+
+    def sig(text):
+        namespace = {}
+        exec(f"def f{text}: pass", namespace)
+        return inspect.signature(namespace["f"])
+
+    ok = [("(self, a, b=1)", "(self, a, b=1, extra=None)"), ("(self, *args, **kwargs)", "(self, x, y)"),
+          ("(self, a)", "(self, *args, **kwargs)"), ("(self, a, b=1)", "(self, a, b=2)")]  # fmt: skip
+    bad = [("(self, a, *, b=1)", "(self, a)", "keyword 'b'"), ("(self, a, b=1)", "(self, a)", "parameter 'b'"),
+           ("(self, a)", "(self, x)", "positional parameter 1"), ("(self, a)", "(self, a, extra)", "requires 'extra'"),
+           ("(self, a, **kw)", "(self, a)", "**kwargs"),
+           ("(self, a, b=1)", "(self, a, b)", "requires 'b'")]  # fmt: skip
+    for upstream, override in ok:
+        assert _override_problem(sig(upstream), sig(override)) is None, (upstream, override)
+    for upstream, override, why in bad:
+        assert why in (_override_problem(sig(upstream), sig(override)) or ""), (upstream, override)
+
+
 def test_plugin_host_modules_import_against_pristine(probe):
     """(c)"""
     assert len(probe["imported"]) >= 10, probe["imported"]
@@ -592,12 +612,14 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
                  **plugin_launch.teacher_init_arguments(args, config, shared_vocab_size, strategy))  # fmt: skip
 
     # Overrides and super() calls of every plugin class built on an upstream class.
+    seen = set()
     for module_name_ in out["imported"]:
         module = sys.modules[module_name_]
         for obj in list(vars(module).values()):
-            cls = getattr(obj, "__ray_actor_class__", obj)
-            if not inspect.isclass(cls) or cls.__module__ != module_name_:
+            cls = getattr(obj, "__ray_actor_class__", obj)  # X and ray.remote(X) are one class
+            if not inspect.isclass(cls) or cls.__module__ != module_name_ or cls in seen:
                 continue
+            seen.add(cls)
             if not any(base.__module__.startswith("openrlhf.") for base in cls.__mro__[1:]):
                 continue
             for name, member in vars(cls).items():
