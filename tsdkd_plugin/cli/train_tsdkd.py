@@ -82,13 +82,16 @@ def preflight(args, config) -> int:
 def init_ray(args) -> None:
     import ray
 
-    from tsdkd_plugin.host.device import cpu_mode, init_local_ray_cluster
+    from tsdkd_plugin.host.device import apply_cpu_mode_env, cpu_mode, init_local_ray_cluster
     from tsdkd_plugin.host.preflight import required_gpus
 
+    if cpu_mode():
+        # The vLLM engines are created in this process; in CPU mode their dtype follows the actor's.
+        apply_cpu_mode_env(param_dtype=args.ds.param_dtype)
     if ray.is_initialized():
         return
     if cpu_mode() and not os.environ.get("RAY_ADDRESS"):
-        init_local_ray_cluster(num_gpus=required_gpus(args)["total"])
+        init_local_ray_cluster(num_gpus=required_gpus(args)["total"], param_dtype=args.ds.param_dtype)
         return
     ray.init(
         runtime_env={

@@ -38,7 +38,7 @@ from tsdkd_plugin.host.checkpoint import (
 )
 from tsdkd_plugin.host.device import current_device, ema_device
 from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
-from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
 from tsdkd_plugin.host.teacher import (
     action_logits,
     in_vocab_action_mask,
@@ -185,7 +185,8 @@ class TSDKDActorTrainer(ActorPPOTrainer):
                 if poison_teacher:
                     hidden = torch.full_like(hidden, float("nan"))
                 with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
-                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight)
+                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight,
+                                             output_head=output_head_of(self.colocated_teacher))
                     loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
             else:
                 teacher = sparse_teacher_signals(poison_with_nan(signals) if poison_teacher else signals,
@@ -249,6 +250,11 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         }
 
 
+def actor_trainer_factory(tsdkd_options: Dict):
+    """What upstream's `init_model_from_pretrained` calls in place of `ActorPPOTrainer(...)`."""
+    return functools.partial(TSDKDActorTrainer, tsdkd_options=tsdkd_options)
+
+
 class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
     """Policy actor with the TSD-KD trainer, student candidates, and an optional in-process teacher."""
 
@@ -258,8 +264,7 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
         self.tsdkd_options = dict(tsdkd_options)
         self.colocated_teacher = None
         teacher_path = self.tsdkd_options.get("colocated_teacher_path")
-        factory = functools.partial(TSDKDActorTrainer, tsdkd_options=self.tsdkd_options)
-        with _actor_trainer_class(factory):
+        with _actor_trainer_class(actor_trainer_factory(self.tsdkd_options)):
             super().init_model_from_pretrained(strategy, pretrain, max_steps=max_steps, vllm_engines=vllm_engines)
         if teacher_path:
             # The dense transport: the teacher lives beside the student and its full logits

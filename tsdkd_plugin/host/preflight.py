@@ -51,6 +51,7 @@ def shared_vocabulary_size(student_path: str, teacher_path: str) -> int:
     """
     from transformers import AutoConfig
 
+    from tsdkd_plugin.host.model_io import output_head_problem
     from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
 
     configs = {}
@@ -63,6 +64,9 @@ def shared_vocabulary_size(student_path: str, teacher_path: str) -> int:
                 f"{option} {path!r} cannot be loaded ({type(error).__name__}: {first}); check the name or path, "
                 f"and network access (or the local cache with HF_HUB_OFFLINE=1) for hub models"
             ) from None
+        family_problem = output_head_problem(configs[option])  # logits made from hidden states: the family's head
+        if family_problem:
+            raise ArgumentError(f"{option} {path!r}: {family_problem}")
     try:
         shared = check_same_tokenizer(
             teacher_path, student_path,

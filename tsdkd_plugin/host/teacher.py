@@ -23,7 +23,7 @@ from openrlhf.utils.deepspeed import DeepspeedStrategy
 
 from tsdkd_plugin.host.device import current_device
 from tsdkd_plugin.host.faults import inject_teacher_forward_fault
-from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_hidden
 
 
@@ -48,12 +48,13 @@ def in_vocab_action_mask(sequences: torch.Tensor, action_mask: torch.Tensor, sha
     return action_mask.bool() & (sampled < shared_vocab_size)
 
 
-def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Actor:
-    """An OpenRLHF `Actor` in eval mode under DeepSpeed's inference config (temperature 1:
-    the TSD-KD temperature is applied by the objective, on raw logits)."""
+def scoring_model_arguments(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Dict:
+    """Keyword arguments of upstream `Actor` for a model that only scores (the teacher): DeepSpeed's
+    inference config, temperature 1 (the TSD-KD temperature is applied by the objective, on raw
+    logits). Also bound to the pristine `Actor` signature by tests/host/test_stock_contract.py."""
     args = strategy.args
-    model = Actor(
-        pretrain,
+    return dict(
+        pretrain_or_model=pretrain,
         attn_implementation=args.ds.attn_implementation,
         experts_implementation=args.ds.experts_implementation,
         param_dtype=args.ds.param_dtype,
@@ -62,6 +63,11 @@ def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offlo
         packing_samples=False,
         temperature=1.0,
     )
+
+
+def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Actor:
+    """An OpenRLHF `Actor` in eval mode under DeepSpeed's inference config."""
+    model = Actor(**scoring_model_arguments(strategy, pretrain, offload))
     if offload:
         model._offload = True
     model = strategy.prepare(model)
@@ -95,6 +101,7 @@ def score_samples(
             shared_vocab_size=shared_vocab_size,
             candidate_ids=None if candidate_ids is None else candidate_ids.to(device),
             sampled_ids=sequences[:, -num_actions:].masked_fill(~mask, 0),
+            output_head=output_head_of(model),  # e.g. Gemma-2's logit softcapping
         )
     return {name: tensor.to("cpu") for name, tensor in signals.tensors().items()}
 
