@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/loss_bench.py                       # V=151,936, H=1536, N in {1024, 4096}
     .venv/bin/python benchmarks/loss_bench.py --write-results       # ... and update benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/loss_bench.py --baseline-root /tmp/before --tokens 1024 --repeats 2
+        # before/after: each configuration from this checkout and from another one (e.g.
+        # `git archive <commit> | tar -x -C /tmp/before`), alternated, side by side
 
 Compared, each in a fresh subprocess (peak = ru_maxrss of that process, which
 includes the Python/torch runtime and both models' lm_head weights; the
@@ -290,10 +293,13 @@ def sparse_error(vocab: int, num_tokens: int, ks: list[int]) -> list[dict]:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_child(args, *child_args, timeout=1800) -> dict | None:
-    command = [sys.executable, __file__, *child_args, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
+def run_child(args, *child_args, timeout=1800, root: Path = ROOT) -> dict | None:
+    """Run this script's worker in a fresh process, from the checkout at `root` (its own package)."""
+    script = root / "benchmarks" / "loss_bench.py"
+    command = [sys.executable, str(script), *child_args, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     command += ["--cap-gib", str(args.cap_gib)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(result.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -330,6 +336,10 @@ def main() -> None:
     parser.add_argument("--error-ks", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--error-tokens", type=int, default=256)
     parser.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
+    parser.add_argument("--baseline-root", help="before/after mode: also run each configuration from this checkout")
+    parser.add_argument("--configs", nargs="+", default=list(COMPARED), choices=list(CONFIG_LABELS),
+                        help="configurations of the before/after mode (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="before/after mode: runs per configuration (min time)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare-sparse", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -341,6 +351,9 @@ def main() -> None:
         return
     if args.prepare_sparse:
         print(json.dumps(prepare_sparse(args.n, args.vocab, args.hidden, args.sparse_k, args.prepare_sparse)))
+        return
+    if args.baseline_root:
+        print(compare_with_baseline(args, Path(args.baseline_root).resolve()))
         return
 
     results: dict[tuple[str, int], dict | None] = {}
@@ -385,6 +398,52 @@ def main() -> None:
     print(report)
     if args.write_results:
         write_results(report)
+
+
+COMPARED = ("plain", "fused_dense", "fused_sparse", "fused_jsd")
+
+
+def compare_with_baseline(args, baseline: Path) -> str:
+    """Each configuration from the baseline checkout and from this one, alternated in one run."""
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    runs: dict[tuple[str, int, str], list[dict]] = {}
+    for n in args.tokens:
+        for name in args.configs:
+            for repeat in range(args.repeats):
+                for label, root in (("baseline", baseline), ("this", ROOT)):
+                    extra = []
+                    if name == "fused_sparse":  # each checkout builds its own signals (its wire format)
+                        path = f"/tmp/tsdkd_bench_sparse_{label}_{n}_{args.vocab}.pt"
+                        run_child(args, "--prepare-sparse", path, "--n", str(n), "--sparse-k", str(args.sparse_k),
+                                  root=root)
+                        extra = ["--sparse-path", path]
+                    log(f"{label} {name} N={n} repeat {repeat + 1} ...")
+                    res = run_child(args, "--worker", name, "--n", str(n), *extra, root=root)
+                    log(f"  {res}")
+                    if res is not None:
+                        runs.setdefault((name, n, label), []).append(res)
+    lines = [
+        f"Command: `python benchmarks/loss_bench.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Baseline: {baseline}; V = {args.vocab:,}, hidden = {args.hidden}; time = min over {args.repeats} "
+        "run(s), each in a fresh process, baseline and this checkout alternated.\n",
+        "| configuration | N | baseline s | this s | this / baseline | baseline peak GiB | this peak GiB | "
+        "baseline loss | this loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in args.tokens:
+        for name in args.configs:
+            before, after = runs.get((name, n, "baseline")), runs.get((name, n, "this"))
+            if not before or not after:
+                lines.append(f"| {CONFIG_LABELS[name]} | {n} | did not run | | | | | | |")
+                continue
+            t0, t1 = min(r["seconds"] for r in before), min(r["seconds"] for r in after)
+            lines.append(
+                f"| {CONFIG_LABELS[name]} | {n} | {t0:.1f} | {t1:.1f} | {t1 / t0:.2f} | "
+                f"{max(r['peak_gib'] for r in before):.2f} | {max(r['peak_gib'] for r in after):.2f} | "
+                f"{before[0]['loss']:.6f} | {after[0]['loss']:.6f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _extrapolate(runs: list[tuple[int, float]], n: int) -> float:

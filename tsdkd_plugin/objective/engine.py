@@ -192,20 +192,20 @@ def run_objective(
         student.fill(index, logq)
         _log_softmax_rows_(logq, tau)
         q = torch.exp(logq, out=work.get("q", c))
-        h_s = entropy_from_logprobs(logq, q)
+        grad = work.get("grad", c)
+        scratch = work.get("scratch", c)
+        h_s = entropy_from_logprobs(logq, q, scratch=scratch)
         # A NaN or +-inf anywhere in a row makes its entropy NaN (inf - inf, 0 * -inf):
         # checking [C] entropies replaces a pass over the [C, V] logits.
         bad_student |= ~torch.isfinite(h_s).all()
         student_entropy[index] = h_s
-        grad = work.get("grad", c)
-        scratch = work.get("scratch", c)
 
         if need_teacher_rows:
             logp = work.get("logp", c)
             teacher.rows.fill(index, logp)
             _log_softmax_rows_(logp, tau)
             p = torch.exp(logp, out=work.get("p", c))
-            h_t = entropy_from_logprobs(logp, p)
+            h_t = entropy_from_logprobs(logp, p, scratch=scratch)
             bad_teacher |= ~torch.isfinite(h_t).all()  # see the student's check above
             teacher_entropy[index] = h_t
 
@@ -313,8 +313,9 @@ def run_objective(
         q = torch.exp(logq, out=work.get("q", c))
         grad = work.get("grad", c).zero_()
         if correction_coef_entropy is not None:
-            h_s = entropy_from_logprobs(logq, q)
-            add_entropy_grad_(grad, logq, q, h_s, correction_coef_entropy[rows], scratch=work.get("scratch", c))
+            scratch = work.get("scratch", c)
+            h_s = entropy_from_logprobs(logq, q, scratch=scratch)
+            add_entropy_grad_(grad, logq, q, h_s, correction_coef_entropy[rows], scratch=scratch)
         if correction_coef_sequence is not None:
             add_logprob_grad_(grad, q, sampled_ids[rows], correction_coef_sequence[rows])
         student.add_grad(rows, grad)

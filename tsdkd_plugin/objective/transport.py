@@ -187,7 +187,7 @@ def _teacher_signals(
             buf.div_(tau)
         buf.sub_(torch.logsumexp(buf, dim=1, keepdim=True))
         torch.exp(buf, out=work)
-        entropy = entropy_from_logprobs(buf, work)
+        entropy = entropy_from_logprobs(buf, work, scratch=work)  # work is reused below
         # NaN or +-inf anywhere in a row makes its entropy NaN (inf - inf, 0 * -inf).
         if not bool(torch.isfinite(entropy).all()):
             raise NonFiniteInputError(f"{source_name} contains NaN or inf; teacher inputs must be finite")
