@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunking import ChunkRows
 from .config import TSDKDConfig
 from .entropy import add_entropy_grad_, entropy_from_logprobs, entropy_selection, expected_selected_count
 from .errors import NonFiniteInputError
@@ -112,11 +113,13 @@ class _Workspace:
         return self._buffers[name][:rows]
 
 
-def _log_softmax_rows_(rows: torch.Tensor, tau: float) -> None:
-    """rows <- log_softmax(rows / tau) in place."""
+def _log_softmax_rows_(rows: torch.Tensor, tau: float) -> torch.Tensor:
+    """rows <- log_softmax(rows / tau) in place; returns the [C, 1] log-sum-exp it subtracted."""
     if tau != 1.0:
         rows.div_(tau)
-    rows.sub_(torch.logsumexp(rows, dim=1, keepdim=True))
+    lse = torch.logsumexp(rows, dim=1, keepdim=True)
+    rows.sub_(lse)
+    return lse
 
 
 def _chunks(num: int, size: int):
@@ -190,7 +193,7 @@ def run_objective(
         c = index.stop - index.start
         logq = work.get("logq", c)
         student.fill(index, logq)
-        _log_softmax_rows_(logq, tau)
+        lse = _log_softmax_rows_(logq, tau)
         q = torch.exp(logq, out=work.get("q", c))
         grad = work.get("grad", c)
         scratch = work.get("scratch", c)
@@ -249,7 +252,7 @@ def run_objective(
                 teacher_token_logprob[index] = logp.gather(1, sampled).squeeze(1)
 
         if main_pass_grad:
-            student.add_grad(index, grad)
+            student.add_grad(index, grad, ChunkRows(logq, lse, tau, scratch))
 
     if bool(bad_teacher):
         raise NonFiniteInputError("teacher logits contain NaN or inf; teacher inputs must be finite")
@@ -309,16 +312,16 @@ def run_objective(
         c = rows.numel()
         logq = work.get("logq", c)
         student.fill(rows, logq)
-        _log_softmax_rows_(logq, tau)
+        lse = _log_softmax_rows_(logq, tau)
         q = torch.exp(logq, out=work.get("q", c))
         grad = work.get("grad", c).zero_()
+        scratch = work.get("scratch", c)
         if correction_coef_entropy is not None:
-            scratch = work.get("scratch", c)
             h_s = entropy_from_logprobs(logq, q, scratch=scratch)
             add_entropy_grad_(grad, logq, q, h_s, correction_coef_entropy[rows], scratch=scratch)
         if correction_coef_sequence is not None:
             add_logprob_grad_(grad, q, sampled_ids[rows], correction_coef_sequence[rows])
-        student.add_grad(rows, grad)
+        student.add_grad(rows, grad, ChunkRows(logq, lse, tau, scratch))
 
     total = (
         config.direct_weight * loss_direct
