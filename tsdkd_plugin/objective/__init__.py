@@ -11,8 +11,9 @@ Modules, one concern each:
     entropy.py        entropy regularization: entropy, its gradient, quantile selection
     listmle.py        indirect terms: ListMLE (suffix / buggy prefix), per-sequence opener, sequence level
     transport.py      TeacherSignals (dense or sparse) and the teacher-side sparse-signal builders
-    chunking.py       row sources (logits or hidden @ W, chunk by chunk) and gradient sinks
-    engine.py         the chunked computation shared by both entry points
+    chunking.py       row sources (logits or hidden @ W, chunk by chunk), gradient sinks, output heads
+    terms.py          the four loss terms as units: per chunk, after the main pass, corrections, metrics
+    engine.py         the chunk loop and the correction pass shared by both entry points
     loss.py           tsdkd_loss / tsdkd_loss_fused: call-time validation + autograd wrappers
 """
 

@@ -1,7 +1,7 @@
 """Public entry points: tsdkd_loss (student logits) and tsdkd_loss_fused (hidden + lm_head).
 
 Both validate their inputs (a ValueError naming the argument and what is allowed),
-then run the same chunked computation (engine.run_objective) inside an
+then run the same chunked computation (engine.evaluate) inside an
 autograd.Function whose forward already produces the gradient and whose backward
 hands it over, scaled by the incoming gradient (first-order only, one backward).
 """
@@ -12,13 +12,13 @@ import torch
 
 from .chunking import IDENTITY_HEAD, HiddenRows, LogitsRows, OutputHead, StudentHidden, StudentLogits
 from .config import TSDKDConfig
-from .engine import TeacherView, Tokens, run_objective
+from .engine import Batch, TeacherView, Tokens, evaluate
 from .errors import NonFiniteInputError
 from .transport import TeacherSignals, check_shared_vocab
 
 
 class _Job:
-    """Everything run_objective needs besides the student tensors; carries metrics back out."""
+    """Everything the engine needs besides the student tensors; carries metrics back out."""
 
     def __init__(
         self, teacher, tokens, config, shared, sampled_ids, group_size, compute_dtype, student_head=IDENTITY_HEAD
@@ -30,11 +30,11 @@ class _Job:
         self.metrics: dict[str, float] = {}
 
     def run(self, student) -> torch.Tensor:
-        loss, self.metrics = run_objective(
-            student, self.teacher, self.tokens, self.config,
-            shared=self.shared, sampled_ids=self.sampled_ids,
-            group_size=self.group_size, compute_dtype=self.compute_dtype,
+        batch = Batch(
+            self.tokens, self.teacher, self.config, self.sampled_ids, self.group_size, self.compute_dtype,
+            need_grad=student.wants_grad, chunk_size=min(self.config.chunk_size, max(self.tokens.num, 1)),
         )  # fmt: skip
+        loss, self.metrics = evaluate(student, batch, self.shared)
         return loss
 
 
