@@ -120,8 +120,9 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
     teacher.add_argument("--teacher.placement", type=str, default="separate", choices=TEACHER_PLACEMENTS,
                          help="separate: own GPUs, sparse top-K transport through Ray; "
                               "colocate: loaded inside each policy actor, dense logits, no transport")
-    teacher.add_argument("--teacher.sparse_top_k", type=int, default=64,
-                         help="K of the sparse transport: teacher top-K log-probs per token (+ one tail bucket)")
+    teacher.add_argument("--teacher.sparse_top_k", type=int, default=TSDKDConfig.sparse_top_k,
+                         help="K of the sparse transport: teacher top-K log-probs per token (+ one tail bucket) "
+                              "(default: %(default)s)")
     teacher.add_argument("--teacher.offload", action="store_true", default=False,
                          help="offload teacher weights to CPU between forwards (DeepSpeed)")
     # Reliability (docs/reliability.md): a dead or hung teacher stops the run in bounded time.

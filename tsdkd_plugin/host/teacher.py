@@ -80,7 +80,8 @@ def score_samples(
     attention_mask: torch.Tensor,
     candidate_ids: Optional[torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
-    """Sparse teacher signals for a micro-batch of student samples, as a dict of CPU tensors."""
+    """Sparse teacher signals for a micro-batch of student samples, as a dict of CPU tensors in the
+    wire format (`TeacherSignals.to_wire`: float16 log-probs, int32 ids)."""
     device = current_device()
     sequences, attention_mask = sequences.to(device), attention_mask.to(device)
     num_actions = action_mask.shape[1]
@@ -96,7 +97,7 @@ def score_samples(
             candidate_ids=None if candidate_ids is None else candidate_ids.to(device),
             sampled_ids=sequences[:, -num_actions:].masked_fill(~mask, 0),
         )
-    return {name: tensor.to("cpu") for name, tensor in signals.tensors().items()}
+    return {name: tensor.to("cpu") for name, tensor in signals.to_wire().items()}
 
 
 def where_am_i() -> Dict:
