@@ -95,12 +95,20 @@ class NaiveReference:
             return (zero, terms) if return_terms else zero
         jsd = cls.jsd(logp, p, logq, q, cfg.beta)
         w = cls.gate(h_s, h_t, cfg.gate, cfg.gate_margin)
-        terms["direct"] = (w * jsd)[valid].sum() / n
+        responses = [b for b in range(mask.shape[0]) if valid[b].any()]
+        if cfg.direct_reduction == "response":  # each response's token mean, then the mean over responses
+            terms["direct"] = torch.stack([(w * jsd)[b][valid[b]].mean() for b in responses]).mean()
+        else:
+            terms["direct"] = (w * jsd)[valid].sum() / n
 
-        h_valid = h_s[valid]
-        threshold = torch.quantile(h_valid.detach(), 1.0 - cfg.entropy_top_fraction)
-        chosen = h_valid.detach() >= threshold
-        terms["entropy"] = h_valid[chosen].mean()
+        def top_entropy_mean(h_valid):
+            threshold = torch.quantile(h_valid.detach(), 1.0 - cfg.entropy_top_fraction)
+            return h_valid[h_valid.detach() >= threshold].mean()
+
+        if cfg.entropy_reduction == "response":  # the top fraction of each response
+            terms["entropy"] = torch.stack([top_entropy_mean(h_s[b][valid[b]]) for b in responses]).mean()
+        else:
+            terms["entropy"] = top_entropy_mean(h_s[valid])
 
         rows = range(mask.shape[0])
         opener_losses = []

@@ -5,7 +5,7 @@
 See docs/objective.md for the formulas, defaults, transports and chunking.
 
 Modules, one concern each:
-    config.py         TSDKDConfig, every weight and switch, validated at construction
+    config.py         TSDKDConfig, every weight and switch, validated at construction; paper/reference PRESETS
     errors.py         NonFiniteInputError (NaN/inf inputs: a ValueError the actor may skip)
     selective_jsd.py  direct term: entropy gate, generalized JSD (dense and K+1-bucket) with gradients
     entropy.py        entropy regularization: entropy, its gradient, quantile selection
@@ -18,7 +18,7 @@ Modules, one concern each:
 """
 
 from .chunking import IDENTITY_HEAD, OutputHead
-from .config import TSDKDConfig
+from .config import PRESETS, TSDKDConfig
 from .engine import METRIC_KEYS
 from .entropy import entropy_selection
 from .errors import NonFiniteInputError
@@ -31,6 +31,7 @@ __all__ = [
     "IDENTITY_HEAD",
     "OutputHead",
     "METRIC_KEYS",
+    "PRESETS",
     "NonFiniteInputError",
     "TSDKDConfig",
     "TeacherSignals",

@@ -16,10 +16,10 @@ finishes after it, and names the tokens whose gradient is still missing or wrong
 a correction pass recomputes only those tokens' logits:
 
 - L_ent: the main pass weights every token by 1/n_sel with n_sel the count the
-  quantile will keep (known from the token count alone unless entropies tie);
-  afterwards the correction pass recomputes the tokens whose weight was wrong --
-  the (1 - fraction) least uncertain ones, or all on a tie -- and adds the
-  difference. Exact, and ~10% of the tokens at the default.
+  quantile will keep (known from the token counts alone unless entropies tie), or
+  by 0 when fewer than half are kept; afterwards the correction pass recomputes
+  the tokens whose weight was wrong -- about min(f, 1 - f) of them, or all on a
+  tie -- and adds the difference. Exact, and ~10% of the tokens in both presets.
 - L_ind: its gradient lives on the k candidate logits only, so the main pass keeps
   each token's candidate ids and scores ([N, k]); once the openers are known the
   ListMLE gradient is applied as k rows of W per opener token.
@@ -162,6 +162,24 @@ class Batch:
         for start in range(0, num, self.chunk_size):
             yield slice(start, min(start + self.chunk_size, num))
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] response tokens per sequence (int64)."""
+        return self.tokens.mask.sum(1)
+
+    def grid(self, token_values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[N] per-token values laid out as [B, T], `fill` at prompt and padding positions."""
+        out = torch.full(self.tokens.mask.shape, fill, dtype=token_values.dtype, device=self.device)
+        out.view(-1)[self.tokens.positions] = token_values
+        return out
+
+    def response_token_weights(self) -> torch.Tensor:
+        """[N] 1 / (length of the token's response * number of non-empty responses): summing
+        values times these is the mean over responses of each response's token mean."""
+        lengths = self.lengths.to(self.dtype)
+        num_responses = int((lengths > 0).sum())
+        return (1.0 / (lengths.clamp_min(1) * num_responses))[self.tokens.sequence]
+
     def per_sequence_mean(self, token_values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean of per-token values over each sequence's valid tokens ([B]; 0 for empty sequences)."""
         sums = torch.zeros(self.tokens.batch_size, dtype=token_values.dtype, device=token_values.device)
@@ -233,7 +251,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
     terms: list[Term] = [term(batch) for term in active_terms(config)]
     work = _Workspace(batch.chunk_size, shared, dtype, device)
     need_teacher_rows = batch.dense and any(term.uses_teacher_rows(teacher) for term in terms)
-    main_pass_grad = batch.need_grad and any(term.dense_grad for term in terms)
+    main_pass_grad = batch.need_grad and any(term.dense_grad for term in terms)  # after the terms' set-up
     batch.student_entropy = batch.per_token()
     batch.teacher_entropy = batch.per_token() if need_teacher_rows else (None if batch.dense else teacher.entropy)
     bad_student = torch.zeros((), dtype=torch.bool, device=device)
@@ -268,8 +286,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
         raise NonFiniteInputError("student logits contain NaN or inf")
 
     # ---------------- whole-batch selections ----------------
-    entropy_grid = torch.zeros(batch.tokens.mask.shape, dtype=dtype, device=device)
-    entropy_grid.view(-1)[batch.tokens.positions] = batch.student_entropy
+    entropy_grid = batch.grid(batch.student_entropy)
     batch.opener = opener_mask(entropy_grid, batch.tokens.mask, config.opener_fraction).view(-1)[batch.tokens.positions]
     values = {type(term): term.finish(student) for term in terms}
 

@@ -53,10 +53,11 @@ class Term:
 
 
 class DirectTerm(Term):
-    """L_dir = sum_t w_t JSD_beta(p_t, q_t) / N: the entropy-gated generalized JSD (selective_jsd.py).
+    """L_dir: the entropy-gated generalized JSD w_t JSD_beta(p_t, q_t) (selective_jsd.py), averaged
+    over the micro-batch's response tokens, or per response and then over responses.
 
     Dense teacher: JSD over the shared vocabulary; sparse: on the K+1 partition. Its gradient is
-    known per token in the main pass (w_t is stop-gradient)."""
+    known per token in the main pass (w_t is stop-gradient, the averaging weights are known)."""
 
     loss_key = "loss_direct"
     weight_field = "direct_weight"
@@ -67,7 +68,12 @@ class DirectTerm(Term):
         config = batch.config
         self.jsd = batch.per_token()
         self.gate = batch.per_token()
-        self.coef = config.direct_weight / batch.num / batch.tau
+        if config.direct_reduction == "response":
+            self.token_weight = batch.response_token_weights()
+            self.coef = self.token_weight * (config.direct_weight / batch.tau)
+        else:  # the micro-batch's token mean: one weight for all
+            self.token_weight = None
+            self.coef = config.direct_weight / batch.num / batch.tau
 
     @staticmethod
     def uses_teacher_rows(teacher) -> bool:
@@ -89,10 +95,13 @@ class DirectTerm(Term):
         weight = entropy_gate(chunk.entropy, chunk.teacher_entropy, config.gate, config.gate_margin)
         self.gate[index] = weight
         if grad is not None:
-            grad.mul_((weight * self.coef).unsqueeze(1))
+            coef = self.coef if self.token_weight is None else self.coef[index]
+            grad.mul_((weight * coef).unsqueeze(1))
 
     def finish(self, student) -> torch.Tensor:
-        return (self.gate * self.jsd).sum() / self.batch.num
+        if self.token_weight is None:
+            return (self.gate * self.jsd).sum() / self.batch.num
+        return (self.gate * self.jsd * self.token_weight).sum()
 
     def metrics(self) -> dict[str, torch.Tensor]:
         selected = gate_selected(self.gate, self.batch.config.gate).to(self.batch.dtype)
@@ -100,45 +109,93 @@ class DirectTerm(Term):
 
 
 class EntropyTerm(Term):
-    """L_ent = mean of H_S over the tokens at or above the (1 - f)-quantile of H_S (entropy.py).
+    """L_ent = mean of H_S over the tokens at or above the (1 - f)-quantile of H_S (entropy.py),
+    over the micro-batch's response tokens, or within each response and then over responses.
 
-    The selection needs every token's entropy. The main pass weights every token by the
-    selected count the quantile will keep (known from the token count unless entropies tie);
-    the tokens whose weight was wrong are recomputed in the correction pass."""
+    The selection needs every token's entropy. The main pass gives each token the weight it would
+    have if selected (f >= 1/2) or not (f < 1/2, weight 0): the selected count is known from the
+    token count unless entropies tie. The correction pass then recomputes the tokens guessed
+    wrong -- about min(f, 1 - f) of them (10% at the reference's 0.9 and the paper's 0.1), all
+    of them on a tie -- and adds the difference."""
 
     loss_key = "loss_entropy"
     weight_field = "entropy_weight"
-    dense_grad = True
 
     def __init__(self, batch) -> None:
         super().__init__(batch)
         config = batch.config
-        self.guess = config.entropy_weight / expected_selected_count(batch.num, config.entropy_top_fraction) / batch.tau
+        fraction, scale = config.entropy_top_fraction, config.entropy_weight / batch.tau
+        self.per_response = config.entropy_reduction == "response"
+        self.dense_grad = fraction >= 0.5  # guess 'selected' (else 0: no main-pass gradient)
+        if not self.dense_grad:
+            self.guess = 0.0
+        elif self.per_response:
+            lengths = batch.lengths.tolist()
+            num_responses = sum(1 for length in lengths if length)
+            counts = [max(expected_selected_count(length, fraction), 1) for length in lengths]
+            per_response = torch.tensor([scale / count / num_responses for count in counts], dtype=batch.dtype)
+            self.guess = per_response.to(batch.device)[batch.tokens.sequence]
+        else:
+            self.guess = config.entropy_weight / expected_selected_count(batch.num, fraction) / batch.tau
 
     def chunk(self, chunk) -> None:
-        grad = chunk.grad_to_add()
+        grad = chunk.grad_to_add() if self.dense_grad else None
         if grad is not None:
-            coef = torch.full((chunk.rows,), self.guess, dtype=self.batch.dtype, device=self.batch.device)
+            if isinstance(self.guess, torch.Tensor):
+                coef = self.guess[chunk.index]
+            else:
+                coef = torch.full((chunk.rows,), self.guess, dtype=self.batch.dtype, device=self.batch.device)
             add_entropy_grad_(grad, chunk.logq, chunk.q, chunk.entropy, coef, scratch=chunk.scratch)
 
     def finish(self, student) -> torch.Tensor:
         batch, config = self.batch, self.batch.config
         entropy = batch.student_entropy
-        self.selected, self.threshold = entropy_selection(entropy, config.entropy_top_fraction)
-        num_selected = int(self.selected.sum())
-        true_coef = self.selected.to(batch.dtype) * (config.entropy_weight / num_selected / batch.tau)
+        scale = config.entropy_weight / batch.tau
+        if self.per_response:
+            self.selected, thresholds, counts = per_response_selection(batch, config.entropy_top_fraction)
+            nonempty = counts > 0
+            num_responses = int(nonempty.sum())
+            self.threshold = thresholds[nonempty].mean()
+            token_weight = 1.0 / (counts.clamp_min(1).to(batch.dtype) * num_responses)
+            per_token = self.selected.to(batch.dtype) * token_weight[batch.tokens.sequence]
+            loss = (entropy * per_token).sum()
+            true_coef = per_token * scale
+        else:
+            self.selected, self.threshold = entropy_selection(entropy, config.entropy_top_fraction)
+            num_selected = int(self.selected.sum())
+            true_coef = self.selected.to(batch.dtype) * (config.entropy_weight / num_selected / batch.tau)
+            loss = (entropy * self.selected).sum() / num_selected
         self.correction = true_coef - self.guess
-        return (entropy * self.selected).sum() / num_selected
+        return loss
 
     def correct(self, chunk, rows: torch.Tensor) -> None:
         entropy = entropy_from_logprobs(chunk.logq, chunk.q, scratch=chunk.scratch)
         add_entropy_grad_(chunk.grad_to_add(), chunk.logq, chunk.q, entropy, self.correction[rows], scratch=chunk.scratch)
 
     def metrics(self) -> dict[str, torch.Tensor]:
+        """entropy_threshold: the quantile (per response: their mean over non-empty responses)."""
         return {
             "entropy_selected_fraction": self.selected.to(self.batch.dtype).mean(),
             "entropy_threshold": self.threshold.to(self.batch.dtype),
         }
+
+
+def per_response_selection(batch, top_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """entropy_selection within each response, for all responses at once.
+
+    Returns (selected [N] bool, threshold [B] (0 for empty responses), selected count [B])."""
+    valid = batch.tokens.mask
+    ordered = torch.sort(batch.grid(batch.student_entropy.detach(), float("inf")), dim=1).values  # valid first
+    lengths = batch.lengths
+    position = (1.0 - top_fraction) * (lengths - 1).clamp_min(0).to(torch.float64)
+    lower = position.floor().long()
+    upper = torch.minimum(lower + 1, (lengths - 1).clamp_min(0))
+    low_values, high_values = ordered.gather(1, lower[:, None]), ordered.gather(1, upper[:, None])
+    weight = (position - lower.to(torch.float64)).to(ordered.dtype)[:, None]
+    threshold = torch.where(lengths[:, None] > 0, torch.lerp(low_values, high_values, weight), 0.0)
+    selected_grid = valid & (batch.grid(batch.student_entropy) >= threshold)
+    selected = selected_grid.view(-1)[batch.tokens.positions]
+    return selected, threshold.squeeze(1), selected_grid.sum(1)
 
 
 class TokenRankingTerm(Term):
