@@ -1,4 +1,4 @@
-"""--tsdkd.preset paper|reference: the preset's values, and every explicit --tsdkd.* flag wins over it."""
+"""--tsdkd.preset paper|reference (every explicit --tsdkd.* flag wins over it) and --tsdkd.diagnostics."""
 
 from __future__ import annotations
 
@@ -42,3 +42,10 @@ def test_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         config("--tsdkd.preset", "mine")
     assert "invalid choice: 'mine'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--tsdkd.diagnostics"], True),
+                                             (["--tsdkd.diagnostics", "false"], False),
+                                             (["--tsdkd.preset", "paper", "--tsdkd.diagnostics", "true"], True)])
+def test_diagnostics_flag(flags, expected):
+    assert config(*flags).diagnostics is expected

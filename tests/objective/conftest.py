@@ -208,3 +208,21 @@ def assert_close():
         assert err <= bound and math.isfinite(err), f"{what}: max abs err {err:.3e} > {bound:.3e}"
 
     return check
+
+
+@pytest.fixture
+def plain_loss():
+    """plain_loss(batch, cfg, group_size=None) -> (loss, metrics, gradient w.r.t. the student's logits)
+    of tsdkd_loss on a make_batch batch with its dense teacher logits (the code under test)."""
+    from tsdkd_plugin.objective import TeacherSignals, tsdkd_loss
+
+    def run(batch, cfg, *, group_size=None):
+        student = batch["student"].clone().requires_grad_(True)
+        loss, metrics = tsdkd_loss(
+            student, TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg,
+            shared_vocab_size=batch["shared"], sampled_ids=batch["sampled"], group_size=group_size,
+        )  # fmt: skip
+        loss.backward()
+        return loss.detach(), metrics, student.grad
+
+    return run

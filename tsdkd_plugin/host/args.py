@@ -151,7 +151,8 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
         in_presets = "; ".join(f"--tsdkd.preset {name}: {values[field.name]}"
                                for name, values in PRESETS.items() if field.name in values)
         # default None = "not given": the preset (or the config's default) applies; see loss_config_from_args.
-        objective.add_argument(f"--tsdkd.{field.name}", type=arg_type, choices=choices, default=None,
+        switch = {"nargs": "?", "const": True} if arg_type is _str2bool else {}  # a bare --tsdkd.diagnostics is true
+        objective.add_argument(f"--tsdkd.{field.name}", type=arg_type, choices=choices, default=None, **switch,
                                help=f"{_field_help(field)} (default: {default}{'; ' + in_presets if in_presets else ''})")
     objective.add_argument("--tsdkd.on_policy_fraction", type=float, default=1.0,
                            help="lambda: probability that a step trains on the student's own samples; other steps "

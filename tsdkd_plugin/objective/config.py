@@ -106,6 +106,12 @@ class TSDKDConfig:
     """Tokens per chunk (>= 1) when logits are computed or processed chunk by chunk;
     work memory is about 6 * chunk_size * vocab * 4 bytes (0.9 GB at 256 x 151,936)."""
 
+    diagnostics: bool = False
+    """Also return per-term gradient diagnostics in the metrics (DIAGNOSTIC_KEYS): each term's
+    gradient norm at the student logits, its cosine with the direct term's, and the teacher's
+    mass on the student's candidates at opener tokens. Costs one more pass over the student's
+    (and a dense teacher's) logits; off in production."""
+
     sparse_top_k: int = 24
     """K >= 1: teacher top-K log-probs per token carried by the sparse transport
     (the rest of the teacher's mass is kept as one tail bucket). 24 ships about 210 bytes per
@@ -138,6 +144,8 @@ class TSDKDConfig:
                 raise ValueError(f"TSDKDConfig.{name} must be one of {REDUCTIONS}, got {getattr(self, name)!r}")
         if self.listmle_form not in LISTMLE_FORMS:
             raise ValueError(f"TSDKDConfig.listmle_form must be one of {LISTMLE_FORMS}, got {self.listmle_form!r}")
+        if not isinstance(self.diagnostics, bool):
+            raise ValueError(f"TSDKDConfig.diagnostics must be True or False, got {self.diagnostics!r}")
         for name in ("num_candidates", "chunk_size", "sparse_top_k"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:

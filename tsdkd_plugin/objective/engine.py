@@ -66,6 +66,20 @@ METRIC_KEYS = (
     "correction_token_fraction",
 )
 
+# Returned besides METRIC_KEYS only with TSDKDConfig.diagnostics (a term that is off gives 0).
+# Gradients are of each weighted term (as it enters L) w.r.t. the student's logits over the
+# shared vocabulary at the response tokens; cosines are with the direct term's gradient.
+DIAGNOSTIC_KEYS = (
+    "diag_grad_norm_direct",
+    "diag_grad_norm_entropy",
+    "diag_grad_norm_indirect_token",
+    "diag_grad_norm_indirect_sequence",
+    "diag_grad_cos_entropy_direct",
+    "diag_grad_cos_indirect_token_direct",
+    "diag_grad_cos_indirect_sequence_direct",
+    "diag_teacher_mass_on_candidates",
+)
+
 
 @dataclass
 class Tokens:
@@ -240,6 +254,15 @@ def _student_chunk(student, index, rows: int, work: _Workspace, tau: float, with
     return Chunk(index, rows, logq, q, lse, work.get("scratch", rows), grad)
 
 
+def _teacher_chunk(chunk: Chunk, teacher: TeacherView, work: _Workspace, tau: float) -> torch.Tensor:
+    """Fill the chunk's dense teacher log-probs and probs; returns the teacher's entropies [C]."""
+    chunk.logp = work.get("logp", chunk.rows)
+    teacher.rows.fill(chunk.index, chunk.logp)
+    _log_softmax_rows_(chunk.logp, tau)
+    chunk.p = torch.exp(chunk.logp, out=work.get("p", chunk.rows))
+    return entropy_from_logprobs(chunk.logp, chunk.p, scratch=chunk.scratch)
+
+
 def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Value of the objective; its gradient is accumulated into `student` as a side effect.
 
@@ -266,11 +289,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
         bad_student |= ~torch.isfinite(chunk.entropy).all()
         batch.student_entropy[index] = chunk.entropy
         if need_teacher_rows:
-            chunk.logp = work.get("logp", chunk.rows)
-            teacher.rows.fill(index, chunk.logp)
-            _log_softmax_rows_(chunk.logp, tau)
-            chunk.p = torch.exp(chunk.logp, out=work.get("p", chunk.rows))
-            h_t = entropy_from_logprobs(chunk.logp, chunk.p, scratch=chunk.scratch)
+            h_t = _teacher_chunk(chunk, teacher, work, tau)
             bad_teacher |= ~torch.isfinite(h_t).all()  # see the student's check above
             batch.teacher_entropy[index] = h_t
         if batch.teacher_entropy is not None:
@@ -315,8 +334,12 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
         stats.update(term.metrics())
     stats.update(_common_metrics(batch, fix_index.numel()))
     stats["loss"] = total
-    packed = torch.stack([stats[key].reshape(()).to(dtype) for key in METRIC_KEYS]).tolist()
-    metrics = dict(zip(METRIC_KEYS, (float(v) for v in packed)))
+    keys = METRIC_KEYS
+    if config.diagnostics:
+        stats.update(_diagnostics(student, batch, terms, work))
+        keys = METRIC_KEYS + DIAGNOSTIC_KEYS
+    packed = torch.stack([stats[key].reshape(()).to(dtype) for key in keys]).tolist()
+    metrics = dict(zip(keys, (float(v) for v in packed)))
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteInputError(
             "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
@@ -340,3 +363,62 @@ def _common_metrics(batch: Batch, num_corrected: int) -> dict[str, torch.Tensor]
         "num_tokens": torch.tensor(float(batch.num), dtype=dtype, device=device),
         "correction_token_fraction": torch.tensor(num_corrected / batch.num, dtype=dtype, device=device),
     }
+
+
+def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> dict[str, torch.Tensor]:
+    """One more pass over the student's (and a dense teacher's) rows: every term's exact gradient
+    w.r.t. the logits, chunk by chunk, reduced to norms and dot products with the direct term's;
+    and the teacher's probability mass on the student's top-k candidates at opener tokens."""
+    teacher, tau, config = batch.teacher, batch.tau, batch.config
+    stats = {key: batch.zero for key in DIAGNOSTIC_KEYS}
+    squares = {term.name: batch.zero for term in terms}
+    dots = {term.name: batch.zero for term in terms}
+    direct = next((term for term in terms if term.name == "direct"), None)
+    candidate_mass = batch.zero
+    for index in batch.chunks(batch.num):
+        chunk = _student_chunk(student, index, index.stop - index.start, work, tau, with_grad=False)
+        chunk.entropy = entropy_from_logprobs(chunk.logq, chunk.q, scratch=chunk.scratch)
+        if batch.dense:
+            _teacher_chunk(chunk, teacher, work, tau)
+        if batch.teacher_entropy is not None:
+            chunk.teacher_entropy = batch.teacher_entropy[index]
+        reference = None
+        if direct is not None:
+            reference = work.get("grad", chunk.rows)
+            direct.exact_grad(chunk, reference)
+            squares["direct"] = squares["direct"] + torch.mul(reference, reference, out=chunk.scratch).sum()
+        for term in terms:
+            if term is direct:
+                continue
+            grad = work.get("diagnostic", chunk.rows)
+            term.exact_grad(chunk, grad)
+            squares[term.name] = squares[term.name] + torch.mul(grad, grad, out=chunk.scratch).sum()
+            if reference is not None:
+                dots[term.name] = dots[term.name] + torch.mul(grad, reference, out=chunk.scratch).sum()
+        candidate_mass = candidate_mass + _teacher_candidate_mass(chunk, batch)
+    for term in terms:
+        stats[f"diag_grad_norm_{term.name}"] = squares[term.name].sqrt()
+        if term is not direct and direct is not None:
+            norms = squares[term.name].sqrt() * squares["direct"].sqrt()
+            stats[f"diag_grad_cos_{term.name}_direct"] = torch.where(norms > 0, dots[term.name] / norms, 0.0)
+    num_open = batch.opener.sum()
+    stats["diag_teacher_mass_on_candidates"] = candidate_mass / num_open.clamp_min(1)
+    return stats
+
+
+def _teacher_candidate_mass(chunk: Chunk, batch: Batch) -> torch.Tensor:
+    """Sum over the chunk's opener tokens of the teacher's probability (at tau) on the student's
+    top-k candidates: the fixed candidates and their teacher log-probs when the signals carry
+    them, else the student's current top-k and the dense teacher's log-probs (0 when neither)."""
+    teacher, index = batch.teacher, chunk.index
+    if teacher.candidate_scores is not None:
+        logprobs = teacher.candidate_scores[index]
+    elif chunk.logp is not None:
+        if teacher.candidate_ids is not None:
+            ids = teacher.candidate_ids[index]
+        else:  # k may exceed the vocabulary when the token level is off (it is only checked when on)
+            ids = torch.topk(chunk.logq, min(batch.config.num_candidates, chunk.logq.shape[1]), dim=1).indices
+        logprobs = chunk.logp.gather(1, ids)
+    else:
+        return batch.zero
+    return (logprobs.exp().sum(1) * batch.opener[index].to(batch.dtype)).sum()

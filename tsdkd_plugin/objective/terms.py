@@ -9,7 +9,9 @@ the correction pass; it knows no term by name. A term
   (unweighted) and may hand sparse gradients to the student source;
 - `correction`: per-token coefficients of a gradient it could not give in the main pass, or
   None; `correct(chunk, rows)` adds that gradient for the rows the engine recomputed;
-- `metrics()`: its logging values (0-dim tensors; keys in engine.METRIC_KEYS).
+- `metrics()`: its logging values (0-dim tensors; keys in engine.METRIC_KEYS);
+- `exact_grad(chunk, out)` (diagnostics only): its whole weighted gradient w.r.t. the chunk's
+  logits, written into `out`, once `finish` has run.
 
 `uses_teacher_rows(teacher)` says whether it needs the dense teacher's log-probs in the chunks.
 See engine.py for why some gradients come after the main pass.
@@ -27,6 +29,7 @@ from .selective_jsd import entropy_gate, gate_selected, generalized_jsd_dense, g
 class Term:
     """Defaults: no dense gradient, no teacher rows, nothing after the pass, no correction."""
 
+    name: str  # short name in metric keys
     loss_key: str  # metric key of its unweighted value
     weight_field: str  # the TSDKDConfig field that weights it in L
     dense_grad = False  # puts a gradient on every token's logits in the main pass
@@ -51,6 +54,9 @@ class Term:
     def metrics(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def exact_grad(self, chunk, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
 
 class DirectTerm(Term):
     """L_dir: the entropy-gated generalized JSD w_t JSD_beta(p_t, q_t) (selective_jsd.py), averaged
@@ -59,6 +65,7 @@ class DirectTerm(Term):
     Dense teacher: JSD over the shared vocabulary; sparse: on the K+1 partition. Its gradient is
     known per token in the main pass (w_t is stop-gradient, the averaging weights are known)."""
 
+    name = "direct"
     loss_key = "loss_direct"
     weight_field = "direct_weight"
     dense_grad = True
@@ -80,23 +87,31 @@ class DirectTerm(Term):
         return True
 
     def chunk(self, chunk) -> None:
-        config, teacher, index = self.batch.config, self.batch.teacher, chunk.index
+        config, index = self.batch.config, chunk.index
         grad = chunk.grad_to_write()
-        if chunk.logp is not None:
-            jsd = generalized_jsd_dense(
-                chunk.logq, chunk.q, chunk.logp, chunk.p, config.beta, grad_out=grad, scratch=chunk.scratch
-            )
-        else:
-            jsd = generalized_jsd_partition(
-                chunk.logq, chunk.q, teacher.topk_ids[index], teacher.topk_logprobs[index],
-                teacher.tail_logprob[index], config.beta, grad_out=grad, scratch=chunk.scratch,
-            )  # fmt: skip
-        self.jsd[index] = jsd
+        self.jsd[index] = self._jsd(chunk, grad)
         weight = entropy_gate(chunk.entropy, chunk.teacher_entropy, config.gate, config.gate_margin)
         self.gate[index] = weight
         if grad is not None:
-            coef = self.coef if self.token_weight is None else self.coef[index]
-            grad.mul_((weight * coef).unsqueeze(1))
+            self._weigh(grad, weight, index)
+
+    def _jsd(self, chunk, grad: torch.Tensor | None) -> torch.Tensor:
+        """JSD per row; its gradient w.r.t. the tau-scaled logits into `grad` if given."""
+        beta, teacher, index = self.batch.config.beta, self.batch.teacher, chunk.index
+        if chunk.logp is not None:
+            return generalized_jsd_dense(chunk.logq, chunk.q, chunk.logp, chunk.p, beta, grad_out=grad, scratch=chunk.scratch)
+        return generalized_jsd_partition(
+            chunk.logq, chunk.q, teacher.topk_ids[index], teacher.topk_logprobs[index],
+            teacher.tail_logprob[index], beta, grad_out=grad, scratch=chunk.scratch,
+        )  # fmt: skip
+
+    def _weigh(self, grad: torch.Tensor, gate: torch.Tensor, index) -> None:
+        coef = self.coef if self.token_weight is None else self.coef[index]
+        grad.mul_((gate * coef).unsqueeze(1))
+
+    def exact_grad(self, chunk, out: torch.Tensor) -> None:
+        self._jsd(chunk, out)
+        self._weigh(out, self.gate[chunk.index], chunk.index)
 
     def finish(self, student) -> torch.Tensor:
         if self.token_weight is None:
@@ -118,6 +133,7 @@ class EntropyTerm(Term):
     wrong -- about min(f, 1 - f) of them (10% at the reference's 0.9 and the paper's 0.1), all
     of them on a tie -- and adds the difference."""
 
+    name = "entropy"
     loss_key = "loss_entropy"
     weight_field = "entropy_weight"
 
@@ -165,12 +181,17 @@ class EntropyTerm(Term):
             num_selected = int(self.selected.sum())
             true_coef = self.selected.to(batch.dtype) * (config.entropy_weight / num_selected / batch.tau)
             loss = (entropy * self.selected).sum() / num_selected
+        self.true_coef = true_coef
         self.correction = true_coef - self.guess
         return loss
 
     def correct(self, chunk, rows: torch.Tensor) -> None:
         entropy = entropy_from_logprobs(chunk.logq, chunk.q, scratch=chunk.scratch)
         add_entropy_grad_(chunk.grad_to_add(), chunk.logq, chunk.q, entropy, self.correction[rows], scratch=chunk.scratch)
+
+    def exact_grad(self, chunk, out: torch.Tensor) -> None:
+        out.zero_()
+        add_entropy_grad_(out, chunk.logq, chunk.q, chunk.entropy, self.true_coef[chunk.index], scratch=chunk.scratch)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """entropy_threshold: the quantile (per response: their mean over non-empty responses)."""
@@ -204,6 +225,7 @@ class TokenRankingTerm(Term):
     The main pass keeps each token's candidate ids and both models' scores ([N, k]); once the
     openers are known the gradient goes to the student as k logit entries per opener token."""
 
+    name = "indirect_token"
     loss_key = "loss_indirect_token"
     weight_field = "indirect_weight"
 
@@ -238,13 +260,20 @@ class TokenRankingTerm(Term):
         num_open = open_index.numel()
         scale = config.indirect_weight / num_open / batch.tau
         total = batch.zero
+        self.logit_grad = torch.zeros_like(self.student_scores) if config.diagnostics else None  # [N, k]
         for part in batch.chunks(num_open):
             rows = open_index[part]
             values, grad = listmle_value_and_grad(self.student_scores[rows], self.teacher_scores[rows], config.listmle_form)
             total = total + values.sum()
             if batch.need_grad:
                 student.add_sparse_grad(rows, self.ids[rows], grad * scale)
+            if self.logit_grad is not None:
+                self.logit_grad[rows] = grad * scale
         return total / num_open
+
+    def exact_grad(self, chunk, out: torch.Tensor) -> None:
+        out.zero_()
+        out.scatter_(1, self.ids[chunk.index], self.logit_grad[chunk.index])
 
 
 class SequenceRankingTerm(Term):
@@ -254,6 +283,7 @@ class SequenceRankingTerm(Term):
     It reaches the logits only through log q_t(y_t): the main pass stores those, the gradient
     w.r.t. them is taken on the [B] scores, and the correction pass adds coef_t * d log q_t(y_t)/dz."""
 
+    name = "indirect_sequence"
     loss_key = "loss_indirect_sequence"
     weight_field = "sequence_weight"
 
@@ -289,6 +319,10 @@ class SequenceRankingTerm(Term):
 
     def correct(self, chunk, rows: torch.Tensor) -> None:
         add_logprob_grad_(chunk.grad_to_add(), chunk.q, self.batch.sampled_ids[rows], self.correction[rows])
+
+    def exact_grad(self, chunk, out: torch.Tensor) -> None:
+        out.zero_()  # its whole gradient is the correction (the main pass gives none)
+        add_logprob_grad_(out, chunk.q, self.batch.sampled_ids[chunk.index], self.correction[chunk.index])
 
 
 # In the order their weighted values are summed into L (fixed: the total is bit-reproducible).
