@@ -119,3 +119,10 @@ def test_terms_that_are_off_report_zero(make_batch):
     assert metrics["diag_grad_norm_direct"] > 0
     assert metrics["diag_grad_norm_entropy"] == metrics["diag_grad_cos_indirect_token_direct"] == 0.0
     assert metrics["diag_teacher_mass_on_candidates"] == pytest.approx(1.0)  # all 15 tokens are candidates
+
+
+def test_an_all_masked_batch_still_reports_every_key(make_batch):
+    batch = make_batch(2, 4, 9, seed=6)
+    cfg = TSDKDConfig(num_candidates=3, diagnostics=True)
+    _, metrics = tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), torch.zeros(2, 4), cfg, shared_vocab_size=9)
+    assert set(metrics) == set(METRIC_KEYS) | set(DIAGNOSTIC_KEYS) and not any(metrics.values())

@@ -268,13 +268,14 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
 
     student: StudentLogits or StudentHidden. Returns (loss 0-dim tensor, metrics)."""
     num, dtype, tau, device = batch.num, batch.dtype, batch.tau, batch.device
-    if num == 0:
-        return batch.zero, dict.fromkeys(METRIC_KEYS, 0.0)
     config, teacher = batch.config, batch.teacher
+    keys = METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+    if num == 0:
+        return batch.zero, dict.fromkeys(keys, 0.0)
     terms: list[Term] = [term(batch) for term in active_terms(config)]
     work = _Workspace(batch.chunk_size, shared, dtype, device)
     need_teacher_rows = batch.dense and any(term.uses_teacher_rows(teacher) for term in terms)
-    main_pass_grad = batch.need_grad and any(term.dense_grad for term in terms)  # after the terms' set-up
+    main_pass_grad = batch.need_grad and any(term.dense_grad for term in terms)  # decided in their set-up
     batch.student_entropy = batch.per_token()
     batch.teacher_entropy = batch.per_token() if need_teacher_rows else (None if batch.dense else teacher.entropy)
     bad_student = torch.zeros((), dtype=torch.bool, device=device)
@@ -334,10 +335,8 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
         stats.update(term.metrics())
     stats.update(_common_metrics(batch, fix_index.numel()))
     stats["loss"] = total
-    keys = METRIC_KEYS
     if config.diagnostics:
         stats.update(_diagnostics(student, batch, terms, work))
-        keys = METRIC_KEYS + DIAGNOSTIC_KEYS
     packed = torch.stack([stats[key].reshape(()).to(dtype) for key in keys]).tolist()
     metrics = dict(zip(keys, (float(v) for v in packed)))
     if not math.isfinite(metrics["loss"]):
