@@ -1,7 +1,8 @@
 """The four loss terms, one unit each: what it does per chunk, after the main pass, its metrics.
 
 The engine (engine.py) owns the chunk loop, the student's and teacher's rows of each chunk and
-the correction pass; it knows no term by name. A term
+the correction pass; it knows no term by name (only the diagnostics compare every term's gradient
+with the one named "direct"). A term
 
 - `chunk(chunk)`: reads the chunk's log-probs (and the teacher's), records what it needs later
   and, if it has a dense gradient, writes or adds it into the chunk's gradient buffer;
