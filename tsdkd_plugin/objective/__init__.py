@@ -10,7 +10,7 @@ Modules, one concern each:
     selective_jsd.py  direct term: entropy gate, generalized JSD (dense and K+1-bucket) with gradients
     entropy.py        entropy regularization: entropy, its gradient, quantile selection
     listmle.py        indirect terms: ListMLE (suffix / buggy prefix), per-sequence opener, sequence level
-    transport.py      TeacherSignals (dense or sparse) and the teacher-side sparse-signal builders
+    transport.py      TeacherSignals (dense or sparse), its wire format, the teacher-side sparse-signal builders
     chunking.py       row sources (logits or hidden @ W, chunk by chunk), gradient sinks, output heads
     terms.py          the four loss terms as units: per chunk, after the main pass, corrections, metrics
     engine.py         the chunk loop and the correction pass shared by both entry points
