@@ -95,7 +95,7 @@ class MergedLoRAView:
 def sparse_teacher_signals(signals: Dict[str, torch.Tensor], config: TSDKDConfig) -> TeacherSignals:
     """Rebuild the objective's `TeacherSignals` from the wire dict of a separate teacher group."""
     fields = {k: v for k, v in signals.items() if k != "group_ids"}
-    return TeacherSignals(**fields, temperature=config.temperature)
+    return TeacherSignals.from_wire(fields, temperature=config.temperature)
 
 
 class TSDKDActorTrainer(ActorPPOTrainer):

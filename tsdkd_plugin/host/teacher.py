@@ -86,7 +86,8 @@ def score_samples(
     attention_mask: torch.Tensor,
     candidate_ids: Optional[torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
-    """Sparse teacher signals for a micro-batch of student samples, as a dict of CPU tensors."""
+    """Sparse teacher signals for a micro-batch of student samples, as a dict of CPU tensors in the
+    wire format (`TeacherSignals.to_wire`: float16 log-probs, int32 ids)."""
     device = current_device()
     sequences, attention_mask = sequences.to(device), attention_mask.to(device)
     num_actions = action_mask.shape[1]
@@ -103,7 +104,7 @@ def score_samples(
             sampled_ids=sequences[:, -num_actions:].masked_fill(~mask, 0),
             output_head=output_head_of(model),  # e.g. Gemma-2's logit softcapping
         )
-    return {name: tensor.to("cpu") for name, tensor in signals.tensors().items()}
+    return {name: tensor.to("cpu") for name, tensor in signals.to_wire().items()}
 
 
 def where_am_i() -> Dict:
