@@ -9,7 +9,7 @@ OpenRLHF's `Actor` (the real loading path, from a saved directory), in fp32:
 - the dense chunked teacher logits (`HiddenRows` over `response_hidden_states`), and the loss
   computed from them (`TeacherSignals(hidden=..., lm_head_weight=..., output_head=...)`, the
   colocated teacher's path in host/actor.py);
-- the sparse top-K signals of `score_samples` (the separate teacher group's path);
+- the sparse top-K signals of the separate teacher group (`sparse_signals_for_samples`, shipped by `score_samples`);
 - the student's logits as the loss reads them (upstream `Actor.forward` + `action_logits`);
 
 all equal HF's own `forward().logits` (same positions: OpenRLHF's left-padding convention) to
@@ -33,7 +33,7 @@ from tsdkd_plugin.host.model_io import (
     output_head_of,
     response_hidden_states,
 )
-from tsdkd_plugin.host.teacher import action_logits, score_samples
+from tsdkd_plugin.host.teacher import action_logits, score_samples, sparse_signals_for_samples
 from tsdkd_plugin.objective import IDENTITY_HEAD, TeacherSignals, TSDKDConfig, teacher_signals_from_logits, tsdkd_loss
 from tsdkd_plugin.objective.chunking import HiddenRows
 
@@ -156,14 +156,20 @@ def test_dense_teacher_loss_equals_the_loss_on_hf_logits(family, reference):
 
 
 def test_sparse_teacher_signals_equal_hf(family, reference):
-    """score_samples (the separate teacher group) against signals built from HF's logits, and its
-    top-K log-probs and entropy against a float64 softmax of HF's logits."""
+    """The separate teacher group's signals (before the float16 wire encoding) against signals built
+    from HF's logits, and its top-K log-probs and entropy against a float64 softmax of HF's logits;
+    score_samples ships exactly their wire encoding."""
     name, actor, _ = family
     expected, (sequences, attention_mask, action_mask) = reference
     config = TSDKDConfig(temperature=0.7, sparse_top_k=8)
     candidates = torch.randint(0, SHARED, (*action_mask.shape, config.num_candidates),
                                generator=torch.Generator().manual_seed(4))  # fmt: skip
-    got = score_samples(actor, 0, config, SHARED, sequences, action_mask, attention_mask, candidates)
+    signals = sparse_signals_for_samples(actor, 0, config, SHARED, sequences, action_mask, attention_mask, candidates)
+    shipped = score_samples(actor, 0, config, SHARED, sequences, action_mask, attention_mask, candidates)
+    wire = signals.to_wire()
+    assert set(shipped) == set(wire)
+    assert all(torch.equal(shipped[key], wire[key]) for key in wire), name
+    got = signals.tensors()
     want = teacher_signals_from_logits(
         expected, config, mask=action_mask, shared_vocab_size=SHARED, candidate_ids=candidates,
         sampled_ids=sequences[:, -RESPONSE:].masked_fill(~action_mask, 0),
