@@ -93,6 +93,13 @@ def test_grpo_labels_come_from_ground_truth_joined_by_instruction_then_from_the_
     assert f"labels: 2 from ground truth ({ground_truth}), 2 from teacher answers ({teacher})" in summary
     assert "1 rows without a label" in summary and "1 ground-truth instructions with conflicting answers" in summary
 
+    # The documented path: label the TSD-KD prompt file itself (the same prompts for both runs).
+    labelled = tmp_path / "grpo_from_prompts.jsonl"
+    assert main(["labels", "--prompts", str(prompts_out), "--ground-truth", str(ground_truth),
+                 "--teacher-answers", str(teacher), "--require-label", "--out", str(labelled)]) == 0
+    assert read_jsonl(labelled) == read_jsonl(out)
+    assert f"labels: 2 from ground truth ({ground_truth}), 2 from teacher answers ({teacher})" in capsys.readouterr().err
+
 
 def test_custom_columns_system_prompt_suffix_and_held_out_split(tmp_path, capsys):
     rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(10)]

@@ -17,7 +17,14 @@ Prompts (TSD-KD, GRPO) from the reference prompt set or any instruction dataset:
   `label` is the final answer that the GRPO verifier checks (`--data.label_key label`), with
   `label_source` saying where it came from. A held-out slice can be written with --eval-out.
 
-Labels for GRPO (a reference answer that is not the student's own), first source that has one:
+Labels for GRPO (a reference answer that is not the student's own), on `prompts` or, to label the
+TSD-KD prompt file itself (the same prompts for both runs), on
+
+    python -m tsdkd_plugin.recipes_tools.prepare_data labels --prompts data/tsdkd_prompts.jsonl \\
+        --ground-truth openbmb/UltraInteract_sft --teacher-answers gen/teacher_answers.jsonl \\
+        --require-label --out data/grpo_prompts.jsonl
+
+from the first of these sources that has an answer:
 
     --label-key COL            ground truth in the dataset itself (GSM8K `answer`, MATH `solution`)
     --ground-truth DATASET     ground truth joined by instruction (the TSD-KD prompts come from
@@ -426,6 +433,19 @@ def teacher_ranked_pairs(
 # --------------------------------------------------------------------------- CLI
 
 
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-key", default=None,
+                        help="ground-truth column for the GRPO verifier (a GSM8K/MATH solution or a bare answer)")
+    parser.add_argument("--ground-truth", default=None,
+                        help="dataset with ground-truth responses joined by instruction (e.g. openbmb/UltraInteract_sft)")
+    parser.add_argument("--ground-truth-split", default="train")
+    parser.add_argument("--ground-truth-instruction-key", default="instruction")
+    parser.add_argument("--ground-truth-response-key", default="response")
+    parser.add_argument("--teacher-answers", default=None,
+                        help="generation file of the teacher (sampling --model TEACHER): labels where ground truth is missing")
+    parser.add_argument("--require-label", action="store_true", help="drop rows without a label (the GRPO prompt file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.prepare_data",
                                      description=__doc__.split("\n\n")[0])
@@ -439,20 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--response-key", default="response",
                          help="column with the reference response, '' for none (default: response)")
     prompts.add_argument("--dataset-config", default=None, help="config name of a hub dataset (GSM8K: main)")
-    prompts.add_argument("--label-key", default=None,
-                         help="ground-truth column for the GRPO verifier (a GSM8K/MATH solution or a bare answer)")
-    prompts.add_argument("--ground-truth", default=None,
-                         help="dataset with ground-truth responses joined by instruction (e.g. openbmb/UltraInteract_sft)")
-    prompts.add_argument("--ground-truth-split", default="train")
-    prompts.add_argument("--ground-truth-instruction-key", default="instruction")
-    prompts.add_argument("--ground-truth-response-key", default="response")
-    prompts.add_argument("--teacher-answers", default=None,
-                         help="generation file of the teacher (sampling --model TEACHER): labels where ground truth is missing")
+    add_label_arguments(prompts)
     prompts.add_argument("--label-from-response", action="store_true",
                          help="labels from this dataset's own response column, when it is ground truth "
                               "(refused on the reference set: its responses are the student's)")
-    prompts.add_argument("--require-label", action="store_true",
-                         help="drop rows without a label (for the GRPO prompt file)")
     prompts.add_argument("--system-prompt", default=None, help="a system message before each instruction")
     prompts.add_argument("--instruction-suffix", default="",
                          help="text appended to each instruction (e.g. ' /no_think' for Qwen3 without thinking)")
@@ -462,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--eval-out", default=None, help="where the held-out prompts go (needs --eval-rows)")
     prompts.add_argument("--seed", type=int, default=42)
     prompts.add_argument("--out", required=True, help="output JSONL")
+
+    labels = commands.add_parser("labels", help="labels for an existing prompt file (the TSD-KD prompts -> GRPO prompts)")
+    labels.add_argument("--prompts", required=True, help="prompt JSONL written by `prompts` (chat messages)")
+    labels.add_argument("--input-key", default="prompt", help="chat-message column of --prompts (default: prompt)")
+    labels.add_argument("--instruction-suffix", default="",
+                        help="the suffix `prompts` appended to each instruction, removed before the ground-truth join")
+    add_label_arguments(labels)
+    labels.add_argument("--out", required=True, help="output JSONL (the same rows, with label and label_source)")
 
     pairs = commands.add_parser("dpo-pairs", help="generation files -> DPO preference pairs JSONL")
     pairs.add_argument("--mode", required=True, choices=("teacher-vs-student", "teacher-ranked"))
@@ -481,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def label_sources(options, summary: Summary) -> LabelSources:
-    if options.label_from_response:
+    from_response = getattr(options, "label_from_response", False)
+    if from_response:
         if not options.response_key:
             raise DataError("--label-from-response reads the reference response: set --response-key")
         if options.dataset == REFERENCE_PROMPT_SET:
@@ -489,7 +508,7 @@ def label_sources(options, summary: Summary) -> LabelSources:
                 f"--label-from-response on {REFERENCE_PROMPT_SET} would reward agreement with the student's own "
                 f"answers (its responses were written by Qwen2.5-1.5B-Instruct); use --ground-truth "
                 f"openbmb/UltraInteract_sft and/or --teacher-answers instead")
-    sources = LabelSources(label_key=options.label_key, from_response=options.label_from_response)
+    sources = LabelSources(label_key=options.label_key, from_response=from_response)
     if options.ground_truth:
         sources.ground_truth = ground_truth_answers(
             load_rows(options.ground_truth, options.ground_truth_split), options.ground_truth,
@@ -527,6 +546,35 @@ def run_prompts(options) -> Summary:
     return summary
 
 
+def run_labels(options) -> Summary:
+    """The rows of a prompt file with their labels: the same prompts as TSD-KD, for GRPO."""
+    summary = Summary()
+    labels = label_sources(options, summary)
+    if not labels.wanted:
+        raise DataError("labels needs a label source: --ground-truth, --teacher-answers or --label-key")
+    out_rows = []
+    for index, row in enumerate(load_rows(options.prompts)):
+        summary.read += 1
+        if index == 0:
+            _require_key(row, options.input_key, options.prompts, "--input-key")
+        messages = _prompt_messages(row[options.input_key], options.prompts)
+        user_turns = [m["content"] for m in messages if m["role"] == "user"]
+        instruction = user_turns[-1] if user_turns else ""
+        if options.instruction_suffix and instruction.endswith(options.instruction_suffix):
+            instruction = instruction[: -len(options.instruction_suffix)]
+        label, kind, description = labels.label(row, instruction, messages, None)
+        if label is None and options.require_label:
+            summary.skipped["rows without a label"] += 1
+            continue
+        out_rows.append({**row, "label": label or "", "label_source": kind or ""})
+        if description:
+            summary.labels[description] += 1
+    if not out_rows:
+        raise DataError(f"{options.prompts}: no row got a label ({summary.line('labels', options.out)})")
+    summary.written = write_jsonl(out_rows, options.out)
+    return summary
+
+
 def run_dpo_pairs(options) -> Summary:
     summary = Summary()
     if options.mode == "teacher-vs-student":
@@ -551,7 +599,8 @@ def run_dpo_pairs(options) -> Summary:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = build_parser().parse_args(argv)
     try:
-        summary = run_prompts(options) if options.command == "prompts" else run_dpo_pairs(options)
+        run = {"prompts": run_prompts, "labels": run_labels, "dpo-pairs": run_dpo_pairs}[options.command]
+        summary = run(options)
     except DataError as error:
         print(f"prepare_data: error: {error}", file=sys.stderr)
         return 2
