@@ -165,12 +165,14 @@ submit_ray_job() {
   ray job submit --address "$address" --submission-id "$job_id" "${resources[@]}" -- "$@" 2>&1 | tee "$log" || rc=$?
   trap - INT
   IFS=$'\t' read -r status message < <(ray_job_outcome "$address" "$job_id" || true) || true
-  if [ "$rc" = 0 ] && [ "${status:-}" = SUCCEEDED ]; then
+  # `ray job submit` exits 1 when the job FAILED but 0 when it was STOPPED: the status decides. If it
+  # cannot be read ($PYTHON without ray), the exit status of `ray job submit` does.
+  if [ "$rc" = 0 ] && { [ "${status:-}" = SUCCEEDED ] || [ -z "${status:-}" ]; }; then
     return 0
   fi
   case "${status:-}" in
     "")
-      echo "$RECIPE_NAME: error: Ray job $job_id was not accepted by $address (ray job submit exit status $rc); its output is in $log" >&2 ;;
+      echo "$RECIPE_NAME: error: Ray job $job_id did not succeed or was not accepted by $address (ray job submit exit status $rc); its output is in $log" >&2 ;;
     PENDING|RUNNING)
       echo "$RECIPE_NAME: error: lost contact with Ray job $job_id, which is still $status; follow it with: ray job logs --follow --address $address $job_id (output so far: $log)" >&2 ;;
     *)

@@ -225,11 +225,18 @@ def test_two_node_recipe_puts_the_policy_on_one_node_and_engine_and_teacher_on_t
 
 
 def test_grpo_and_dpo_baselines_train_and_checkpoint(toy_runs):
+    from tsdkd_plugin.testing import tensorboard_scalars
+
     work = toy_runs["work"]
     for name, latest in (("grpo", "checkpoints/_actor/latest"), ("dpo", "checkpoints/latest")):
         run = toy_runs["runs"][name]
         assert run.returncode == 0, run.failure()
         checkpoint_and_final_model(work / "ckpt" / name, work / "ckpt" / name / latest, steps=2)
+    # GRPO's reward came from the recipe's verifier, loaded by the vLLM actors inside the cluster
+    # (its extra log; the untrained toy student answers nothing, so the rewards are 0).
+    scalars = tensorboard_scalars(work / "ckpt" / "grpo" / "tensorboard")
+    answered = scalars.get("train/math_has_final_answer", {})
+    assert set(answered) == {1, 2} and all(0.0 <= v <= 1.0 for v in answered.values()), sorted(scalars)
     pairs = [json.loads(line) for line in (work / "data" / "dpo_pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     scored = [json.loads(line) for line in (work / "gen" / "dpo_pairs" / "scored.jsonl").read_text().splitlines()]
