@@ -130,7 +130,9 @@ def test_prompt_longer_than_max_len_allows(launch, tmp_path, capsys):
 def test_rows_past_max_samples_are_not_used(launch, tmp_path, capsys):
     """Only the first --data.max_samples rows reach training: a bad row after them is not an error."""
     rows = [GOOD] * 3 + [{"prompt": "", "answer": "1"}]
-    main(launch("--data.max_samples", "3", prompts=write_rows(tmp_path / "p.jsonl", rows)))
+    argv = launch("--data.max_samples", "3", "--actor.num_gpus_per_node", "1", "--train.batch_size", "12",
+                  prompts=write_rows(tmp_path / "p.jsonl", rows))  # 3 prompts x 4 samples fill one step
+    main(argv)
     assert '"shared_vocab_size"' in capsys.readouterr().out
 
 

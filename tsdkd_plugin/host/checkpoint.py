@@ -149,6 +149,21 @@ def _complete_torch_file(path: str) -> bool:
         return False
 
 
+def _load_model_states(path: str):
+    """A DeepSpeed model-states file with its tensors memory-mapped, not read (data.pkl only)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _first_model_states(files: List[str]) -> Optional[str]:
+    """The data-parallel rank-0 model-states file (ZeRO 0-2: mp_rank_00_…; ZeRO-3: zero_pp_rank_0_…)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if name in files:
+            return name
+    return next((f for f in files if f.endswith("model_states.pt")), None)
+
+
 def tag_problem(ckpt_dir: str, tag: str) -> Optional[str]:
     """Why `<ckpt_dir>/<tag>` is not a complete DeepSpeed checkpoint, or None."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -158,12 +173,36 @@ def tag_problem(ckpt_dir: str, tag: str) -> Optional[str]:
         files = sorted(os.listdir(tag_dir))
     except OSError as error:
         return f"{tag_dir} cannot be listed ({error.strerror})"
-    if not any(f.endswith("model_states.pt") for f in files):
+    model_states = _first_model_states(files)
+    if model_states is None:
         return f"{tag_dir} has no DeepSpeed model states file (*model_states.pt)"
     for name in files:
         if name.endswith(".pt") and not _complete_torch_file(os.path.join(tag_dir, name)):
             return f"{os.path.join(tag_dir, name)} is truncated or corrupt"
+    path = os.path.join(tag_dir, model_states)
+    try:
+        states = _load_model_states(path)
+    except Exception as error:  # a complete archive whose pickle cannot be read
+        return f"{path} cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})"
+    if not isinstance(states, dict) or "module" not in states:
+        return f"{path} is not a DeepSpeed model-states file (it has no 'module' entry)"
     return None
+
+
+def checkpoint_parameter_shapes(tag_dir: str) -> Dict[str, tuple]:
+    """{parameter name: shape} recorded in a tag's model-states file (the module's state dict, or
+    DeepSpeed's param_shapes under ZeRO-3), without reading the tensors."""
+    name = _first_model_states(sorted(os.listdir(tag_dir)))
+    if name is None:
+        return {}
+    states = _load_model_states(os.path.join(tag_dir, name))
+    module = states.get("module") if isinstance(states, dict) else None
+    if isinstance(module, dict) and module:
+        return {k: tuple(v.shape) for k, v in module.items() if hasattr(v, "shape")}
+    shapes = {}
+    for group in (states.get("param_shapes") or []) if isinstance(states, dict) else []:
+        shapes.update({k: tuple(v) for k, v in dict(group).items()})
+    return shapes
 
 
 def complete_tags(ckpt_dir: str, exclude: Iterable[str] = ()) -> List[str]:
