@@ -63,6 +63,37 @@ def stop_reason(error: BaseException) -> Optional[TrainingStoppedError]:
     return None
 
 
+def innermost_error(error: BaseException) -> BaseException:
+    """The exception a worker's own code raised, below Ray's wrappers (RayTaskError.cause, once
+    per actor hop)."""
+    seen = {id(error)}
+    while isinstance(getattr(error, "cause", None), BaseException) and id(error.cause) not in seen:
+        error = error.cause
+        seen.add(id(error))
+    return error
+
+
+def _is_frame_line(line: str) -> bool:
+    return line.startswith((" ", "\t", "Traceback", "File ")) or line.startswith("^")
+
+
+def worker_error_line(error: BaseException, limit: int = 300) -> str:
+    """The line a worker's traceback ends with ("ValueError: ..."), for a one-line report on the
+    driver. For an exception Ray re-raised from a worker, that is the innermost cause's type and
+    first message line; for Ray's own errors (an actor that died in its constructor, whose message
+    embeds the worker's traceback), the last line of that traceback."""
+    inner = innermost_error(error)
+    text = str(inner).strip()
+    if type(inner).__module__.startswith("ray.") or "Traceback (most recent call last)" in text:
+        lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+        ending = [line for line in lines if not _is_frame_line(line)]
+        line = ending[-1].strip() if ending else type(inner).__name__
+    else:
+        first = (text.splitlines() or [""])[0]
+        line = f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def injected_faults() -> Dict[str, int]:
     """{fault: call number} from TSDKD_FAULT_INJECT; a typo raises, so a test cannot pass by injecting nothing."""
     spec = os.environ.get(FAULT_INJECT_ENV, "").strip()

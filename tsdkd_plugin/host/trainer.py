@@ -25,7 +25,7 @@ from openrlhf.utils.logging_utils import init_logger
 from tsdkd_plugin.host.args import DEFAULT_TEACHER_MAX_RETRIES, DEFAULT_TEACHER_TIMEOUT_S
 from tsdkd_plugin.host.checkpoint import resume_hint
 from tsdkd_plugin.host.experience import group_ids_from_rollout_index
-from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason
+from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason, worker_error_line
 from tsdkd_plugin.host.off_policy import is_off_policy_step, replace_with_reference_responses
 
 logger = init_logger(__name__)
@@ -37,6 +37,10 @@ TEACHER_RETRY_PAUSE_S = 2.0
 
 class TeacherUnavailableError(TrainingStoppedError):
     """The teacher group failed, or did not answer in time, on every attempt."""
+
+
+class TeacherFailedError(TrainingStoppedError):
+    """The teacher raised an error that a retry would raise again."""
 
 
 class RetriesExhausted(Exception):
@@ -54,6 +58,15 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_transient(error: BaseException) -> bool:
+    """Can the same call succeed when tried again? Yes for what happens to a process, a node or a
+    connection (a dead or restarting actor, a timeout, a lost object or connection); no for an
+    exception the teacher's own code raised (a ValueError stays a ValueError on the same batch)."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return isinstance(error.cause, (ConnectionError, TimeoutError))
+    return isinstance(error, (ray.exceptions.RayError, TimeoutError))
+
+
 def get_with_retries(
     submit: Callable[[], List[Any]],
     *,
@@ -63,14 +76,17 @@ def get_with_retries(
     get: Callable = ray.get,
     sleep: Callable[[float], None] = time.sleep,
 ) -> List[Any]:
-    """get(submit(), timeout=timeout_s), re-submitting after a Ray error or a timeout, at most
-    max_retries times; then RetriesExhausted. Total time <= (max_retries + 1) x (timeout_s + pause)."""
+    """get(submit(), timeout=timeout_s), re-submitting after a transient failure (`is_transient`),
+    at most max_retries times; then RetriesExhausted. Any other error is raised at once.
+    Total time <= (max_retries + 1) x (timeout_s + pause)."""
     last_error = None
     for attempt in range(1, max_retries + 2):
         refs = submit()
         try:
             return get(refs, timeout=timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as error:
+            if not is_transient(error):
+                raise
             last_error = error
             for ref in refs:  # best effort: drop queued work of a hung attempt
                 try:
@@ -160,6 +176,12 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
 
         try:
             results = get_with_retries(submit, timeout_s=timeout_s, max_retries=max_retries, what="teacher forward")
+        except ray.exceptions.RayTaskError as error:  # raised by the teacher's code: reported at once
+            raise TeacherFailedError(
+                f"TSD-KD stopped: the teacher group (--teacher.model_name_or_path {teacher.model_name_or_path}) "
+                f"raised {worker_error_line(error)}; a retry would raise it again, so it was not retried; fix the "
+                f"cause, then {resume_hint(self.args.ckpt.path)}"
+            ) from None
         except RetriesExhausted as exhausted:
             raise TeacherUnavailableError(
                 f"TSD-KD stopped: the teacher group (--teacher.model_name_or_path {teacher.model_name_or_path}) "

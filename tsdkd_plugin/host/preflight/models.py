@@ -40,6 +40,8 @@ LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 # one is named, not reported as an anonymous parse error from the tokenizers library).
 MODEL_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "generation_config.json")
+# Files a tokenizer is loaded from; a local model directory needs at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the format's own limit on the JSON header
 # Config keys vLLM derives the maximum model length from (the smallest present wins).
 POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
@@ -52,8 +54,10 @@ def looks_local(path: str) -> bool:
     return path.startswith(LOCAL_PATH_PREFIXES) or os.path.exists(path)
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:limit]
+def _error_text(error: BaseException, limit: int = 300) -> str:
+    """A library error on one line (some put the reason on their second line)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -139,6 +143,11 @@ def check_model_path(option: str, path: Optional[str]) -> None:
     for name in MODEL_JSON_FILES:
         if os.path.isfile(os.path.join(expanded, name)):
             _read_json(option, path, os.path.join(expanded, name))
+    if not any(os.path.isfile(os.path.join(expanded, name)) for name in TOKENIZER_FILES):
+        raise ArgumentError(
+            f"{option} {path!r} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the tokenizer files "
+            f"from the model's source (save_pretrained of the tokenizer)"
+        )
 
 
 def load_config(option: str, path: str):
@@ -148,7 +157,7 @@ def load_config(option: str, path: str):
         return AutoConfig.from_pretrained(path, trust_remote_code=True)
     except Exception as error:  # OSError, ValueError (unknown model_type), TypeError, KeyError ...
         raise ArgumentError(
-            f"{option} {path!r} cannot be loaded ({type(error).__name__}: {_first_line(error)}); check the name or "
+            f"{option} {path!r} cannot be loaded ({type(error).__name__}: {_error_text(error)}); check the name or "
             f"path, and network access (or the local cache with HF_HUB_OFFLINE=1) for hub models"
         ) from None
 
@@ -161,7 +170,7 @@ def load_tokenizer(option: str, path: str, use_fast: bool = True):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=True, use_fast=use_fast)
     except Exception as error:  # any failure is a bad model input here
         raise ArgumentError(
-            f"{option} {path!r}: its tokenizer cannot be loaded ({type(error).__name__}: {_first_line(error)}); "
+            f"{option} {path!r}: its tokenizer cannot be loaded ({type(error).__name__}: {_error_text(error)}); "
             f"point it at a model directory or hub name that includes a tokenizer"
         ) from None
 

@@ -74,11 +74,12 @@ class Range:
         return bool(above and below)  # NaN fails both
 
     def describe(self) -> str:
+        low, high = (int(b) if float(b).is_integer() else b for b in (self.low, self.high))
         if self.high == math.inf:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low == -math.inf:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
 AT_LEAST_1 = Range(1)
@@ -107,6 +108,7 @@ RANGES: Dict[str, Range] = {
     "ds.ring_attn_size": AT_LEAST_1,
     "ds.ring_attn_head_stride": AT_LEAST_1,
     "ds.zpg": AT_LEAST_1,
+    "ds.zero_stage": Range(0, 3, why="(DeepSpeed's ZeRO stages are 0, 1, 2 and 3)"),
     "ds.lora.alpha": Range(0, low_open=True, when=lambda a: a.ds.lora.rank > 0),
     "ds.lora.dropout": Range(0, 1, high_open=True, when=lambda a: a.ds.lora.rank > 0),
     "data.dataloader_num_workers": AT_LEAST_0,
@@ -167,6 +169,8 @@ def check_temperature(flag: str, temperature: float) -> None:
 # Prefix or flag -> why TSD-KD ignores it and what to use instead. A value other than the parser's
 # default is refused: it would be accepted by upstream's parser and then have no effect.
 UNUSED_UPSTREAM: Tuple[Tuple[str, str], ...] = (
+    ("critic.freezing_steps", "upstream freezes the policy for the first N steps while a critic warms up; TSD-KD "
+                              "has no critic, so the student would just not train for N steps"),
     ("critic.", "TSD-KD trains no critic (the teacher's signals replace values and advantages)"),
     ("ref.", "TSD-KD runs no reference model (the teacher is the anchor); see --teacher.*"),
     ("reward.num_nodes", "TSD-KD runs no reward model group; a verifier reward comes from --reward.remote_url"),
@@ -205,7 +209,7 @@ def check_unused_upstream(args: SimpleNamespace, defaults: Dict[str, object]) ->
                     default, (list, tuple)) else value == default
                 if not same:
                     raise ArgumentError(
-                        f"--{dest} {_shown(value)} has no effect in TSD-KD: {why}; drop the flag"
+                        f"--{dest} {_shown(value)} is not for TSD-KD: {why}; drop the flag"
                     )
                 break
 
@@ -320,6 +324,13 @@ def check_batch_arithmetic(args: SimpleNamespace) -> None:
             f"{samples // args.rollout.micro_batch_size} micro-batch(es) of --rollout.micro_batch_size "
             f"{args.rollout.micro_batch_size}, fewer than the {ranks} policy ranks that each need one; raise "
             f"--rollout.batch_size or lower --rollout.micro_batch_size"
+        )
+    engines_gpus = args.vllm.num_engines * args.vllm.tensor_parallel_size
+    if args.train.colocate_all and engines_gpus != world:
+        raise ArgumentError(
+            f"--train.colocate_all puts the vLLM engines on the policy's GPUs: --vllm.num_engines x "
+            f"--vllm.tensor_parallel_size ({engines_gpus}) must equal --actor.num_nodes x --actor.num_gpus_per_node "
+            f"({world})"
         )
     generate = args.rollout.vllm_generate_batch_size
     if generate is not None and generate > args.rollout.batch_size:
