@@ -106,19 +106,24 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_cluster_capacity(args, ray.cluster_resources().get("GPU", 0))
     except ArgumentError as error:
         sys.exit(f"{PROG}: error: {error}")
-    from tsdkd_plugin.host.faults import stop_reason
+    from tsdkd_plugin.host.faults import stop_reason, worker_failure_report
     from tsdkd_plugin.host.launch import train
 
     try:
         train(args, config, plan.shared_vocab_size)
     except Exception as error:
-        # A stopped run (teacher unavailable, repeated non-finite losses: docs/reliability.md)
-        # ends with its one-sentence reason, not Ray's nested worker tracebacks.
+        # A stopped run (teacher unavailable, repeated non-finite losses) ends with its one-sentence
+        # reason; a worker that failed on an input (a model vLLM cannot load after all, a checkpoint
+        # DeepSpeed cannot read) with one sentence naming the flag and file, and the worker's last
+        # error line beneath it: not Ray's nested cross-process tracebacks (docs/reliability.md).
         stopped = stop_reason(error)
-        if stopped is None:
+        failure = None if stopped is not None else worker_failure_report(error, args)
+        if stopped is None and failure is None:
             raise
+        if failure is not None and failure.input_flag is None:
+            sys.stderr.write(f"{error}\n")  # not caused by one input: keep the whole trace for debugging
         ray.shutdown()  # flush the workers' forwarded logs first, so the reason is the last line
-        sys.exit(f"{PROG}: error: {stopped}")
+        sys.exit(f"{PROG}: error: {stopped if stopped is not None else failure.message}")
 
 
 if __name__ == "__main__":
