@@ -114,10 +114,12 @@ def save_checkpoint_atomically(
     is_rank_0: bool,
     barrier: Callable[[], None],
     write_metric: Optional[Callable[[str], None]] = None,
+    write_rank_files: Optional[Callable[[str], None]] = None,
 ) -> None:
     """Save `engine` (a DeepSpeedEngine) as `tag` in the steps of the module docstring.
 
-    Collective: every rank calls it. `write_metric(tag_dir)` writes upstream's metric.json."""
+    Collective: every rank calls it. `write_metric(tag_dir)` writes upstream's metric.json;
+    `write_rank_files(tag_dir)`, called on every rank, adds that rank's own files (its RNG state)."""
     staging_tag = tag + STAGING_SUFFIX
     staging_dir, final_dir = os.path.join(ckpt_dir, staging_tag), os.path.join(ckpt_dir, tag)
     if is_rank_0:
@@ -125,6 +127,8 @@ def save_checkpoint_atomically(
         shutil.rmtree(staging_dir, ignore_errors=True)  # files of an earlier interrupted save of this tag
     barrier()
     engine.save_checkpoint(ckpt_dir, tag=staging_tag, client_state=client_state, save_latest=False)
+    if write_rank_files is not None:
+        write_rank_files(staging_dir)
     barrier()
     if is_rank_0:
         if write_metric is not None:
@@ -239,6 +243,66 @@ def checkpoint_problem(ckpt_dir: str) -> Optional[str]:
     fix = (f"write the name of a complete earlier tag ({', '.join(earlier[:3])}) into {latest_path}"
            if earlier else "no complete tag is left")
     return f"the checkpoint to resume from is unusable: {problem}; {fix}, or move {ckpt_dir} away to start from step 0"
+
+
+# ----------------------------------------------------------------------------- random number generators
+# What decides a resumed step besides weights, optimizer and data position: the RNG states of the
+# driver (saved in the client states) and of every policy rank (its replay buffer's shuffle, dropout;
+# one file per rank in the tag directory, since DeepSpeed keeps only rank 0's client states).
+
+DRIVER_RNG_KEY = "tsdkd_driver_rng_state"
+
+
+def rank_rng_file(tag_dir: str, rank: int) -> str:
+    return os.path.join(tag_dir, f"tsdkd_rng_state_rank{rank}.pt")
+
+
+def capture_rng_state() -> Dict:
+    """Python's, numpy's and torch's (CPU and CUDA) global RNG states of this process."""
+    import random
+
+    import numpy
+    import torch
+
+    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Optional[Dict]) -> bool:
+    """Set this process's RNGs back to a `capture_rng_state()`; False when there is none to restore."""
+    if not state:
+        return False
+    import random
+
+    import numpy
+    import torch
+
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def save_rank_rng_state(tag_dir: str, rank: int) -> None:
+    import torch
+
+    torch.save(capture_rng_state(), rank_rng_file(tag_dir, rank))
+
+
+def restore_rank_rng_state(ckpt_dir: str, rank: int) -> bool:
+    """Restore this rank's RNGs from the tag `latest` names (the one a resume just loaded); False for
+    checkpoints written before RNG states were saved."""
+    import torch
+
+    tag = read_latest(ckpt_dir)
+    path = rank_rng_file(os.path.join(ckpt_dir, tag), rank) if tag else None
+    if path is None or not os.path.isfile(path):
+        return False
+    return restore_rng_state(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def resume_hint(ckpt_path: str) -> str:

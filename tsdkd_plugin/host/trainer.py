@@ -20,13 +20,15 @@ import torch
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 from openrlhf.utils.logging_utils import init_logger
 
 from tsdkd_plugin.host.args import DEFAULT_TEACHER_MAX_RETRIES, DEFAULT_TEACHER_TIMEOUT_S
-from tsdkd_plugin.host.checkpoint import resume_hint
+from tsdkd_plugin.host.checkpoint import DRIVER_RNG_KEY, capture_rng_state, restore_rng_state, resume_hint
 from tsdkd_plugin.host.experience import group_ids_from_rollout_index
 from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason, worker_error_line
 from tsdkd_plugin.host.off_policy import is_off_policy_step, replace_with_reference_responses
+from tsdkd_plugin.host.seeded_sampling import SeededDispatch
 
 logger = init_logger(__name__)
 
@@ -193,6 +195,11 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
         return [signals for chunk in results[::teacher_duplicates] for signals in chunk]
 
 
+class SeededSamplesGenerator(SeededDispatch, SamplesGenerator):
+    """Upstream's sample generator with a seed per sample and a content-fixed rollout order
+    (host/seeded_sampling.py), so a resumed run samples what the uninterrupted one did."""
+
+
 class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
     def __init__(self, pretrain, strategy, actor_model_group, teacher_model_group, vllm_engines, **generate_kwargs):
         # The prompt DataLoader built by super().__init__ shuffles with this process's global torch RNG
@@ -205,6 +212,27 @@ class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
         self.experience_maker = TeacherRankedExperienceMaker(
             actor_model_group, teacher_model_group, self.kl_ctl, strategy, self.tokenizer
         )
+        self.samples_generator = SeededSamplesGenerator(
+            strategy=strategy,
+            prompts_dataloader=self.prompts_dataloader,
+            eval_dataloader=self.eval_dataloader,
+            tokenizer=self.tokenizer,
+            vllm_engines=vllm_engines,
+        )
+        self.samples_generator.sampling_seed = strategy.args.train.seed
+
+    def init_checkpoint_states(self) -> dict:
+        """Upstream's resume states (step, episode, consumed prompts, prompt loader); on a resume also
+        this process's RNG states and the sample seeds' position in the prompt stream."""
+        states = super().init_checkpoint_states()
+        self.samples_generator.prompts_dispatched = states.get("total_consumed_prompts", 0)
+        restore_rng_state(states.get(DRIVER_RNG_KEY))
+        return states
+
+    def save_logs_and_checkpoints(self, global_step: int, logs_dict=None, client_states=None) -> None:
+        if client_states is not None:  # saved with the checkpoint (DeepSpeed client states) when one is due
+            client_states[DRIVER_RNG_KEY] = capture_rng_state()
+        super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
 
     def fit(self, global_step: int = 0) -> None:
         try:
