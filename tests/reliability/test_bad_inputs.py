@@ -286,6 +286,13 @@ def test_load_enable_without_a_checkpoint_starts_fresh(launch, tmp_path, capsys)
         (["--actor.entropy_coef", "0.01"], "--actor.entropy_coef 0.01 is not for TSD-KD: TSD-KD's entropy term is --tsdkd.entropy_weight"),
         (["--critic.freezing_steps", "5"], "--critic.freezing_steps 5 is not for TSD-KD"),
         (["--reward.model_name_or_path", "some/rm"], "a verifier reward comes from --reward.remote_url"),
+        # --teacher.* and --tsdkd.* settings that would train nothing or have no effect
+        (["--teacher.placement", "colocate", "--teacher.sparse_top_k", "16"],
+         "--teacher.sparse_top_k 16 has no effect with --teacher.placement colocate"),
+        (["--teacher.placement", "colocate", "--teacher.timeout_s", "60"], "--teacher.timeout_s 60.0 has no effect"),
+        (["--tsdkd.num_candidates", "1"], "--tsdkd.num_candidates 1: the token-level ranking orders the student's k"),
+        (["--tsdkd.direct_weight", "0", "--tsdkd.entropy_weight", "0", "--tsdkd.indirect_weight", "0"],
+         "every term of the TSD-KD loss is off"),
         # data flags
         (["--data.max_samples", "0"], "--data.max_samples must be >= 1, got 0"),
         (["--data.prompt_probs", "0.5"], "--data.prompt_probs '0.5' must be probabilities in [0, 1] that sum to 1"),

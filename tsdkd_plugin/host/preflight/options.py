@@ -214,6 +214,39 @@ def check_unused_upstream(args: SimpleNamespace, defaults: Dict[str, object]) ->
                 break
 
 
+# --teacher.* flags only the separate teacher group reads (its GPUs, its sparse transport, its retries).
+SEPARATE_TEACHER_ONLY = ("teacher.num_nodes", "teacher.num_gpus_per_node", "teacher.sparse_top_k",
+                         "teacher.timeout_s", "teacher.max_retries")
+
+
+def check_teacher_placement(args: SimpleNamespace, defaults: Dict[str, object]) -> None:
+    if args.teacher.placement != "colocate":
+        return
+    for dest in SEPARATE_TEACHER_ONLY:
+        value = value_of(args, dest)
+        if value != defaults.get(dest, value):
+            raise ArgumentError(
+                f"--{dest} {value} has no effect with --teacher.placement colocate "
+                f"(the teacher runs inside the policy actors and its logits never leave them); drop it or use "
+                f"--teacher.placement separate"
+            )
+
+
+def check_objective_trains(config: TSDKDConfig) -> None:
+    """Settings the objective accepts but that train nothing."""
+    if not (config.direct_on or config.entropy_on or config.token_level_on or config.sequence_level_on):
+        raise ArgumentError(
+            "every term of the TSD-KD loss is off (--tsdkd.direct_weight, --tsdkd.entropy_weight, "
+            "--tsdkd.indirect_weight and --tsdkd.sequence_weight are 0 for the chosen --tsdkd.indirect_level): "
+            "the loss would be 0; give one of them a weight > 0"
+        )
+    if config.token_level_on and config.num_candidates < 2:
+        raise ArgumentError(
+            f"--tsdkd.num_candidates {config.num_candidates}: the token-level ranking orders the student's k "
+            f"candidates, and one candidate has no order (its loss is 0); use k >= 2 or --tsdkd.indirect_weight 0"
+        )
+
+
 # ----------------------------------------------------------------------------- features and names
 
 
@@ -464,7 +497,9 @@ def check_options(args: SimpleNamespace, defaults: Dict[str, object]) -> TSDKDCo
     check_unsupported_features(args)
     config = loss_config_from_args(args)  # the objective's own validation (TSDKDConfig.__post_init__)
     check_objective_vs_rollout(args, config)
+    check_objective_trains(config)
     check_unused_upstream(args, defaults)
+    check_teacher_placement(args, defaults)
     check_names(args)
     check_batch_arithmetic(args)
     check_prompt_fits(args)
