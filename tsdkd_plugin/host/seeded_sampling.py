@@ -17,8 +17,10 @@ a seed per sample. `SeededDispatch` keeps upstream's dispatch (its SamplingParam
 balancing) and only stands in for the engines while it runs: each `generate_responses` call
 becomes n one-sample calls, each with a copy of the SamplingParams carrying its own seed,
 joined back into one result (a tiny Ray task), so upstream sees one reference per prompt as
-before (its per-prompt dynamic filtering keeps working). Evaluation rollouts are left as upstream
-makes them. This module imports no OpenRLHF or vLLM code: the join task runs in a plain Ray worker.
+before (its per-prompt dynamic filtering keeps working). The tokenizer those calls carry is sent
+by name (`EngineTokenizer`), not pickled n times per prompt. Evaluation rollouts are left as
+upstream makes them. This module imports no OpenRLHF or vLLM code: the join task runs in a plain
+Ray worker.
 """
 
 from __future__ import annotations

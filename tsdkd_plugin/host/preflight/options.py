@@ -3,8 +3,7 @@
 Runs at parse time (`cli.train_tsdkd.parse_args`), on the parsed flags *before* upstream's own
 post-parse code, which divides by some of them (`--rollout.micro_batch_size 0`,
 `--ds.tensor_parallel_size 0`: ZeroDivisionError) or dereferences others (`--algo.advantage.estimator
-gae` without a critic: AttributeError). Upstream's validations still run afterwards; they are asserts,
-so they cannot fire for anything refused here.
+gae` without a critic: AttributeError). Upstream's own validations (asserts) still run afterwards.
 
 Four kinds of checks, each answered with one sentence naming the flag and what would be valid:
 - ranges (`RANGES`): numbers that fail later in a worker, in DeepSpeed or in vLLM;
@@ -12,7 +11,8 @@ Four kinds of checks, each answered with one sentence naming the flag and what w
   be silently ignored (a PPO clip range, a critic, a KL penalty), so it is refused;
 - names checked against what the library that reads them knows (scheduler, attention kernel, dtypes),
   and Python packages a flag needs;
-- combinations (batch arithmetic, objective vs rollout, LoRA, checkpoint and evaluation flags).
+- combinations (batch arithmetic, objective vs rollout, a loss that would train nothing, flags a
+  colocated teacher does not read, LoRA, checkpoint and evaluation flags).
 """
 
 from __future__ import annotations
