@@ -9,14 +9,14 @@ training micro-batches and 2 teacher calls; a checkpoint every step, --ckpt.load
 A  uninterrupted reference, with TSDKD_FAULT_INJECT=teacher_exit_at_call=7: steps 1-3 train,
    then the teacher process dies in step 4 (its 7th forward call). Expected: non-zero exit, one
    error line naming the teacher and how to resume, `latest` -> global_step3, complete and loadable.
-B  SIGKILL to the whole process group right after global_step2's checkpoint appears.
-   Then a half-written global_step3 is planted (truncated file, `latest` untouched), as a kill
+B  SIGKILL to the whole process group right after global_step1's checkpoint appears.
+   Then a half-written global_step2 is planted (truncated file, `latest` untouched), as a kill
    during an upstream-style save would leave it.
-B' the same command again (+ TSDKD_FAULT_INJECT=nonfinite_teacher_at_call=5): resumes from
-   global_step2; its step 3 equals A's step 3 — the same sampled responses (rollout reward and
+B' the same command again (+ TSDKD_FAULT_INJECT=nonfinite_teacher_at_call=9): resumes from
+   global_step1; its steps 2 and 3 equal A's — the same sampled responses (rollout reward and
    length), the same micro-batches, hence the same losses, within RESUME_TOLERANCE — and its step-3
    weight update equals A's (same optimizer state) within UPDATE_TOLERANCE; step 4's first
-   micro-batch (its 5th training call) gets NaN teacher signals and is skipped
+   micro-batch (its 9th training call) gets NaN teacher signals and is skipped
    (tsdkd/nonfinite_skipped = 1/4 of the step's samples, finite loss and weights, exit 0).
 
 What makes sampling repeat after a resume (host/seeded_sampling.py, host/checkpoint.py): each
@@ -170,14 +170,14 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
         run_b = Launch(argv_b, tmp_path / "b.log")
         launches += [run_a, run_b]
 
-        wait_for_latest(dir_b / "ckpt" / "_actor", "global_step2", run_b, RUN_TIMEOUT_S)
-        run_b.kill()  # SIGKILL mid-training: step 3 is under way
-        # A kill during an upstream-style save of step 3: a tag directory with a truncated file, no `latest` update.
-        planted = dir_b / "ckpt" / "_actor" / "global_step3"
+        wait_for_latest(dir_b / "ckpt" / "_actor", "global_step1", run_b, RUN_TIMEOUT_S)
+        run_b.kill()  # SIGKILL mid-training: step 2 is under way
+        # A kill during an upstream-style save of step 2: a tag directory with a truncated file, no `latest` update.
+        planted = dir_b / "ckpt" / "_actor" / "global_step2"
         planted.mkdir()
         (planted / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 truncated")
 
-        run_resumed = Launch(argv_b, tmp_path / "b_resumed.log", faults="nonfinite_teacher_at_call=5")
+        run_resumed = Launch(argv_b, tmp_path / "b_resumed.log", faults="nonfinite_teacher_at_call=9")
         launches.append(run_resumed)
         code_a = run_a.wait(RUN_TIMEOUT_S)
         code_resumed = run_resumed.wait(RUN_TIMEOUT_S)
@@ -198,24 +198,25 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
     assert checkpoint_problem(str(ckpt_a)) is None
     assert sorted(p.name for p in ckpt_a.iterdir() if p.is_dir()) == ["global_step2", "global_step3"]  # max_num 2
 
-    # ---- B': resumed from global_step2, ignoring the planted half-written global_step3.
+    # ---- B': resumed from global_step1, ignoring the planted half-written global_step2.
     log_resumed = run_resumed.log_file.read_text(errors="replace")
     assert code_resumed == 0, f"resumed run failed (exit {code_resumed}):\n{run_resumed.tail()}"
-    assert "Global step 1:" not in log_resumed and "Global step 3:" in log_resumed, run_resumed.tail()
+    assert "Global step 1:" not in log_resumed and "Global step 2:" in log_resumed, run_resumed.tail()
     scalars_a, scalars_b = tensorboard_scalars(dir_a / "tb"), tensorboard_scalars(dir_b / "tb")
     assert set(scalars_a["train/policy_loss"]) == {1, 2, 3}, scalars_a["train/policy_loss"]
-    assert {3, 4} <= set(scalars_b["train/policy_loss"]), scalars_b["train/policy_loss"]
-    for tag in ("train/rollout/reward_mean", "train/rollout/response_length_mean"):  # same prompts, same samples
-        assert scalars_b[tag][3] == pytest.approx(scalars_a[tag][3], rel=RESUME_TOLERANCE), tag
-    for tag in ("train/policy_loss", "train/tsdkd/loss_direct", "train/tsdkd/loss_indirect_token",
-                "train/tsdkd/loss_indirect_sequence", "train/tsdkd/loss_entropy"):
-        difference = relative_difference(scalars_b[tag][3], scalars_a[tag][3])
-        print(f"step 3 {tag}: A={scalars_a[tag][3]!r} resumed={scalars_b[tag][3]!r} relative difference {difference:.1e}")
-        assert difference <= RESUME_TOLERANCE, (tag, scalars_a[tag][3], scalars_b[tag][3])
+    assert {2, 3, 4} <= set(scalars_b["train/policy_loss"]), scalars_b["train/policy_loss"]
+    for step in (2, 3):  # the resumed run's first two steps
+        for tag in ("train/rollout/reward_mean", "train/rollout/response_length_mean"):  # same prompts, same samples
+            assert scalars_b[tag][step] == pytest.approx(scalars_a[tag][step], rel=RESUME_TOLERANCE), (step, tag)
+        for tag in ("train/policy_loss", "train/tsdkd/loss_direct", "train/tsdkd/loss_indirect_token",
+                    "train/tsdkd/loss_indirect_sequence", "train/tsdkd/loss_entropy"):
+            a, b = scalars_a[tag][step], scalars_b[tag][step]
+            print(f"step {step} {tag}: A={a!r} resumed={b!r} relative difference {relative_difference(a, b):.1e}")
+            assert relative_difference(a, b) <= RESUME_TOLERANCE, (step, tag, a, b)
 
-    # Same optimizer state: the resumed run's step-3 update (from global_step2, with the restored Adam
-    # moments and schedule) equals A's. Measured against the update itself: restarting Adam (fresh
-    # moments, bias correction of step 1) would change it by O(1).
+    # Same optimizer state: the resumed run's step-3 weights (two updates after the restored Adam moments
+    # and schedule of global_step1) equal A's, measured against A's step-3 update itself: restarting Adam
+    # (fresh moments, bias correction of step 1) would change it by O(1).
     ckpt_b = dir_b / "ckpt" / "_actor"
     before = model_weights(ckpt_a / "global_step2")
     after_a, after_b = model_weights(ckpt_a / "global_step3"), model_weights(ckpt_b / "global_step3")
@@ -226,7 +227,7 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
     assert sorted(p.name for p in ckpt_b.iterdir() if p.is_dir()) == ["global_step3", "global_step4"]
     assert (ckpt_b / "latest").read_text() == "global_step4"
 
-    # Step 4's first micro-batch (training call 5 of this process) had NaN teacher signals: skipped, counted.
+    # Step 4's first micro-batch (training call 9 of this process) had NaN teacher signals: skipped, counted.
     assert scalars_b["train/tsdkd/nonfinite_skipped"][4] == pytest.approx(0.25)
     assert scalars_b["train/tsdkd/nonfinite_skipped"][3] == 0.0
     assert all(math.isfinite(v) for v in scalars_b["train/policy_loss"].values())
