@@ -11,8 +11,8 @@ Four kinds of checks, each answered with one sentence naming the flag and what w
   be silently ignored (a PPO clip range, a critic, a KL penalty), so it is refused;
 - names checked against what the library that reads them knows (scheduler, attention kernel, dtypes),
   and Python packages a flag needs;
-- combinations (batch arithmetic, objective vs rollout, a loss that would train nothing, flags a
-  colocated teacher does not read, LoRA, checkpoint and evaluation flags).
+- combinations (batch arithmetic, objective vs rollout, a loss that would train nothing, LoRA,
+  checkpoint and evaluation flags).
 """
 
 from __future__ import annotations
@@ -212,24 +212,6 @@ def check_unused_upstream(args: SimpleNamespace, defaults: Dict[str, object]) ->
                         f"--{dest} {_shown(value)} is not for TSD-KD: {why}; drop the flag"
                     )
                 break
-
-
-# --teacher.* flags only the separate teacher group reads (its GPUs, its sparse transport, its retries).
-SEPARATE_TEACHER_ONLY = ("teacher.num_nodes", "teacher.num_gpus_per_node", "teacher.sparse_top_k",
-                         "teacher.timeout_s", "teacher.max_retries")
-
-
-def check_teacher_placement(args: SimpleNamespace, defaults: Dict[str, object]) -> None:
-    if args.teacher.placement != "colocate":
-        return
-    for dest in SEPARATE_TEACHER_ONLY:
-        value = value_of(args, dest)
-        if value != defaults.get(dest, value):
-            raise ArgumentError(
-                f"--{dest} {value} has no effect with --teacher.placement colocate "
-                f"(the teacher runs inside the policy actors and its logits never leave them); drop it or use "
-                f"--teacher.placement separate"
-            )
 
 
 def check_objective_trains(config: TSDKDConfig) -> None:
@@ -499,7 +481,6 @@ def check_options(args: SimpleNamespace, defaults: Dict[str, object]) -> TSDKDCo
     check_objective_vs_rollout(args, config)
     check_objective_trains(config)
     check_unused_upstream(args, defaults)
-    check_teacher_placement(args, defaults)
     check_names(args)
     check_batch_arithmetic(args)
     check_prompt_fits(args)
