@@ -21,7 +21,7 @@ def launch_argv(toy_student_dir, toy_teacher_dir, arith_data_dir):
             "--data.prompt_dataset", str(prompts or arith_data_dir / "prompts_train.jsonl"),
             "--data.input_key", "prompt", "--data.label_key", "answer", "--data.apply_chat_template",
             "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "4",
-            "--train.micro_batch_size", "4", "--tsdkd.dry_run",
+            "--train.micro_batch_size", "4", "--data.max_len", "256", "--tsdkd.dry_run",
         ]
         return argv + list(extra)
 

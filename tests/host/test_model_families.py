@@ -216,13 +216,15 @@ def test_unknown_families_are_refused_with_one_sentence(tmp_path):
 
     # Preflight: before any Ray worker, naming the option, the path and the model type.
     from tsdkd_plugin.host.args import ArgumentError
-    from tsdkd_plugin.host.preflight import shared_vocabulary_size
+    from tsdkd_plugin.host.preflight.models import TEACHER, inspect_model
 
-    unknown, known = tmp_path / "neox", tmp_path / "qwen2"
+    from tsdkd_plugin.toy.tokenizer import build_toy_tokenizer
+
+    unknown = tmp_path / "neox"
     config.save_pretrained(unknown)
-    family_config("qwen2").save_pretrained(known)
+    build_toy_tokenizer(unknown)  # a complete directory: the family is what is refused
     with pytest.raises(ArgumentError) as error:
-        shared_vocabulary_size(str(known), str(unknown))
+        inspect_model(TEACHER, str(unknown), use_fast=True)
     message = str(error.value)
     assert message.startswith(f"--teacher.model_name_or_path {str(unknown)!r}: model type 'gpt_neox' is not supported")
     assert message.count(". ") == 0 and "\n" not in message

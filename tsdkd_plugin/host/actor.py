@@ -33,8 +33,10 @@ from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
 from tsdkd_plugin.host.checkpoint import (
     actor_checkpoint_dir,
     fresh_checkpoint_states,
+    restore_rank_rng_state,
     resume_hint,
     save_checkpoint_atomically,
+    save_rank_rng_state,
 )
 from tsdkd_plugin.host.device import current_device, ema_device
 from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
@@ -273,6 +275,15 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
                 strategy, teacher_path, offload=strategy.args.teacher.offload
             )
             self.trainer.colocated_teacher = self.colocated_teacher
+        self.restore_rng_state()
+
+    def restore_rng_state(self) -> None:
+        """After a resume (upstream loaded the checkpoint `latest` names), this rank's RNGs continue
+        where the saved run left them, so the next step shuffles its replay buffer the same way.
+        Called last, after everything that initialising consumes random numbers for."""
+        if self.checkpoint_states:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            restore_rank_rng_state(actor_checkpoint_dir(self.strategy.args.ckpt.path), rank)
 
     def placement(self) -> Dict:
         return where_am_i()
@@ -293,6 +304,9 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
                 is_rank_0=self.strategy.is_rank_0(),
                 barrier=torch_dist_barrier_and_cuda_sync,
                 write_metric=lambda tag_dir: self.strategy._write_ckpt_metric(tag_dir, metric_value, metric_key),
+                write_rank_files=functools.partial(
+                    save_rank_rng_state, rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                ),
             )
         if self.save_hf_ckpt:
             model = self.ema_model if args.train.enable_ema else self.actor
