@@ -437,7 +437,8 @@ def check_objective_vs_rollout(args: SimpleNamespace, config: TSDKDConfig) -> No
             "merged 4-bit weights it cannot load; drop --ds.load_in_4bit"
         )
     if args.ds.packing_samples:
-        raise ArgumentError("--ds.packing_samples is not supported by TSD-KD yet; drop the flag")
+        raise ArgumentError("--ds.packing_samples is not supported by TSD-KD yet (--ds.ring_attn_size > 1 turns it on "
+                            "too); drop the flag, or use --ds.ring_attn_size 1")
 
 
 def required_gpus(args: SimpleNamespace) -> Dict[str, int]:
