@@ -12,8 +12,8 @@ same micro-batch with the same teacher signals. Loss, every logged term and ever
 gradient (read between backward and the optimizer step) agree within 1e-5 (fp32), under ZeRO-0,
 ZeRO-2 (the CPU end-to-end configuration) and ZeRO-3 with the output embedding really partitioned
 and gathered, tied and untied embeddings, LoRA students, both teacher transports, a rollout
-temperature != 1 and an objective temperature != 1, Qwen2 / Qwen3 / Gemma-2. The fused step's
-output layer produces no logits at all ([B, 0, V]).
+temperature != 1 and an objective temperature != 1, gradient checkpointing, Qwen2 / Qwen3 /
+Gemma-2. The fused step's output layer produces no logits at all ([B, 0, V]).
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ def scalar(value) -> float:
 
 CASES = {
     # id: (student family, logit rows, tied, zero stage, placement, extra flags)
-    "zero0-separate-qwen2-tied": ("qwen2", 448, True, 0, "separate", ()),
+    "zero0-separate-qwen2-tied-checkpointing": ("qwen2", 448, True, 0, "separate",
+                                                ("--actor.gradient_checkpointing_enable",)),
     "zero2-colocate-qwen2-tied-e2e-config": ("qwen2", 448, True, 2, "colocate", ()),
     # 2048 x 64 rows exceed ZeRO-3's persistence threshold: the output embedding is partitioned and gathered.
     "zero3-colocate-qwen2-tied-temperature0.7": ("qwen2", 2048, True, 3, "colocate", ("--rollout.temperature", "0.7")),
