@@ -293,6 +293,11 @@ def sparse_error(vocab: int, num_tokens: int, ks: list[int]) -> list[dict]:
 def run_child(args, *child_args, timeout=1800) -> dict | None:
     command = [sys.executable, __file__, *child_args, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     command += ["--cap-gib", str(args.cap_gib)]
+    return child_result(command, child_args, timeout)
+
+
+def child_result(command: list, child_args, timeout: float) -> dict | None:
+    """Run a benchmark child process; its result is the last JSON line it prints (None if it failed)."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     for line in reversed(result.stdout.splitlines()):
         if line.startswith("{"):
