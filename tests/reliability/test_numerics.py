@@ -105,15 +105,20 @@ def test_single_token_empty_and_extreme_rows_stay_finite(dtype):
 
 
 class TinyStudent(torch.nn.Module):
-    """Stands in for OpenRLHF's Actor: same call signature, logits for every position."""
+    """Stands in for OpenRLHF's Actor: same call signature, logits for every position, and an
+    output layer the fused training step (the default) can find."""
 
     temperature = 1.0
+    config = SimpleNamespace(model_type="llama")  # a family whose logits are plain hidden @ W.T
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(VOCAB + 3, 16)  # 3 padding rows past the tokenizer, as real models have
-        self.head = torch.nn.Linear(16, VOCAB + 3)
+        self.head = torch.nn.Linear(16, VOCAB + 3, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, sequences, attention_mask=None, return_output=False, ring_attn_group=None):
         return {"logits": self.head(torch.tanh(self.embed(sequences)))}
@@ -147,6 +152,7 @@ def make_trainer(tmp_path, max_nonfinite_steps=3):
     from tsdkd_plugin.host.actor import TSDKDActorTrainer
     from tsdkd_plugin.host.numerics import NonFiniteGuard
     from tsdkd_plugin.host.checkpoint import resume_hint
+    from tsdkd_plugin.host.student_step import StudentForward
 
     args = SimpleNamespace(
         ds=SimpleNamespace(zero_stage=0), ckpt=SimpleNamespace(path=str(tmp_path / "ckpt")),
@@ -155,6 +161,7 @@ def make_trainer(tmp_path, max_nonfinite_steps=3):
     trainer = TSDKDActorTrainer.__new__(TSDKDActorTrainer)  # no Ray/DeepSpeed: set what training_step reads
     trainer.args, trainer.strategy = args, PlainStrategy(args)
     trainer.actor = TinyStudent()
+    trainer.student = StudentForward(trainer.actor)  # the default, fused: hidden states + output layer
     trainer.actor_optim = torch.optim.SGD(trainer.actor.parameters(), lr=0.5)
     trainer.actor_scheduler = SimpleNamespace(get_last_lr=lambda: [0.5])
     trainer.ema_model, trainer.colocated_teacher = None, None

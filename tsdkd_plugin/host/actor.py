@@ -5,7 +5,10 @@ checkpointing, vLLM weight sync) and `ActorPPOTrainer.ppo_train` (epochs,
 gradient-accumulation windows, metric reduction across ranks, progress bar).
 What is replaced: `ActorPPOTrainer.training_step` (the PPO loss becomes the
 TSD-KD objective) and the replay buffer (which must keep teacher signals and
-prompt groups, see `experience.py`).
+prompt groups, see `experience.py`). The student's forward is upstream
+`Actor.forward`; by default its output layer is skipped and the objective gets the
+final hidden states and the output embedding instead of [tokens x vocab] logits
+(`student_step.py`, `--tsdkd.student_logits`).
 
 `PolicyModelActor.init_model_from_pretrained` builds `ActorPPOTrainer` inline,
 by module-global name. Instead of copying that ~90-line method we subclass the
@@ -40,14 +43,15 @@ from tsdkd_plugin.host.checkpoint import (
 )
 from tsdkd_plugin.host.device import current_device, ema_device
 from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
-from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
-from tsdkd_plugin.host.teacher import (
-    action_logits,
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states, unwrap_hf_model
+from tsdkd_plugin.host.student_step import (
+    StudentForward,
+    StudentOutputs,
     in_vocab_action_mask,
-    load_causal_lm_for_scoring,
-    score_samples,
-    where_am_i,
+    student_objective,
+    student_top_k,
 )
+from tsdkd_plugin.host.teacher import load_causal_lm_for_scoring, score_samples, where_am_i
 from tsdkd_plugin.host.faults import inject_nonfinite_teacher
 from tsdkd_plugin.host.lora_sync import is_lora_model, merged_lora_parameters
 from tsdkd_plugin.host.numerics import (
@@ -58,7 +62,7 @@ from tsdkd_plugin.host.numerics import (
     response_health,
     zero_surrogate,
 )
-from tsdkd_plugin.objective import METRIC_KEYS, TSDKDConfig, TeacherSignals, tsdkd_loss
+from tsdkd_plugin.objective import METRIC_KEYS, TSDKDConfig, TeacherSignals
 
 
 @contextlib.contextmanager
@@ -118,6 +122,13 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             # 0.01). Upstream's Actor divides its logits by this temperature (1/0 = NaN); the objective
             # wants raw logits anyway, so the student's forward keeps them raw.
             self.actor.temperature = 1.0
+        if getattr(self.actor, "packing_samples", False):
+            # The objective and the teacher signals are per padded [B, T] row; upstream's packed
+            # [1, total] layout (and ring attention, which needs it) is refused before launch too.
+            raise ValueError("TSD-KD does not support --ds.packing_samples (or --ds.ring_attn_size > 1, which implies it)")
+        # How the student reaches the objective: hidden states + output embedding, chunked (fused,
+        # the default), or upstream Actor's full logits (host/student_step.py).
+        self.student = StudentForward(unwrap_hf_model(self.actor), self.args.tsdkd.student_logits)
         # Non-finite micro-batches are skipped and counted; too many in a row stop the run
         # (host/numerics.py). The hint is computed at the stop, when `latest` is final.
         self.nonfinite_guard = NonFiniteGuard(
@@ -140,16 +151,41 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         finally:
             self.actor = actor
 
-    def _objective(self, student_logits, teacher, loss_mask, sequences, num_actions):
-        return tsdkd_loss(
-            student_logits,
-            teacher,
-            loss_mask,
-            self.loss_config,
-            shared_vocab_size=self.shared_vocab_size,
-            sampled_ids=sequences[:, -num_actions:].masked_fill(~loss_mask, 0),
-            group_size=self.group_size if self.group_size > 1 else None,
-        )
+    def _student_forward(self, sequences, attention_mask, num_actions) -> StudentOutputs:
+        """Upstream Actor.forward on the batch, giving the objective hidden states (fused) or logits (full)."""
+        return self.student(self.actor, sequences, attention_mask, num_actions,
+                            ring_attn_group=self.strategy.ring_attn_group)
+
+    def _output_weight(self):
+        """The student's output embedding for the fused objective (gathered under ZeRO-3), or None."""
+        if not self.student.fused:
+            return contextlib.nullcontext(None)
+        return output_embedding(self.actor, self.args.ds.zero_stage)
+
+    @contextlib.contextmanager
+    def _teacher(self, signals, sequences, attention_mask, num_actions, poison: bool):
+        """The teacher for this micro-batch: the colocated model's hidden states and output embedding
+        (dense transport; its logits are made chunk by chunk), or the sparse signals that came with
+        the experience from a separate teacher group."""
+        if self.colocated_teacher is None:
+            yield sparse_teacher_signals(poison_with_nan(signals) if poison else signals, self.loss_config)
+            return
+        with torch.no_grad():
+            hidden = response_hidden_states(self.colocated_teacher, sequences, attention_mask, num_actions)
+        if poison:
+            hidden = torch.full_like(hidden, float("nan"))
+        with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
+            # The family's output head (e.g. Gemma-2's logit softcapping) after hidden @ W.
+            yield TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight,
+                                 output_head=output_head_of(self.colocated_teacher))
+
+    @torch.no_grad()
+    def student_top_k(self, sequences, attention_mask, num_actions) -> torch.Tensor:
+        """[B, A, k]: the student's top-k shared token ids at every response position."""
+        student = self._student_forward(sequences, attention_mask, num_actions)
+        with self._output_weight() as weight:
+            return student_top_k(student, weight, self.shared_vocab_size, self.loss_config.num_candidates,
+                                 self.loss_config.chunk_size)
 
     def training_step(
         self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: Optional[Dict] = None
@@ -161,39 +197,23 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         sequences = experience.sequences
         signals = signals_to_device(experience.tsdkd, device)
 
-        output = self.actor(
-            sequences,
-            attention_mask=experience.attention_mask,
-            return_output=True,
-            ring_attn_group=self.strategy.ring_attn_group,
-        )
-        student_logits = action_logits(output["logits"], num_actions)
-        if self.actor.temperature != 1.0:
-            # Actor divides by the rollout temperature; the objective applies its own tau to raw logits.
-            student_logits = student_logits * self.actor.temperature
+        student = self._student_forward(sequences, experience.attention_mask, num_actions)
 
         # Positions that sampled a padding row (id >= len(tokenizer)) are not tokens: skipped, counted.
         loss_mask = in_vocab_action_mask(sequences, action_mask, self.shared_vocab_size)
         poison_teacher = inject_nonfinite_teacher()  # test-only fault hook (host/faults.py); False normally
         nonfinite_reason = None
         try:
-            if self.colocated_teacher is not None:
-                # Dense transport: the in-process teacher's hidden states; the objective makes its
-                # logits chunk by chunk (never the full [tokens x vocab] teacher matrix).
-                with torch.no_grad():
-                    hidden = response_hidden_states(
-                        self.colocated_teacher, sequences, experience.attention_mask, num_actions
-                    )
-                if poison_teacher:
-                    hidden = torch.full_like(hidden, float("nan"))
-                with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
-                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight,
-                                             output_head=output_head_of(self.colocated_teacher))
-                    loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
-            else:
-                teacher = sparse_teacher_signals(poison_with_nan(signals) if poison_teacher else signals,
-                                                 self.loss_config)
-                loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
+            with (
+                self._teacher(signals, sequences, experience.attention_mask, num_actions, poison_teacher) as teacher,
+                self._output_weight() as output_weight,
+            ):
+                loss, terms = student_objective(
+                    student, output_weight, teacher, loss_mask, self.loss_config,
+                    shared_vocab_size=self.shared_vocab_size,
+                    sampled_ids=sequences[:, -num_actions:].masked_fill(~loss_mask, 0),
+                    group_size=self.group_size if self.group_size > 1 else None,
+                )  # fmt: skip
             if not bool(torch.isfinite(loss)):
                 nonfinite_reason = "the TSD-KD loss is NaN or inf"
         except ValueError as error:
@@ -204,7 +224,7 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         any_rank_nonfinite = self.strategy.all_reduce(float(nonfinite_reason is not None), op="max") > 0
         skipped = self.nonfinite_guard.record(any_rank_nonfinite, nonfinite_reason or "on another rank")
         if skipped:
-            loss = zero_surrogate(student_logits)  # gradient exactly 0; one backward per micro-batch as usual
+            loss = zero_surrogate(student.graph_tensor)  # gradient exactly 0; one backward per micro-batch as usual
             terms = {name: 0.0 for name in METRIC_KEYS}  # same keys as a normal step; 0 = skipped
         terms["out_of_vocab_fraction"] = float((action_mask.bool() & ~loss_mask).sum().item()) / max(
             float(action_mask.sum().item()), 1.0
@@ -323,12 +343,12 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
         """The student's top-k tokens at every response position (shared vocabulary only),
         which the teacher then orders for the token-level ListMLE."""
         device = current_device()
-        num_actions = action_mask.shape[1]
         self.actor.eval()
-        output = self.actor(sequences.to(device), attention_mask=attention_mask.to(device), return_output=True)
-        self.actor.train()
-        logits = action_logits(output["logits"], num_actions)[..., : self.tsdkd_options["shared_vocab_size"]]
-        return logits.topk(self.tsdkd_options["loss_config"].num_candidates, dim=-1).indices.to(torch.int32).cpu()
+        try:
+            ids = self.trainer.student_top_k(sequences.to(device), attention_mask.to(device), action_mask.shape[1])
+        finally:
+            self.actor.train()
+        return ids.to(torch.int32).cpu()
 
     def colocated_teacher_scores(self, sequences, action_mask, attention_mask) -> Dict[str, torch.Tensor]:
         """Sequence scores from the in-process teacher (for ranking and logging); the dense

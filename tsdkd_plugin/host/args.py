@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any, Dict
 
 from tsdkd_plugin.host.numerics import DEFAULT_MAX_NONFINITE_STEPS
+from tsdkd_plugin.host.student_step import DEFAULT_STUDENT_LOGITS, STUDENT_LOGITS_MODES
 from tsdkd_plugin.objective import PRESETS, TSDKDConfig
 from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_FORMS, REDUCTIONS
 
@@ -162,6 +163,12 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
                            default=DEFAULT_MAX_NONFINITE_STEPS,
                            help="micro-batches with a NaN/inf loss are skipped (logged as tsdkd/nonfinite_skipped); "
                                 "this many in a row stop the run (default: %(default)s)")
+    objective.add_argument("--tsdkd.student_logits", type=str, default=DEFAULT_STUDENT_LOGITS,
+                           choices=STUDENT_LOGITS_MODES,
+                           help="fused: the objective makes the student's logits from its final hidden states and "
+                                "output embedding, chunk_size tokens at a time, with their exact gradient (no "
+                                "[tokens x vocabulary] tensor); full: upstream Actor's full logits, the earlier path, "
+                                "kept for comparison (default: %(default)s)")
     objective.add_argument("--tsdkd.dry_run", action="store_true", default=False,
                            help="validate everything, print the resolved plan (groups, GPUs, nodes) and exit")
 

@@ -24,28 +24,8 @@ from openrlhf.utils.deepspeed import DeepspeedStrategy
 from tsdkd_plugin.host.device import current_device
 from tsdkd_plugin.host.faults import inject_teacher_forward_fault
 from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
+from tsdkd_plugin.host.student_step import in_vocab_action_mask
 from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, teacher_signals_from_hidden
-
-
-def action_logits(output_logits: torch.Tensor, num_actions: int) -> torch.Tensor:
-    """Logits that predict the response tokens: position t of the result predicts action t.
-
-    OpenRLHF sequences are [prompt (left-padded) | response (right-padded)] and the
-    response occupies the last `num_actions` positions, so the predicting logits are
-    the `num_actions` positions before the last one.
-    """
-    return output_logits[:, :-1][:, -num_actions:]
-
-
-def in_vocab_action_mask(sequences: torch.Tensor, action_mask: torch.Tensor, shared_vocab_size: int) -> torch.Tensor:
-    """Response positions whose sampled id is a real token.
-
-    A model's logit rows past len(tokenizer) are padding; a well-trained model never
-    samples them, but a barely trained one can. Such positions are left out of every
-    term (and counted), instead of failing the run.
-    """
-    sampled = sequences[:, -action_mask.shape[1]:]
-    return action_mask.bool() & (sampled < shared_vocab_size)
 
 
 def scoring_model_arguments(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Dict:
