@@ -1,0 +1,22 @@
+"""A teacher behind an inference server: TSD-KD's teacher signals from a vLLM OpenAI-compatible
+endpoint that someone else runs (`--teacher.remote_url`), instead of a Ray group in the job.
+
+    settings.py      the server(s), the served model, bounds (one frozen object)
+    client.py        HTTP: bounded pool, per-request timeout, retries with backoff, failure kinds
+    signals.py       prompt log-probs -> the Ray teacher's sparse signals (exact, or bounded approximations)
+    checks.py        before any rollout: served model name, context length, tokenizer, log-prob limit
+    teacher.py       ServerTeacher: a step's samples -> wire dicts; a failure stops the run in one sentence
+    local_server.py  the `vllm serve` flags it needs; a loopback server for tests and benchmarks
+
+docs/server_teacher.md describes the server's flags, the approximations and their bounds.
+"""
+
+from tsdkd_plugin.host.server_teacher.settings import ServerTeacherSettings, parse_server_urls
+from tsdkd_plugin.host.server_teacher.teacher import (
+    ServerTeacher,
+    ServerTeacherFailedError,
+    ServerTeacherUnavailableError,
+)
+
+__all__ = ["ServerTeacher", "ServerTeacherFailedError", "ServerTeacherSettings", "ServerTeacherUnavailableError",
+           "parse_server_urls"]

@@ -1,0 +1,185 @@
+"""The teacher behind a vLLM server: scores the student's samples over HTTP and returns the same
+sparse signals, in the same wire format, as the Ray teacher group (`TeacherModelActor.forward`).
+
+One request per sample (its prompt log-probs; `signals.py`), all samples of a step in flight
+together up to `--teacher.remote_concurrency`, so the server batches them as it batches any
+traffic. A failure that can pass is retried per request (backoff, next server); a request that
+still fails, a refusal or a malformed answer stops the run with one sentence
+(`ServerTeacherUnavailableError`, `ServerTeacherFailedError`), raised while making experience,
+never while saving, so the last checkpoint is intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Awaitable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from tsdkd_plugin.host.faults import TrainingStoppedError
+from tsdkd_plugin.host.server_teacher.client import (
+    ServerAnswerError,
+    ServerError,
+    ServerPool,
+    ServerRefusedError,
+    ServerUnavailableError,
+    run_concurrently,
+)
+from tsdkd_plugin.host.server_teacher.settings import API_KEY_ENV, SERVER_TEMPERATURE, ServerTeacherSettings
+from tsdkd_plugin.host.server_teacher.signals import ServerSignalStats, scoring_requests, signals_from_answers
+from tsdkd_plugin.objective import TSDKDConfig
+
+COMPLETIONS = "/v1/completions"
+
+
+class ServerTeacherUnavailableError(TrainingStoppedError):
+    """A scoring request failed (connection, timeout, 5xx) on every attempt."""
+
+
+class ServerTeacherFailedError(TrainingStoppedError):
+    """The server refused a scoring request (4xx) or answered something that is not prompt log-probs."""
+
+
+def run_sync(coroutine: Awaitable[Any]) -> Any:
+    """Run a coroutine to completion from synchronous code, also where this thread already runs an
+    event loop (then in a helper thread with its own loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    result: Dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=target, name="server-teacher-loop")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def refusal_hint(error: ServerRefusedError, settings: ServerTeacherSettings) -> str:
+    """What to change for the refusals a misconfigured server gives (vLLM's messages)."""
+    message = error.message.lower()
+    if "logprobs" in message and "max allowed" in message:
+        return f" (restart the server with --max-logprobs {settings.request_top_k} or more)"
+    if "maximum context length" in message:
+        return " (restart the server with a larger --max-model-len: --data.max_len + 1 or more)"
+    if error.status == 404:
+        return f" (--teacher.model_name_or_path {settings.model!r} must be a model the server serves: GET /v1/models)"
+    if error.status in (401, 403):
+        return f" (the server wants an API key, vllm serve --api-key: export {API_KEY_ENV}=<key> before launching)"
+    return ""
+
+
+def stop_error(error: ServerError, settings: ServerTeacherSettings, resume: str) -> TrainingStoppedError:
+    """The one-sentence stop for a failed scoring request."""
+    if isinstance(error, ServerUnavailableError):
+        return ServerTeacherUnavailableError(
+            f"TSD-KD stopped: the teacher server (--teacher.remote_url {settings.url_text}) failed to answer a scoring "
+            f"request {error.attempts} times (--teacher.max_retries {settings.max_retries}, --teacher.timeout_s "
+            f"{settings.timeout_s:g} each); last error from {error.last_error.url}: {error.last_error.what}; {resume}"
+        )
+    if isinstance(error, ServerRefusedError):
+        return ServerTeacherFailedError(
+            f"TSD-KD stopped: the teacher server at {error.url} (--teacher.remote_url) refused a scoring request with "
+            f"{error.what}{refusal_hint(error, settings)}; the same request would be refused again, so it was not "
+            f"retried; fix the cause, then {resume}"
+        )
+    return ServerTeacherFailedError(
+        f"TSD-KD stopped: the teacher server at {error.url} (--teacher.remote_url) answered a scoring request with "
+        f"something other than vLLM's prompt log-probs ({error.what}); it was not retried; check that the URL is a "
+        f"vLLM OpenAI-compatible server (vllm serve) started as docs/server_teacher.md says, then {resume}"
+    )
+
+
+class ServerTeacher:
+    """Teacher signals from a vLLM OpenAI-compatible server (see module docstring).
+
+    `score(batches)` takes the micro-batches `TeacherModelActor.forward` takes (sequences,
+    action_mask, attention_mask and, with the token-level ranking, candidate_ids) and returns
+    their wire dicts (`TeacherSignals.to_wire()`), in order.
+    """
+
+    def __init__(self, settings: ServerTeacherSettings, config: TSDKDConfig, shared_vocab_size: int,
+                 *, ckpt_path: Optional[str] = None, served_model: Optional[str] = None):
+        if config.temperature != SERVER_TEMPERATURE:
+            raise ValueError(
+                f"the server teacher gives log-probs at temperature {SERVER_TEMPERATURE:g} only (vLLM applies no "
+                f"temperature to prompt log-probs), but --tsdkd.temperature is {config.temperature:g}"
+            )
+        if settings.request_top_k < config.sparse_top_k:
+            raise ValueError(
+                f"the server is asked for {settings.request_top_k} log-probs per position, fewer than the "
+                f"--teacher.sparse_top_k {config.sparse_top_k} shipped to the actors"
+            )
+        self.settings = settings
+        self.config = config
+        self.shared_vocab_size = shared_vocab_size
+        self.ckpt_path = ckpt_path
+        self.model = served_model or settings.model  # the id the preflight found on the server
+        self.last_stats = ServerSignalStats()
+        self.last_timing: Dict[str, float] = {}
+        self._requests_made = 0  # round-robin position over the servers
+
+    def _resume(self) -> str:
+        if self.ckpt_path is None:
+            return "rerun the same command"
+        from tsdkd_plugin.host.checkpoint import resume_hint
+
+        return resume_hint(self.ckpt_path)
+
+    def score(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        started = time.time()
+        try:
+            results = run_sync(self._score(batches))
+        except (ServerUnavailableError, ServerRefusedError, ServerAnswerError) as error:
+            raise stop_error(error, self.settings, self._resume()) from None
+        signals = [signal.to_wire() for signal, _ in results]
+        self.last_stats = _merge_stats([stats for _, stats in results])
+        self.last_timing = {"seconds": time.time() - started}
+        return [{name: tensor.cpu() for name, tensor in wire.items()} for wire in signals]
+
+    async def _score(self, batches: Sequence[Mapping[str, torch.Tensor]]):
+        prepared = []
+        for batch in batches:
+            requests, mask = scoring_requests(batch["sequences"], batch["action_mask"], batch["attention_mask"],
+                                              self.shared_vocab_size)
+            prepared.append((requests, mask, batch.get("candidate_ids")))
+        first = self._requests_made
+        bodies = [request.body(self.model, self.settings.request_top_k)
+                  for requests, _, _ in prepared for request in requests]
+        self._requests_made += len(bodies)
+        async with ServerPool(self.settings) as pool:
+            answers = await run_concurrently(
+                [pool.post(COMPLETIONS, body, index=first + i) for i, body in enumerate(bodies)]
+            )
+        results, start = [], 0
+        for requests, mask, candidates in prepared:
+            batch_answers = answers[start : start + len(requests)]
+            start += len(requests)
+            results.append(signals_from_answers(
+                batch_answers, requests, mask, candidates, top_k=self.config.sparse_top_k,
+                request_top_k=self.settings.request_top_k, shared_vocab_size=self.shared_vocab_size,
+                url=self.settings.url_text,
+            ))  # fmt: skip
+        return results
+
+
+def _merge_stats(parts: Sequence[ServerSignalStats]) -> ServerSignalStats:
+    """Position-weighted means over micro-batches."""
+    total = sum(p.positions for p in parts)
+    merged = ServerSignalStats(positions=total)
+    if not total:
+        return merged
+    for name in ("unlisted_shared_mass", "entropy_bound", "listed_padding_mass", "filled_top_places",
+                 "unlisted_candidates"):
+        setattr(merged, name, sum(getattr(p, name) * p.positions for p in parts) / total)
+    return merged
