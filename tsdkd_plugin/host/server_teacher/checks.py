@@ -163,6 +163,12 @@ async def _check_scoring(pool: ServerPool, index: int, model_id: str, tokenizer,
     try:
         answer = await pool.post("/v1/completions", request.body(model_id, request_top_k), index=index,
                                  timeout_s=max(PROBE_TIMEOUT_S, pool.settings.timeout_s), max_retries=1)
+    except ServerUnavailableError as error:
+        raise ArgumentError(
+            f"the teacher server at {url} failed a scoring request with {request_top_k} log-probs per position "
+            f"(--teacher.remote_top_k) {error.attempts} times (last: {error.last_error.what}); see its log (more "
+            f"log-probs than the model has logit rows fail there)"
+        ) from None
     except ServerRefusedError as error:
         if "logprobs" in error.message.lower() and "max allowed" in error.message.lower():
             raise ArgumentError(
@@ -190,15 +196,15 @@ def check_server_teacher(settings: ServerTeacherSettings, student_tokenizer, *, 
                 raise ArgumentError(f"the servers of {URL_FLAG} serve different model names ({', '.join(sorted(ids))}); "
                                     f"every server must serve the one teacher")
             model_id = served[0][0]
-            try:
-                for index in range(len(settings.urls)):
+            for index in range(len(settings.urls)):
+                try:
                     await _check_tokenizer(pool, index, model_id, student_tokenizer, student)
-                    await _check_scoring(pool, index, model_id, student_tokenizer, settings.request_top_k)
-            except (ServerUnavailableError, ServerRefusedError, ServerAnswerError) as error:
-                raise ArgumentError(
-                    f"{URL_FLAG} {error.url}: the tokenizer check failed ({error}); is it a vLLM OpenAI-compatible "
-                    f"server (vllm serve), which has /tokenize and /detokenize?"
-                ) from None
+                except (ServerUnavailableError, ServerRefusedError, ServerAnswerError) as error:
+                    raise ArgumentError(
+                        f"{URL_FLAG} {error.url}: the tokenizer check failed ({error}); is it a vLLM OpenAI-compatible "
+                        f"server (vllm serve), which has /tokenize and /detokenize?"
+                    ) from None
+                await _check_scoring(pool, index, model_id, student_tokenizer, settings.request_top_k)
             return ServerFacts(model_id, tuple(limit for _, limit in served))
 
     return run_sync(check_all())

@@ -194,3 +194,21 @@ class FakeVLLMServer:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def openrlhf_micro_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int):
+    """(sequences, attention_mask, action_mask) of a micro-batch as OpenRLHF 0.11.2 hands it to the
+    teacher: one Experience per sample as its sample generator builds them (prompt + response
+    tokens, action_mask[t] = 1 where token t + 1 is a response token), joined by upstream's own
+    `Experience.concat_experiences` (right padding)."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    samples = []
+    for prompt, response in zip(prompts, responses):
+        tokens = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        action = torch.zeros(len(tokens), dtype=torch.long)
+        action[len(prompt):] = 1
+        samples.append(Experience(sequences=tokens.unsqueeze(0), attention_mask=torch.ones_like(tokens).unsqueeze(0),
+                                  action_mask=action[1:].unsqueeze(0)))
+    batch = Experience.concat_experiences(samples, pad_token_id)
+    return batch.sequences, batch.attention_mask, batch.action_mask.bool()

