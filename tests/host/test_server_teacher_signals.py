@@ -230,7 +230,7 @@ def broken(kind):
 
 @pytest.mark.parametrize("kind, words", [
     ("short", "prompt_logprobs for"), ("no_choices", r"no choices\[0\]\.prompt_logprobs"),
-    ("without_target", "without the prompt's token"), ("not_a_number", "is not a number"),
+    ("without_target", "without the prompt's token"), ("not_a_number", "is not {token id: {.logprob.: number"),
     ("logits", "not log-probs"),
 ])
 def test_malformed_answers_are_named(kind, words):

@@ -115,6 +115,7 @@ class ServerPool:
         self._slots: Optional[asyncio.Semaphore] = None
         self.attempts = 0  # every HTTP attempt, for the run's statistics
         self.retries = 0
+        self.bytes_received = 0
 
     async def __aenter__(self) -> "ServerPool":
         import aiohttp
@@ -141,6 +142,7 @@ class ServerPool:
                 ) as response:
                     status = response.status
                     text = await response.text()
+                    self.bytes_received += len(text)
         except TimeoutError:  # asyncio's and aiohttp's timeouts are both TimeoutError on Python >= 3.11
             raise TransientServerError(url, f"no answer within {timeout_s:g} s") from None
         except asyncio.TimeoutError:  # Python 3.10: a different class

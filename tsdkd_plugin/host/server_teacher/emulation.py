@@ -123,12 +123,15 @@ class FakeVLLMServer:
     async def _completions(self, request):
         from aiohttp import web
 
+        bad = self.misbehaviour
+        if bad.die_after is not None and self.answered >= bad.die_after:  # dead, the listener not yet closed
+            request.transport.close()
+            return web.Response()
         self.completions += 1
         number = self.completions
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            bad = self.misbehaviour
             if bad.delay_s and number <= (bad.slow_attempts or number):
                 await asyncio.sleep(bad.delay_s)
             if bad.status is not None and (bad.status_attempts is None or number <= bad.status_attempts):

@@ -108,54 +108,68 @@ class ListedLogprobs:
     request_top_k: int
 
 
-def listed_logprobs(answers: Sequence[Any], requests: Sequence[ScoringRequest], request_top_k: int,
-                    url: str = "server") -> ListedLogprobs:
-    """Parse and check /v1/completions answers (one per request, one prompt each)."""
+def answer_listing(answer: Any, request: ScoringRequest, request_top_k: int, url: str = "server",
+                   number: int = 0) -> ListedLogprobs:
+    """Parse and check one /v1/completions answer (one prompt) at the request's scored positions.
+    Called as each answer arrives, so the parsing overlaps with the server's work on the others."""
     width = request_top_k + 1
+    per_position = _prompt_logprobs(answer, len(request.tokens), url, number)
     ids: List[int] = []
-    values: List[float] = []
-    targets: List[int] = []
-    for number, (answer, request) in enumerate(zip(answers, requests)):
-        per_position = _prompt_logprobs(answer, len(request.tokens), url, number)
+    values: List[Any] = []
+    try:
         for position in request.positions:
             entry = per_position[position]
-            target = request.tokens[position]
-            if not isinstance(entry, dict) or not entry:
-                raise ServerAnswerError(url, f"sample {number}: no prompt log-probs at position {position}")
-            if not request_top_k <= len(entry) <= width or str(target) not in entry:
+            target = str(request.tokens[position])
+            if not isinstance(entry, dict) or not request_top_k <= len(entry) <= width or target not in entry:
+                count = len(entry) if isinstance(entry, dict) else 0
                 raise ServerAnswerError(
-                    url, f"sample {number}, position {position}: {len(entry)} log-probs "
-                    f"{'without' if str(target) not in entry else 'with'} the prompt's token {target}; vLLM lists "
-                    f"the top {request_top_k} (prompt_logprobs) plus that token"
+                    url, f"sample {number}, position {position}: {count} log-probs "
+                    f"{'with' if isinstance(entry, dict) and target in entry else 'without'} the prompt's token "
+                    f"{target}; vLLM lists the top {request_top_k} (prompt_logprobs) plus that token"
                 )
-            row_ids, row_values = [], []
             for key, item in entry.items():
-                value = item.get("logprob") if isinstance(item, dict) else None
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-                    raise ServerAnswerError(url, f"sample {number}, position {position}: log-prob {item!r} is not a number")
-                try:
-                    row_ids.append(int(key))
-                except ValueError:
-                    raise ServerAnswerError(url, f"sample {number}: token id {key!r} is not an integer") from None
-                row_values.append(float(value))
-            pad = width - len(row_ids)
-            ids.extend(row_ids + [-1] * pad)
-            values.extend(row_values + [-math.inf] * pad)
-            targets.append(target)
-    count = len(targets)
-    ids_t = torch.tensor(ids, dtype=torch.long).view(count, width)
-    values_t = torch.tensor(values, dtype=torch.float64).view(count, width)
-    # vLLM clamps -inf to -9999 in JSON; a value that high is a log-prob, not a logit.
-    if count and (bool((values_t > LOGPROB_SLACK).any()) or bool((torch.logsumexp(values_t, 1) > LOGPROB_SLACK).any())):
+                ids.append(int(key))
+                values.append(item["logprob"])
+            pad = width - len(entry)
+            if pad:
+                ids.extend([-1] * pad)
+                values.extend([-math.inf] * pad)
+        values_t = torch.tensor(values, dtype=torch.float64)
+    except (KeyError, TypeError, ValueError):
+        raise ServerAnswerError(url, f"sample {number}: a prompt log-prob entry is not {{token id: {{'logprob': "
+                                     f"number, ...}}}}") from None
+    count = len(request.positions)
+    return ListedLogprobs(torch.tensor(ids, dtype=torch.long).view(count, width), values_t.view(count, width),
+                          torch.tensor([request.tokens[p] for p in request.positions], dtype=torch.long),
+                          request_top_k)
+
+
+def combine_listings(listings: Sequence[ListedLogprobs], url: str = "server") -> ListedLogprobs:
+    """One ListedLogprobs over several answers (positions in order), checked and sorted by log-prob."""
+    request_top_k = listings[0].request_top_k
+    ids = torch.cat([listing.ids for listing in listings])
+    values = torch.cat([listing.logprobs for listing in listings])
+    count = ids.shape[0]
+    if count and bool(torch.isnan(values).any()):
+        raise ServerAnswerError(url, "a prompt log-prob is NaN")
+    # vLLM clamps -inf to -9999 in JSON; a value above 0, or a position summing above 1, is no log-prob.
+    if count and (bool((values > LOGPROB_SLACK).any()) or bool((torch.logsumexp(values, 1) > LOGPROB_SLACK).any())):
         raise ServerAnswerError(
             url, "the values are not log-probs (some are > 0 or sum to more than probability 1 at a position): start "
             "the server without --logprobs-mode, or with --logprobs-mode raw_logprobs"
         )
-    if count and int(ids_t.min()) < -1:
+    if count and int(ids.min()) < -1:
         raise ServerAnswerError(url, "a negative token id in the prompt log-probs")
-    order = values_t.sort(dim=1, descending=True, stable=True).indices
-    return ListedLogprobs(ids_t.gather(1, order), values_t.gather(1, order),
-                          torch.tensor(targets, dtype=torch.long), request_top_k)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return ListedLogprobs(ids.gather(1, order), values.gather(1, order),
+                          torch.cat([listing.target for listing in listings]), request_top_k)
+
+
+def listed_logprobs(answers: Sequence[Any], requests: Sequence[ScoringRequest], request_top_k: int,
+                    url: str = "server") -> ListedLogprobs:
+    """Parse and check /v1/completions answers (one per request, one prompt each)."""
+    return combine_listings([answer_listing(answer, request, request_top_k, url, number)
+                             for number, (answer, request) in enumerate(zip(answers, requests))], url)
 
 
 def _prompt_logprobs(answer: Any, num_tokens: int, url: str, number: int) -> list:
@@ -328,7 +342,15 @@ def signals_from_answers(answers: Sequence[Any], requests: Sequence[ScoringReque
                          candidate_ids: Optional[torch.Tensor], *, top_k: int, request_top_k: int,
                          shared_vocab_size: int, url: str = "server") -> tuple[TeacherSignals, ServerSignalStats]:
     """A micro-batch's TeacherSignals (sparse, tau = 1) from its /v1/completions answers."""
-    listed = listed_logprobs(answers, requests, request_top_k, url)
+    return signals_from_listings([answer_listing(answer, request, request_top_k, url, number)
+                                  for number, (answer, request) in enumerate(zip(answers, requests))],
+                                 mask, candidate_ids, top_k=top_k, shared_vocab_size=shared_vocab_size, url=url)
+
+
+def signals_from_listings(listings: Sequence[ListedLogprobs], mask: torch.Tensor, candidate_ids: Optional[torch.Tensor],
+                          *, top_k: int, shared_vocab_size: int, url: str = "server") -> tuple[TeacherSignals, ServerSignalStats]:
+    """A micro-batch's TeacherSignals from its samples' parsed answers (`answer_listing`, in row order)."""
+    listed = combine_listings(listings, url)
     flat_candidates = None
     if candidate_ids is not None:
         flat_candidates = candidate_ids.cpu()[mask]  # [P, k], positions in the same (row-major) order

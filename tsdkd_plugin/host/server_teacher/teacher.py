@@ -28,7 +28,13 @@ from tsdkd_plugin.host.server_teacher.client import (
     run_concurrently,
 )
 from tsdkd_plugin.host.server_teacher.settings import API_KEY_ENV, SERVER_TEMPERATURE, ServerTeacherSettings
-from tsdkd_plugin.host.server_teacher.signals import ServerSignalStats, scoring_requests, signals_from_answers
+from tsdkd_plugin.host.server_teacher.signals import (
+    ScoringRequest,
+    ServerSignalStats,
+    answer_listing,
+    scoring_requests,
+    signals_from_listings,
+)
 from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals
 
 COMPLETIONS = "/v1/completions"
@@ -148,7 +154,7 @@ class ServerTeacher:
         except (ServerUnavailableError, ServerRefusedError, ServerAnswerError) as error:
             raise stop_error(error, self.settings, self._resume()) from None
         self.last_stats = _merge_stats([stats for _, stats in results])
-        self.last_timing = {"seconds": time.time() - started}
+        self.last_timing["seconds"] = time.time() - started
         return [signals for signals, _ in results]
 
     async def _score(self, batches: Sequence[Mapping[str, torch.Tensor]]):
@@ -158,21 +164,25 @@ class ServerTeacher:
                                               self.shared_vocab_size)
             prepared.append((requests, mask, batch.get("candidate_ids")))
         first = self._requests_made
-        bodies = [request.body(self.model, self.settings.request_top_k)
-                  for requests, _, _ in prepared for request in requests]
-        self._requests_made += len(bodies)
+        every_request = [request for requests, _, _ in prepared for request in requests]
+        self._requests_made += len(every_request)
+        request_top_k = self.settings.request_top_k
+
+        async def scored(number: int, request: ScoringRequest):
+            answer = await pool.post(COMPLETIONS, request.body(self.model, request_top_k), index=first + number)
+            return answer_listing(answer, request, request_top_k, self.settings.url_text, number)
+
         async with ServerPool(self.settings) as pool:
-            answers = await run_concurrently(
-                [pool.post(COMPLETIONS, body, index=first + i) for i, body in enumerate(bodies)]
-            )
+            listings = await run_concurrently([scored(i, request) for i, request in enumerate(every_request)])
+        self.last_timing = {"requests": len(every_request), "retries": pool.retries,
+                            "answer_bytes": pool.bytes_received}
         results, start = [], 0
         for requests, mask, candidates in prepared:
-            batch_answers = answers[start : start + len(requests)]
+            batch_listings = listings[start : start + len(requests)]
             start += len(requests)
-            results.append(signals_from_answers(
-                batch_answers, requests, mask, candidates, top_k=self.config.sparse_top_k,
-                request_top_k=self.settings.request_top_k, shared_vocab_size=self.shared_vocab_size,
-                url=self.settings.url_text,
+            results.append(signals_from_listings(
+                batch_listings, mask, candidates, top_k=self.config.sparse_top_k,
+                shared_vocab_size=self.shared_vocab_size, url=self.settings.url_text,
             ))  # fmt: skip
         return results
 
