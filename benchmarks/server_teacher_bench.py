@@ -243,16 +243,10 @@ def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_results(text: str, name: str = "server_teacher_bench", title: str = "Server teacher") -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    section = f"{begin}\n## {title} (`benchmarks/server_teacher_bench.py`)\n\n{text}{end}\n"
-    current = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if begin in current and end in current:
-        current = current[: current.index(begin)] + section + current[current.index(end) + len(end) + 1 :]
-    else:
-        current = current.rstrip("\n") + "\n\n" + section
-    path.write_text(current)
+def write_results(text: str) -> None:
+    from loss_bench import write_results as write_section  # benchmarks/ is this script's directory
+
+    write_section(text, name="server_teacher_bench", title="Server teacher", script="benchmarks/server_teacher_bench.py")
 
 
 def approximation(args) -> None:
