@@ -266,11 +266,11 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
         shared_vocab_size: int | None = None,
     ):
         """`run`: the run's options (validated by the CLI); `shared_vocab_size`: the token ids both models
-        share (the preflight's). Both are always given (host/launch.py policy_init_arguments); they have
-        defaults only because upstream's signature has none for them."""
+        share (the preflight's). Both are always given (host/launch.py policy_init_arguments); they default
+        to None only because an override may not require what upstream's callers need not pass
+        (tests/host/test_stock_contract.py)."""
         if run is None or shared_vocab_size is None:
             raise TypeError("TSDKDPolicyActorImpl.init_model_from_pretrained needs run= and shared_vocab_size=")
-        self.run = run
         with _actor_trainer_class(actor_trainer_factory(run, shared_vocab_size)):
             super().init_model_from_pretrained(strategy, pretrain, max_steps=max_steps, vllm_engines=vllm_engines)
         # After the student's engine: a colocated teacher is loaded here, beside the student.
