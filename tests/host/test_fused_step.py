@@ -35,6 +35,22 @@ from tsdkd_plugin.host.student_step import (
 
 TOLERANCE = 1e-5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_distributed_env():
+    """The world of one these tests start writes MASTER_PORT & co. into os.environ and keeps its
+    port bound for the life of the pytest process; later tests' subprocesses must not inherit them."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in DIST_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------- tiny models of each family
@@ -162,11 +178,14 @@ def test_output_heads_of_the_recipe_families():
 def test_the_flag_defaults_to_fused():
     from tsdkd_plugin.cli.train_tsdkd import build_parser
 
+    from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
+    from tsdkd_plugin.objective import TSDKDConfig
+
     parser, _ = build_parser()
     assert getattr(parser.parse_args([]), "tsdkd.student_logits") == "fused"
     assert getattr(parser.parse_args(["--tsdkd.student_logits", "full"]), "tsdkd.student_logits") == "full"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--tsdkd.student_logits", "chunked"])
+    with pytest.raises(ValueError, match="--tsdkd.student_logits must be one of fused, full, got 'chunked'"):
+        RunConfig(objective=TSDKDConfig(), teacher=TeacherConfig("teacher"), student_logits="chunked")
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -300,10 +319,10 @@ def test_fused_training_step_equals_the_full_logits_step(case, tmp_path, toy_tok
     shared = check_same_tokenizer(str(toy_teacher_dir), str(student))
     runs = {}
     for mode in ("full", "fused"):
-        args, config = parse_args(tsdkd_argv(student, toy_teacher_dir, placement, zero_stage,
-                                             (*extra, "--tsdkd.student_logits", mode)))  # fmt: skip
-        runs[mode] = {"policy": single_process.build_policy_actor(args, config, shared)}
-    teacher = None if placement == "colocate" else single_process.build_separate_teacher(args, config, shared)
+        args, run_config = parse_args(tsdkd_argv(student, toy_teacher_dir, placement, zero_stage,
+                                                 (*extra, "--tsdkd.student_logits", mode)))  # fmt: skip
+        runs[mode] = {"policy": single_process.build_policy_actor(args, run_config, shared)}
+    teacher = None if placement == "colocate" else single_process.build_separate_teacher(args, run_config, shared)
 
     sequences, attention_mask, action_mask = rollout_batch(shared, seed=11)
     candidates = {mode: run["policy"].student_candidates(sequences, action_mask, attention_mask)
@@ -312,7 +331,7 @@ def test_fused_training_step_equals_the_full_logits_step(case, tmp_path, toy_tok
     with torch.no_grad():
         full_policy = runs["full"]["policy"]
         logits = full_policy.trainer._student_forward(sequences, attention_mask, RESPONSE_LEN).logits[..., :shared]
-        top_values = logits.topk(config.num_candidates, dim=-1).values
+        top_values = logits.topk(run_config.objective.num_candidates, dim=-1).values
         fused_values = logits.gather(-1, candidates["fused"].long()).sort(-1, descending=True).values
     assert torch.allclose(fused_values, top_values, rtol=0, atol=1e-5)
 
@@ -363,9 +382,9 @@ def test_a_skipped_micro_batch_under_zero3_gives_every_parameter_a_zero_gradient
 
     student = save_student(tmp_path / "student", Path(toy_tokenizer_dir), "qwen2", 2048, tied=False)
     shared = check_same_tokenizer(str(toy_teacher_dir), str(student))
-    args, config = parse_args(tsdkd_argv(student, toy_teacher_dir, "separate", 3))
-    policy = single_process.build_policy_actor(args, config, shared)
-    teacher = single_process.build_separate_teacher(args, config, shared)
+    args, run = parse_args(tsdkd_argv(student, toy_teacher_dir, "separate", 3))
+    policy = single_process.build_policy_actor(args, run, shared)
+    teacher = single_process.build_separate_teacher(args, run, shared)
     sequences, attention_mask, action_mask = rollout_batch(shared, seed=12)
     experience = single_process.experience_with_signals(policy, teacher, sequences, attention_mask, action_mask,
                                                         N_PER_PROMPT)  # fmt: skip
