@@ -87,7 +87,7 @@ def prepare(work: Path, vocab: int, hidden: int, layers: int, tokens: list, resp
 
     from tsdkd_plugin.cli.train_tsdkd import parse_args
     from tsdkd_plugin.host import single_process
-    from tsdkd_plugin.host.preflight import shared_vocabulary_size
+    from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
     from tsdkd_plugin.toy.cache import default_cache_dir, qwen_vocab_tokenizer_dir, toy_tokenizer_dir
 
     # Qwen2's real vocabulary (151,646 ids) for Qwen2.5's 151,936 rows; the toy one (400 ids) for quick tries.
@@ -95,7 +95,7 @@ def prepare(work: Path, vocab: int, hidden: int, layers: int, tokens: list, resp
     tokenizer_dir = (qwen_vocab_tokenizer_dir if real_vocab else toy_tokenizer_dir)(default_cache_dir())
     save_model(work / "student", tokenizer_dir, vocab, hidden, layers, seed=1)
     save_model(work / "teacher", tokenizer_dir, vocab, hidden, layers, seed=2)
-    shared = shared_vocabulary_size(str(work / "student"), str(work / "teacher"))
+    shared = check_same_tokenizer(str(work / "teacher"), str(work / "student"))
     bytes_per_token = {}
     for n in tokens:
         rows = n // response_len

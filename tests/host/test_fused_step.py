@@ -18,7 +18,6 @@ Gemma-2. The fused step's output layer produces no logits at all ([B, 0, V]).
 
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 from pathlib import Path
@@ -33,11 +32,25 @@ from tsdkd_plugin.host.student_step import (
     output_layer_skipped,
     student_output_head,
 )
-from tsdkd_plugin.objective import tsdkd_loss_fused
 
 TOLERANCE = 1e-5
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-STUDENT_HEAD_LANDED = "student_head" in inspect.signature(tsdkd_loss_fused).parameters
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_distributed_env():
+    """The world of one these tests start writes MASTER_PORT & co. into os.environ and keeps its
+    port bound for the life of the pytest process; later tests' subprocesses must not inherit them."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in DIST_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------- tiny models of each family
@@ -165,11 +178,14 @@ def test_output_heads_of_the_recipe_families():
 def test_the_flag_defaults_to_fused():
     from tsdkd_plugin.cli.train_tsdkd import build_parser
 
+    from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
+    from tsdkd_plugin.objective import TSDKDConfig
+
     parser, _ = build_parser()
     assert getattr(parser.parse_args([]), "tsdkd.student_logits") == "fused"
     assert getattr(parser.parse_args(["--tsdkd.student_logits", "full"]), "tsdkd.student_logits") == "full"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--tsdkd.student_logits", "chunked"])
+    with pytest.raises(ValueError, match="--tsdkd.student_logits must be one of fused, full, got 'chunked'"):
+        RunConfig(objective=TSDKDConfig(), teacher=TeacherConfig("teacher"), student_logits="chunked")
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -296,19 +312,17 @@ def test_fused_training_step_equals_the_full_logits_step(case, tmp_path, toy_tok
     from tsdkd_plugin.cli.train_tsdkd import parse_args
     from tsdkd_plugin.host import single_process
     from tsdkd_plugin.host.model_io import unwrap_hf_model
-    from tsdkd_plugin.host.preflight import shared_vocabulary_size
+    from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
 
     family, rows, tied, zero_stage, placement, extra = CASES[case]
-    if family == "gemma2" and not STUDENT_HEAD_LANDED:
-        pytest.skip("tsdkd_loss_fused(student_head=...) (Gemma-2 softcapping on the student side) has not landed yet")
     student = save_student(tmp_path / "student", Path(toy_tokenizer_dir), family, rows, tied)
-    shared = shared_vocabulary_size(str(student), str(toy_teacher_dir))
+    shared = check_same_tokenizer(str(toy_teacher_dir), str(student))
     runs = {}
     for mode in ("full", "fused"):
-        args, config = parse_args(tsdkd_argv(student, toy_teacher_dir, placement, zero_stage,
-                                             (*extra, "--tsdkd.student_logits", mode)))  # fmt: skip
-        runs[mode] = {"policy": single_process.build_policy_actor(args, config, shared)}
-    teacher = None if placement == "colocate" else single_process.build_separate_teacher(args, config, shared)
+        args, run_config = parse_args(tsdkd_argv(student, toy_teacher_dir, placement, zero_stage,
+                                                 (*extra, "--tsdkd.student_logits", mode)))  # fmt: skip
+        runs[mode] = {"policy": single_process.build_policy_actor(args, run_config, shared)}
+    teacher = None if placement == "colocate" else single_process.build_separate_teacher(args, run_config, shared)
 
     sequences, attention_mask, action_mask = rollout_batch(shared, seed=11)
     candidates = {mode: run["policy"].student_candidates(sequences, action_mask, attention_mask)
@@ -317,7 +331,7 @@ def test_fused_training_step_equals_the_full_logits_step(case, tmp_path, toy_tok
     with torch.no_grad():
         full_policy = runs["full"]["policy"]
         logits = full_policy.trainer._student_forward(sequences, attention_mask, RESPONSE_LEN).logits[..., :shared]
-        top_values = logits.topk(config.num_candidates, dim=-1).values
+        top_values = logits.topk(run_config.objective.num_candidates, dim=-1).values
         fused_values = logits.gather(-1, candidates["fused"].long()).sort(-1, descending=True).values
     assert torch.allclose(fused_values, top_values, rtol=0, atol=1e-5)
 
@@ -364,13 +378,13 @@ def test_a_skipped_micro_batch_under_zero3_gives_every_parameter_a_zero_gradient
     untied, partitioned output layer (which then gets no gradient at all) the step must still run."""
     from tsdkd_plugin.cli.train_tsdkd import parse_args
     from tsdkd_plugin.host import single_process
-    from tsdkd_plugin.host.preflight import shared_vocabulary_size
+    from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
 
     student = save_student(tmp_path / "student", Path(toy_tokenizer_dir), "qwen2", 2048, tied=False)
-    shared = shared_vocabulary_size(str(student), str(toy_teacher_dir))
-    args, config = parse_args(tsdkd_argv(student, toy_teacher_dir, "separate", 3))
-    policy = single_process.build_policy_actor(args, config, shared)
-    teacher = single_process.build_separate_teacher(args, config, shared)
+    shared = check_same_tokenizer(str(toy_teacher_dir), str(student))
+    args, run = parse_args(tsdkd_argv(student, toy_teacher_dir, "separate", 3))
+    policy = single_process.build_policy_actor(args, run, shared)
+    teacher = single_process.build_separate_teacher(args, run, shared)
     sequences, attention_mask, action_mask = rollout_batch(shared, seed=12)
     experience = single_process.experience_with_signals(policy, teacher, sequences, attention_mask, action_mask,
                                                         N_PER_PROMPT)  # fmt: skip

@@ -34,7 +34,7 @@ from tsdkd_plugin.host.model_io import (
     response_hidden_states,
 )
 from tsdkd_plugin.host.student_step import action_positions
-from tsdkd_plugin.host.teacher import score_samples, sparse_signals_for_samples
+from tsdkd_plugin.host.teachers.scoring import score_samples, sparse_signals_for_samples
 from tsdkd_plugin.objective import IDENTITY_HEAD, TeacherSignals, TSDKDConfig, teacher_signals_from_logits, tsdkd_loss
 from tsdkd_plugin.objective.chunking import HiddenRows
 

@@ -85,10 +85,10 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     from tsdkd_plugin.host.launch import launch
     from tsdkd_plugin.testing import engine_prompt_logprobs, hf_prompt_logprobs, probe_token_ids
 
-    args, config = cli.parse_args(argv)
-    shared_vocab_size = cli.preflight(args, config).shared_vocab_size
+    args, run = cli.parse_args(argv)
+    shared_vocab_size = cli.preflight(args, run).shared_vocab_size
     cli.init_ray(args)
-    job = launch(args, config, shared_vocab_size)
+    job = launch(args, run, shared_vocab_size)
     ray.get(job.trainer.fit.remote())
     ray.get(job.actor_group.async_save_model())
 

@@ -40,9 +40,9 @@ def test_every_tsdkd_variant_is_a_valid_launch(name, tmp_path, toy_teacher_dir, 
     budget = BUDGETS["default"].distill
     flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
                           output_dir=tmp_path / "m", seed=0)
-    _, config = parse_args(flags + tsdkd_flags(METHODS[name].objective, teacher_dir=toy_teacher_dir))
+    _, run = parse_args(flags + tsdkd_flags(METHODS[name].objective, teacher_dir=toy_teacher_dir))
     for field, value in METHODS[name].objective.items():
-        assert getattr(config, field) == value
+        assert getattr(run.objective, field) == value
 
 
 def test_grpo_flags_parse_with_upstream_train_ppo_ray(tmp_path, toy_student_dir, arith_data_dir):

@@ -12,7 +12,6 @@ passed in.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 
@@ -20,11 +19,10 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.utils import get_strategy
 
 from tsdkd_plugin.host.actor import TSDKDPolicyActorImpl
-from tsdkd_plugin.host.args import teacher_signal_options, tsdkd_options
 from tsdkd_plugin.host.device import set_single_process_dist_env
 from tsdkd_plugin.host.experience import group_ids_from_rollout_index
-from tsdkd_plugin.host.teacher import TeacherModelActor
-from tsdkd_plugin.objective import TSDKDConfig
+from tsdkd_plugin.host.run_config import RunConfig
+from tsdkd_plugin.host.teachers import TeacherModelActor
 
 
 def _world_of_one() -> tuple:
@@ -33,24 +31,20 @@ def _world_of_one() -> tuple:
 
 
 def build_policy_actor(
-    args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int, max_steps: int = 1
+    args: SimpleNamespace, run: RunConfig, shared_vocab_size: int, max_steps: int = 1
 ) -> TSDKDPolicyActorImpl:
     """The policy actor (DeepSpeed engine, optimizer, scheduler, TSD-KD trainer; colocated teacher
     with --teacher.placement colocate) as a plain object; its trainer is `.trainer`."""
     actor = TSDKDPolicyActorImpl(*_world_of_one())
-    actor.init_model_from_pretrained(
-        get_strategy(args), args.actor.model_name_or_path, max_steps, None,
-        tsdkd_options=tsdkd_options(args, config, shared_vocab_size),
-    )  # fmt: skip
+    actor.init_model_from_pretrained(get_strategy(args), args.actor.model_name_or_path, max_steps, None,
+                                     run=run, shared_vocab_size=shared_vocab_size)
     return actor
 
 
-def build_separate_teacher(args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int):
+def build_separate_teacher(args: SimpleNamespace, run: RunConfig, shared_vocab_size: int):
     """The separate teacher group's actor (`TeacherModelActor`) as a plain object."""
     teacher = TeacherModelActor.__ray_actor_class__(*_world_of_one())
-    teacher.init_model_from_pretrained(
-        get_strategy(args), args.teacher.model_name_or_path, teacher_signal_options(args, config, shared_vocab_size)
-    )
+    teacher.init_model_from_pretrained(get_strategy(args), run.teacher.model_name_or_path, run, shared_vocab_size)
     return teacher
 
 
@@ -61,7 +55,7 @@ def experience_with_signals(
     attention_mask: torch.Tensor,
     action_mask: torch.Tensor,
     n_samples_per_prompt: int,
-    candidate_ids: Optional[torch.Tensor] = None,
+    candidate_ids: torch.Tensor | None = None,
 ) -> Experience:
     """One micro-batch as the training step receives it: rows are [prompt | response] (consecutive
     groups of n per prompt), with the teacher signals `TeacherRankedExperienceMaker` attaches.
@@ -70,7 +64,7 @@ def experience_with_signals(
     colocated teacher. candidate_ids: the student's top-k [B, A, k] to use instead of asking the
     policy (so that two policies can be given the very same signals)."""
     if teacher is None:
-        signals = policy.colocated_teacher_scores(sequences, action_mask, attention_mask)
+        signals = policy.in_process_teacher_signals(sequences, action_mask, attention_mask)
     else:
         if candidate_ids is None:
             candidate_ids = policy.student_candidates(sequences, action_mask, attention_mask)

@@ -1,34 +1,27 @@
-"""The teacher as a ranking reward model: a Ray actor group built on OpenRLHF's pieces.
+"""A teacher model in this process, scoring the student's samples: OpenRLHF's `Actor` under DeepSpeed's
+inference config, and the sparse signals it makes (used by the separate Ray group, by the colocated
+teacher for its sequence scores, and by recipes_tools/dpo_pairs.py).
 
-Like upstream's `ReferenceModelActor`, each `TeacherModelActor` holds one
-DeepSpeed-wrapped OpenRLHF `Actor` (any HF causal LM) in its own placement group,
-and answers batched `forward` calls from the experience maker. Instead of
-log-probs it returns what the TSD-KD objective needs for the student's samples,
-in the sparse transport (`tsdkd_plugin.objective.TeacherSignals`): per token its
-entropy, top-K log-probs (+ tail bucket) and its log-probs at the student's top-k
-candidates; per response a sequence score (length-normalized log-likelihood)
-that ranks a prompt's n candidates.
+The sparse transport (`tsdkd_plugin.objective.TeacherSignals`): per token the teacher's entropy,
+its top-K log-probs (+ tail bucket) and its log-probs at the student's top-k candidates; per response
+a sequence score (length-normalized log-likelihood) that ranks a prompt's n candidates. The logits
+are made from the final hidden states chunk by chunk, with the family's output head (model_io.py).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
-import ray
 import torch
 
 from openrlhf.models import Actor
-from openrlhf.trainer.ray.launcher import BaseModelActor
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 
 from tsdkd_plugin.host.device import current_device
-from tsdkd_plugin.host.faults import inject_teacher_forward_fault
 from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
 from tsdkd_plugin.host.student_step import in_vocab_action_mask
-from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, teacher_signals_from_hidden
+from tsdkd_plugin.objective import TeacherSignals, TSDKDConfig, teacher_signals_from_hidden
 
 
-def scoring_model_arguments(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Dict:
+def scoring_model_arguments(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> dict:
     """Keyword arguments of upstream `Actor` for a model that only scores (the teacher): DeepSpeed's
     inference config, temperature 1 (the TSD-KD temperature is applied by the objective, on raw
     logits). Also bound to the pristine `Actor` signature by tests/host/test_stock_contract.py."""
@@ -46,7 +39,9 @@ def scoring_model_arguments(strategy: DeepspeedStrategy, pretrain: str, offload:
 
 
 def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Actor:
-    """An OpenRLHF `Actor` in eval mode under DeepSpeed's inference config."""
+    """An OpenRLHF `Actor` in eval mode under DeepSpeed's inference config. (Its name appears in the
+    traceback of a colocated teacher that fails to load: host/faults.py reports that as the teacher's
+    --teacher.model_name_or_path.)"""
     model = Actor(**scoring_model_arguments(strategy, pretrain, offload))
     if offload:
         model._offload = True
@@ -64,7 +59,7 @@ def sparse_signals_for_samples(
     sequences: torch.Tensor,
     action_mask: torch.Tensor,
     attention_mask: torch.Tensor,
-    candidate_ids: Optional[torch.Tensor],
+    candidate_ids: torch.Tensor | None,
 ) -> TeacherSignals:
     """Sparse teacher signals (float32, on the model's device) for a micro-batch of student samples."""
     device = current_device()
@@ -93,37 +88,11 @@ def score_samples(
     sequences: torch.Tensor,
     action_mask: torch.Tensor,
     attention_mask: torch.Tensor,
-    candidate_ids: Optional[torch.Tensor],
-) -> Dict[str, torch.Tensor]:
+    candidate_ids: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     """`sparse_signals_for_samples` as a dict of CPU tensors in the wire format
     (`TeacherSignals.to_wire`: float16 log-probs, int32 ids)."""
     signals = sparse_signals_for_samples(
         model, zero_stage, config, shared_vocab_size, sequences, action_mask, attention_mask, candidate_ids
     )
     return {name: tensor.to("cpu") for name, tensor in signals.to_wire().items()}
-
-
-def where_am_i() -> Dict:
-    """This Ray actor's node and logical GPUs (for the run log and the placement tests)."""
-    context = ray.get_runtime_context()
-    return {"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-
-
-@ray.remote(num_gpus=1)
-class TeacherModelActor(BaseModelActor):
-    def init_model_from_pretrained(self, strategy: DeepspeedStrategy, pretrain: str, signal_options: Dict):
-        """`signal_options`: loss_config (TSDKDConfig) and shared_vocab_size (validated by the CLI)."""
-        self._setup_distributed(strategy)
-        self.model = load_causal_lm_for_scoring(strategy, pretrain, offload=strategy.args.teacher.offload)
-        self.config: TSDKDConfig = signal_options["loss_config"]
-        self.shared_vocab_size: int = signal_options["shared_vocab_size"]
-
-    def placement(self) -> Dict:
-        return where_am_i()
-
-    def forward(self, sequences, action_mask, attention_mask, candidate_ids=None) -> Dict[str, torch.Tensor]:
-        inject_teacher_forward_fault()  # test-only (TSDKD_FAULT_INJECT, host/faults.py); no-op otherwise
-        return score_samples(
-            self.model, self.strategy.args.ds.zero_stage, self.config, self.shared_vocab_size,
-            sequences, action_mask, attention_mask, candidate_ids,
-        )  # fmt: skip
