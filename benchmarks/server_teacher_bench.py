@@ -3,7 +3,7 @@
     python benchmarks/server_teacher_bench.py approximation [--write-results]
 
 `approximation`: how far the signals built from a vLLM server's top-R prompt log-probs
-(host/server_teacher/signals.py) are from the dense teacher (the colocated teacher's exact
+(host/teachers/server/signals.py) are from the dense teacher (the colocated teacher's exact
 logits) and from the Ray teacher group's sparse top-K signals, on the toy task: the student
 samples responses to test prompts (HF sampling at temperature 1), then for each teacher the
 TSD-KD loss and its terms are computed on the same student logits with each kind of teacher
@@ -138,8 +138,8 @@ def relative(value: float, reference: float) -> float:
 
 
 def measure_teacher(name, teacher_dir, batch, student_logits, args, log_dir) -> List[Dict]:
-    from tsdkd_plugin.host.server_teacher import ServerTeacher, ServerTeacherSettings
-    from tsdkd_plugin.host.server_teacher.local_server import LocalVLLMServer
+    from tsdkd_plugin.host.teachers.server import ServerTeacher, ServerTeacherSettings
+    from tsdkd_plugin.host.teachers.server.local_server import LocalVLLMServer
     from tsdkd_plugin.host.student_step import in_vocab_action_mask
     from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, teacher_signals_from_logits
     from tsdkd_plugin.objective.listmle import opener_mask
@@ -250,7 +250,7 @@ def write_results(text: str) -> None:
 
 
 def approximation(args) -> None:
-    from tsdkd_plugin.host.server_teacher.emulation import openrlhf_micro_batch
+    from tsdkd_plugin.host.teachers.server.emulation import openrlhf_micro_batch
     from tsdkd_plugin.host.student_step import in_vocab_action_mask
     from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
 

@@ -1,5 +1,5 @@
 """The server teacher over HTTP against an emulated vLLM server on the loopback address
-(host/server_teacher/emulation.py): what a healthy server gives, and what happens when the server
+(host/teachers/server/emulation.py): what a healthy server gives, and what happens when the server
 dies mid-run, answers garbage, is slow, is overloaded or refuses; then the checks made before any
 rollout (served model, context length, tokenizer, log-prob limit). Every test bounds its own time
 (small timeouts and backoffs); the real vLLM server is tests/host/test_server_teacher_vllm.py.
@@ -12,15 +12,15 @@ import torch
 
 from tsdkd_plugin.host.args import ArgumentError
 from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason
-from tsdkd_plugin.host.server_teacher import (
+from tsdkd_plugin.host.teachers.server import (
     ServerTeacher,
     ServerTeacherFailedError,
     ServerTeacherSettings,
     ServerTeacherUnavailableError,
     parse_server_urls,
 )
-from tsdkd_plugin.host.server_teacher.checks import check_server_teacher
-from tsdkd_plugin.host.server_teacher.emulation import FakeVLLMServer, Misbehaviour
+from tsdkd_plugin.host.teachers.server.checks import check_server_teacher
+from tsdkd_plugin.host.teachers.server.emulation import FakeVLLMServer, Misbehaviour
 from tsdkd_plugin.host.student_step import action_positions, in_vocab_action_mask
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_logits
 

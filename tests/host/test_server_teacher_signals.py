@@ -1,4 +1,4 @@
-"""The server teacher's conversion (host/server_teacher/signals.py): vLLM's prompt log-probs of a
+"""The server teacher's conversion (host/teachers/server/signals.py): vLLM's prompt log-probs of a
 micro-batch -> the sparse teacher signals, against `teacher_signals_from_logits` on the same
 logits (what the Ray teacher group computes), on OpenRLHF's right-padded batch layout.
 
@@ -19,9 +19,9 @@ import math
 import pytest
 import torch
 
-from tsdkd_plugin.host.server_teacher.client import ServerAnswerError
-from tsdkd_plugin.host.server_teacher.emulation import prompt_logprobs_answer
-from tsdkd_plugin.host.server_teacher.signals import (
+from tsdkd_plugin.host.teachers.server.client import ServerAnswerError
+from tsdkd_plugin.host.teachers.server.emulation import prompt_logprobs_answer
+from tsdkd_plugin.host.teachers.server.signals import (
     listed_logprobs,
     position_signals,
     scoring_requests,

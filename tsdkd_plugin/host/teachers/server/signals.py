@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from tsdkd_plugin.host.server_teacher.client import ServerAnswerError
+from tsdkd_plugin.host.teachers.server.client import ServerAnswerError
 from tsdkd_plugin.host.student_step import in_vocab_action_mask
 from tsdkd_plugin.objective import TeacherSignals
 

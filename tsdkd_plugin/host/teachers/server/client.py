@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
 
-from tsdkd_plugin.host.server_teacher.settings import ServerTeacherSettings
+from tsdkd_plugin.host.teachers.server.settings import ServerTeacherSettings
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,19 @@
 """What the server teacher needs to know about its server(s): one frozen, validated object.
 
-The launch flags (`--teacher.remote_url`, ...) are turned into `ServerTeacherSettings` once, before
-any Ray worker starts; every later part (the preflight check, the HTTP client, the experience
-maker's teacher) reads this object, never the raw arguments.
+Made from the run configuration (`ServerTeacherSettings.of_run`: `--teacher.remote_url`,
+`--teacher.model_name_or_path`, `--teacher.remote_top_k`, `--teacher.remote_concurrency`,
+`--teacher.timeout_s`, `--teacher.max_retries`, all checked by `TeacherConfig`/`RunConfig`); the
+preflight's server check, the HTTP client and the driver-side teacher read this object.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Tuple
-from urllib.parse import urlsplit
+
+from tsdkd_plugin.host.run_config import RunConfig, parse_server_urls
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_BACKOFF_S = 1.0
@@ -23,32 +26,6 @@ SERVER_TEMPERATURE = 1.0
 API_KEY_ENV = "TSDKD_TEACHER_API_KEY"
 
 
-def parse_server_urls(text: str) -> Tuple[str, ...]:
-    """'http://a:8000,http://b:8000' -> ('http://a:8000', 'http://b:8000'): base URLs of vLLM
-    OpenAI-compatible servers (a trailing '/' or '/v1' is dropped: the client adds the paths).
-    Raises ValueError naming the bad entry."""
-    urls = []
-    for part in (text or "").split(","):
-        url = part.strip().rstrip("/")
-        if not url:
-            continue
-        if url.endswith("/v1"):
-            url = url[: -len("/v1")]
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{part.strip()!r} is not an http(s) URL with a host, e.g. http://10.0.0.5:8000")
-        try:
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-        except ValueError:
-            raise ValueError(f"{part.strip()!r} has an invalid port") from None
-        urls.append(url)
-    if not urls:
-        raise ValueError("no URL given; e.g. http://10.0.0.5:8000 (several: comma-separated)")
-    if len(set(urls)) != len(urls):
-        raise ValueError(f"{text!r} names the same server twice")
-    return tuple(urls)
-
-
 @dataclass(frozen=True)
 class ServerTeacherSettings:
     """A teacher served by vLLM's OpenAI-compatible server(s), as the launch flags set it."""
@@ -58,7 +35,7 @@ class ServerTeacherSettings:
     and a retried request moves on to the next server."""
     model: str
     """The served model name (`--teacher.model_name_or_path`): the `model` of every request, one of
-    the server's /v1/models ids (or the path it was started from)."""
+    the server's /v1/models ids (vllm serve --served-model-name, else the path it was started from)."""
     request_top_k: int
     """Log-probs per position asked of the server (vLLM's `prompt_logprobs`); the server must be
     started with `--max-logprobs` at least this. >= the K shipped to the actors (`sparse_top_k`):
@@ -92,6 +69,16 @@ class ServerTeacherSettings:
                 raise ValueError(f"ServerTeacherSettings.{name} must be a finite number >= 0, got {value!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"ServerTeacherSettings.timeout_s must be > 0, got {self.timeout_s!r}")
+
+    @classmethod
+    def of_run(cls, run: RunConfig) -> "ServerTeacherSettings":
+        """The settings of a run with --teacher.remote_url (an API key from $TSDKD_TEACHER_API_KEY)."""
+        teacher = run.teacher
+        key = os.environ.get(API_KEY_ENV)
+        return cls(urls=parse_server_urls(teacher.remote_url), model=teacher.model_name_or_path,
+                   request_top_k=run.server_top_k, concurrency=teacher.remote_concurrency,
+                   timeout_s=teacher.timeout_s, max_retries=teacher.max_retries,
+                   extra_headers=(("Authorization", f"Bearer {key}"),) if key else ())
 
     def pause_before_retry(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1, 2, ...): backoff_s doubling, capped."""

@@ -1,5 +1,7 @@
-"""The teacher behind a vLLM server: scores the student's samples over HTTP and returns the same
-sparse signals, in the same wire format, as the Ray teacher group (`TeacherModelActor.forward`).
+"""The teacher behind a vLLM server (`--teacher.remote_url`): scores the student's samples over HTTP
+and returns the same sparse signals, in the same wire format, as the Ray teacher group
+(`TeacherModelActor.forward`). `ServerDriverTeacher` is its driver-side half (teachers/base.py
+`DriverTeacher`); its actor-side half is `ShippedSignals`, as for the Ray group.
 
 One request per sample (its prompt log-probs; `signals.py`), all samples of a step in flight
 together up to `--teacher.remote_concurrency`, so the server batches them as it batches any
@@ -19,7 +21,17 @@ from typing import Any, Awaitable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from tsdkd_plugin.host.faults import TrainingStoppedError
-from tsdkd_plugin.host.server_teacher.client import (
+from tsdkd_plugin.host.run_config import RunConfig
+from tsdkd_plugin.host.teachers.base import (
+    STUDENT_CANDIDATES,
+    DriverTeacher,
+    StepSamples,
+    TeacherFailedError,
+    TeacherUnavailableError,
+    run_on_policy_group,
+    timed,
+)
+from tsdkd_plugin.host.teachers.server.client import (
     ServerAnswerError,
     ServerError,
     ServerPool,
@@ -27,8 +39,8 @@ from tsdkd_plugin.host.server_teacher.client import (
     ServerUnavailableError,
     run_concurrently,
 )
-from tsdkd_plugin.host.server_teacher.settings import API_KEY_ENV, SERVER_TEMPERATURE, ServerTeacherSettings
-from tsdkd_plugin.host.server_teacher.signals import (
+from tsdkd_plugin.host.teachers.server.settings import API_KEY_ENV, SERVER_TEMPERATURE, ServerTeacherSettings
+from tsdkd_plugin.host.teachers.server.signals import (
     ScoringRequest,
     ServerSignalStats,
     answer_listing,
@@ -40,11 +52,11 @@ from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals
 COMPLETIONS = "/v1/completions"
 
 
-class ServerTeacherUnavailableError(TrainingStoppedError):
+class ServerTeacherUnavailableError(TeacherUnavailableError):
     """A scoring request failed (connection, timeout, 5xx) on every attempt."""
 
 
-class ServerTeacherFailedError(TrainingStoppedError):
+class ServerTeacherFailedError(TeacherFailedError):
     """The server refused a scoring request (4xx) or answered something that is not prompt log-probs."""
 
 
@@ -115,7 +127,7 @@ class ServerTeacher:
     """
 
     def __init__(self, settings: ServerTeacherSettings, config: TSDKDConfig, shared_vocab_size: int,
-                 *, ckpt_path: Optional[str] = None, served_model: Optional[str] = None):
+                 *, ckpt_path: Optional[str] = None):
         if config.temperature != SERVER_TEMPERATURE:
             raise ValueError(
                 f"the server teacher gives log-probs at temperature {SERVER_TEMPERATURE:g} only (vLLM applies no "
@@ -130,7 +142,7 @@ class ServerTeacher:
         self.config = config
         self.shared_vocab_size = shared_vocab_size
         self.ckpt_path = ckpt_path
-        self.model = served_model or settings.model  # the id the preflight found on the server
+        self.model = settings.model  # a /v1/models id (the preflight checked it)
         self.last_stats = ServerSignalStats()
         self.last_timing: Dict[str, float] = {}
         self._requests_made = 0  # round-robin position over the servers
@@ -197,3 +209,30 @@ def _merge_stats(parts: Sequence[ServerSignalStats]) -> ServerSignalStats:
                  "unlisted_candidates"):
         setattr(merged, name, sum(getattr(p, name) * p.positions for p in parts) / total)
     return merged
+
+
+class ServerDriverTeacher(DriverTeacher):
+    """Student candidates from the policy group, then the server's sparse signals (`ServerTeacher`).
+    A stop after the retry budget is a `TeacherUnavailableError` (a refusal or garbage:
+    `TeacherFailedError`), raised while making experience, so the latest checkpoint is intact."""
+
+    def __init__(self, policy_group, run: RunConfig, *, shared_vocab_size: int, duplicate_factor: int,
+                 ckpt_path: str):
+        self.policy_group = policy_group
+        self.duplicate_factor = duplicate_factor  # policy actors per ring-attention / tensor-parallel group
+        self.server = ServerTeacher(ServerTeacherSettings.of_run(run), run.objective, shared_vocab_size,
+                                    ckpt_path=ckpt_path)
+
+    def signals(self, samples: StepSamples, times: Dict[str, float]) -> List[Dict[str, torch.Tensor]]:
+        with timed(times, "student_candidates"):
+            candidates = run_on_policy_group(self.policy_group, STUDENT_CANDIDATES, samples, self.duplicate_factor)
+        with timed(times, "teacher_scoring"):  # HTTP requests + sparse signals
+            batches = [dict(sequences=s, action_mask=a, attention_mask=m, candidate_ids=c)
+                       for s, a, m, c in zip(samples.sequences, samples.action_mask, samples.attention_mask, candidates)]
+            signals = self.server.score(batches)
+        stats, timing = self.server.last_stats, self.server.last_timing
+        # What the approximation left out (docs/server_teacher.md) and what the server cost, per step.
+        times["tsdkd/teacher_server_retries"] = float(timing.get("retries", 0))
+        times["tsdkd/teacher_unlisted_mass"] = stats.unlisted_shared_mass
+        times["tsdkd/teacher_unlisted_candidates"] = stats.unlisted_candidates
+        return signals

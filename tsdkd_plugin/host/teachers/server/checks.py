@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from tsdkd_plugin.host.args import ArgumentError
-from tsdkd_plugin.host.server_teacher.client import (
+from tsdkd_plugin.host.teachers.server.client import (
     ServerAnswerError,
     ServerError,
     ServerPool,
@@ -29,8 +29,8 @@ from tsdkd_plugin.host.server_teacher.client import (
     ServerUnavailableError,
     run_concurrently,
 )
-from tsdkd_plugin.host.server_teacher.settings import ServerTeacherSettings
-from tsdkd_plugin.host.server_teacher.signals import ScoringRequest, listed_logprobs
+from tsdkd_plugin.host.teachers.server.settings import ServerTeacherSettings
+from tsdkd_plugin.host.teachers.server.signals import ScoringRequest, listed_logprobs
 
 PROBE_TIMEOUT_S = 30.0
 VOCAB_CHUNK = 2048
@@ -186,7 +186,7 @@ async def _check_scoring(pool: ServerPool, index: int, model_id: str, tokenizer,
 
 def check_server_teacher(settings: ServerTeacherSettings, student_tokenizer, *, student: str, max_len: int) -> ServerFacts:
     """Every check of the module docstring against every server; the facts, or an ArgumentError."""
-    from tsdkd_plugin.host.server_teacher.teacher import run_sync
+    from tsdkd_plugin.host.teachers.server.teacher import run_sync
 
     async def check_all() -> ServerFacts:
         async with ServerPool(settings) as pool:
