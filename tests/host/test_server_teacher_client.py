@@ -169,7 +169,9 @@ def check(fake_or_url, tokenizer, request_top_k=24, model="teacher", max_len=96)
 def test_a_matching_server_passes(toy_server, toy_tokenizer):
     facts = check(toy_server, toy_tokenizer)
     assert facts.model_id == "teacher" and facts.max_model_len == (97,)
-    assert check(toy_server, toy_tokenizer, model="/models/teacher").model_id == "teacher"  # the path it serves
+    # the path it was started from is not the name requests use: named, with the name to pass
+    with pytest.raises(ArgumentError, match="was started from that model but serves it as 'teacher'"):
+        check(toy_server, toy_tokenizer, model="/models/teacher")
 
 
 @pytest.mark.parametrize("change, words", [

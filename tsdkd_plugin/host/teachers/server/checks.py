@@ -2,8 +2,7 @@
 student's tokenizer? Every answer is one sentence (ArgumentError), as for a local teacher.
 
 For each server of `--teacher.remote_url`:
-1. GET /v1/models serves `--teacher.model_name_or_path` (as its id, or as the path it was started
-   from), with a context of at least `--data.max_len` + 1 tokens (a request adds one generated token);
+1. GET /v1/models serves `--teacher.model_name_or_path` (as its id: the name requests use), with a context of at least `--data.max_len` + 1 tokens (a request adds one generated token);
 2. the tokenizer is the student's, compared as `tokenizer_compat.check_same_tokenizer` compares two
    local ones, through the server's /detokenize and /tokenize:
    - vocabulary: every id of the student's tokenizer decodes to the same text there (all of them,
@@ -84,8 +83,13 @@ async def _served_model(pool: ServerPool, url_index: int, settings: ServerTeache
     if not isinstance(cards, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in cards):
         raise ArgumentError(f"{URL_FLAG} {url}: GET /v1/models did not answer a model list; is it a vLLM "
                             f"OpenAI-compatible server (vllm serve)?")
-    card = next((c for c in cards if c["id"] == settings.model), None) or next(
-        (c for c in cards if c.get("root") == settings.model), None)
+    card = next((c for c in cards if c["id"] == settings.model), None)
+    started_from = next((c for c in cards if c.get("root") == settings.model), None)
+    if card is None and started_from is not None:
+        raise ArgumentError(
+            f"{MODEL_FLAG} {settings.model!r}: the server at {url} was started from that model but serves it as "
+            f"{started_from['id']!r} (vllm serve --served-model-name); pass {MODEL_FLAG} {started_from['id']}"
+        )
     if card is None:
         served = ", ".join(repr(c["id"]) for c in cards) or "nothing"
         raise ArgumentError(
