@@ -212,3 +212,53 @@ def test_a_server_that_answers_logits_or_nothing_is_refused(toy_server, toy_toke
     toy_server.die()
     with pytest.raises(ArgumentError, match=r"no vLLM server answered there \(cannot connect"):
         check(toy_server, toy_tokenizer)
+
+
+# ----------------------------------------------------------------------------- behind the teacher interface
+
+
+def test_the_driver_teacher_of_a_served_run_is_the_server_teacher_behind_the_interface(monkeypatch):
+    """`teachers.driver_teacher` of a run with --teacher.remote_url: candidates from the policy group (a
+    stand-in here), then the server's wire dicts per micro-batch, its phases timed; the actor side is
+    ShippedSignals; a dead server is the Ray group's kind of stop (TeacherUnavailableError, resume hint)."""
+    import ray
+
+    from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
+    from tsdkd_plugin.host.teachers import (
+        ShippedSignals,
+        StepSamples,
+        TeacherUnavailableError,
+        actor_teacher,
+        driver_teacher,
+    )
+    from tsdkd_plugin.host.teachers.server import ServerDriverTeacher
+
+    batches = micro_batches()
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: [[b["candidate_ids"] for b in batches]])
+    policy = type("PolicyGroup", (), {"async_run_method_batch": lambda self, method_name, **batch: ["refs"]})()
+    samples = StepSamples(sequences=[b["sequences"] for b in batches], action_mask=[b["action_mask"] for b in batches],
+                          attention_mask=[b["attention_mask"] for b in batches])
+    with FakeVLLMServer(logits_of, max_logprobs=ROWS) as fake:
+        run = RunConfig(objective=TSDKDConfig(sparse_top_k=K, num_candidates=4),
+                        teacher=TeacherConfig("teacher", remote_url=fake.url, remote_top_k=ROWS, timeout_s=2.0, max_retries=1))
+        teacher = driver_teacher(run, policy_group=policy, teacher_group=None, duplicate_factor=1,
+                                 ckpt_path="/nonexistent/ckpt", shared_vocab_size=SHARED)
+        assert isinstance(teacher, ServerDriverTeacher) and not run.teacher.has_own_group
+        assert isinstance(actor_teacher(run, strategy=None, shared_vocab_size=SHARED), ShippedSignals)
+        times = {}
+        wires = teacher.signals(samples, times)
+        assert len(wires) == 2 and fake.completions == 8
+        for wire, batch in zip(wires, batches):
+            want = reference_wire(batch)
+            assert set(wire) == set(want)
+            assert torch.equal(wire["topk_ids"], want["topk_ids"])
+        assert {"tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring", "tsdkd/teacher_server_retries",
+                "tsdkd/teacher_unlisted_mass", "tsdkd/teacher_unlisted_candidates"} <= set(times)
+        fake.die()
+        with pytest.raises(TeacherUnavailableError) as stopped:
+            teacher.signals(samples, {})
+    message = str(stopped.value)
+    assert message.startswith(f"TSD-KD stopped: the teacher server (--teacher.remote_url {fake.url})")
+    assert "rerun the same command" in message and stop_reason(stopped.value) is stopped.value
+    with pytest.raises(ValueError, match="needs the shared vocabulary size"):
+        driver_teacher(run, policy_group=policy, teacher_group=None, duplicate_factor=1, ckpt_path="ckpt")
