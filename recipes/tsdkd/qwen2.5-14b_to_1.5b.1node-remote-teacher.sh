@@ -51,7 +51,7 @@ ARGS=(
   # Sparse transport as the reference: top-64 log-probs per token (+ tail bucket). The server is
   # asked for R = 64 per position (its --max-logprobs must allow it); more makes the teacher's
   # scores of the student's candidates exact at more positions, at a proportional answer size
-  # (docs/server_teacher.md, "the approximation").
+  # (vLLM's JSON is ~110 B x R per token: ~15 MB per 2048-token sample at R = 64; docs/server_teacher.md).
   --teacher.sparse_top_k 64 --teacher.remote_top_k 64
   # 16 samples scored at once (one request each); a request may take 10 minutes (a 2048-token
   # prefill behind a busy server), retried twice with backoff, then the run stops with the last
