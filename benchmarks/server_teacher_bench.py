@@ -298,6 +298,9 @@ STEP_KEYS = ("step_total", "make_experience", "tsdkd/time_student_candidates", "
              "tsdkd/transport_bytes_per_token", "generation", "ppo_train")
 
 
+STEP_TIME_READING = ("Reading (not measured separately): the toy teacher's forward is tiny, so the server's `time_teacher_scoring` is mostly what surrounds it: HTTP, vLLM's scheduling of one request per sample, its prompt log-prob output (R + 1 decoded entries per position, ~1.8 KB of JSON per token at R = 16) and the driver's parsing; the Ray group does one batched forward per micro-batch in a process that is already up. The other phases do the same work in both runs; their differences are the shared machine's noise (2 cores, other jobs).")
+
+
 def step_time(args) -> None:
     """Ray-group teacher against the server teacher, time per step, one invocation (see module docstring)."""
     import shutil
@@ -358,6 +361,7 @@ def step_time(args) -> None:
             g, v = group[key], served[key]
             unit = "" if key != "tsdkd/transport_bytes_per_token" else " (bytes/token)"
             lines.append(f"| {key}{unit} | {g:.3f} | {v:.3f} | {v / g:.2f}x |" if g else f"| {key}{unit} | {g:.3f} | {v:.3f} | - |")
+    lines += ["", STEP_TIME_READING]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_results:
