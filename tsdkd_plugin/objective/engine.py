@@ -81,6 +81,11 @@ DIAGNOSTIC_KEYS = (
 )
 
 
+def metric_keys(config: TSDKDConfig) -> tuple[str, ...]:
+    """The metric names the objective returns under `config` (diagnostics only when asked for)."""
+    return METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+
+
 @dataclass
 class Tokens:
     """The valid (response) tokens of a [B, T] batch, flattened in row-major order."""
@@ -269,7 +274,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
     student: StudentLogits or StudentHidden. Returns (loss 0-dim tensor, metrics)."""
     num, dtype, tau, device = batch.num, batch.dtype, batch.tau, batch.device
     config, teacher = batch.config, batch.teacher
-    keys = METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+    keys = metric_keys(config)
     if num == 0:
         return batch.zero, dict.fromkeys(keys, 0.0)
     terms: list[Term] = [term(batch) for term in active_terms(config)]
