@@ -85,13 +85,13 @@ def engine_prompt_logprobs(engine, token_ids: Sequence[int]) -> List[float]:
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     output = ray.get(engine.generate.remote(prompt_token_ids=list(token_ids), sampling_params=params))
-    return [position[token].logprob for position, token in zip(output.prompt_logprobs[1:], list(token_ids)[1:])]
+    return [position[token].logprob for position, token in zip(output.prompt_logprobs[1:], list(token_ids)[1:], strict=True)]
 
 
 def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} vs {len(b)}")
-    return max(abs(x - y) for x, y in zip(a, b))
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def free_ports(count: int) -> List[int]:

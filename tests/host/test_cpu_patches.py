@@ -35,7 +35,8 @@ def openrlhf_wheel(tmp_path_factory) -> Path:
     wheels = sorted(dest.glob("openrlhf-0.11.2-*.whl"))
     if proc.returncode != 0 or not wheels:
         pytest.skip(
-            f"could not download the {UPSTREAM} wheel (offline: set TSDKD_OPENRLHF_WHEEL=path.whl): {proc.stderr[-300:]}"
+            f"could not download the {UPSTREAM} wheel (offline: set TSDKD_OPENRLHF_WHEEL=path.whl): "
+            f"{proc.stderr[-300:]}"
         )
     return wheels[0]
 

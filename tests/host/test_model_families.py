@@ -63,7 +63,8 @@ def family_config(family: str):
         # The released models cap at 30; random tiny models have small logits, so a cap of 2 makes
         # the tanh bend them far more than the tolerance (and the identity head fail, see below).
         return transformers.Gemma2Config(**SMALL, tie_word_embeddings=True, final_logit_softcapping=2.0,
-                                         attn_logit_softcapping=50.0, sliding_window=4, query_pre_attn_scalar=32)  # fmt: skip
+                                         attn_logit_softcapping=50.0, sliding_window=4,
+                                         query_pre_attn_scalar=32)  # fmt: skip
     if family == "cohere":
         return transformers.CohereConfig(**SMALL, tie_word_embeddings=True, logit_scale=0.0625)
     if family == "granite":

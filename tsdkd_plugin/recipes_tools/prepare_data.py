@@ -409,7 +409,7 @@ def teacher_ranked_pairs(
                 f"{source} row {index + 1}: {responses_key!r} and {scores_key!r} must be lists of equal length "
                 f"(or a string and a number)"
             )
-        for response, score in zip(responses, scores):
+        for response, score in zip(responses, scores, strict=True):
             if not isinstance(score, (int, float)) or isinstance(score, bool):
                 raise DataError(f"{source} row {index + 1}: score {score!r} is not a number ({scores_key!r})")
             if isinstance(response, str) and response.strip():

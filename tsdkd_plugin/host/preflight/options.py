@@ -34,7 +34,9 @@ from tsdkd_plugin.objective import TSDKDConfig
 
 REQUIRED_OPTION_HINTS = {
     "--actor.model_name_or_path": "the student: a HF model name or a local model directory",
-    "--teacher.model_name_or_path": "the teacher: a HF model name or a local model directory using the student's tokenizer",
+    "--teacher.model_name_or_path": (
+        "the teacher: a HF model name or a local model directory using the student's tokenizer"
+    ),
     "--data.prompt_dataset": "a JSONL file, a dataset directory or a HF dataset name",
 }
 
@@ -281,7 +283,8 @@ def check_names(args: SimpleNamespace) -> None:
     if attention and "/" not in base and attention not in attention_implementations():
         raise ArgumentError(
             f"--ds.attn_implementation {attention!r} is not an attention implementation transformers knows; use "
-            f"one of {', '.join(attention_implementations())} or a hub kernel such as kernels-community/vllm-flash-attn3"
+            f"one of {', '.join(attention_implementations())} or a hub kernel such as "
+            "kernels-community/vllm-flash-attn3"
         )
     dtype = args.ds.grad_accum_dtype
     if dtype is not None and dtype not in GRAD_ACCUM_DTYPES:
@@ -329,7 +332,8 @@ def check_batch_arithmetic(args: SimpleNamespace) -> None:
         raise ArgumentError(
             f"--train.batch_size ({batch}) must be a multiple of --train.micro_batch_size ({micro}) x {ranks} "
             f"data-parallel policy rank(s) (--actor.num_nodes x --actor.num_gpus_per_node"
-            f"{' / --ds.tensor_parallel_size' if model_parallel > 1 else ''}) = {micro * ranks}, which DeepSpeed requires"
+            f"{' / --ds.tensor_parallel_size' if model_parallel > 1 else ''}) = {micro * ranks}, "
+            "which DeepSpeed requires"
         )
     samples = args.rollout.batch_size * args.rollout.n_samples_per_prompt
     if samples // args.rollout.micro_batch_size < ranks:
