@@ -34,9 +34,7 @@ from tsdkd_plugin.objective import TSDKDConfig
 
 REQUIRED_OPTION_HINTS = {
     "--actor.model_name_or_path": "the student: a HF model name or a local model directory",
-    "--teacher.model_name_or_path": (
-        "the teacher: a HF model name or a local model directory using the student's tokenizer"
-    ),
+    "--teacher.model_name_or_path": "the teacher: a HF model name or a local model directory using the student's tokenizer",
     "--data.prompt_dataset": "a JSONL file, a dataset directory or a HF dataset name",
 }
 
