@@ -89,9 +89,7 @@ class Range:
 
 AT_LEAST_1 = Range(1)
 AT_LEAST_0 = Range(0)
-POSITIVE = Range(0, low_open=True)
 UNIT = Range(0, 1)
-UNIT_LOW_OPEN = Range(0, 1, low_open=True)
 
 
 def _muon(args) -> bool:
