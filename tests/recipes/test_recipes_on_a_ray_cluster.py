@@ -37,7 +37,7 @@ import pytest
 
 from tsdkd_plugin.testing import TOY_DROP_FLAGS, TOY_RECIPE_ARGS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "recipes"
