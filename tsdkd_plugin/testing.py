@@ -95,19 +95,11 @@ def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def free_ports(count: int) -> List[int]:
-    """`count` distinct loopback ports with nothing listening (bound together, then released)."""
-    import socket
+    """`count` distinct loopback ports with nothing listening: host.device's helper, imported when
+    called so that importing this module stays free of torch."""
+    from tsdkd_plugin.host.device import free_ports as loopback_ports
 
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    return loopback_ports(count)
 
 
 def kill_processes_with_env(name: str, value: str, rounds: int = 3) -> int:
