@@ -65,7 +65,8 @@ def family_config(family: str, rows: int, tied: bool, tokenizer=None):
         special = dict(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     common = dict(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                  num_key_value_heads=1, head_dim=64, max_position_embeddings=256, tie_word_embeddings=tied, **special)  # fmt: skip
+                  num_key_value_heads=1, head_dim=64, max_position_embeddings=256, tie_word_embeddings=tied,
+                  **special)  # fmt: skip
     if family == "qwen2":
         return transformers.Qwen2Config(**common)
     if family == "qwen3":

@@ -343,7 +343,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
     if config.diagnostics:
         stats.update(_diagnostics(student, batch, terms, work))
     packed = torch.stack([stats[key].reshape(()).to(dtype) for key in keys]).tolist()
-    metrics = dict(zip(keys, (float(v) for v in packed)))
+    metrics = dict(zip(keys, (float(v) for v in packed), strict=True))
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteInputError(
             "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
@@ -373,7 +373,7 @@ def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> 
     """One more pass over the student's (and a dense teacher's) rows: every term's exact gradient
     w.r.t. the logits, chunk by chunk, reduced to norms and dot products with the direct term's;
     and the teacher's probability mass on the student's top-k candidates at opener tokens."""
-    teacher, tau, config = batch.teacher, batch.tau, batch.config
+    teacher, tau = batch.teacher, batch.tau
     stats = {key: batch.zero for key in DIAGNOSTIC_KEYS}
     squares = {term.name: batch.zero for term in terms}
     dots = {term.name: batch.zero for term in terms}
