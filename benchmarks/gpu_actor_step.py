@@ -23,6 +23,7 @@ DIR/gpu_actor_step.json and DIR/gpu_actor_step.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -64,7 +65,8 @@ def build_student(device, vocab, hidden, layers, dtype):
 
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 768), head_dim=128 if hidden >= 128 else hidden,
+        num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 768),
+        head_dim=128 if hidden >= 128 else hidden,
         max_position_embeddings=32768, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -121,8 +123,8 @@ def measure(device, vocab, shared, hidden, layers, sizes, response_len, repeats)
         for mode in MODES:
             row = {"tokens": rows * response_len, "mode": mode}
             # The warm-up step also creates the optimizer states, so the peak is above weights + optimizer.
-            row.update(timed_peak(lambda: one_step(mode, model, actor, optimizer, data, cfg, shared, response_len),
-                                  device, repeats, "peak_gib_above_weights_and_optimizer"))  # fmt: skip
+            step = functools.partial(one_step, mode, model, actor, optimizer, data, cfg, shared, response_len)
+            row.update(timed_peak(step, device, repeats, "peak_gib_above_weights_and_optimizer"))
             optimizer.zero_grad(set_to_none=True)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
@@ -135,8 +137,8 @@ def markdown(report) -> str:
              f"Command: `{report['command']}`  ", f"Device: {report['device']}  ", f"Software: {report['software']}  ",
              f"Student: Qwen2 architecture, V = {report['vocab']:,}, hidden {report['hidden']}, {report['layers']} "
              f"layers, tied, {report['dtype']}; sparse teacher signals (K = 64); AdamW.", "",
-             "| tokens | step | peak GiB above weights+optimizer | extra over own | extra / full's | ms | time / full's "
-             "| loss |", "|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| tokens | step | peak GiB above weights+optimizer | extra over own | extra / full's | ms "
+             "| time / full's | loss |", "|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     by = {(r["tokens"], r["mode"]): r for r in report["steps"]}
     for tokens in sorted({r["tokens"] for r in report["steps"]}):
         own, full = by.get((tokens, "own")), by.get((tokens, "full"))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -142,7 +143,8 @@ def loss_accuracy(device, vocab, hidden, num_tokens, objective):
     def record(name, loss, gh, gw):
         ref_loss, ref_gh, ref_gw = references[gh.dtype]
         rows.append({
-            "objective": objective, "path": name, "loss": float(loss.detach()), "loss_rel_err": abs(float(loss.detach()) - ref_loss) / abs(ref_loss),
+            "objective": objective, "path": name, "loss": float(loss.detach()),
+            "loss_rel_err": abs(float(loss.detach()) - ref_loss) / abs(ref_loss),
             "grad_hidden_rel_err": rel(gh, ref_gh), "grad_weight_rel_err": rel(gw, ref_gw),
             "grad_hidden_cos": cos(gh, ref_gh), "grad_weight_cos": cos(gw, ref_gw),
             "finite": bool(torch.isfinite(gh).all() and torch.isfinite(gw).all()),
@@ -287,7 +289,8 @@ def memory_time(device, vocab, hidden, sizes, repeats):
             del h16, w16
         for name in ("naive fp32", "fused bf16 dense", BF16_LOGITS_BEFORE, "fused bf16 sparse"):
             row = {"tokens": n, "path": name}
-            row.update(timed_peak(lambda: one_step(name, x, vocab, cfg, device), device, repeats, "peak_gib_above_inputs"))
+            step = functools.partial(one_step, name, x, vocab, cfg, device)
+            row.update(timed_peak(step, device, repeats, "peak_gib_above_inputs"))
             results.append(row)
             print(json.dumps(row), flush=True)
         del x
@@ -352,8 +355,9 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
     with torch.no_grad():
         # alignment: hidden @ W must equal the HF model's own logits at the response positions (fp32)
         hidden32 = response_hidden_states(model32, sequences, attention_mask, response_len)
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         own = model32(input_ids=sequences, attention_mask=attention_mask,
-                      position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0)).logits[:, :-1][:, -response_len:]  # fmt: skip
+                      position_ids=positions).logits[:, :-1][:, -response_len:]  # fmt: skip
         mine = hidden32 @ model32.lm_head.weight.t()
         out["alignment_max_abs_diff_fp32"] = float((own - mine)[mask].abs().max())
         del own, mine
@@ -361,7 +365,7 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
         signals = {}
         for label, model, fp32_logits in (("fp32", model32, True), ("bf16", model16, True),
                                           ("bf16_rounded_logits_before", model16, False)):
-            def score():
+            def score(model=model):  # bound now: the loop variable would be read when score() runs
                 hid = response_hidden_states(model, sequences, attention_mask, response_len)
                 return teacher_signals_from_hidden(
                     hid, model.lm_head.weight, cfg, mask=mask, shared_vocab_size=vocab,
@@ -545,18 +549,20 @@ def markdown_sections_1_to_5(report):
     lines += [f"## 1. Loss accuracy vs naive float64 ({acc['tokens']} tokens, V={acc['vocab']}, H={acc['hidden']})", "",
               "fp32 rows are compared with the float64 objective of the same inputs, bf16 rows with the float64 "
               "objective of the inputs rounded to bf16.", "",
-              "| objective | path | loss rel. err | grad hidden rel. err | grad W rel. err | cos (hidden / W) | finite |",
+              "| objective | path | loss rel. err | grad hidden rel. err | grad W rel. err | cos (hidden / W) "
+              "| finite |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for part in report["accuracy"]:
         for r in part["rows"]:
-            lines.append(f"| {r['objective']} | {r['path']} | {r['loss_rel_err']:.2e} | {r['grad_hidden_rel_err']:.2e} | "
-                         f"{r['grad_weight_rel_err']:.2e} | {r['grad_hidden_cos']:.5f} / {r['grad_weight_cos']:.5f} | "
-                         f"{r['finite']} |")  # fmt: skip
+            lines.append(f"| {r['objective']} | {r['path']} | {r['loss_rel_err']:.2e} "
+                         f"| {r['grad_hidden_rel_err']:.2e} | {r['grad_weight_rel_err']:.2e} "
+                         f"| {r['grad_hidden_cos']:.5f} / {r['grad_weight_cos']:.5f} | {r['finite']} |")  # fmt: skip
     g = report["gradcheck"]
-    lines += ["", f"## 2. gradcheck (float64, on the device, hard gate, both ListMLE levels): plain {g['plain_float64']}, "
-              f"fused {g['fused_float64']}", ""]  # fmt: skip
+    lines += ["", "## 2. gradcheck (float64, on the device, hard gate, both ListMLE levels): "
+              f"plain {g['plain_float64']}, fused {g['fused_float64']}", ""]  # fmt: skip
     lines += ["## 3. One forward+backward: peak memory above inputs, median time", "",
-              "| tokens | path | peak GiB | ms | memory vs naive | time vs naive |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| tokens | path | peak GiB | ms | memory vs naive | time vs naive |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     naive = {r["tokens"]: r for r in report["memory_time"] if r["path"] == "naive fp32" and "error" not in r}
     for r in report["memory_time"]:
         if "error" in r:

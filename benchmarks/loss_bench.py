@@ -505,7 +505,8 @@ def render(args, results, naive_runs, sparse_bytes, errors) -> str:
         lines.append("|---|---:|---:|---:|---:|---:|")
         if measured:
             lines.append(
-                f"| {CONFIG_LABELS['naive']} | {base_peak:.2f} | {base_peak - base_setup:.2f} | 1.00 | {base_time:.1f} | 1.00 |"
+                f"| {CONFIG_LABELS['naive']} | {base_peak:.2f} | {base_peak - base_setup:.2f} | 1.00 "
+                f"| {base_time:.1f} | 1.00 |"
             )
         else:
             lines.append(
@@ -519,7 +520,8 @@ def render(args, results, naive_runs, sparse_bytes, errors) -> str:
                 continue
             lines.append(
                 f"| {CONFIG_LABELS[name]} | {res['peak_gib']:.2f} | {res['peak_gib'] - res['setup_gib']:.2f} | "
-                f"{res['peak_gib'] / base_peak:.3f}{mark} | {res['seconds']:.1f} | {res['seconds'] / base_time:.2f}{mark} |"
+                f"{res['peak_gib'] / base_peak:.3f}{mark} | {res['seconds']:.1f} "
+                f"| {res['seconds'] / base_time:.2f}{mark} |"
             )
         lines.append("")
     if extrapolated:
@@ -546,7 +548,10 @@ def render_sparse_error(args, errors) -> str:
         "z = -a*log(rank) with a random ranking per token; the student's ranking is the teacher's log-rank plus "
         "N(0,1) noise, with its own exponent a; sparse signals decoded from their wire format):\n"
     )
-    lines.append("| distribution | K | bytes/token | mean H_T (nats) | mean teacher tail mass | rel. err. L_dir | rel. err. total |")
+    lines.append(
+        "| distribution | K | bytes/token | mean H_T (nats) | mean teacher tail mass "
+        "| rel. err. L_dir | rel. err. total |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for row in errors:
         lines.append(

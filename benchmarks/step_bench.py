@@ -114,7 +114,8 @@ def table(results, params) -> str:
     if "tsdkd/time_teacher_scoring" in tsdkd:
         lines.append("")
         lines.append(
-            f"Inside TSD-KD's make_experience: student top-k candidates {tsdkd['tsdkd/time_student_candidates']:.3f} s, "
+            "Inside TSD-KD's make_experience: student top-k candidates "
+            f"{tsdkd['tsdkd/time_student_candidates']:.3f} s, "
             f"teacher forward + sparse signals + transport {tsdkd['tsdkd/time_teacher_scoring']:.3f} s "
             f"({tsdkd['tsdkd/transport_bytes_per_token']:.0f} bytes per response position shipped). "
             f"The loss itself is inside ppo_train."

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh or existing machine: set-up (idempotent), then pytest.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
+# The whole test suite on a fresh or existing machine: set-up (idempotent), the static checks
+# (ruff lint, ruff format, import-linter's layer contracts of docs/LAYOUT.md), then pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`, see docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_cpu.sh
 export TSDKD_DEVICE="${TSDKD_DEVICE:-cpu}"
+# Static checks first: they take seconds and a finding fails the run before the long part.
+# Their configuration is in pyproject.toml ([tool.ruff], [tool.importlinter]).
+.venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
+.venv/bin/lint-imports
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 if [ "$status" -eq 5 ]; then

@@ -85,29 +85,21 @@ def engine_prompt_logprobs(engine, token_ids: Sequence[int]) -> List[float]:
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     output = ray.get(engine.generate.remote(prompt_token_ids=list(token_ids), sampling_params=params))
-    return [position[token].logprob for position, token in zip(output.prompt_logprobs[1:], list(token_ids)[1:])]
+    return [position[token].logprob for position, token in zip(output.prompt_logprobs[1:], list(token_ids)[1:], strict=True)]
 
 
 def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} vs {len(b)}")
-    return max(abs(x - y) for x, y in zip(a, b))
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def free_ports(count: int) -> List[int]:
-    """`count` distinct loopback ports with nothing listening (bound together, then released)."""
-    import socket
+    """`count` distinct loopback ports with nothing listening: host.device's helper, imported when
+    called so that importing this module stays free of torch."""
+    from tsdkd_plugin.host.device import free_ports as loopback_ports
 
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    return loopback_ports(count)
 
 
 def kill_processes_with_env(name: str, value: str, rounds: int = 3) -> int:

@@ -45,8 +45,8 @@ def reward_func(queries, prompts, labels):
             f"reward_func: queries, prompts and labels must have one entry per sample, "
             f"got {len(queries)}, {len(prompts)}, {len(labels)}"
         )
-    responses = [_response(query, prompt) for query, prompt in zip(queries, prompts)]
-    rewards = torch.tensor([float(is_correct(r, label)) for r, label in zip(responses, labels)])
+    responses = [_response(query, prompt) for query, prompt in zip(queries, prompts, strict=True)]
+    rewards = torch.tensor([float(is_correct(r, label)) for r, label in zip(responses, labels, strict=True)])
     has_answer = torch.tensor([float(extract_final_answer(r) is not None) for r in responses])
     return {
         "rewards": rewards,

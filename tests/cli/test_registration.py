@@ -51,6 +51,7 @@ def test_unknown_flag_fails_like_upstream(tmp_path):
     assert "unrecognized arguments: --pretrain" in result.stderr
 
 
+@pytest.mark.network
 def test_alias_resolves_in_ray_worker():
     ray = pytest.importorskip("ray")
 
@@ -87,9 +88,9 @@ def test_regular_wheel_install_registers_the_alias(tmp_path):
     # addsitedir(target) processes only the wheel's .pth, as site-packages would at start-up.
     openrlhf_dir = Path(importlib.util.find_spec("openrlhf").origin).parent.parent
     probe = (
-        "import sys, site; sys.path.append(%r); site.addsitedir(%r); "
+        f"import sys, site; sys.path.append({str(openrlhf_dir)!r}); site.addsitedir({str(target)!r}); "
         "import importlib.util as u; s = u.find_spec('openrlhf.cli.train_tsdkd'); print(s.origin)"
-    ) % (str(openrlhf_dir), str(target))
+    )
     result = run_python(["-S", "-c", probe], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(target / "tsdkd_plugin/cli/train_tsdkd.py")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
 SYNC_TOLERANCE = 1e-3  # max |engine - HF| prompt log-prob after the sync (fp32 vs fp32)
 MIN_TRAINED_SHIFT = 1e-2  # the training must move the log-probs well beyond that tolerance

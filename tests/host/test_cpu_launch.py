@@ -125,6 +125,7 @@ def test_cpu_launch_exits_2_before_starting_anything(capsys, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_local_ray_cluster_has_logical_gpus_and_the_cpu_env(tmp_path):
     script = """
 import os, sys, tempfile

@@ -35,7 +35,8 @@ def openrlhf_wheel(tmp_path_factory) -> Path:
     wheels = sorted(dest.glob("openrlhf-0.11.2-*.whl"))
     if proc.returncode != 0 or not wheels:
         pytest.skip(
-            f"could not download the {UPSTREAM} wheel (offline: set TSDKD_OPENRLHF_WHEEL=path.whl): {proc.stderr[-300:]}"
+            f"could not download the {UPSTREAM} wheel (offline: set TSDKD_OPENRLHF_WHEEL=path.whl): "
+            f"{proc.stderr[-300:]}"
         )
     return wheels[0]
 
@@ -60,6 +61,7 @@ def run_apply(*args) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(APPLY), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.network  # the pristine wheel comes from PyPI (pip download; skipped offline)
 def test_patch_applies_to_pristine_release_idempotently_and_reverts(pristine_site):
     pristine = tree_digest(pristine_site / "openrlhf")
 
@@ -85,6 +87,7 @@ def test_patch_applies_to_pristine_release_idempotently_and_reverts(pristine_sit
     assert tree_digest(pristine_site / "openrlhf") == pristine
 
 
+@pytest.mark.network
 def test_an_older_applied_patch_is_replaced_by_this_one(pristine_site, tmp_path):
     """A venv patched by an earlier version of this patch is upgraded in place: the copy kept in the
     dist-info is reversed first, then this patch is applied (same result as on a pristine tree)."""
@@ -114,6 +117,7 @@ def test_an_older_applied_patch_is_replaced_by_this_one(pristine_site, tmp_path)
     assert applied_copy.read_text() == PATCH.read_text()
 
 
+@pytest.mark.network
 def test_patch_refuses_another_openrlhf_release(pristine_site):
     (pristine_site / "openrlhf-0.11.2.dist-info").rename(pristine_site / "openrlhf-0.11.3.dist-info")
     result = run_apply("--site-packages", str(pristine_site))
@@ -121,6 +125,7 @@ def test_patch_refuses_another_openrlhf_release(pristine_site):
     assert "is for openrlhf 0.11.2 but" in result.stderr
 
 
+@pytest.mark.network
 def test_patched_package_imports_and_selects_the_cpu(pristine_site):
     assert run_apply("--site-packages", str(pristine_site)).returncode == 0
     probe = (
@@ -179,6 +184,7 @@ def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
         device.vllm_engine_dtype()
 
 
+@pytest.mark.network
 def test_installed_openrlhf_is_the_patched_release(pristine_site):
     """setup_cpu.sh applied exactly this patch to the environment running the tests."""
     import openrlhf
@@ -211,6 +217,7 @@ CUDA_CALL = re.compile(
 )
 
 
+@pytest.mark.network
 def test_only_gpu_only_paths_keep_cuda_calls(pristine_site):
     assert run_apply("--site-packages", str(pristine_site)).returncode == 0
     package = pristine_site / "openrlhf"

@@ -65,7 +65,8 @@ def family_config(family: str, rows: int, tied: bool, tokenizer=None):
         special = dict(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     common = dict(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                  num_key_value_heads=1, head_dim=64, max_position_embeddings=256, tie_word_embeddings=tied, **special)  # fmt: skip
+                  num_key_value_heads=1, head_dim=64, max_position_embeddings=256, tie_word_embeddings=tied,
+                  **special)  # fmt: skip
     if family == "qwen2":
         return transformers.Qwen2Config(**common)
     if family == "qwen3":
@@ -382,7 +383,7 @@ def test_a_skipped_micro_batch_under_zero3_gives_every_parameter_a_zero_gradient
 
     student = save_student(tmp_path / "student", Path(toy_tokenizer_dir), "qwen2", 2048, tied=False)
     shared = check_same_tokenizer(str(toy_teacher_dir), str(student))
-    args, run = parse_args(tsdkd_argv(student, toy_teacher_dir, "separate", 3))
+    args, run = parse_args(tsdkd_argv(student, toy_teacher_dir, "separate", 3, ("--tsdkd.diagnostics",)))
     policy = single_process.build_policy_actor(args, run, shared)
     teacher = single_process.build_separate_teacher(args, run, shared)
     sequences, attention_mask, action_mask = rollout_batch(shared, seed=12)
@@ -391,5 +392,11 @@ def test_a_skipped_micro_batch_under_zero3_gives_every_parameter_a_zero_gradient
     experience.tsdkd["entropy"][0, 0] = float("nan")
     status, grads, _ = trainable_gradients_at_step(policy, experience)
     assert status["metrics"]["tsdkd/nonfinite_skipped"] == 1.0
+    # A skipped step logs the same series as a normal one (diagnostics included), all zero.
+    from tsdkd_plugin.objective import DIAGNOSTIC_KEYS
+
+    logged = {key.removeprefix("tsdkd/") for key in status["metrics"] if key.startswith("tsdkd/")}
+    assert set(DIAGNOSTIC_KEYS) <= logged
+    assert all(status["metrics"][f"tsdkd/{key}"] == 0.0 for key in DIAGNOSTIC_KEYS)
     assert grads and all(g is None or not g.any() for g in grads.values())
     assert grads["lm_head.weight"] is None or not grads["lm_head.weight"].any()

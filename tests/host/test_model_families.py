@@ -63,7 +63,8 @@ def family_config(family: str):
         # The released models cap at 30; random tiny models have small logits, so a cap of 2 makes
         # the tanh bend them far more than the tolerance (and the identity head fail, see below).
         return transformers.Gemma2Config(**SMALL, tie_word_embeddings=True, final_logit_softcapping=2.0,
-                                         attn_logit_softcapping=50.0, sliding_window=4, query_pre_attn_scalar=32)  # fmt: skip
+                                         attn_logit_softcapping=50.0, sliding_window=4,
+                                         query_pre_attn_scalar=32)  # fmt: skip
     if family == "cohere":
         return transformers.CohereConfig(**SMALL, tie_word_embeddings=True, logit_scale=0.0625)
     if family == "granite":
@@ -232,6 +233,8 @@ def test_unknown_families_are_refused_with_one_sentence(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.network
 def test_gemma2_pair_trains_end_to_end_on_cpu(tmp_path, fixture_cache_dir, arith_data_dir):
     """A Gemma-2 teacher and student (toy sizes, head_dim 64 for vLLM-CPU; tied embeddings, softcapping,
     sliding windows) through the whole CPU pipeline, with every check of tests/host/test_tsdkd_e2e.py:

@@ -635,8 +635,9 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
                     if problem:
                         out["override_errors"].append(f"{label}: {problem}")
                 if not bind_super_calls(cls, name, {}) and (cls, name) not in covered:
-                    out["bind_errors"].append(f"{label}: its super() call passes *args/**kwargs that no builder "
-                                              f"check resolves; bind it from the real call site in this test")  # fmt: skip
+                    out["bind_errors"].append(f"{label}: its super() call passes *args/**kwargs that no "
+                                              "builder check resolves; bind it from the real call site in this "
+                                              "test")  # fmt: skip
 
     # (a), patched half: the same modules re-imported from the patched copy.
     for name in [m for m in sys.modules if m == "openrlhf" or m.startswith("openrlhf.")]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import os
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
 SYNC_TOLERANCE = 1e-3
 MIN_TRAINED_SHIFT = 1e-2

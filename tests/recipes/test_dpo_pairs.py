@@ -74,7 +74,7 @@ def test_teacher_scores_are_tsdkds_sequence_score(toy_student_dir, toy_teacher_d
     dpo_pairs.run_score(options, rows, out)
     scored = read_jsonl(out)
     expected = independent_scores(toy_teacher_dir, rows, shared)
-    for row, want in zip(scored, expected):
+    for row, want in zip(scored, expected, strict=True):
         assert row["scores"] == pytest.approx(want, abs=1e-5)
         assert row["response_token_ids"] and row["prompt"]  # the samples are kept alongside
 

@@ -124,6 +124,7 @@ def test_hf_backend_evaluates_the_toy_student_on_local_tasks(hf_report):
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_vllm_backend_runs_the_same_command_on_the_cpu_engine(toy_student_dir, task_dir, tmp_path, hf_report):
     pytest.importorskip("vllm")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -76,7 +76,7 @@ def test_grpo_labels_come_from_ground_truth_joined_by_instruction_then_from_the_
     assert main(["prompts", "--dataset", str(student_written), "--out", str(prompts_out)]) == 0
     teacher = write_jsonl(tmp_path / "teacher.jsonl", [
         {"prompt": row["prompt"], "responses": [answer]} for row, answer in zip(read_jsonl(prompts_out), [
-            "\\boxed{40}", "\\boxed{50}", "Half of 9 is 4.5, so the answer is 4.5.", "I would use 10 iterations", "#### 3"])
+            "\\boxed{40}", "\\boxed{50}", "Half of 9 is 4.5, so the answer is 4.5.", "I would use 10 iterations", "#### 3"], strict=True)
     ])
     out = tmp_path / "grpo.jsonl"
     capsys.readouterr()

@@ -304,6 +304,7 @@ def test_multi_node_recipe_names_a_missing_required_variable(clean_env, missing)
     assert f"environment variable {missing} is not set" in error_line(result)
 
 
+@pytest.mark.network
 def test_unreachable_ray_head_stops_within_the_probe_timeout(clean_env, free_port):
     env = dict(clean_env, RAY_HEAD_ADDRESS="127.0.0.1", RAY_DASHBOARD_PORT=str(free_port), RAY_PROBE_TIMEOUT="2")
     started = time.monotonic()

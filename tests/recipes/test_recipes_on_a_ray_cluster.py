@@ -35,9 +35,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 from tsdkd_plugin.testing import TOY_DROP_FLAGS, TOY_RECIPE_ARGS
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "recipes"
@@ -86,7 +86,8 @@ class Run:
 
     def failure(self) -> str:
         tail = "\n".join(self.stdout_path.read_text(errors="replace").splitlines()[-60:])
-        return f"{self.name} exited {self.returncode} after {self.seconds:.0f}s\nstderr:\n{self.stderr}\njob output tail:\n{tail}"
+        return (f"{self.name} exited {self.returncode} after {self.seconds:.0f}s\nstderr:\n{self.stderr}\n"
+                f"job output tail:\n{tail}")
 
 
 def python_command(env: dict, *args: str) -> None:

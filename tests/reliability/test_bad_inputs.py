@@ -325,7 +325,7 @@ def test_all_linear_typed_on_the_command_line_reaches_peft_as_its_shorthand(laun
     assert args.ds.lora.target_modules == ["q_proj", "v_proj"]
 
 
-# ----------------------------------------------------------------------------- model directories broken beyond "missing"
+# ------------------------------------------------------------------- model directories broken beyond "missing"
 
 
 def _edit_config(model_dir, **changes):
@@ -505,7 +505,8 @@ def test_a_checkpoint_that_is_not_deepspeeds(launch, tmp_path, capsys):
     "files, flags, expected",
     [
         ({"mp_rank_00_model_states.pt": {"module": {"model.model.embed_tokens.weight": torch.zeros(10, 3)}}}, [],
-         "was saved from another model (model.embed_tokens.weight is [10, 3] there, [448, 64] in --actor.model_name_or_path"),
+         "was saved from another model (model.embed_tokens.weight is [10, 3] there, [448, 64] in "
+         "--actor.model_name_or_path"),
         ({"mp_rank_00_model_states.pt": {"module": {}}, "zero_pp_rank_0_mp_rank_00_optim_states.pt": {},
           "zero_pp_rank_1_mp_rank_00_optim_states.pt": {}}, [],
          "was saved by 2 data-parallel rank(s), this launch has 8"),

@@ -44,7 +44,7 @@ import pytest
 
 from tsdkd_plugin.testing import tensorboard_scalars
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
 RUN_TIMEOUT_S = 540
 RESUME_TOLERANCE = 1e-4  # relative difference of step-3 losses (docs/reliability.md: measured values)

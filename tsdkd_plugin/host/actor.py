@@ -65,7 +65,7 @@ from tsdkd_plugin.host.student_step import (
     student_top_k,
 )
 from tsdkd_plugin.host.teachers import ActorTeacher, MicroBatch, actor_teacher
-from tsdkd_plugin.objective import METRIC_KEYS
+from tsdkd_plugin.objective import metric_keys
 
 
 @contextlib.contextmanager
@@ -205,7 +205,7 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         skipped = self.nonfinite_guard.record(any_rank_nonfinite, nonfinite_reason or "on another rank")
         if skipped:
             loss = zero_surrogate(student.graph_tensor)  # gradient exactly 0; one backward per micro-batch as usual
-            terms = {name: 0.0 for name in METRIC_KEYS}  # same keys as a normal step; 0 = skipped
+            terms = dict.fromkeys(metric_keys(self.run.objective), 0.0)  # same keys as a normal step; 0 = skipped
         terms["out_of_vocab_fraction"] = float((action_mask.bool() & ~loss_mask).sum().item()) / max(
             float(action_mask.sum().item()), 1.0
         )

@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import typing
 from datetime import datetime
 from types import SimpleNamespace
@@ -63,7 +64,7 @@ def field_docs(config_class: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(config_class))
     body = tree.body[0].body
     docs = {}
-    for node, following in zip(body, body[1:]):
+    for node, following in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
                 text = " ".join(str(following.value.value).split())
@@ -137,7 +138,7 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.set_defaults(**TSDKD_UPSTREAM_DEFAULTS)
     # Upstream names runs "ppo_<date>"; the tensorboard/wandb run of a TSD-KD job says what it is.
-    parser.set_defaults(**{"logger.wandb.run_name": "tsdkd_%s" % datetime.now().strftime("%m%dT%H:%M")})
+    parser.set_defaults(**{"logger.wandb.run_name": f"tsdkd_{datetime.now():%m%dT%H:%M}"})
 
 
 def objective_from_args(args: SimpleNamespace) -> TSDKDConfig:

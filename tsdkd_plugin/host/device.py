@@ -110,10 +110,18 @@ def apply_cpu_mode_env(threads_per_process: int | None = None, param_dtype: str 
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports with nothing listening (bound together, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def set_single_process_dist_env() -> dict[str, str]:
@@ -132,7 +140,7 @@ def set_single_process_dist_env() -> dict[str, str]:
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_ports(1)[0])
     return {name: os.environ[name] for name in (*defaults, "MASTER_PORT")}
 
 

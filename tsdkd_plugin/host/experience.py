@@ -109,7 +109,7 @@ class TeacherSignalReplayBuffer(NaiveReplayBuffer):
         batch_size = len(experience.sequences)
         signal_rows = split_signals(signals, batch_size)
         items = remove_padding_in_sequences(split_experience_batch(experience))
-        for item, row in zip(items, signal_rows):
+        for item, row in zip(items, signal_rows, strict=True):
             item.tsdkd = trim_signals(row, item.action_mask.shape[0])
         self.items.extend(items)
 

@@ -18,7 +18,7 @@ Torch + PEFT only; the ZeRO-3 gather is passed in by the caller.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Sequence, Tuple
+from typing import Callable, Iterator, Sequence, Tuple
 
 import torch
 
@@ -27,10 +27,10 @@ BASE_LAYER = ".base_layer."
 # Adapter parameters: their effect is folded into the base weights.
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 
-Gather = Callable[[Sequence[torch.Tensor]], ContextManager]
+Gather = Callable[[Sequence[torch.Tensor]], contextlib.AbstractContextManager]
 
 
-def no_gather(params: Sequence[torch.Tensor]) -> ContextManager:
+def no_gather(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
     """Gather for unsharded models (ZeRO 0-2): nothing to do."""
     return contextlib.nullcontext()
 

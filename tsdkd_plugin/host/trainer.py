@@ -52,7 +52,8 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
     def __init__(self, actor_model_group, teacher: DriverTeacher, kl_controller, strategy, tokenizer):
         super().__init__(actor_model_group, None, None, None, kl_controller, strategy, tokenizer)
         self.teacher = teacher
-        self.last_timing: dict = {}  # seconds per phase of the last batch (tsdkd/time_*: upstream sums timing/* into step_total)
+        # Seconds per phase of the last batch (tsdkd/time_*: upstream sums timing/* into step_total).
+        self.last_timing: dict = {}
 
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples) -> list[Experience]:
@@ -69,7 +70,7 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
         self.last_timing = times
 
         n = self.args.rollout.n_samples_per_prompt
-        for samples, signals in zip(samples_list, signals_list):
+        for samples, signals in zip(samples_list, signals_list, strict=True):
             signals["group_ids"] = group_ids_from_rollout_index(samples.index, n)
             samples.tsdkd = signals
             teacher_scores = signals["sequence_scores"].float()

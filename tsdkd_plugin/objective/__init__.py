@@ -19,7 +19,7 @@ Modules, one concern each:
 
 from .chunking import IDENTITY_HEAD, OutputHead
 from .config import PRESETS, TSDKDConfig
-from .engine import DIAGNOSTIC_KEYS, METRIC_KEYS
+from .engine import DIAGNOSTIC_KEYS, METRIC_KEYS, metric_keys
 from .entropy import entropy_selection
 from .errors import NonFiniteInputError
 from .listmle import listmle, listmle_value_and_grad, opener_mask, sequence_listmle
@@ -40,6 +40,7 @@ __all__ = [
     "entropy_gate",
     "entropy_selection",
     "generalized_jsd_dense",
+    "metric_keys",
     "generalized_jsd_partition",
     "listmle",
     "listmle_value_and_grad",

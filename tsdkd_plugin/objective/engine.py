@@ -81,6 +81,11 @@ DIAGNOSTIC_KEYS = (
 )
 
 
+def metric_keys(config: TSDKDConfig) -> tuple[str, ...]:
+    """The metric names the objective returns under `config` (diagnostics only when asked for)."""
+    return METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+
+
 @dataclass
 class Tokens:
     """The valid (response) tokens of a [B, T] batch, flattened in row-major order."""
@@ -269,7 +274,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
     student: StudentLogits or StudentHidden. Returns (loss 0-dim tensor, metrics)."""
     num, dtype, tau, device = batch.num, batch.dtype, batch.tau, batch.device
     config, teacher = batch.config, batch.teacher
-    keys = METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+    keys = metric_keys(config)
     if num == 0:
         return batch.zero, dict.fromkeys(keys, 0.0)
     terms: list[Term] = [term(batch) for term in active_terms(config)]
@@ -338,7 +343,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
     if config.diagnostics:
         stats.update(_diagnostics(student, batch, terms, work))
     packed = torch.stack([stats[key].reshape(()).to(dtype) for key in keys]).tolist()
-    metrics = dict(zip(keys, (float(v) for v in packed)))
+    metrics = dict(zip(keys, (float(v) for v in packed), strict=True))
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteInputError(
             "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
@@ -368,7 +373,7 @@ def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> 
     """One more pass over the student's (and a dense teacher's) rows: every term's exact gradient
     w.r.t. the logits, chunk by chunk, reduced to norms and dot products with the direct term's;
     and the teacher's probability mass on the student's top-k candidates at opener tokens."""
-    teacher, tau, config = batch.teacher, batch.tau, batch.config
+    teacher, tau = batch.teacher, batch.tau
     stats = {key: batch.zero for key in DIAGNOSTIC_KEYS}
     squares = {term.name: batch.zero for term in terms}
     dots = {term.name: batch.zero for term in terms}

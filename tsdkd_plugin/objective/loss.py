@@ -112,7 +112,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_tensor(name, tensor, shape, device, *, floating=None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if len(shape) != tensor.dim() or any(want is not None and want != got for want, got in zip(shape, tensor.shape)):
+    if len(shape) != tensor.dim() or any(want is not None and want != got for want, got in zip(shape, tensor.shape, strict=True)):
         pretty = ", ".join("?" if s is None else str(s) for s in shape)
         raise ValueError(f"{name} must have shape [{pretty}], got {list(tensor.shape)}")
     if tensor.device != device:

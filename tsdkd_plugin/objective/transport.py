@@ -322,7 +322,8 @@ def teacher_signals_from_hidden(
         raise ValueError("teacher_hidden must be [B, T, H] and teacher_lm_head_weight [V, H]")
     if teacher_hidden.shape[-1] != teacher_lm_head_weight.shape[-1]:
         raise ValueError(
-            f"teacher hidden size {teacher_hidden.shape[-1]} != lm_head_weight columns {teacher_lm_head_weight.shape[-1]}"
+            f"teacher hidden size {teacher_hidden.shape[-1]} != "
+            f"lm_head_weight columns {teacher_lm_head_weight.shape[-1]}"
         )
     if mask.dim() != 2:
         raise ValueError(f"mask must have shape [B, T], got {list(mask.shape)}")

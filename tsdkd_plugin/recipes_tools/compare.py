@@ -116,7 +116,7 @@ def plot(runs: Sequence[Dict], out_png: str) -> None:
         xs = [position + (index - (len(scores) - 1) / 2) * width for position in range(len(columns))]
         heights = [100 * row[column] if row.get(column) is not None else 0.0 for column in columns]
         bars = axes.bar(xs, heights, width=width, label=run)
-        for bar, column in zip(bars, columns):
+        for bar, column in zip(bars, columns, strict=True):
             if row.get(column) is None:
                 bar.set_hatch("//")
                 bar.set_alpha(0.2)

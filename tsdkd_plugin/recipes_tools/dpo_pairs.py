@@ -30,6 +30,7 @@ run with one line naming its log file (WORK_DIR/<phase>.<shard>.log).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -89,7 +90,7 @@ def pack_batch(rows: List[dict], batch: List[tuple], pad_id: int):
     sequences = torch.full((len(batch), prompt_width + response_width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(sequences)
     action_mask = torch.zeros(len(batch), response_width, dtype=torch.bool)
-    for i, ((r, s), prompt, response) in enumerate(zip(batch, prompts, responses)):
+    for i, ((r, s), prompt, response) in enumerate(zip(batch, prompts, responses, strict=True)):
         start = prompt_width - len(prompt)
         sequences[i, start:prompt_width] = torch.tensor(prompt)
         sequences[i, prompt_width:prompt_width + len(response)] = torch.tensor(response)
@@ -121,7 +122,7 @@ def run_score(options, rows: List[dict], out: Path) -> None:
         sequences, action_mask, attention_mask = pack_batch(rows, batch, pad_id)
         with torch.no_grad():
             signals = score_samples(model, 0, config, shared, sequences, action_mask, attention_mask, None)
-        for key, value in zip(batch, signals["sequence_scores"].tolist()):
+        for key, value in zip(batch, signals["sequence_scores"].tolist(), strict=True):
             scores[key] = value
     write_jsonl(({**row, "scores": [scores[(r, s)] for s in range(len(row["response_token_ids"]))]}
                  for r, row in enumerate(rows)), str(out))
@@ -189,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for phase in PHASES:
             print(f"dpo_pairs: {phase} ({num_shards} shard(s), logs in {work_dir})", file=sys.stderr, flush=True)
             run_shards(MODULE, argv, phase, num_shards, options.gpus_per_process,
-                       lambda shard: shard_file(work_dir, phase, shard), work_dir)
+                       functools.partial(shard_file, work_dir, phase), work_dir)
         scored = merged_shards(num_shards, lambda shard: shard_file(work_dir, "score", shard))
         write_jsonl(({key: row[key] for key in ("prompt", "responses", "scores")} for row in scored),
                     str(work_dir / "scored.jsonl"))

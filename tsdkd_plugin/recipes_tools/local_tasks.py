@@ -21,10 +21,11 @@ then `python -m tsdkd_plugin.recipes_tools.evaluate --include-path tasks/ --benc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from tsdkd_plugin.recipes_tools.prepare_data import numbered_jsonl_rows
 
 # GSM8K's grading, written for these files: exact match after removing commas, dollar signs and a
 # trailing period; "strict" reads the number after ####, "flexible" the last number in the answer.
@@ -45,18 +46,11 @@ def _check_rows(data: Path, keys: List[str]) -> int:
     if not data.is_file():
         raise ValueError(f"{data} does not exist")
     count = 0
-    with open(data, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{data} line {line_number} is not valid JSON ({error.msg})") from None
-            missing = [key for key in keys if key not in row]
-            if missing:
-                raise ValueError(f"{data} line {line_number} has no key(s) {', '.join(missing)}; keys: {sorted(row)}")
-            count += 1
+    for line_number, row in numbered_jsonl_rows(data):
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise ValueError(f"{data} line {line_number} has no key(s) {', '.join(missing)}; keys: {sorted(row)}")
+        count += 1
     if not count:
         raise ValueError(f"{data} has no rows")
     return count

@@ -345,7 +345,8 @@ def markdown(memory: RecipeMemory, repo_root: Optional[Path] = None) -> str:
     models = ", ".join(f"{role} {shape.name} ({shape.parameters / 1e9:.2f}B params, {shape.vocab_rows:,} logit rows)"
                        for role, shape in memory.models.items())
     lines = [f"### `{script}`", "", f"{models}; {memory.gpu_memory_gb:g} GB GPUs.", "",
-             "| group | GPUs | weights | grads | optimizer | activations | logits | KV cache | overhead | total / GPU | note |",
+             "| group | GPUs | weights | grads | optimizer | activations | logits | KV cache | overhead "
+             "| total / GPU | note |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in memory.rows:
         lines.append(f"| {row.group} | {row.gpus} | {_gib(row.weights)} | {_gib(row.gradients)} | {_gib(row.optimizer)} | "
@@ -409,8 +410,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for item in options.config:
         key, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
-            print(f"memory: error: --config expects ROLE_OR_MODEL=path/to/config.json with an existing file, got {item!r}",
-                  file=sys.stderr)
+            print("memory: error: --config expects ROLE_OR_MODEL=path/to/config.json with an existing file, "
+                  f"got {item!r}", file=sys.stderr)
             return 2
         overrides[key] = path
     env = {key: os.environ.get(key, value) for key, value in EXAMPLE_ENV.items()}

@@ -103,7 +103,7 @@ def load_rows(source: str, split: str = "train", config: Optional[str] = None) -
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path)
+            yield from (row for _, row in numbered_jsonl_rows(path))
             return
         if path.suffix not in LOCAL_FORMATS:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
@@ -132,7 +132,8 @@ def load_rows(source: str, split: str = "train", config: Optional[str] = None) -
         raise DataError(f"could not load dataset {source!r} (split {split!r}) from the hub or a local path: {error}") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def numbered_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-blank line of a JSON-lines file; DataError names the first bad line."""
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
@@ -143,7 +144,7 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
                 raise DataError(f"{path} line {line_number} is not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {line_number} is not a JSON object")
-            yield row
+            yield line_number, row
 
 
 def write_jsonl(rows: Iterable[dict], out: str) -> int:
@@ -409,7 +410,7 @@ def teacher_ranked_pairs(
                 f"{source} row {index + 1}: {responses_key!r} and {scores_key!r} must be lists of equal length "
                 f"(or a string and a number)"
             )
-        for response, score in zip(responses, scores):
+        for response, score in zip(responses, scores, strict=True):
             if not isinstance(score, (int, float)) or isinstance(score, bool):
                 raise DataError(f"{source} row {index + 1}: score {score!r} is not a number ({scores_key!r})")
             if isinstance(response, str) and response.strip():

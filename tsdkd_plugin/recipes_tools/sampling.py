@@ -123,7 +123,7 @@ def sample_rows(model: str, rows: List[dict], options) -> List[dict]:
         "prompt_token_ids": ids,
         "responses": [completion.text for completion in output.outputs],
         "response_token_ids": [list(completion.token_ids) for completion in output.outputs],
-    } for row, ids, output in zip(rows, prompts, outputs)]
+    } for row, ids, output in zip(rows, prompts, outputs, strict=True)]
 
 
 def child_env(shard: int, gpus_per_process: int) -> Dict[str, str]:

@@ -8,6 +8,7 @@ are checked on their first rows only (a full scan would download them twice).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -56,16 +57,16 @@ def _read_json_rows(path: str, flags: DatasetFlags) -> Tuple[List[Tuple[str, obj
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except UnicodeDecodeError as error:
-        raise ArgumentError(f"{option} is not UTF-8 text (byte {error.start}); re-encode it as UTF-8 JSON lines")
+        raise ArgumentError(f"{option} is not UTF-8 text (byte {error.start}); re-encode it as UTF-8 JSON lines") from None
     except OSError as error:
-        raise ArgumentError(f"{option} cannot be read ({error.strerror}); check the path and its permissions")
+        raise ArgumentError(f"{option} cannot be read ({error.strerror}); check the path and its permissions") from None
     if not text.strip():
         raise ArgumentError(f"{option} has no rows; point it at a file with one JSON object per line")
     if path.lower().endswith(".json") and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ArgumentError(f"{option} is not valid JSON (line {error.lineno}: {error.msg}); fix the file")
+            raise ArgumentError(f"{option} is not valid JSON (line {error.lineno}: {error.msg}); fix the file") from None
         if not data:
             raise ArgumentError(f"{option} has no rows; point it at a non-empty JSON array of objects")
         return [(f"row {i}", row) for i, row in enumerate(data, 1)], []
@@ -141,7 +142,7 @@ def _prompt_lengths(tokenizer, rows: List[Tuple[str, object]], args: SimpleNames
     def measure(batch):
         texts = _render_prompts(tokenizer, [row[key] for _, row in batch], args)
         ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [(where, len(tokens)) for (where, _), tokens in zip(batch, ids)]
+        return [(where, len(tokens)) for (where, _), tokens in zip(batch, ids, strict=True)]
 
     for start in range(0, len(rows), TOKENIZE_BATCH_ROWS):
         batch = rows[start : start + TOKENIZE_BATCH_ROWS]
@@ -246,7 +247,7 @@ def _first_rows(dataset: str, flags: DatasetFlags, count: int = 3) -> List[Dict]
             stream = datasets.load_dataset(extension, data_files=dataset, split="train", streaming=True)
         else:
             stream = datasets.load_dataset(dataset, split=flags.split, streaming=True)
-        return [row for _, row in zip(range(count), stream)]
+        return list(itertools.islice(stream, count))
     except ArgumentError:
         raise
     except Exception as error:  # hub errors, offline mode, unknown split, unreadable files

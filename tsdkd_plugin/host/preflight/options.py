@@ -90,9 +90,7 @@ class Range:
 
 AT_LEAST_1 = Range(1)
 AT_LEAST_0 = Range(0)
-POSITIVE = Range(0, low_open=True)
 UNIT = Range(0, 1)
-UNIT_LOW_OPEN = Range(0, 1, low_open=True)
 
 
 def _muon(args) -> bool:
@@ -282,7 +280,8 @@ def check_names(args: SimpleNamespace) -> None:
     if attention and "/" not in base and attention not in attention_implementations():
         raise ArgumentError(
             f"--ds.attn_implementation {attention!r} is not an attention implementation transformers knows; use "
-            f"one of {', '.join(attention_implementations())} or a hub kernel such as kernels-community/vllm-flash-attn3"
+            f"one of {', '.join(attention_implementations())} or a hub kernel such as "
+            "kernels-community/vllm-flash-attn3"
         )
     dtype = args.ds.grad_accum_dtype
     if dtype is not None and dtype not in GRAD_ACCUM_DTYPES:
@@ -330,7 +329,8 @@ def check_batch_arithmetic(args: SimpleNamespace) -> None:
         raise ArgumentError(
             f"--train.batch_size ({batch}) must be a multiple of --train.micro_batch_size ({micro}) x {ranks} "
             f"data-parallel policy rank(s) (--actor.num_nodes x --actor.num_gpus_per_node"
-            f"{' / --ds.tensor_parallel_size' if model_parallel > 1 else ''}) = {micro * ranks}, which DeepSpeed requires"
+            f"{' / --ds.tensor_parallel_size' if model_parallel > 1 else ''}) = {micro * ranks}, "
+            "which DeepSpeed requires"
         )
     samples = args.rollout.batch_size * args.rollout.n_samples_per_prompt
     if samples // args.rollout.micro_batch_size < ranks:
