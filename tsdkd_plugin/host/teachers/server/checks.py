@@ -2,7 +2,8 @@
 student's tokenizer? Every answer is one sentence (ArgumentError), as for a local teacher.
 
 For each server of `--teacher.remote_url`:
-1. GET /v1/models serves `--teacher.model_name_or_path` (as its id: the name requests use), with a context of at least `--data.max_len` + 1 tokens (a request adds one generated token);
+1. GET /v1/models serves `--teacher.model_name_or_path` (as its id: the name requests use), with a
+   context of at least `--data.max_len` + 1 tokens (a request adds one generated token);
 2. the tokenizer is the student's, compared as `tokenizer_compat.check_same_tokenizer` compares two
    local ones, through the server's /detokenize and /tokenize:
    - vocabulary: every id of the student's tokenizer decodes to the same text there (all of them,
@@ -139,7 +140,7 @@ async def _check_tokenizer(pool: ServerPool, index: int, model_id: str, tokenize
     size = len(tokenizer)
     chunks = [list(range(start, min(start + VOCAB_CHUNK, size))) for start in range(0, size, VOCAB_CHUNK)]
     decoded = await run_concurrently([_decode(pool, index, model_id, chunk) for chunk in chunks])
-    for chunk, text in zip(chunks, decoded):
+    for chunk, text in zip(chunks, decoded, strict=True):
         if text != tokenizer.decode(chunk):
             token, there, here = await _first_differing_id(pool, index, model_id, tokenizer, chunk)
             raise _tokenizer_mismatch(url, model_id, student,

@@ -29,7 +29,7 @@ def prompt_logprobs_answer(logits: torch.Tensor, tokens: Sequence[int], request_
     for i in range(1, len(tokens)):
         target = int(tokens[i])
         entry = {str(target): {"logprob": float(scores[i - 1, target]), "rank": 0, "decoded_token": ""}}
-        for rank, (token, value) in enumerate(zip(top.indices[i - 1].tolist(), top.values[i - 1].tolist()), 1):
+        for rank, (token, value) in enumerate(zip(top.indices[i - 1].tolist(), top.values[i - 1].tolist(), strict=True), 1):
             entry[str(token)] = {"logprob": float(value), "rank": rank, "decoded_token": ""}
         per_position.append(entry)
     return {"id": "cmpl-emulated", "object": "text_completion", "model": model,
@@ -69,7 +69,7 @@ class FakeVLLMServer:
     max_in_flight: int = 0
 
     def __post_init__(self):
-        from tsdkd_plugin.testing import free_ports
+        from tsdkd_plugin.host.device import free_ports
 
         self.port = free_ports(1)[0]
         self._loop = asyncio.new_event_loop()
@@ -207,7 +207,7 @@ def openrlhf_micro_batch(prompts: Sequence[Sequence[int]], responses: Sequence[S
     from openrlhf.trainer.ppo_utils.experience import Experience
 
     samples = []
-    for prompt, response in zip(prompts, responses):
+    for prompt, response in zip(prompts, responses, strict=True):
         tokens = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         action = torch.zeros(len(tokens), dtype=torch.long)
         action[len(prompt):] = 1

@@ -31,7 +31,7 @@ def vllm_serve_flags(served_model_name: str, *, max_logprobs: int, max_len: int)
 
 
 def _free_port() -> int:
-    from tsdkd_plugin.testing import free_ports
+    from tsdkd_plugin.host.device import free_ports
 
     return free_ports(1)[0]
 

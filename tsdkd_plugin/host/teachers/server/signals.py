@@ -169,7 +169,7 @@ def listed_logprobs(answers: Sequence[Any], requests: Sequence[ScoringRequest], 
                     url: str = "server") -> ListedLogprobs:
     """Parse and check /v1/completions answers (one per request, one prompt each)."""
     return combine_listings([answer_listing(answer, request, request_top_k, url, number)
-                             for number, (answer, request) in enumerate(zip(answers, requests))], url)
+                             for number, (answer, request) in enumerate(zip(answers, requests, strict=True))], url)
 
 
 def _prompt_logprobs(answer: Any, num_tokens: int, url: str, number: int) -> list:
@@ -343,7 +343,7 @@ def signals_from_answers(answers: Sequence[Any], requests: Sequence[ScoringReque
                          shared_vocab_size: int, url: str = "server") -> tuple[TeacherSignals, ServerSignalStats]:
     """A micro-batch's TeacherSignals (sparse, tau = 1) from its /v1/completions answers."""
     return signals_from_listings([answer_listing(answer, request, request_top_k, url, number)
-                                  for number, (answer, request) in enumerate(zip(answers, requests))],
+                                  for number, (answer, request) in enumerate(zip(answers, requests, strict=True))],
                                  mask, candidate_ids, top_k=top_k, shared_vocab_size=shared_vocab_size, url=url)
 
 

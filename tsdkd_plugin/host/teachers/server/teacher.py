@@ -228,7 +228,8 @@ class ServerDriverTeacher(DriverTeacher):
             candidates = run_on_policy_group(self.policy_group, STUDENT_CANDIDATES, samples, self.duplicate_factor)
         with timed(times, "teacher_scoring"):  # HTTP requests + sparse signals
             batches = [dict(sequences=s, action_mask=a, attention_mask=m, candidate_ids=c)
-                       for s, a, m, c in zip(samples.sequences, samples.action_mask, samples.attention_mask, candidates)]
+                       for s, a, m, c in zip(samples.sequences, samples.action_mask, samples.attention_mask, candidates,
+                                             strict=True)]
             signals = self.server.score(batches)
         stats, timing = self.server.last_stats, self.server.last_timing
         # What the approximation left out (docs/server_teacher.md) and what the server cost, per step.
