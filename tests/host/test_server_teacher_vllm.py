@@ -5,9 +5,10 @@ server (`vllm serve`) started ONCE for this module on the loopback address with 
 - the checks made before any rollout pass (served name, context length, the student's tokenizer
   through /tokenize and /detokenize, the log-prob limit) and name a wrong model;
 - with every logit row asked for (R = 512), the signals equal what the Ray teacher group computes
-  from the same model (`teacher.sparse_signals_for_samples` on an OpenRLHF Actor, fp32) on a
+  from the same model (`teachers.scoring.sparse_signals_for_samples` on an OpenRLHF Actor, fp32) on a
   micro-batch in OpenRLHF's own layout, a padding-row sample included;
-- with R = K the exact parts stay exact and the entropy stays within its stated bound;
+- with R = K (an untrained, flat teacher: the worst case) the listed top-K keep the teacher's order,
+  shifted by one constant per position within the bound of the unlisted padding mass;
 - end to end (`python -m openrlhf.cli.train_tsdkd`, two runs at once on private Ray clusters):
   the same command with the teacher as a Ray group and behind the server gives the same logged
   TSD-KD terms (E2E_TOLERANCE), and the server killed mid-run stops the run with one sentence,
