@@ -561,10 +561,12 @@ def render_sparse_error(args, errors) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(report: str, name: str = "loss_bench", title: str = "Loss benchmark") -> None:
+def write_results(report: str, name: str = "loss_bench", title: str = "Loss benchmark",
+                  script: str = "benchmarks/loss_bench.py") -> None:
+    """Replace (or append) the section between `<!-- name:begin/end -->` of benchmarks/RESULTS.md."""
     path = ROOT / "benchmarks" / "RESULTS.md"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    section = f"{begin}\n## {title} (`benchmarks/loss_bench.py`)\n\n{report}{end}\n"
+    section = f"{begin}\n## {title} (`{script}`)\n\n{report}{end}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     if begin in text and end in text:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end) + 1 :]

@@ -22,6 +22,11 @@ CLI_ONLY_FLAGS = {"tsdkd.preset", "tsdkd.dry_run"}  # consumed by the CLI itself
 TEACHER_VALUES = {"model_name_or_path": ("teacher-x", "teacher-x"), "placement": ("colocate", "colocate"),
                   "num_nodes": ("2", 2), "num_gpus_per_node": ("3", 3), "offload": ("true", True),
                   "timeout_s": ("12.5", 12.5), "max_retries": ("5", 5)}  # fmt: skip
+# The served teacher's flags (--teacher.remote_url refuses a placement or group of the job's own).
+REMOTE_TEACHER_VALUES = {"remote_url": ("http://10.0.0.5:8000,http://10.0.0.6:8000/v1",
+                                        "http://10.0.0.5:8000,http://10.0.0.6:8000/v1"),
+                         "remote_top_k": ("32", 32), "remote_concurrency": ("4", 4),
+                         "timeout_s": ("12.5", 12.5), "max_retries": ("5", 5)}  # fmt: skip
 RUN_VALUES = {"student_logits": ("full", "full"), "on_policy_fraction": ("0.25", 0.25),
               "max_nonfinite_steps": ("3", 3)}  # fmt: skip
 
@@ -37,7 +42,7 @@ def test_every_tsdkd_and_teacher_flag_is_a_config_field():
 
 
 def test_each_flag_lands_in_its_field():
-    assert set(TEACHER_VALUES) == {f.name for f in dataclasses.fields(TeacherConfig)}
+    assert set(TEACHER_VALUES) | set(REMOTE_TEACHER_VALUES) == {f.name for f in dataclasses.fields(TeacherConfig)}
     assert set(RUN_VALUES) == {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("flag", True)}
     argv = list(BASE)
     for name, (text, _) in TEACHER_VALUES.items():
@@ -50,6 +55,15 @@ def test_each_flag_lands_in_its_field():
     for name, (_, value) in RUN_VALUES.items():
         assert getattr(run, name) == value, name
     assert (run.objective.sparse_top_k, run.objective.beta) == (7, 0.5)
+
+    argv = list(BASE)
+    for name, (text, _) in REMOTE_TEACHER_VALUES.items():
+        argv += [f"--teacher.{name}", text]
+    _, run = parse_args(argv)
+    for name, (_, value) in REMOTE_TEACHER_VALUES.items():
+        assert getattr(run.teacher, name) == value, name
+    assert run.teacher.remote_urls == ("http://10.0.0.5:8000", "http://10.0.0.6:8000")
+    assert run.teacher.served and not run.teacher.has_own_group and run.server_top_k == 32
 
 
 def test_defaults_and_derived_group_size():
@@ -79,7 +93,7 @@ def test_a_colocated_teacher_ignores_the_group_sizes():
 PAST_THE_CLI = ["tsdkd_plugin/host/actor.py", "tsdkd_plugin/host/trainer.py", "tsdkd_plugin/host/launch.py",
                 "tsdkd_plugin/host/experience.py", "tsdkd_plugin/host/student_step.py",
                 "tsdkd_plugin/host/single_process.py", *sorted(
-                    str(p.relative_to(ROOT)) for p in (ROOT / "tsdkd_plugin/host/teachers").glob("*.py"))]
+                    str(p.relative_to(ROOT)) for p in (ROOT / "tsdkd_plugin/host/teachers").rglob("*.py"))]
 
 
 def reads_past_the_cli(tree: ast.AST) -> list[str]:

@@ -522,3 +522,60 @@ def test_a_checkpoint_that_does_not_fit_the_launch(launch, tmp_path, capsys, fil
     (tmp_path / "ckpt" / "_actor" / "latest").write_text("global_step1")
     line = refused(launch("--ckpt.load_enable", "--ckpt.path", str(tmp_path / "ckpt"), *flags), capsys)
     assert line.startswith("python -m openrlhf.cli.train_tsdkd: error: --ckpt.load_enable: ") and expected in line, line
+
+
+# ----------------------------------------------------------------------------- a teacher behind a server
+
+
+@pytest.fixture
+def fake_teacher_server(toy_tokenizer):
+    """An emulated vLLM server (host/teachers/server/emulation.py) serving 'toy-teacher' with the
+    student's toy tokenizer; the real server is tests/host/test_server_teacher_vllm.py's."""
+    from tsdkd_plugin.host.teachers.server.emulation import FakeVLLMServer
+
+    def logits_of(tokens):
+        return torch.randn(len(tokens), 512, generator=torch.Generator().manual_seed(len(tokens)))
+
+    with FakeVLLMServer(logits_of, served_model_name="toy-teacher", max_logprobs=64, max_model_len=97,
+                        tokenizer=toy_tokenizer) as fake:
+        yield fake
+
+
+def served(launch, url, *extra, teacher="toy-teacher"):
+    return launch("--teacher.remote_url", url, "--teacher.sparse_top_k", "16", *extra, teacher=teacher)
+
+
+@pytest.mark.network  # an emulated vLLM server on loopback
+def test_a_served_teacher_is_accepted_and_starts_no_teacher_group(launch, fake_teacher_server, capsys):
+    main(served(launch, fake_teacher_server.url))
+    out = capsys.readouterr().out
+    assert '"placement": "server"' in out and '"teacher": 0' in out and '"shared_vocab_size": 400' in out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--teacher.remote_url", "localhost:8000"], "--teacher.remote_url: 'localhost:8000' is not an http(s) URL"),
+    (["--teacher.placement", "colocate"], "--teacher.placement colocate loads the teacher into the policy actors"),
+    (["--teacher.num_gpus_per_node", "2"], "--teacher.num_gpus_per_node 2 sizes a teacher group, but with"),
+    (["--teacher.offload"], "--teacher.offload offloads a teacher loaded in the job"),
+    (["--tsdkd.temperature", "2"], "a vLLM server gives prompt log-probs at temperature 1 only"),
+    (["--teacher.remote_top_k", "8"], "--teacher.remote_top_k 8 must be >= --teacher.sparse_top_k 16"),
+])
+def test_served_teacher_flags_that_make_no_sense_are_refused(launch, capsys, extra, words):
+    assert words in refused(served(launch, "http://127.0.0.1:9", *extra), capsys)
+
+
+@pytest.mark.network  # an emulated vLLM server on loopback
+def test_a_teacher_server_that_is_not_there_or_not_the_teacher_is_refused(launch, fake_teacher_server, capsys):
+    from tsdkd_plugin.testing import free_ports
+
+    nobody = f"http://127.0.0.1:{free_ports(1)[0]}"
+    assert f"--teacher.remote_url {nobody}: no vLLM server answered there" in refused(served(launch, nobody), capsys)
+    url = fake_teacher_server.url
+    line = refused(served(launch, url, teacher="Qwen/Qwen2.5-14B-Instruct"), capsys)
+    assert f"--teacher.model_name_or_path 'Qwen/Qwen2.5-14B-Instruct' is not served at {url}" in line
+    assert "restart it with --max-model-len 129 or more" in refused(served(launch, url, "--data.max_len", "128"), capsys)
+    assert "restart it with --max-logprobs 100 or more" in refused(served(launch, url, "--teacher.remote_top_k", "100"),
+                                                                    capsys)
+    fake_teacher_server.decode_override = {57: "zz"}  # another vocabulary behind the same name
+    line = refused(served(launch, url), capsys)
+    assert "does not use the student's tokenizer" in line and "token id 57 is 'zz' there" in line

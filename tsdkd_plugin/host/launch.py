@@ -89,7 +89,8 @@ def teacher_group_arguments(run: RunConfig) -> dict[str, Any]:
 
 
 def trainer_arguments(
-    args: SimpleNamespace, run: RunConfig, strategy, actor_group, teacher_group, vllm_engines
+    args: SimpleNamespace, run: RunConfig, strategy, actor_group, teacher_group, vllm_engines,
+    shared_vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `TSDKDTrainer` (upstream `PPOTrainer` underneath)."""
     return dict(
@@ -99,6 +100,7 @@ def trainer_arguments(
         teacher_model_group=teacher_group,
         vllm_engines=vllm_engines,
         run=run,
+        shared_vocab_size=shared_vocab_size,
         do_sample=True,
         max_len=args.data.max_len,
         max_new_tokens=args.rollout.max_new_tokens,
@@ -148,7 +150,8 @@ def launch(args: SimpleNamespace, run: RunConfig, shared_vocab_size: int) -> TSD
     if run.teacher.has_own_group:
         teacher_group = RayActorGroup(**teacher_group_arguments(run))
 
-    trainer = TSDKDTrainer.remote(**trainer_arguments(args, run, strategy, actor_group, teacher_group, vllm_engines))
+    trainer = TSDKDTrainer.remote(**trainer_arguments(args, run, strategy, actor_group, teacher_group, vllm_engines,
+                                                          shared_vocab_size))
     max_steps = ray.get(trainer.get_max_steps.remote())
 
     refs = actor_group.async_init_model_from_pretrained(

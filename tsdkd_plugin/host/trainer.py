@@ -91,9 +91,10 @@ class SeededSamplesGenerator(SeededDispatch, SamplesGenerator):
 
 class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
     def __init__(self, pretrain, strategy, actor_model_group, teacher_model_group, vllm_engines, run: RunConfig,
-                 **generate_kwargs):
+                 shared_vocab_size: int | None = None, **generate_kwargs):
         """`teacher_model_group`: the teacher's Ray group when it has one (host/launch.py), else None;
-        `run`: the run's options (validated by the CLI)."""
+        `run`: the run's options (validated by the CLI); `shared_vocab_size`: the preflight's (a teacher
+        served at --teacher.remote_url builds its signals on the driver and needs it)."""
         # The prompt DataLoader built by super().__init__ shuffles with this process's global torch RNG
         # (torch.distributed is not initialized here, so upstream's seeded DistributedSampler is not
         # used), which every process seeds at random: seed it, so the same command draws the same
@@ -104,7 +105,7 @@ class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
         teacher = driver_teacher(
             run, policy_group=actor_model_group, teacher_group=teacher_model_group,
             duplicate_factor=strategy.args.ds.ring_attn_size * strategy.args.ds.tensor_parallel_size,
-            ckpt_path=strategy.args.ckpt.path,
+            ckpt_path=strategy.args.ckpt.path, shared_vocab_size=shared_vocab_size,
         )  # fmt: skip
         self.experience_maker = TeacherRankedExperienceMaker(actor_model_group, teacher, self.kl_ctl, strategy,
                                                              self.tokenizer)

@@ -288,7 +288,7 @@ def estimate_recipe(parsed, gpu_memory_gb: Optional[float] = None,
                 logits=train_tokens * teacher.vocab_rows * 2, overhead=0.0,
                 note="dense logits kept for the loss" + ("; weights offloaded to CPU" if args.teacher.offload else ""))
             rows.append(colocated_teacher)
-        else:
+        elif not args.teacher.remote_url:  # a served teacher's memory is its server's (docs/server_teacher.md)
             teacher_gpus = args.teacher.num_nodes * args.teacher.num_gpus_per_node
             working, logits = inference_bytes(teacher, args.rollout.micro_batch_size * max_len)
             rows.append(GroupMemory("teacher", teacher_gpus,

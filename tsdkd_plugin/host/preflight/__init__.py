@@ -36,7 +36,7 @@ def preflight(args: SimpleNamespace, run: RunConfig) -> LaunchPlan:
     """Everything a launch reads or writes, cheapest first; the plan of what will start."""
     check_output_paths(args)
     check_scripts(args)
-    models = check_models(args, run.objective)
+    models = check_models(args, run)
     prompts = check_datasets(args, models.student.tokenizer)
     check_resume_checkpoint(args, models.student.weights)
     return LaunchPlan(models.shared_vocab_size, prompts, resolved_plan(args, run, models, prompts))

@@ -10,8 +10,9 @@ not here to read):
   the tensors it maps to them; `pytorch_model*.bin` files must be complete zip archives;
 - the config agrees with the weights: every declared layer has weights, the embedding has
   `vocab_size` rows of `hidden_size`.
-Then, with both models known (`check_models`): one shared tokenizer, logit rows that cover it,
-`--tsdkd.num_candidates` (k) and `--teacher.sparse_top_k` (K) within the shared vocabulary,
+A teacher served at `--teacher.remote_url` has no files here: it is checked through its server
+(`served_teacher_models`). Then, with both models known (`check_models`): one shared tokenizer,
+logit rows that cover it, `--tsdkd.num_candidates` (k) and `--teacher.sparse_top_k` (K) within the shared vocabulary,
 `--data.max_len` within both position limits, tensor-parallel sizes that divide the attention
 heads, and LoRA target modules that exist in the student.
 
@@ -32,6 +33,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from tsdkd_plugin.host.args import ArgumentError
+from tsdkd_plugin.host.run_config import RunConfig
 from tsdkd_plugin.objective import TSDKDConfig
 
 STUDENT, TEACHER = "--actor.model_name_or_path", "--teacher.model_name_or_path"
@@ -321,7 +323,7 @@ FAMILY_CHECKS: List[Callable[[ModelFacts], None]] = [check_output_head]
 @dataclass
 class Models:
     student: ModelFacts
-    teacher: ModelFacts
+    teacher: Optional[ModelFacts]  # None for a teacher served at --teacher.remote_url (checked through the server)
     shared_vocab_size: int
 
 
@@ -359,6 +361,8 @@ def check_vocabulary_ranges(config: TSDKDConfig, shared: int) -> None:
 def check_lengths(args: SimpleNamespace, models: Models) -> None:
     """--data.max_len is vLLM's max_model_len for the student and the length the teacher scores."""
     for facts in (models.student, models.teacher):
+        if facts is None:  # a served teacher: its --max-model-len is checked through the server
+            continue
         key, limit = facts.position_limit()
         if limit is not None and args.data.max_len > limit:
             raise ArgumentError(
@@ -414,13 +418,35 @@ def inspect_weights(facts: ModelFacts) -> None:
         check_config_against_weights(facts)
 
 
-def check_models(args: SimpleNamespace, config: TSDKDConfig) -> Models:
+def served_teacher_models(args: SimpleNamespace, run: RunConfig, student: ModelFacts) -> Models:
+    """A teacher served at --teacher.remote_url, checked through the server against the student
+    (host/teachers/server/checks.py: the served name, its context length, the student's tokenizer
+    id by id, the log-prob limit); the shared vocabulary is then the student tokenizer's."""
+    from tsdkd_plugin.host.teachers.server.checks import check_server_teacher
+    from tsdkd_plugin.host.teachers.server.settings import ServerTeacherSettings
+
+    shared = len(student.tokenizer)
+    rows = getattr(student.config, "vocab_size", None)
+    if rows is not None and rows < shared:
+        raise ArgumentError(f"{student.named} has {rows} logit rows but its tokenizer has {shared} tokens; "
+                            f"the model and tokenizer do not belong together")
+    check_server_teacher(ServerTeacherSettings.of_run(run), student.tokenizer, student=student.path,
+                         max_len=args.data.max_len)
+    return Models(student, None, shared)
+
+
+def check_models(args: SimpleNamespace, run: RunConfig) -> Models:
+    config = run.objective
     use_fast = not args.data.disable_fast_tokenizer
     student = inspect_model(STUDENT, args.actor.model_name_or_path, use_fast)
-    teacher = inspect_model(TEACHER, args.teacher.model_name_or_path, use_fast)
-    models = Models(student, teacher, shared_vocabulary_size(student, teacher))
-    for facts in (student, teacher):
-        inspect_weights(facts)
+    if run.teacher.served:
+        inspect_weights(student)
+        models = served_teacher_models(args, run, student)
+    else:
+        teacher = inspect_model(TEACHER, args.teacher.model_name_or_path, use_fast)
+        models = Models(student, teacher, shared_vocabulary_size(student, teacher))
+        for facts in (student, teacher):
+            inspect_weights(facts)
     check_vocabulary_ranges(config, models.shared_vocab_size)
     check_lengths(args, models)
     check_parallel_sizes(args, models)

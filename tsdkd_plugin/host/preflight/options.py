@@ -34,7 +34,8 @@ from tsdkd_plugin.objective import TSDKDConfig
 
 REQUIRED_OPTION_HINTS = {
     "--actor.model_name_or_path": "the student: a HF model name or a local model directory",
-    "--teacher.model_name_or_path": "the teacher: a HF model name or a local model directory using the student's tokenizer",
+    "--teacher.model_name_or_path": ("the teacher: a HF model name or a local model directory using the student's tokenizer "
+                                      "(with --teacher.remote_url: the name the server serves it under)"),
     "--data.prompt_dataset": "a JSONL file, a dataset directory or a HF dataset name",
 }
 

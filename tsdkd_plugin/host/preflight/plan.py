@@ -13,7 +13,8 @@ from tsdkd_plugin.host.run_config import RunConfig
 def required_gpus(args: SimpleNamespace) -> dict[str, int]:
     actor = args.actor.num_nodes * args.actor.num_gpus_per_node
     vllm = args.vllm.num_engines * args.vllm.tensor_parallel_size
-    teacher = args.teacher.num_nodes * args.teacher.num_gpus_per_node if args.teacher.placement == "separate" else 0
+    has_group = args.teacher.placement == "separate" and not args.teacher.remote_url  # TeacherConfig.has_own_group
+    teacher = args.teacher.num_nodes * args.teacher.num_gpus_per_node if has_group else 0
     plan = {"actor": actor, "teacher": teacher, "vllm": vllm}
     plan["total"] = max(actor, vllm) + teacher if args.train.colocate_all else actor + teacher + vllm
     return plan
@@ -47,13 +48,18 @@ def resolved_plan(args: SimpleNamespace, run: RunConfig, models: Models | None =
                    "model": args.actor.model_name_or_path, "zero_stage": args.ds.zero_stage},
         "vllm": {"engines": args.vllm.num_engines, "tensor_parallel_size": args.vllm.tensor_parallel_size,
                  "colocated_with_policy": bool(args.train.colocate_all)},
-        "teacher": {"placement": teacher.placement, "model": teacher.model_name_or_path,
+        "teacher": {"placement": "server", "model": teacher.model_name_or_path, "urls": list(teacher.remote_urls),
+                    "nodes": 0, "gpus_per_node": 0,
+                    "transport": f"sparse top-{run.objective.sparse_top_k} (server lists {run.server_top_k})"}
+        if teacher.served else
+                   {"placement": teacher.placement, "model": teacher.model_name_or_path,
                     "nodes": teacher.num_nodes if separate else args.actor.num_nodes,
                     "gpus_per_node": teacher.num_gpus_per_node if separate else 0,
                     "transport": f"sparse top-{run.objective.sparse_top_k}" if separate else "dense"},
         "gpus": required_gpus(args),
         "shared_vocab_size": models.shared_vocab_size if models else None,
-        "models": {"student": _model_summary(models.student), "teacher": _model_summary(models.teacher)}
+        "models": {"student": _model_summary(models.student),
+                   "teacher": _model_summary(models.teacher) if models.teacher else None}
         if models else None,
         "prompts_per_episode": prompts,
         "objective": run.objective.to_dict(),

@@ -28,27 +28,19 @@ Actor side, per micro-batch: `MicroBatch` (the training device's sequences, atte
 response positions, and the dict that came with the experience) in; the objective's `TeacherSignals`
 out, valid inside a `with` block.
 
-Adding a teacher served by an inference server (e.g. vLLM's OpenAI-compatible endpoint with prompt
-log-probs, top-K per position)
------------------------------------------------------------------------------------------------
-1. Its options are fields of `host/run_config.py` `TeacherConfig` (e.g. `remote_url`, a pool size):
-   the `--teacher.*` flags are generated from them, and each value is checked in `__post_init__`.
-   A server-served teacher has no Ray group (`has_own_group` is False), so host/launch.py starts none.
-2. A module here with a `DriverTeacher` whose `signals(samples, times)`:
-   - asks the policy group for the student's top-k candidates, as `RayGroupTeacher` does
-     (`run_on_policy_group(policy_group, STUDENT_CANDIDATES, samples, duplicate_factor)` under
-     `timed(times, "student_candidates")`);
-   - under `timed(times, "teacher_scoring")`, requests the prompt log-probs of each sample's
-     prompt + response from the server (batched, a bounded pool, each request with a timeout,
-     retried with backoff on transient failures only), and builds the same sparse signals the
-     Ray group ships: `TeacherSignals(topk_logprobs=..., topk_ids=..., tail_logprob=..., entropy=...,
-     candidate_ids=..., candidate_logprobs=..., sequence_scores=..., temperature=...)`, then
-     `.to_wire()` (per micro-batch, the samples' order);
-   - after the retry budget raises `TeacherUnavailableError` (a deterministic refusal:
-     `TeacherFailedError`) with `checkpoint.resume_hint`, so the run stops with the checkpoint intact.
-3. Its actor side is `ShippedSignals`, as for the Ray group: nothing changes in the policy actor.
-4. One branch in each of the two factories below. The server's model and tokenizer are checked
-   against the student's by the preflight (host/preflight/models.py), before any rollout.
+The teacher behind an inference server (--teacher.remote_url)
+----------------------------------------------------------
+    server/       `ServerDriverTeacher`: student candidates from the policy group, then the prompt
+                  log-probs of each sample from a vLLM OpenAI-compatible server (HTTP, bounded pool,
+                  per-request timeout, retries with backoff), turned into the same sparse signals the
+                  Ray group ships (docs/server_teacher.md: the approximations and their bounds). It has
+                  no Ray group (`TeacherConfig.has_own_group` is False); its actor side is
+                  `ShippedSignals`. The server's model and tokenizer are checked against the student's
+                  by the preflight (host/preflight/models.py), before any Ray worker starts.
+
+Adding another teacher: its options are fields of `host/run_config.py` `TeacherConfig` (the flags are
+generated from them), a `DriverTeacher` here (time its phases with `timed`, stop with a
+`TrainingStoppedError` subclass carrying `checkpoint.resume_hint`), and one branch in each factory below.
 """
 
 from __future__ import annotations
@@ -67,16 +59,23 @@ from tsdkd_plugin.host.teachers.base import (
 )
 from tsdkd_plugin.host.teachers.colocated import ColocatedModel, ColocatedTeacher
 from tsdkd_plugin.host.teachers.ray_group import RayGroupTeacher, TeacherModelActor
+from tsdkd_plugin.host.teachers.server import ServerDriverTeacher
 
 __all__ = ["ActorTeacher", "DriverTeacher", "MicroBatch", "ShippedSignals", "StepSamples", "TeacherFailedError",
            "TeacherModelActor", "TeacherUnavailableError", "actor_teacher", "driver_teacher"]
 
 
 def driver_teacher(run: RunConfig, *, policy_group, teacher_group, duplicate_factor: int,
-                   ckpt_path: str) -> DriverTeacher:
+                   ckpt_path: str, shared_vocab_size: int | None = None) -> DriverTeacher:
     """The experience maker's teacher. `teacher_group`: the Ray group host/launch.py started for a
     teacher that has one (else None); `duplicate_factor`: policy actors per ring-attention / tensor-
-    parallel group (they answer the same chunk); `ckpt_path`: where a stop's resume hint points."""
+    parallel group (they answer the same chunk); `ckpt_path`: where a stop's resume hint points;
+    `shared_vocab_size`: the token ids both models share (the preflight's; a served teacher needs it)."""
+    if run.teacher.served:
+        if shared_vocab_size is None:
+            raise ValueError("a teacher served at --teacher.remote_url needs the shared vocabulary size")
+        return ServerDriverTeacher(policy_group, run, shared_vocab_size=shared_vocab_size,
+                                   duplicate_factor=duplicate_factor, ckpt_path=ckpt_path)
     if run.teacher.placement == "colocate":
         return ColocatedTeacher(policy_group, duplicate_factor=duplicate_factor)
     return RayGroupTeacher(policy_group, teacher_group, run, duplicate_factor=duplicate_factor, ckpt_path=ckpt_path)
@@ -84,7 +83,7 @@ def driver_teacher(run: RunConfig, *, policy_group, teacher_group, duplicate_fac
 
 def actor_teacher(run: RunConfig, strategy: DeepspeedStrategy, shared_vocab_size: int) -> ActorTeacher:
     """The training step's teacher, made in each policy actor once its own DeepSpeed engine is up (a
-    colocated teacher is loaded here, beside the student)."""
+    colocated teacher is loaded here, beside the student; a Ray group's or a server's signals were shipped)."""
     if run.teacher.placement == "colocate":
         return ColocatedModel.load(strategy, run, shared_vocab_size)
     return ShippedSignals(temperature=run.objective.temperature)
