@@ -118,11 +118,11 @@ def prepare(work: Path, vocab: int, hidden: int, layers: int, tokens: list, resp
     return {"shared_vocab_size": shared, "bytes_per_token": bytes_per_token}
 
 
-def worker(work: Path, mode: str, n: int, response_len: int, zero_stage: int, shared: int, cap_gib: float,
-           repeats: int) -> dict:
+def worker(
+    work: Path, mode: str, n: int, response_len: int, zero_stage: int, shared: int, cap_gib: float, repeats: int
+) -> dict:
     _cap_memory(cap_gib)
     import torch
-
     from openrlhf.trainer.ppo_utils.experience import Experience
 
     from tsdkd_plugin.cli.train_tsdkd import parse_args
@@ -221,13 +221,17 @@ def render(options, results: dict, prepared: dict) -> str:
                          f"{res['seconds']:.1f} | {res['seconds'] / full_time:.2f}{mark} |")  # fmt: skip
     lines.append("")
     if footnote:
-        lines.append(f"\\* full does not fit in {options.cap_gib} GiB here; its peak and time are linear "
-                     f"extrapolations from the sizes it ran at ({', '.join(f'N={n}: {m:.2f} GiB' for n, m in mem_fit)}).")
+        lines.append(
+            f"\\* full does not fit in {options.cap_gib} GiB here; its peak and time are linear "
+            f"extrapolations from the sizes it ran at ({', '.join(f'N={n}: {m:.2f} GiB' for n, m in mem_fit)})."
+        )
     for n in options.tokens:
         fused, full = results.get(("fused", n)), results.get(("full", n))
         if fused and full:
-            lines.append(f"N={n}: loss fused {fused['loss']:.7f}, full {full['loss']:.7f} "
-                         f"(rel. diff {abs(fused['loss'] - full['loss']) / abs(full['loss']):.1e}).")
+            lines.append(
+                f"N={n}: loss fused {fused['loss']:.7f}, full {full['loss']:.7f} "
+                f"(rel. diff {abs(fused['loss'] - full['loss']) / abs(full['loss']):.1e})."
+            )
     sizes = ", ".join(f"{v:.0f}" for v in prepared["bytes_per_token"].values())
     lines.append(f"Sparse teacher signals shipped: {sizes} bytes per response token.")
     return "\n".join(lines) + "\n"
@@ -277,7 +281,9 @@ def main() -> None:
                     log(f"full N={n}: predicted {_extrapolate(full_runs, n):.1f} GiB > cap, not run")
                     continue
                 log(f"{mode} N={n} ...")
-                res = run_child(options, "--worker", mode, "--n", str(n), "--shared", str(prepared["shared_vocab_size"]))
+                res = run_child(
+                    options, "--worker", mode, "--n", str(n), "--shared", str(prepared["shared_vocab_size"])
+                )
                 results[(mode, n)] = res
                 log(f"  {res}")
                 if mode == "full" and res is not None:

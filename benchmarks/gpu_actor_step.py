@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-
 from gpu_check import timed_peak  # noqa: E402
+
 from tsdkd_plugin.host.student_step import StudentForward, student_objective  # noqa: E402
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_hidden  # noqa: E402
 

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import platform
 import sys
 import time
@@ -45,18 +44,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-
 from loss_bench import make_inputs, naive_tsdkd  # noqa: E402
+
 from tsdkd_plugin.host.model_io import response_hidden_states  # noqa: E402
-from tsdkd_plugin.objective import chunking  # noqa: E402
 from tsdkd_plugin.objective import (  # noqa: E402
     TeacherSignals,
     TSDKDConfig,
+    chunking,
     teacher_signals_from_hidden,
     tsdkd_loss,
     tsdkd_loss_fused,
 )
-
 
 
 def sync(device):
@@ -160,8 +158,11 @@ def loss_accuracy(device, vocab, hidden, num_tokens, objective):
     record("plain fp32 (full logits)", loss, h.grad, w.grad)
     del t_logits
 
-    for dtype, label, fp32_logits in ((torch.float32, "fp32", True), (torch.bfloat16, "bf16", True),
-                                      (torch.bfloat16, "bf16 with bf16-rounded logits (before)", False)):
+    for dtype, label, fp32_logits in (
+        (torch.float32, "fp32", True),
+        (torch.bfloat16, "bf16", True),
+        (torch.bfloat16, "bf16 with bf16-rounded logits (before)", False),
+    ):
         h = leaf(x["h"], dtype)
         w = leaf(x["w"], dtype)
         teacher = TeacherSignals(hidden=x["th"].to(dtype), lm_head_weight=x["tw"].to(dtype))
@@ -363,8 +364,12 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
         del own, mine
         del hidden32
         signals = {}
-        for label, model, fp32_logits in (("fp32", model32, True), ("bf16", model16, True),
-                                          ("bf16_rounded_logits_before", model16, False)):
+        for label, model, fp32_logits in (
+            ("fp32", model32, True),
+            ("bf16", model16, True),
+            ("bf16_rounded_logits_before", model16, False),
+        ):
+
             def score(model=model):  # bound now: the loop variable would be read when score() runs
                 hid = response_hidden_states(model, sequences, attention_mask, response_len)
                 return teacher_signals_from_hidden(
@@ -504,7 +509,9 @@ def gemma2_softcap(device, vocab, hidden, layers, batch, prompt_len, response_le
         out["raw_logit_fraction_above_15"] = float((raw.abs() > 15).float().mean())
         del raw
         out["hf_fp32_vs_plugin_fp32_max_abs_diff"] = plugin_max_abs_diff(model32, head, reference)
-        out["hf_fp32_vs_plugin_fp32_identity_head_max_abs_diff"] = plugin_max_abs_diff(model32, IDENTITY_HEAD, reference)
+        out["hf_fp32_vs_plugin_fp32_identity_head_max_abs_diff"] = plugin_max_abs_diff(
+            model32, IDENTITY_HEAD, reference
+        )
         out["hf_fp32_vs_hf_bf16_max_abs_diff"] = float((hf_logits(model16).float() - reference).abs().max())
         out["hf_fp32_vs_plugin_bf16_max_abs_diff"] = plugin_max_abs_diff(model16, head, reference)
 
@@ -537,9 +544,15 @@ def markdown(report):
         lines += markdown_sections_1_to_5(report)
     g2 = report.get("gemma2_softcap")
     if g2:
-        lines += ["", f"## 6. Gemma-2 output head (softcap {g2['softcap']:g}) in bf16: HF fp32 logits vs the plugin's "
-                  f"teacher path (V={g2['vocab']}, H={g2['hidden']}, {g2['layers']} layers, {g2['tokens']} tokens)", ""]
-        lines += [f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in g2.items()]
+        lines += [
+            "",
+            f"## 6. Gemma-2 output head (softcap {g2['softcap']:g}) in bf16: HF fp32 logits vs the plugin's "
+            f"teacher path (V={g2['vocab']}, H={g2['hidden']}, {g2['layers']} layers, {g2['tokens']} tokens)",
+            "",
+        ]
+        lines += [
+            f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in g2.items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -573,7 +586,9 @@ def markdown_sections_1_to_5(report):
         ratio_m = f"{mem / base['peak_gib_above_inputs']:.3f}" if base and mem is not None else "naive OOM"
         ratio_t = f"{r['seconds_median'] / base['seconds_median']:.2f}" if base else "naive OOM"
         mem_s = f"{mem:.2f}" if mem is not None else "n/a"
-        lines.append(f"| {r['tokens']} | {r['path']} | {mem_s} | {1000 * r['seconds_median']:.1f} | {ratio_m} | {ratio_t} |")
+        lines.append(
+            f"| {r['tokens']} | {r['path']} | {mem_s} | {1000 * r['seconds_median']:.1f} | {ratio_m} | {ratio_t} |"
+        )
     t = report["teacher_scoring"]
     lines += ["", f"## 4. Teacher scoring (Qwen2 architecture, {t['layers']} layers, H={t['hidden']}, "
               f"V={acc['vocab']}, {t['attention']}, {t['batch']} sequences, {t['tokens']} tokens)", ""]  # fmt: skip
@@ -582,8 +597,14 @@ def markdown_sections_1_to_5(report):
             lines.append(f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}")
     lora = report.get("lora_merge")
     if lora:
-        lines += ["", "## 5. LoRA merge for the vLLM sync (Qwen2 architecture, 4 layers, rank 64, all linear, bf16)", ""]
-        lines += [f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in lora.items()]
+        lines += [
+            "",
+            "## 5. LoRA merge for the vLLM sync (Qwen2 architecture, 4 layers, rank 64, all linear, bf16)",
+            "",
+        ]
+        lines += [
+            f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in lora.items()
+        ]
     return lines
 
 
@@ -594,10 +615,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device (to try the script on CPU)")
-    parser.add_argument("--sections", default=None,
-                        help=f"comma-separated sections to run (default: all): {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--sections", default=None, help=f"comma-separated sections to run (default: all): {', '.join(SECTIONS)}"
+    )
     args = parser.parse_args()
-    sections = SECTIONS if args.sections is None else [name.strip() for name in args.sections.split(",") if name.strip()]
+    sections = (
+        SECTIONS if args.sections is None else [name.strip() for name in args.sections.split(",") if name.strip()]
+    )
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -607,7 +631,17 @@ def main():
     if not args.smoke and device.type != "cuda":
         sys.exit("gpu_check.py: no CUDA device; use --smoke to try the script on CPU")
     if args.smoke:
-        vocab, hidden, acc_tokens, sizes, t_hidden, t_layers, t_batch, t_prompt, t_resp = 2048, 64, 512, [512], 64, 2, 8, 32, 64
+        vocab, hidden, acc_tokens, sizes, t_hidden, t_layers, t_batch, t_prompt, t_resp = (
+            2048,
+            64,
+            512,
+            [512],
+            64,
+            2,
+            8,
+            32,
+            64,
+        )
         g2_sizes = (2048, 128, 2, 2, 16, 32, 40.0)  # vocab, hidden, layers, batch, prompt, response, logit gain
     else:
         vocab, hidden, acc_tokens, sizes = 151936, 1536, 1024, [4096, 16384]

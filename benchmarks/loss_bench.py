@@ -159,8 +159,11 @@ def worker(name: str, num_tokens: int, vocab: int, hidden: int, cap_gib: float, 
     if name == "fused_sparse":
         fields = torch.load(sparse_path)
         temperature = fields.pop("temperature")
-        teacher = TeacherSignals.from_wire(fields, temperature) if hasattr(TeacherSignals, "from_wire") else (
-            TeacherSignals(**fields, temperature=temperature))  # a baseline checkout without the wire format
+        teacher = (
+            TeacherSignals.from_wire(fields, temperature)
+            if hasattr(TeacherSignals, "from_wire")
+            else (TeacherSignals(**fields, temperature=temperature))
+        )  # a baseline checkout without the wire format
     setup_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if name in ("naive", "plain"):
@@ -346,11 +349,19 @@ def main() -> None:
     parser.add_argument("--error-tokens", type=int, default=256)
     parser.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
     parser.add_argument("--baseline-root", help="before/after mode: also run each configuration from this checkout")
-    parser.add_argument("--configs", nargs="+", default=list(COMPARED), choices=list(CONFIG_LABELS),
-                        help="configurations of the before/after mode (default: %(default)s)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(COMPARED),
+        choices=list(CONFIG_LABELS),
+        help="configurations of the before/after mode (default: %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="before/after mode: runs per configuration (min time)")
-    parser.add_argument("--sparse-error-only", action="store_true",
-                        help="only the sparse-vs-dense accuracy table (its own section of RESULTS.md)")
+    parser.add_argument(
+        "--sparse-error-only",
+        action="store_true",
+        help="only the sparse-vs-dense accuracy table (its own section of RESULTS.md)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare-sparse", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -437,8 +448,9 @@ def compare_with_baseline(args, baseline: Path) -> str:
                     extra = []
                     if name == "fused_sparse":  # each checkout builds its own signals (its wire format)
                         path = f"/tmp/tsdkd_bench_sparse_{label}_{n}_{args.vocab}.pt"
-                        run_child(args, "--prepare-sparse", path, "--n", str(n), "--sparse-k", str(args.sparse_k),
-                                  root=root)
+                        run_child(
+                            args, "--prepare-sparse", path, "--n", str(n), "--sparse-k", str(args.sparse_k), root=root
+                        )
                         extra = ["--sparse-path", path]
                     log(f"{label} {name} N={n} repeat {repeat + 1} ...")
                     res = run_child(args, "--worker", name, "--n", str(n), *extra, root=root)
@@ -535,8 +547,10 @@ def render(args, results, naive_runs, sparse_bytes, errors) -> str:
         "working GiB = peak minus the RSS after building the inputs (runtime + weights + hidden states), "
         "i.e. what the loss itself adds.\n"
     )
-    lines.append(f"Sparse transport, K = {args.sparse_k}: {next(iter(sparse_bytes.values())):.0f} bytes/token on the wire "
-                 f"(TeacherSignals.to_wire; dense bf16 logits: {2 * args.vocab:,} bytes/token).\n")
+    lines.append(
+        f"Sparse transport, K = {args.sparse_k}: {next(iter(sparse_bytes.values())):.0f} bytes/token on the wire "
+        f"(TeacherSignals.to_wire; dense bf16 logits: {2 * args.vocab:,} bytes/token).\n"
+    )
     lines.append(render_sparse_error(args, errors))
     return "\n".join(lines) + "\n"
 
@@ -561,8 +575,9 @@ def render_sparse_error(args, errors) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(report: str, name: str = "loss_bench", title: str = "Loss benchmark",
-                  script: str = "benchmarks/loss_bench.py") -> None:
+def write_results(
+    report: str, name: str = "loss_bench", title: str = "Loss benchmark", script: str = "benchmarks/loss_bench.py"
+) -> None:
     """Replace (or append) the section between `<!-- name:begin/end -->` of benchmarks/RESULTS.md."""
     path = ROOT / "benchmarks" / "RESULTS.md"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

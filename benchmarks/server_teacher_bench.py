@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import torch
 
@@ -52,7 +51,7 @@ TERMS = ("loss", "loss_direct", "loss_entropy", "loss_indirect_token", "loss_ind
 # ----------------------------------------------------------------------------- inputs
 
 
-def default_models(cache_dir: Path | None, work_dir: Path) -> Dict[str, Path]:
+def default_models(cache_dir: Path | None, work_dir: Path) -> dict[str, Path]:
     from tsdkd_plugin.toy.cache import toy_model_dir
     from tsdkd_plugin.toy.default_job import BUDGETS, trained_model_dir
     from tsdkd_plugin.toy.models import TEACHER_RECIPE
@@ -80,10 +79,17 @@ def student_samples(student_dir: Path, prompts: int, samples: int, max_new_token
         text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = model.generate(ids.repeat(samples, 1), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        for sample in out[:, ids.shape[1]:].tolist():
+            out = model.generate(
+                ids.repeat(samples, 1),
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for sample in out[:, ids.shape[1] :].tolist():
             if tokenizer.eos_token_id in sample:
                 sample = sample[: sample.index(tokenizer.eos_token_id) + 1]
             prompt_ids.append(ids[0].tolist())
@@ -97,7 +103,9 @@ def action_logits(model_dir: Path, sequences, attention_mask, num_actions) -> to
 
     from tsdkd_plugin.host.student_step import action_positions
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -117,7 +125,7 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (2.0 * agree.sum((1, 2)) / pairs) - 1.0
 
 
-def ranking_agreement(dense_scores: torch.Tensor, other_scores: torch.Tensor) -> Dict[str, float]:
+def ranking_agreement(dense_scores: torch.Tensor, other_scores: torch.Tensor) -> dict[str, float]:
     """How the teacher's order of the student's candidates (stable sort, as the ListMLE reads it)
     agrees with the dense order: same permutation (fraction), same first candidate, Kendall's tau."""
     if dense_scores.numel() == 0:
@@ -133,11 +141,12 @@ def ranking_agreement(dense_scores: torch.Tensor, other_scores: torch.Tensor) ->
     }
 
 
-def loss_terms(student_logits, signals, mask, config, shared, sampled, group_size) -> Dict[str, float]:
+def loss_terms(student_logits, signals, mask, config, shared, sampled, group_size) -> dict[str, float]:
     from tsdkd_plugin.objective import tsdkd_loss
 
-    _, metrics = tsdkd_loss(student_logits, signals, mask, config, shared_vocab_size=shared, sampled_ids=sampled,
-                            group_size=group_size)
+    _, metrics = tsdkd_loss(
+        student_logits, signals, mask, config, shared_vocab_size=shared, sampled_ids=sampled, group_size=group_size
+    )
     return {name: metrics[name] for name in TERMS + ("entropy_teacher_mean", "gate_mean_weight")}
 
 
@@ -145,16 +154,17 @@ def relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
-def measure_teacher(name, teacher_dir, batch, student_logits, args, log_dir) -> List[Dict]:
+def measure_teacher(name, teacher_dir, batch, student_logits, args, log_dir) -> list[dict]:
+    from tsdkd_plugin.host.student_step import in_vocab_action_mask
     from tsdkd_plugin.host.teachers.server import ServerTeacher, ServerTeacherSettings
     from tsdkd_plugin.host.teachers.server.local_server import LocalVLLMServer
-    from tsdkd_plugin.host.student_step import in_vocab_action_mask
-    from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, teacher_signals_from_logits
+    from tsdkd_plugin.objective import TeacherSignals, TSDKDConfig, teacher_signals_from_logits
     from tsdkd_plugin.objective.listmle import opener_mask
 
     shared = args.shared
-    sequences, attention, action, candidates = (batch[k] for k in ("sequences", "attention_mask", "action_mask",
-                                                                   "candidate_ids"))
+    sequences, attention, action, candidates = (
+        batch[k] for k in ("sequences", "attention_mask", "action_mask", "candidate_ids")
+    )
     mask = in_vocab_action_mask(sequences, action, shared)
     sampled = sequences[:, 1:].masked_fill(~mask, 0)
     teacher_logits = action_logits(teacher_dir, sequences, attention, action.shape[1])
@@ -167,19 +177,36 @@ def measure_teacher(name, teacher_dir, batch, student_logits, args, log_dir) -> 
     padding_mass = torch.softmax(teacher_logits.double(), -1)[..., shared:].sum(-1)[mask]
 
     rows = []
-    with LocalVLLMServer(str(teacher_dir), name, max_logprobs=max(args.request_top_k), max_len=args.max_len,
-                         log_file=log_dir / f"vllm_{name}.log") as server:
+    with LocalVLLMServer(
+        str(teacher_dir),
+        name,
+        max_logprobs=max(args.request_top_k),
+        max_len=args.max_len,
+        log_file=log_dir / f"vllm_{name}.log",
+    ) as server:
         for top_k in args.top_k:
             config = TSDKDConfig(sparse_top_k=top_k, num_candidates=args.candidates, indirect_level="both")
-            dense = loss_terms(student_logits, TeacherSignals(logits=teacher_logits), mask, config, shared, sampled,
-                               args.samples)
-            ray = teacher_signals_from_logits(teacher_logits, config, mask=mask, shared_vocab_size=shared,
-                                              candidate_ids=candidates, sampled_ids=sampled)
+            dense = loss_terms(
+                student_logits, TeacherSignals(logits=teacher_logits), mask, config, shared, sampled, args.samples
+            )
+            ray = teacher_signals_from_logits(
+                teacher_logits,
+                config,
+                mask=mask,
+                shared_vocab_size=shared,
+                candidate_ids=candidates,
+                sampled_ids=sampled,
+            )
             ray_wire = TeacherSignals.from_wire(ray.to_wire(), 1.0)
             ray_terms = loss_terms(student_logits, ray_wire, mask, config, shared, sampled, args.samples)
             for request_top_k in sorted({max(top_k, r) for r in args.request_top_k}):
-                settings = ServerTeacherSettings(urls=(server.url,), model=name, request_top_k=request_top_k,
-                                                 timeout_s=600, concurrency=args.concurrency)
+                settings = ServerTeacherSettings(
+                    urls=(server.url,),
+                    model=name,
+                    request_top_k=request_top_k,
+                    timeout_s=600,
+                    concurrency=args.concurrency,
+                )
                 teacher = ServerTeacher(settings, config, shared)
                 started = time.time()
                 [wire] = teacher.score([batch])
@@ -192,25 +219,35 @@ def measure_teacher(name, teacher_dir, batch, student_logits, args, log_dir) -> 
                 got = got[mask]
                 entropy_error = (signals.entropy[mask].double() - dense_entropy).abs()
                 tokens = int(mask.sum())
-                rows.append({
-                    "teacher": name, "K": top_k, "R": request_top_k, "tokens": tokens,
-                    "teacher_entropy": float(dense_entropy.mean()),
-                    "padding_mass": float(padding_mass.mean()),
-                    "unlisted_mass": teacher.last_stats.unlisted_shared_mass,
-                    "unlisted_candidates": teacher.last_stats.unlisted_candidates,
-                    "entropy_error_mean": float(entropy_error.mean()), "entropy_error_max": float(entropy_error.max()),
-                    "entropy_bound_mean": teacher.last_stats.entropy_bound,
-                    "sequence_score_error": float((signals.sequence_scores - ray.sequence_scores).abs().max()),
-                    **{f"rel_dense_{t}": relative(terms[t], dense[t]) for t in TERMS},
-                    **{f"rel_ray_{t}": relative(terms[t], ray_terms[t]) for t in TERMS},
-                    "ray_rel_dense_loss": relative(ray_terms["loss"], dense["loss"]),
-                    **{f"opener_{k}": v for k, v in ranking_agreement(dense_candidates[openers], got[openers]).items()},
-                    **{f"all_{k}": v for k, v in ranking_agreement(dense_candidates, got).items()},
-                    "ray_opener_same_order": ranking_agreement(
-                        dense_candidates[openers], ray.candidate_logprobs[mask][openers].double())["same_order"],
-                    "answer_bytes_per_token": teacher.last_timing["answer_bytes"] / tokens,
-                    "seconds": seconds,
-                })
+                rows.append(
+                    {
+                        "teacher": name,
+                        "K": top_k,
+                        "R": request_top_k,
+                        "tokens": tokens,
+                        "teacher_entropy": float(dense_entropy.mean()),
+                        "padding_mass": float(padding_mass.mean()),
+                        "unlisted_mass": teacher.last_stats.unlisted_shared_mass,
+                        "unlisted_candidates": teacher.last_stats.unlisted_candidates,
+                        "entropy_error_mean": float(entropy_error.mean()),
+                        "entropy_error_max": float(entropy_error.max()),
+                        "entropy_bound_mean": teacher.last_stats.entropy_bound,
+                        "sequence_score_error": float((signals.sequence_scores - ray.sequence_scores).abs().max()),
+                        **{f"rel_dense_{t}": relative(terms[t], dense[t]) for t in TERMS},
+                        **{f"rel_ray_{t}": relative(terms[t], ray_terms[t]) for t in TERMS},
+                        "ray_rel_dense_loss": relative(ray_terms["loss"], dense["loss"]),
+                        **{
+                            f"opener_{k}": v
+                            for k, v in ranking_agreement(dense_candidates[openers], got[openers]).items()
+                        },
+                        **{f"all_{k}": v for k, v in ranking_agreement(dense_candidates, got).items()},
+                        "ray_opener_same_order": ranking_agreement(
+                            dense_candidates[openers], ray.candidate_logprobs[mask][openers].double()
+                        )["same_order"],
+                        "answer_bytes_per_token": teacher.last_timing["answer_bytes"] / tokens,
+                        "seconds": seconds,
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -223,7 +260,7 @@ def command_tail(args) -> str:
     return " " + " ".join(args.argv) if args.argv else ""
 
 
-def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str:
+def report(rows: list[dict], args, models: dict[str, Path], samples: int) -> str:
     lines = [
         f"Command: `python benchmarks/server_teacher_bench.py approximation{command_tail(args)}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -238,8 +275,8 @@ def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str
         "group's sparse top-K signals have their own error against dense (column `Ray`), the server's is on top of "
         "it. Ranking: the teacher's order of the student's k candidates against the dense order, at the opener "
         "positions (what the token-level ListMLE reads) and at all positions."
-        ' Entropy err: mean |H(server) - H(dense)| per token; (bound): the mean of the entropy bound of '
-        'docs/server_teacher.md item 2 (the unlisted shared mass), which leaves out item 1 (unlisted padding '
+        " Entropy err: mean |H(server) - H(dense)| per token; (bound): the mean of the entropy bound of "
+        "docs/server_teacher.md item 2 (the unlisted shared mass), which leaves out item 1 (unlisted padding "
         "rows taken as 0; the untrained teacher has 22% of its mass on padding rows) and vLLM-CPU's fp32 "
         "kernels against transformers' (~1e-5 per log-prob, the trained teacher's error).",
         "",
@@ -265,12 +302,14 @@ def report(rows: List[Dict], args, models: Dict[str, Path], samples: int) -> str
 def write_results(text: str) -> None:
     from loss_bench import write_results as write_section  # benchmarks/ is this script's directory
 
-    write_section(text, name="server_teacher_bench", title="Server teacher", script="benchmarks/server_teacher_bench.py")
+    write_section(
+        text, name="server_teacher_bench", title="Server teacher", script="benchmarks/server_teacher_bench.py"
+    )
 
 
 def approximation(args) -> None:
-    from tsdkd_plugin.host.teachers.server.emulation import openrlhf_micro_batch
     from tsdkd_plugin.host.student_step import in_vocab_action_mask
+    from tsdkd_plugin.host.teachers.server.emulation import openrlhf_micro_batch
     from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -279,14 +318,18 @@ def approximation(args) -> None:
         from tsdkd_plugin.toy.cache import toy_model_dir
         from tsdkd_plugin.toy.models import TEACHER_RECIPE
 
-        models = {"trained": args.teacher, "untrained": toy_model_dir(TEACHER_RECIPE, args.cache_dir),
-                  "student": args.student}
+        models = {
+            "trained": args.teacher,
+            "untrained": toy_model_dir(TEACHER_RECIPE, args.cache_dir),
+            "student": args.student,
+        }
     else:
         models = default_models(args.cache_dir, work)
     for role in ("trained", "untrained"):
         check_same_tokenizer(models[role], models["student"], role, "student")
-    tokenizer, prompt_ids, response_ids = student_samples(models["student"], args.prompts, args.samples,
-                                                          args.max_new_tokens, args.seed)
+    tokenizer, prompt_ids, response_ids = student_samples(
+        models["student"], args.prompts, args.samples, args.max_new_tokens, args.seed
+    )
     args.shared = len(tokenizer)
     sequences, attention, action = openrlhf_micro_batch(prompt_ids, response_ids, tokenizer.pad_token_id)
     student_logits = action_logits(models["student"], sequences, attention, action.shape[1])
@@ -304,16 +347,23 @@ def approximation(args) -> None:
         write_results(text)
 
 
-STEP_KEYS = ("step_total", "make_experience", "tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring",
-             "tsdkd/transport_bytes_per_token", "generation", "ppo_train")
+STEP_KEYS = (
+    "step_total",
+    "make_experience",
+    "tsdkd/time_student_candidates",
+    "tsdkd/time_teacher_scoring",
+    "tsdkd/transport_bytes_per_token",
+    "generation",
+    "ppo_train",
+)
 
 
 STEP_TIME_READING = (
     "Reading (not measured separately): the toy teacher's forward is tiny, so the server's "
     "`time_teacher_scoring` is mostly what surrounds it: HTTP, vLLM's scheduling of one request per "
-    'sample, its prompt log-prob output (R + 1 decoded entries per position, ~1.8 KB of JSON per token at '
+    "sample, its prompt log-prob output (R + 1 decoded entries per position, ~1.8 KB of JSON per token at "
     "R = 16) and the driver's parsing; the Ray group does one batched forward per micro-batch in a "
-    'process that is already up. The other phases do the same work in both runs; their differences are '
+    "process that is already up. The other phases do the same work in both runs; their differences are "
     "the shared machine's noise (2 cores, other jobs)."
 )
 
@@ -332,33 +382,81 @@ def step_time(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="server_teacher_step_"))
     ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
     teacher, student = teacher_twice_the_student(args.cache_dir or default_cache_dir())
-    arith_task.main(["--out", str(work / "data"), "--n-train", str(args.prompts_per_step * args.steps + 8),
-                     "--n-val", "8", "--n-test", "8"])
+    arith_task.main(
+        [
+            "--out",
+            str(work / "data"),
+            "--n-train",
+            str(args.prompts_per_step * args.steps + 8),
+            "--n-val",
+            "8",
+            "--n-test",
+            "8",
+        ]
+    )
     prompts = work / "data" / "prompts_train.jsonl"
-    env = {**os.environ, "TSDKD_DEVICE": "cpu", "TSDKD_RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TSDKD_DEVICE": "cpu",
+        "TSDKD_RAY_TMPDIR": ray_tmp,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     max_len = 64 + args.max_new_tokens
-    runs: Dict[str, List[Dict]] = {"Ray group": [], "server": []}
+    runs: dict[str, list[dict]] = {"Ray group": [], "server": []}
     common = ["--teacher.sparse_top_k", str(args.top_k), "--tsdkd.indirect_level", "token"]
     try:
-        with LocalVLLMServer(str(teacher), "teacher", max_logprobs=max(args.request_top_k, args.top_k),
-                             max_len=max_len, log_file=work / "vllm_serve.log") as server:
+        with LocalVLLMServer(
+            str(teacher),
+            "teacher",
+            max_logprobs=max(args.request_top_k, args.top_k),
+            max_len=max_len,
+            log_file=work / "vllm_serve.log",
+        ) as server:
             for repeat in range(args.repeats):
                 out = work / f"group{repeat}"
-                runs["Ray group"].append(run("Ray group", [
-                    "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, out, args), *common,
-                    "--teacher.model_name_or_path", str(teacher), "--teacher.placement", "separate",
-                ], out, env, args.timeout))
+                runs["Ray group"].append(
+                    run(
+                        "Ray group",
+                        [
+                            "openrlhf.cli.train_tsdkd",
+                            *shared_args(student, prompts, out, args),
+                            *common,
+                            "--teacher.model_name_or_path",
+                            str(teacher),
+                            "--teacher.placement",
+                            "separate",
+                        ],
+                        out,
+                        env,
+                        args.timeout,
+                    )
+                )
                 out = work / f"server{repeat}"
-                runs["server"].append(run("server", [
-                    "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, out, args), *common,
-                    "--teacher.model_name_or_path", "teacher", "--teacher.remote_url", server.url,
-                    "--teacher.remote_top_k", str(args.request_top_k or args.top_k),
-                ], out, env, args.timeout))
+                runs["server"].append(
+                    run(
+                        "server",
+                        [
+                            "openrlhf.cli.train_tsdkd",
+                            *shared_args(student, prompts, out, args),
+                            *common,
+                            "--teacher.model_name_or_path",
+                            "teacher",
+                            "--teacher.remote_url",
+                            server.url,
+                            "--teacher.remote_top_k",
+                            str(args.request_top_k or args.top_k),
+                        ],
+                        out,
+                        env,
+                        args.timeout,
+                    )
+                )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    results = {name: {key: statistics.mean(r[key] for r in reps if key in r) for key in reps[0]}
-               for name, reps in runs.items()}
+    results = {
+        name: {key: statistics.mean(r[key] for r in reps if key in r) for key in reps[0]} for name, reps in runs.items()
+    }
     group, served = results["Ray group"], results["server"]
     lines = [
         f"Command: `python benchmarks/server_teacher_bench.py step_time{command_tail(args)}`  ",
@@ -377,15 +475,23 @@ def step_time(args) -> None:
         if key in group and key in served:
             g, v = group[key], served[key]
             unit = "" if key != "tsdkd/transport_bytes_per_token" else " (bytes/token)"
-            lines.append(f"| {key}{unit} | {g:.3f} | {v:.3f} | {v / g:.2f}x |" if g else f"| {key}{unit} | {g:.3f} | {v:.3f} | - |")
+            lines.append(
+                f"| {key}{unit} | {g:.3f} | {v:.3f} | {v / g:.2f}x |"
+                if g
+                else f"| {key}{unit} | {g:.3f} | {v:.3f} | - |"
+            )
     lines += ["", STEP_TIME_READING]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_results:
         from loss_bench import write_results as write_section
 
-        write_section(text, name="server_teacher_step_time", title="Server teacher: time per step",
-                      script="benchmarks/server_teacher_bench.py step_time")
+        write_section(
+            text,
+            name="server_teacher_step_time",
+            title="Server teacher: time per step",
+            script="benchmarks/server_teacher_bench.py step_time",
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -393,8 +499,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     approx = sub.add_parser("approximation", help="signal and loss error, candidate ranking, against the dense teacher")
-    approx.add_argument("--teacher", type=Path, help="trained toy-tokenizer teacher (with --student; default: the "
-                                                     "default job's SFT teacher and student)")
+    approx.add_argument(
+        "--teacher",
+        type=Path,
+        help="trained toy-tokenizer teacher (with --student; default: the default job's SFT teacher and student)",
+    )
     approx.add_argument("--student", type=Path, help="toy-tokenizer student")
     approx.add_argument("--cache-dir", type=Path, default=None)
     approx.add_argument("--prompts", type=int, default=64)
@@ -403,9 +512,14 @@ def main(argv=None) -> None:
     approx.add_argument("--max-len", type=int, default=128)
     approx.add_argument("--candidates", type=int, default=10)
     approx.add_argument("--top-k", type=int, nargs="+", default=[16, 24])
-    approx.add_argument("--request-top-k", type=int, nargs="+", default=[0, 64],
-                        help="R values, each raised to at least K (0: R = K); 512 = every logit row of the toy "
-                             "models (exact; ~35 KB of JSON per position)")
+    approx.add_argument(
+        "--request-top-k",
+        type=int,
+        nargs="+",
+        default=[0, 64],
+        help="R values, each raised to at least K (0: R = K); 512 = every logit row of the toy "
+        "models (exact; ~35 KB of JSON per position)",
+    )
     approx.add_argument("--concurrency", type=int, default=16)
     approx.add_argument("--seed", type=int, default=0)
     approx.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")

@@ -38,8 +38,15 @@ def teacher_twice_the_student(cache_dir):
     from tsdkd_plugin.toy.cache import toy_model_dir
     from tsdkd_plugin.toy.models import STUDENT_RECIPE, ToyModelRecipe
 
-    recipe = ToyModelRecipe("teacher2x", hidden_size=64, num_attention_heads=1, num_hidden_layers=4,
-                            vocab_pad_multiple=128, seed=3, intermediate_multiple=5)
+    recipe = ToyModelRecipe(
+        "teacher2x",
+        hidden_size=64,
+        num_attention_heads=1,
+        num_hidden_layers=4,
+        vocab_pad_multiple=128,
+        seed=3,
+        intermediate_multiple=5,
+    )
     return toy_model_dir(recipe, cache_dir), toy_model_dir(STUDENT_RECIPE, cache_dir)
 
 
@@ -59,20 +66,61 @@ def parameter_count(model_dir) -> int:
 def shared_args(student, prompts, out, args):
     samples = args.prompts_per_step * args.n
     return [
-        "--actor.model_name_or_path", str(student),
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1", "--train.colocate_all",
-        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization", "0.5",
-        "--data.prompt_dataset", str(prompts), "--data.input_key", "prompt", "--data.label_key", "answer",
-        "--data.apply_chat_template", "--data.max_samples", str(args.prompts_per_step * args.steps),
-        "--data.max_len", str(64 + args.max_new_tokens),
-        "--rollout.batch_size", str(args.prompts_per_step), "--rollout.n_samples_per_prompt", str(args.n),
-        "--rollout.micro_batch_size", str(args.n), "--rollout.max_new_tokens", str(args.max_new_tokens),
-        "--train.batch_size", str(samples), "--train.micro_batch_size", str(args.n), "--train.max_epochs", "1",
-        "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
-        "--actor.adam.lr", "1e-4", "--actor.lr_warmup_ratio", "0",
-        "--ckpt.output_dir", str(out / "model"), "--ckpt.path", str(out / "ckpt"),
-        "--logger.tensorboard_dir", str(out / "tb"),
+        "--actor.model_name_or_path",
+        str(student),
+        "--actor.num_nodes",
+        "1",
+        "--actor.num_gpus_per_node",
+        "1",
+        "--train.colocate_all",
+        "--vllm.num_engines",
+        "1",
+        "--vllm.tensor_parallel_size",
+        "1",
+        "--vllm.enforce_eager",
+        "--vllm.gpu_memory_utilization",
+        "0.5",
+        "--data.prompt_dataset",
+        str(prompts),
+        "--data.input_key",
+        "prompt",
+        "--data.label_key",
+        "answer",
+        "--data.apply_chat_template",
+        "--data.max_samples",
+        str(args.prompts_per_step * args.steps),
+        "--data.max_len",
+        str(64 + args.max_new_tokens),
+        "--rollout.batch_size",
+        str(args.prompts_per_step),
+        "--rollout.n_samples_per_prompt",
+        str(args.n),
+        "--rollout.micro_batch_size",
+        str(args.n),
+        "--rollout.max_new_tokens",
+        str(args.max_new_tokens),
+        "--train.batch_size",
+        str(samples),
+        "--train.micro_batch_size",
+        str(args.n),
+        "--train.max_epochs",
+        "1",
+        "--ds.zero_stage",
+        "2",
+        "--ds.param_dtype",
+        "fp32",
+        "--ds.attn_implementation",
+        "sdpa",
+        "--actor.adam.lr",
+        "1e-4",
+        "--actor.lr_warmup_ratio",
+        "0",
+        "--ckpt.output_dir",
+        str(out / "model"),
+        "--ckpt.path",
+        str(out / "ckpt"),
+        "--logger.tensorboard_dir",
+        str(out / "tb"),
     ]
 
 
@@ -88,8 +136,12 @@ def run(name, module_args, out, env, timeout):
     scalars = tensorboard_scalars(out / "tb")
     steps = sorted(scalars["train/timing/step_total"])[1:]  # step 1 warms the engine up
     timings = {phase: statistics.mean(scalars[f"train/timing/{phase}"][s] for s in steps) for phase in PHASES}
-    for key in ("tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring", "tsdkd/transport_bytes_per_token",
-                "rollout/response_length_mean"):
+    for key in (
+        "tsdkd/time_student_candidates",
+        "tsdkd/time_teacher_scoring",
+        "tsdkd/transport_bytes_per_token",
+        "rollout/response_length_mean",
+    ):
         if f"train/{key}" in scalars:
             timings[key] = statistics.mean(scalars[f"train/{key}"][s] for s in steps)
     timings["wall"] = time.time() - started
@@ -105,11 +157,14 @@ def table(results, params) -> str:
     ]
     for phase in PHASES:
         g, t = grpo[phase], results["TSD-KD"][phase]
-        lines.append(f"| {phase} | {g:.3f} | {t:.3f} | {t / g:.2f}x |" if g > 0 else f"| {phase} | {g:.3f} | {t:.3f} | - |")
+        lines.append(
+            f"| {phase} | {g:.3f} | {t:.3f} | {t / g:.2f}x |" if g > 0 else f"| {phase} | {g:.3f} | {t:.3f} | - |"
+        )
     lengths = [results[name].get("rollout/response_length_mean") for name in ("GRPO", "TSD-KD")]
     if None not in lengths:
-        lines.append(f"| mean response length (tokens) | {lengths[0]:.1f} | {lengths[1]:.1f} | "
-                     f"{lengths[1] / lengths[0]:.2f}x |")
+        lines.append(
+            f"| mean response length (tokens) | {lengths[0]:.1f} | {lengths[1]:.1f} | {lengths[1] / lengths[0]:.2f}x |"
+        )
     tsdkd = results["TSD-KD"]
     if "tsdkd/time_teacher_scoring" in tsdkd:
         lines.append("")
@@ -121,10 +176,12 @@ def table(results, params) -> str:
             f"The loss itself is inside ppo_train."
         )
     lines.append("")
-    lines.append(f"Student {params['student']:,} parameters; TSD-KD teacher {params['teacher']:,} "
-                 f"({params['teacher'] / params['student']:.2f}x); GRPO's reference model is the student's copy. "
-                 f"Mean over {grpo['steps']:.0f} steps after the first, {len(results)} jobs alternated "
-                 f"{params['repeats']} times.")
+    lines.append(
+        f"Student {params['student']:,} parameters; TSD-KD teacher {params['teacher']:,} "
+        f"({params['teacher'] / params['student']:.2f}x); GRPO's reference model is the student's copy. "
+        f"Mean over {grpo['steps']:.0f} steps after the first, {len(results)} jobs alternated "
+        f"{params['repeats']} times."
+    )
     return "\n".join(lines)
 
 
@@ -135,8 +192,12 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--timeout", type=float, default=1200)
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="alternate GRPO and TSD-KD this many times and average (cancels load drift)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="alternate GRPO and TSD-KD this many times and average (cancels load drift)",
+    )
     parser.add_argument("--write", action="store_true", help="write benchmarks/STEP_TIME.md")
     args = parser.parse_args(argv)
 
@@ -147,29 +208,67 @@ def main(argv=None) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
     teacher, student = teacher_twice_the_student(default_cache_dir())
     data = work / "data"
-    arith_task.main(["--out", str(data), "--n-train", str(args.prompts_per_step * args.steps + 8),
-                     "--n-val", "8", "--n-test", "8"])
-    env = {**os.environ, "TSDKD_DEVICE": "cpu", "TSDKD_RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
+    arith_task.main(
+        ["--out", str(data), "--n-train", str(args.prompts_per_step * args.steps + 8), "--n-val", "8", "--n-test", "8"]
+    )
+    env = {
+        **os.environ,
+        "TSDKD_DEVICE": "cpu",
+        "TSDKD_RAY_TMPDIR": ray_tmp,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     reward = REPO / "tsdkd_plugin" / "toy" / "reward_func.py"
     prompts = data / "prompts_train.jsonl"
     runs = {"GRPO": [], "TSD-KD": []}
     try:
         for repeat in range(args.repeats):
             grpo_out = work / f"grpo{repeat}"
-            runs["GRPO"].append(run("GRPO", [
-                "tsdkd_plugin.host.cpu_launch", "openrlhf.cli.train_ppo_ray",
-                *shared_args(student, prompts, grpo_out, args),
-                "--algo.advantage.estimator", "group_norm", "--algo.kl.use_loss", "--algo.kl.estimator", "k3",
-                "--algo.kl.init_coef", "0.01", "--ref.num_nodes", "1", "--ref.num_gpus_per_node", "1",
-                "--reward.remote_url", str(reward),
-            ], grpo_out, env, args.timeout))
+            runs["GRPO"].append(
+                run(
+                    "GRPO",
+                    [
+                        "tsdkd_plugin.host.cpu_launch",
+                        "openrlhf.cli.train_ppo_ray",
+                        *shared_args(student, prompts, grpo_out, args),
+                        "--algo.advantage.estimator",
+                        "group_norm",
+                        "--algo.kl.use_loss",
+                        "--algo.kl.estimator",
+                        "k3",
+                        "--algo.kl.init_coef",
+                        "0.01",
+                        "--ref.num_nodes",
+                        "1",
+                        "--ref.num_gpus_per_node",
+                        "1",
+                        "--reward.remote_url",
+                        str(reward),
+                    ],
+                    grpo_out,
+                    env,
+                    args.timeout,
+                )
+            )
             tsdkd_out = work / f"tsdkd{repeat}"
-            runs["TSD-KD"].append(run("TSD-KD", [
-                "openrlhf.cli.train_tsdkd", *shared_args(student, prompts, tsdkd_out, args),
-                "--teacher.model_name_or_path", str(teacher), "--teacher.placement", "separate",
-                "--reward.remote_url", str(reward),
-            ], tsdkd_out, env, args.timeout))
+            runs["TSD-KD"].append(
+                run(
+                    "TSD-KD",
+                    [
+                        "openrlhf.cli.train_tsdkd",
+                        *shared_args(student, prompts, tsdkd_out, args),
+                        "--teacher.model_name_or_path",
+                        str(teacher),
+                        "--teacher.placement",
+                        "separate",
+                        "--reward.remote_url",
+                        str(reward),
+                    ],
+                    tsdkd_out,
+                    env,
+                    args.timeout,
+                )
+            )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     results = {name: {key: statistics.mean(r[key] for r in reps) for key in reps[0]} for name, reps in runs.items()}

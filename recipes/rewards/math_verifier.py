@@ -36,7 +36,7 @@ except ImportError:
 
 
 def _response(query: str, prompt: str) -> str:
-    return query[len(prompt):] if prompt and query.startswith(prompt) else query
+    return query[len(prompt) :] if prompt and query.startswith(prompt) else query
 
 
 def reward_func(queries, prompts, labels):

@@ -16,12 +16,26 @@ from tsdkd_plugin.objective import TSDKDConfig
 def launch_argv(toy_student_dir, toy_teacher_dir, arith_data_dir):
     def build(*extra, student=None, teacher=None, prompts=None):
         argv = [
-            "--actor.model_name_or_path", str(student or toy_student_dir),
-            "--teacher.model_name_or_path", str(teacher or toy_teacher_dir),
-            "--data.prompt_dataset", str(prompts or arith_data_dir / "prompts_train.jsonl"),
-            "--data.input_key", "prompt", "--data.label_key", "answer", "--data.apply_chat_template",
-            "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "4",
-            "--train.micro_batch_size", "4", "--data.max_len", "256", "--tsdkd.dry_run",
+            "--actor.model_name_or_path",
+            str(student or toy_student_dir),
+            "--teacher.model_name_or_path",
+            str(teacher or toy_teacher_dir),
+            "--data.prompt_dataset",
+            str(prompts or arith_data_dir / "prompts_train.jsonl"),
+            "--data.input_key",
+            "prompt",
+            "--data.label_key",
+            "answer",
+            "--data.apply_chat_template",
+            "--rollout.n_samples_per_prompt",
+            "4",
+            "--rollout.micro_batch_size",
+            "4",
+            "--train.micro_batch_size",
+            "4",
+            "--data.max_len",
+            "256",
+            "--tsdkd.dry_run",
         ]
         return argv + list(extra)
 
@@ -75,7 +89,9 @@ def test_sequence_ranking_needs_several_samples(launch_argv, capsys):
 
 def test_groups_must_fit_micro_batches(launch_argv, capsys):
     argv = launch_argv("--tsdkd.indirect_level", "both", "--train.micro_batch_size", "6")
-    assert "--train.micro_batch_size (6) must be a multiple of --rollout.n_samples_per_prompt (4)" in refused(argv, capsys)
+    assert "--train.micro_batch_size (6) must be a multiple of --rollout.n_samples_per_prompt (4)" in refused(
+        argv, capsys
+    )
 
 
 def test_dataset_without_input_key(launch_argv, capsys):
@@ -100,7 +116,10 @@ def test_dataset_with_a_broken_line(launch_argv, tmp_path, capsys):
         (["--tsdkd.gate", "sharp"], "--tsdkd.gate must be one of ('soft', 'hard', 'none'), got 'sharp'"),
         (["--tsdkd.on_policy_fraction", "2"], "--tsdkd.on_policy_fraction must be in [0, 1]"),
         (["--vllm.num_engines", "0"], "--vllm.num_engines must be >= 1"),
-        (["--ds.lora.rank", "8", "--ds.tensor_parallel_size", "2"], "with --ds.tensor_parallel_size > 1 is not supported"),
+        (
+            ["--ds.lora.rank", "8", "--ds.tensor_parallel_size", "2"],
+            "with --ds.tensor_parallel_size > 1 is not supported",
+        ),
         (["--ds.lora.rank", "8", "--ds.load_in_4bit"], "(QLoRA) is not supported by TSD-KD"),
         (["--ds.lora.rank", "-8"], "--ds.lora.rank must be >= 0"),
         (["--ds.lora.rank", "8", "--ds.lora.alpha", "0"], "--ds.lora.alpha must be > 0"),

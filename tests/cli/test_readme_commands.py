@@ -21,8 +21,11 @@ def test_readme_opens_with_two_commands():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci_lines = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+    ci_lines = [
+        line.strip()
+        for line in (REPO / ".ci/run").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     assert readme_commands()[1] in ci_lines
 
 

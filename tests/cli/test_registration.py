@@ -32,8 +32,15 @@ def test_help_from_another_directory_shows_tsdkd_groups(tmp_path):
     out = result.stdout
     assert "usage: python -m openrlhf.cli.train_tsdkd" in out
     assert "TSD-KD teacher (--teacher.*)" in out and "TSD-KD objective (--tsdkd.*)" in out
-    for flag in ("--teacher.model_name_or_path", "--teacher.sparse_top_k", "--tsdkd.beta", "--actor.model_name_or_path",
-                 "--rollout.n_samples_per_prompt", "--vllm.num_engines", "--ds.zero_stage"):
+    for flag in (
+        "--teacher.model_name_or_path",
+        "--teacher.sparse_top_k",
+        "--tsdkd.beta",
+        "--actor.model_name_or_path",
+        "--rollout.n_samples_per_prompt",
+        "--vllm.num_engines",
+        "--ds.zero_stage",
+    ):
         assert flag in out, flag
 
 
@@ -74,8 +81,11 @@ def test_regular_wheel_install_registers_the_alias(tmp_path):
     """Build a normal (non-editable) wheel, install it into a bare target dir, and check that its
     own .pth makes the alias resolve in an interpreter that does not see the editable install."""
     wheel_dir = tmp_path / "wheel"
-    build = run_python(["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)],
-                       cwd=tmp_path, timeout=300)
+    build = run_python(
+        ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheel_dir.glob("tsdkd_plugin-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -34,7 +34,9 @@ def test_an_explicit_flag_wins_over_the_preset():
     assert (got.entropy_top_fraction, got.beta) == (0.25, 0.5)
     assert (got.direct_reduction, got.entropy_reduction) == ("response", "response")  # the rest of the preset
     # Even a flag that repeats the config's default overrides the preset (it was given).
-    got = config("--tsdkd.entropy_top_fraction", "0.9", "--tsdkd.preset", "paper", "--tsdkd.direct_reduction", "micro_batch")
+    got = config(
+        "--tsdkd.entropy_top_fraction", "0.9", "--tsdkd.preset", "paper", "--tsdkd.direct_reduction", "micro_batch"
+    )
     assert (got.entropy_top_fraction, got.direct_reduction, got.entropy_reduction) == (0.9, "micro_batch", "response")
 
 
@@ -44,8 +46,14 @@ def test_unknown_preset_is_refused(capsys):
     assert "--tsdkd.preset must be one of reference, paper, got 'mine'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, expected", [([], False), (["--tsdkd.diagnostics"], True),
-                                             (["--tsdkd.diagnostics", "false"], False),
-                                             (["--tsdkd.preset", "paper", "--tsdkd.diagnostics", "true"], True)])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], False),
+        (["--tsdkd.diagnostics"], True),
+        (["--tsdkd.diagnostics", "false"], False),
+        (["--tsdkd.preset", "paper", "--tsdkd.diagnostics", "true"], True),
+    ],
+)
 def test_diagnostics_flag(flags, expected):
     assert config(*flags).diagnostics is expected

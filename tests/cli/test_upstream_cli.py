@@ -48,11 +48,14 @@ def test_the_two_halves_run_around_our_parse(fake_module):
         cli.finalize(parser.parse_args(["--actor.lr", "-1"]))
 
 
-@pytest.mark.parametrize("source, why", [
-    (GOOD.replace("    train(args)\n", ""), "end with `train(args)`"),
-    (GOOD.replace("    args = parser.parse_args()\n", ""), "one `args = parser.parse_args()`"),
-    (GOOD.replace('"__main__"', '"__not_main__"'), "one `if __name__ == '__main__':` block"),
-])
+@pytest.mark.parametrize(
+    "source, why",
+    [
+        (GOOD.replace("    train(args)\n", ""), "end with `train(args)`"),
+        (GOOD.replace("    args = parser.parse_args()\n", ""), "one `args = parser.parse_args()`"),
+        (GOOD.replace('"__main__"', '"__not_main__"'), "one `if __name__ == '__main__':` block"),
+    ],
+)
 def test_another_structure_is_refused(fake_module, source, why):
     with pytest.raises(UpstreamCLIError, match=why.replace("(", r"\(").replace(")", r"\)")):
         load_upstream_cli(fake_module(f"fake_train_{abs(hash(why))}", source))

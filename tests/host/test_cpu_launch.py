@@ -66,7 +66,9 @@ def test_cpu_launch_sets_the_engine_dtype_before_the_module_runs(tmp_path, monke
     cpu_launch.main(["--no-ray", "tsdkd_env_probe", "--ds.param_dtype", "fp32"])
     assert seen.read_text() == "float32"
     monkeypatch.delenv(device.CPU_VLLM_DTYPE_VAR)
-    cpu_launch.main(["--no-ray", "tsdkd_env_probe", "--ds.param_dtype", "not-a-dtype"])  # the module's parser rejects it
+    cpu_launch.main(
+        ["--no-ray", "tsdkd_env_probe", "--ds.param_dtype", "not-a-dtype"]
+    )  # the module's parser rejects it
     assert seen.read_text() == "unset"
 
 
@@ -86,18 +88,70 @@ def test_single_process_dist_env_fills_only_missing_values(monkeypatch):
     "args, gpus",
     [
         # colocate_all: engines, reference and actor share the actor's bundles.
-        (["--actor.num_gpus_per_node", "1", "--vllm.num_engines", "1", "--train.colocate_all",
-          "--reward.remote_url", "r.py", "--algo.advantage.estimator", "group_norm"], 1),
+        (
+            [
+                "--actor.num_gpus_per_node",
+                "1",
+                "--vllm.num_engines",
+                "1",
+                "--train.colocate_all",
+                "--reward.remote_url",
+                "r.py",
+                "--algo.advantage.estimator",
+                "group_norm",
+            ],
+            1,
+        ),
         # separate placement: engine + actor + reference (KL coef defaults to 0.01).
-        (["--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--vllm.num_engines", "1",
-          "--reward.remote_url", "r.py", "--algo.advantage.estimator", "group_norm"], 3),
+        (
+            [
+                "--actor.num_gpus_per_node",
+                "1",
+                "--ref.num_gpus_per_node",
+                "1",
+                "--vllm.num_engines",
+                "1",
+                "--reward.remote_url",
+                "r.py",
+                "--algo.advantage.estimator",
+                "group_norm",
+            ],
+            3,
+        ),
         # no KL, no reference.
-        (["--actor.num_gpus_per_node", "1", "--vllm.num_engines", "2", "--algo.kl.init_coef", "0",
-          "--reward.remote_url", "r.py", "--algo.advantage.estimator", "rloo"], 3),
+        (
+            [
+                "--actor.num_gpus_per_node",
+                "1",
+                "--vllm.num_engines",
+                "2",
+                "--algo.kl.init_coef",
+                "0",
+                "--reward.remote_url",
+                "r.py",
+                "--algo.advantage.estimator",
+                "rloo",
+            ],
+            3,
+        ),
         # PPO with GAE: critic and reward model too; colocate_critic_reward shares them.
-        (["--actor.num_gpus_per_node", "2", "--ref.num_gpus_per_node", "2", "--critic.num_gpus_per_node", "2",
-          "--reward.num_gpus_per_node", "2", "--vllm.num_engines", "2", "--train.colocate_actor_ref",
-          "--train.colocate_critic_reward"], 2 + 2 + 2),
+        (
+            [
+                "--actor.num_gpus_per_node",
+                "2",
+                "--ref.num_gpus_per_node",
+                "2",
+                "--critic.num_gpus_per_node",
+                "2",
+                "--reward.num_gpus_per_node",
+                "2",
+                "--vllm.num_engines",
+                "2",
+                "--train.colocate_actor_ref",
+                "--train.colocate_critic_reward",
+            ],
+            2 + 2 + 2,
+        ),
         # upstream defaults: 8 GPUs per group, reference + critic + reward model.
         ([], 8 + 8 + 8 + 8),
     ],

@@ -149,7 +149,6 @@ def test_patched_package_imports_and_selects_the_cpu(pristine_site):
 def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
     """With CUDA, each helper returns/does exactly what the CUDA call it replaced did."""
     import torch
-
     from openrlhf.utils import device
 
     calls = []

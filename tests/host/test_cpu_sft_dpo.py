@@ -45,21 +45,45 @@ def assert_saved_model_reloads_and_changed(saved_dir: Path, initial_dir: Path) -
 
 
 COMMON_ARGS = [
-    "--data.apply_chat_template", "--data.max_len", "96", "--data.max_samples", "16",
-    "--train.micro_batch_size", "4", "--train.batch_size", "8", "--train.max_epochs", "1",
-    "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
+    "--data.apply_chat_template",
+    "--data.max_len",
+    "96",
+    "--data.max_samples",
+    "16",
+    "--train.micro_batch_size",
+    "4",
+    "--train.batch_size",
+    "8",
+    "--train.max_epochs",
+    "1",
+    "--ds.param_dtype",
+    "fp32",
+    "--ds.attn_implementation",
+    "sdpa",
     # No warm-up: its first step has lr 0.
-    "--adam.lr", "1e-3", "--lr_warmup_ratio", "0",
+    "--adam.lr",
+    "1e-3",
+    "--lr_warmup_ratio",
+    "0",
 ]
 
 
 def test_openrlhf_sft_trains_on_cpu(tmp_path, toy_student_dir, arith_data_dir):
     args = [
-        "--model.model_name_or_path", str(toy_student_dir),
-        "--data.dataset", str(arith_data_dir / "sft_train.jsonl"),
-        "--data.input_key", "prompt", "--data.output_key", "response",
-        "--ds.zero_stage", "2",
-        "--ckpt.output_dir", str(tmp_path / "model"), "--ckpt.path", str(tmp_path / "ckpt"),
+        "--model.model_name_or_path",
+        str(toy_student_dir),
+        "--data.dataset",
+        str(arith_data_dir / "sft_train.jsonl"),
+        "--data.input_key",
+        "prompt",
+        "--data.output_key",
+        "response",
+        "--ds.zero_stage",
+        "2",
+        "--ckpt.output_dir",
+        str(tmp_path / "model"),
+        "--ckpt.path",
+        str(tmp_path / "ckpt"),
         *COMMON_ARGS,
     ]
     run_upstream_cli("openrlhf.cli.train_sft", args, tmp_path / "train_sft.log")
@@ -68,13 +92,26 @@ def test_openrlhf_sft_trains_on_cpu(tmp_path, toy_student_dir, arith_data_dir):
 
 def test_openrlhf_dpo_trains_on_cpu(tmp_path, toy_student_dir, arith_data_dir):
     args = [
-        "--model.model_name_or_path", str(toy_student_dir),
-        "--ref.model_name_or_path", str(toy_student_dir),
-        "--data.dataset", str(arith_data_dir / "dpo_train.jsonl"),
-        "--data.prompt_key", "prompt", "--data.chosen_key", "chosen", "--data.rejected_key", "rejected",
-        "--model.beta", "0.1",
-        "--ds.zero_stage", "0",
-        "--ckpt.output_dir", str(tmp_path / "model"), "--ckpt.path", str(tmp_path / "ckpt"),
+        "--model.model_name_or_path",
+        str(toy_student_dir),
+        "--ref.model_name_or_path",
+        str(toy_student_dir),
+        "--data.dataset",
+        str(arith_data_dir / "dpo_train.jsonl"),
+        "--data.prompt_key",
+        "prompt",
+        "--data.chosen_key",
+        "chosen",
+        "--data.rejected_key",
+        "rejected",
+        "--model.beta",
+        "0.1",
+        "--ds.zero_stage",
+        "0",
+        "--ckpt.output_dir",
+        str(tmp_path / "model"),
+        "--ckpt.path",
+        str(tmp_path / "ckpt"),
         *COMMON_ARGS,
     ]
     run_upstream_cli("openrlhf.cli.train_dpo", args, tmp_path / "train_dpo.log")

@@ -148,7 +148,9 @@ def test_full_mode_undoes_the_rollout_temperature():
     sequences = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         raw = action_positions(model(sequences).logits, 3)
-        outputs = StudentForward(model, "full")(ActorLike(model, temperature=0.7), sequences, torch.ones_like(sequences), 3)
+        outputs = StudentForward(model, "full")(
+            ActorLike(model, temperature=0.7), sequences, torch.ones_like(sequences), 3
+        )
     assert torch.allclose(outputs.logits, raw, rtol=1e-6, atol=1e-5)
 
 
@@ -178,7 +180,6 @@ def test_output_heads_of_the_recipe_families():
 
 def test_the_flag_defaults_to_fused():
     from tsdkd_plugin.cli.train_tsdkd import build_parser
-
     from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
     from tsdkd_plugin.objective import TSDKDConfig
 
@@ -189,16 +190,32 @@ def test_the_flag_defaults_to_fused():
         RunConfig(objective=TSDKDConfig(), teacher=TeacherConfig("teacher"), student_logits="chunked")
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--ds.packing_samples"], "--ds.packing_samples is not supported"),
-    (["--ds.ring_attn_size", "2"], "--ds.ring_attn_size 2 needs --ds.packing_samples"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--ds.packing_samples"], "--ds.packing_samples is not supported"),
+        (["--ds.ring_attn_size", "2"], "--ds.ring_attn_size 2 needs --ds.packing_samples"),
+    ],
+)
 def test_packing_and_ring_attention_are_refused_before_launch(flags, named, capsys):
     """Upstream turns packing on for ring attention; the objective works on padded rows."""
     from tsdkd_plugin.cli.train_tsdkd import parse_args
 
-    argv = ["--actor.model_name_or_path", "s", "--teacher.model_name_or_path", "t", "--data.prompt_dataset", "p",
-            "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "2", "--ds.attn_implementation", "sdpa", *flags]
+    argv = [
+        "--actor.model_name_or_path",
+        "s",
+        "--teacher.model_name_or_path",
+        "t",
+        "--data.prompt_dataset",
+        "p",
+        "--actor.num_nodes",
+        "1",
+        "--actor.num_gpus_per_node",
+        "2",
+        "--ds.attn_implementation",
+        "sdpa",
+        *flags,
+    ]
     with pytest.raises(SystemExit) as stop:
         parse_args(argv)
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -276,8 +293,10 @@ def trainable_gradients_at_step(policy, experience):
 
     from tsdkd_plugin.host.model_io import unwrap_hf_model
 
-    watch = unwrap_hf_model(policy.actor).get_output_embeddings().register_forward_hook(
-        lambda module, args, out: output_shapes.append(tuple(out.shape))
+    watch = (
+        unwrap_hf_model(policy.actor)
+        .get_output_embeddings()
+        .register_forward_hook(lambda module, args, out: output_shapes.append(tuple(out.shape)))
     )
     trainer.strategy.optimizer_step = read_gradients_then_step
     try:
@@ -294,15 +313,33 @@ def scalar(value) -> float:
 
 CASES = {
     # id: (student family, logit rows, tied, zero stage, placement, extra flags)
-    "zero0-separate-qwen2-tied-checkpointing": ("qwen2", 448, True, 0, "separate",
-                                                ("--actor.gradient_checkpointing_enable",)),
+    "zero0-separate-qwen2-tied-checkpointing": (
+        "qwen2",
+        448,
+        True,
+        0,
+        "separate",
+        ("--actor.gradient_checkpointing_enable",),
+    ),
     "zero2-colocate-qwen2-tied-e2e-config": ("qwen2", 448, True, 2, "colocate", ()),
     # 2048 x 64 rows exceed ZeRO-3's persistence threshold: the output embedding is partitioned and gathered.
     "zero3-colocate-qwen2-tied-temperature0.7": ("qwen2", 2048, True, 3, "colocate", ("--rollout.temperature", "0.7")),
-    "zero3-separate-qwen2-untied-lora": ("qwen2", 2048, False, 3, "separate", ("--ds.lora.rank", "4", "--ds.lora.alpha", "8")),
-    "zero0-colocate-qwen3-untied-lora-tau2": ("qwen3", 448, False, 0, "colocate",
-                                             ("--ds.lora.rank", "4", "--ds.lora.alpha", "8", "--rollout.temperature",
-                                              "1.3", "--tsdkd.temperature", "2.0")),
+    "zero3-separate-qwen2-untied-lora": (
+        "qwen2",
+        2048,
+        False,
+        3,
+        "separate",
+        ("--ds.lora.rank", "4", "--ds.lora.alpha", "8"),
+    ),
+    "zero0-colocate-qwen3-untied-lora-tau2": (
+        "qwen3",
+        448,
+        False,
+        0,
+        "colocate",
+        ("--ds.lora.rank", "4", "--ds.lora.alpha", "8", "--rollout.temperature", "1.3", "--tsdkd.temperature", "2.0"),
+    ),
     "zero0-separate-gemma2-softcap": ("gemma2", 448, True, 0, "separate", ()),
 }
 
@@ -368,7 +405,9 @@ def test_fused_training_step_equals_the_full_logits_step(case, tmp_path, toy_tok
         # LoRA's B starts at zero, so its A matrices get exactly zero gradient at the first step.
         assert scale > 0 or ".lora_A." in name, f"{name}: no gradient reached it"
         error = (fused_grads[name] - reference).abs().max()
-        assert error <= TOLERANCE * scale, f"{name}: gradient differs by {error:.3g} (max-normalised {error / scale:.3g})"
+        assert error <= TOLERANCE * scale, (
+            f"{name}: gradient differs by {error:.3g} (max-normalised {error / scale:.3g})"
+        )
 
 
 @pytest.mark.slow

@@ -15,12 +15,20 @@ def lora_student(tie_word_embeddings: bool, target_modules="all-linear", dtype=t
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie_word_embeddings)
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     # As OpenRLHF's Actor: the base in its dtype, then PEFT adds the adapters (in fp32 by default).
     base = Qwen2ForCausalLM(config).to(dtype)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8,
-                                            target_modules=target_modules, bias="none"))
+    model = get_peft_model(
+        base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, target_modules=target_modules, bias="none")
+    )
     with torch.no_grad():  # PEFT initializes B to 0 (delta 0): make the adapters do something
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -219,7 +219,6 @@ def test_unknown_families_are_refused_with_one_sentence(tmp_path):
     # Preflight: before any Ray worker, naming the option, the path and the model type.
     from tsdkd_plugin.host.args import ArgumentError
     from tsdkd_plugin.host.preflight.models import TEACHER, inspect_model
-
     from tsdkd_plugin.toy.tokenizer import build_toy_tokenizer
 
     unknown = tmp_path / "neox"

@@ -64,9 +64,22 @@ def test_capacity_check_counts_every_group(three_node_cluster):
     from tsdkd_plugin.host.args import ArgumentError
     from tsdkd_plugin.host.preflight import check_cluster_capacity, required_gpus
 
-    base = ["--actor.model_name_or_path", "s", "--teacher.model_name_or_path", "t", "--data.prompt_dataset", "d",
-            "--actor.num_nodes", "2", "--actor.num_gpus_per_node", "2",
-            "--teacher.num_nodes", "1", "--teacher.num_gpus_per_node", "2"]
+    base = [
+        "--actor.model_name_or_path",
+        "s",
+        "--teacher.model_name_or_path",
+        "t",
+        "--data.prompt_dataset",
+        "d",
+        "--actor.num_nodes",
+        "2",
+        "--actor.num_gpus_per_node",
+        "2",
+        "--teacher.num_nodes",
+        "1",
+        "--teacher.num_gpus_per_node",
+        "2",
+    ]
     gpus = ray.cluster_resources()["GPU"]
     fits, _ = parse_args(base + ["--train.colocate_all", "--vllm.num_engines", "4"])
     assert required_gpus(fits)["total"] == 6

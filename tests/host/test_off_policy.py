@@ -35,9 +35,15 @@ def test_sample_gets_the_reference_response(toy_tokenizer_dir):
     action_mask = torch.zeros(1, len(sampled) - 1, dtype=torch.long)
     action_mask[0, len(prompt_ids) - 1 :] = 1
     sample = Experience(
-        sequences=torch.tensor([sampled]), attention_mask=torch.ones(1, len(sampled), dtype=torch.long),
-        action_mask=action_mask, prompts=["p"], labels=["2+3=5. #### 5"], images=[None], mm_train_inputs=[None],
-        rewards=torch.tensor([0.0]), info={},
+        sequences=torch.tensor([sampled]),
+        attention_mask=torch.ones(1, len(sampled), dtype=torch.long),
+        action_mask=action_mask,
+        prompts=["p"],
+        labels=["2+3=5. #### 5"],
+        images=[None],
+        mm_train_inputs=[None],
+        rewards=torch.tensor([0.0]),
+        info={},
     )
     (replaced,) = replace_with_reference_responses([sample], tokenizer, max_new_tokens=64, max_len=256)
     response = tokenizer("2+3=5. #### 5", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

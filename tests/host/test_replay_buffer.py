@@ -19,8 +19,10 @@ def rollout_batch(num_prompts, n, first_prompt=0, length=5):
         "group_ids": torch.arange(first_prompt, first_prompt + num_prompts).repeat_interleave(n),
     }
     experience = Experience(
-        sequences=sequences, attention_mask=torch.ones(rows, length, dtype=torch.long),
-        action_mask=torch.ones(rows, length - 1, dtype=torch.long), info={},
+        sequences=sequences,
+        attention_mask=torch.ones(rows, length, dtype=torch.long),
+        action_mask=torch.ones(rows, length - 1, dtype=torch.long),
+        info={},
     )
     experience.tsdkd = signals
     return experience
@@ -32,8 +34,9 @@ def test_micro_batches_hold_micro_batch_size_samples(group_size):
     buffer.append(rollout_batch(num_prompts=4, n=4))
     buffer.append(rollout_batch(num_prompts=4, n=4, first_prompt=4))
     buffer.finalize_groups()
-    loader = DataLoader(buffer, batch_size=buffer.sample_batch_size, shuffle=True, drop_last=True,
-                        collate_fn=buffer.collate_fn)
+    loader = DataLoader(
+        buffer, batch_size=buffer.sample_batch_size, shuffle=True, drop_last=True, collate_fn=buffer.collate_fn
+    )
     batches = list(loader)
     assert len(batches) == 32 // 8
     for batch in batches:

@@ -90,10 +90,15 @@ def test_a_colocated_teacher_ignores_the_group_sizes():
 
 
 # Modules whose code runs past the CLI (in the driver's trainer actor, the policy and teacher actors).
-PAST_THE_CLI = ["tsdkd_plugin/host/actor.py", "tsdkd_plugin/host/trainer.py", "tsdkd_plugin/host/launch.py",
-                "tsdkd_plugin/host/experience.py", "tsdkd_plugin/host/student_step.py",
-                "tsdkd_plugin/host/single_process.py", *sorted(
-                    str(p.relative_to(ROOT)) for p in (ROOT / "tsdkd_plugin/host/teachers").rglob("*.py"))]
+PAST_THE_CLI = [
+    "tsdkd_plugin/host/actor.py",
+    "tsdkd_plugin/host/trainer.py",
+    "tsdkd_plugin/host/launch.py",
+    "tsdkd_plugin/host/experience.py",
+    "tsdkd_plugin/host/student_step.py",
+    "tsdkd_plugin/host/single_process.py",
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tsdkd_plugin/host/teachers").rglob("*.py")),
+]
 
 
 def reads_past_the_cli(tree: ast.AST) -> list[str]:
@@ -103,7 +108,8 @@ def reads_past_the_cli(tree: ast.AST) -> list[str]:
         if isinstance(node, ast.Attribute) and node.attr in ("tsdkd", "teacher"):
             owner = node.value
             if (isinstance(owner, ast.Name) and owner.id == "args") or (
-                    isinstance(owner, ast.Attribute) and owner.attr == "args"):
+                isinstance(owner, ast.Attribute) and owner.attr == "args"
+            ):
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" and node.args:
             if "args" in ast.unparse(node.args[0]).split("."):

@@ -12,6 +12,7 @@ import torch
 
 from tsdkd_plugin.host.args import ArgumentError
 from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason
+from tsdkd_plugin.host.student_step import action_positions, in_vocab_action_mask
 from tsdkd_plugin.host.teachers.server import (
     ServerTeacher,
     ServerTeacherFailedError,
@@ -21,7 +22,6 @@ from tsdkd_plugin.host.teachers.server import (
 )
 from tsdkd_plugin.host.teachers.server.checks import check_server_teacher
 from tsdkd_plugin.host.teachers.server.emulation import FakeVLLMServer, Misbehaviour
-from tsdkd_plugin.host.student_step import action_positions, in_vocab_action_mask
 from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_logits
 
 pytestmark = pytest.mark.network  # emulated servers on loopback
@@ -46,14 +46,21 @@ def micro_batches(count=2, rows=4, seed=0):
         action = torch.zeros(rows, length - 1, dtype=torch.bool)
         action[:, 3:] = True
         candidates = torch.stack([torch.randperm(SHARED, generator=g)[:4] for _ in range(action.numel())])
-        batches.append(dict(sequences=sequences, attention_mask=attention, action_mask=action,
-                            candidate_ids=candidates.view(rows, length - 1, 4).to(torch.int32)))
+        batches.append(
+            dict(
+                sequences=sequences,
+                attention_mask=attention,
+                action_mask=action,
+                candidate_ids=candidates.view(rows, length - 1, 4).to(torch.int32),
+            )
+        )
     return batches
 
 
 def teacher_for(urls, request_top_k=ROWS, **overrides):
-    settings = ServerTeacherSettings(urls=tuple(urls), model="teacher", request_top_k=request_top_k,
-                                     **{**FAST, **overrides})
+    settings = ServerTeacherSettings(
+        urls=tuple(urls), model="teacher", request_top_k=request_top_k, **{**FAST, **overrides}
+    )
     return ServerTeacher(settings, TSDKDConfig(sparse_top_k=K, num_candidates=4), SHARED)
 
 
@@ -61,9 +68,14 @@ def reference_wire(batch):
     sequences, action = batch["sequences"], batch["action_mask"]
     mask = in_vocab_action_mask(sequences, action, SHARED)
     full = torch.stack([logits_of(row.tolist()) for row in sequences])
-    return teacher_signals_from_logits(action_positions(full, action.shape[1]), TSDKDConfig(sparse_top_k=K, num_candidates=4),
-                                       mask=mask, shared_vocab_size=SHARED, candidate_ids=batch["candidate_ids"],
-                                       sampled_ids=sequences[:, 1:].masked_fill(~mask, 0)).to_wire()
+    return teacher_signals_from_logits(
+        action_positions(full, action.shape[1]),
+        TSDKDConfig(sparse_top_k=K, num_candidates=4),
+        mask=mask,
+        shared_vocab_size=SHARED,
+        candidate_ids=batch["candidate_ids"],
+        sampled_ids=sequences[:, 1:].masked_fill(~mask, 0),
+    ).to_wire()
 
 
 def test_a_healthy_server_gives_the_ray_teachers_signals_with_bounded_concurrency():
@@ -142,8 +154,12 @@ def test_a_dead_replica_is_skipped_by_the_retry():
 
 def test_urls_parse_and_bad_ones_are_named():
     assert parse_server_urls("http://a:8000/, http://b:8001/v1") == ("http://a:8000", "http://b:8001")
-    for bad, words in (("a:8000", r"not an http\(s\) URL"), ("http://a:x", "invalid port"), ("", "no URL given"),
-                       ("http://a:1,http://a:1", "same server twice")):
+    for bad, words in (
+        ("a:8000", r"not an http\(s\) URL"),
+        ("http://a:x", "invalid port"),
+        ("", "no URL given"),
+        ("http://a:1,http://a:1", "same server twice"),
+    ):
         with pytest.raises(ValueError, match=words):
             parse_server_urls(bad)
 
@@ -176,11 +192,14 @@ def test_a_matching_server_passes(toy_server, toy_tokenizer):
         check(toy_server, toy_tokenizer, model="/models/teacher")
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(model="other"), "--teacher.model_name_or_path 'other' is not served at http://127.0.0.1:"),
-    (dict(max_len=128), "accepts 97 tokens per sequence (its --max-model-len), but a sample of --data.max_len 128"),
-    (dict(request_top_k=100), "restart it with --max-logprobs 100 or more"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(model="other"), "--teacher.model_name_or_path 'other' is not served at http://127.0.0.1:"),
+        (dict(max_len=128), "accepts 97 tokens per sequence (its --max-model-len), but a sample of --data.max_len 128"),
+        (dict(request_top_k=100), "restart it with --max-logprobs 100 or more"),
+    ],
+)
 def test_a_wrong_model_name_short_context_or_low_log_prob_limit_is_refused(toy_server, toy_tokenizer, change, words):
     with pytest.raises(ArgumentError, match=words.replace("(", r"\(").replace(")", r"\)")):
         check(toy_server, toy_tokenizer, **change)
@@ -200,9 +219,17 @@ def test_another_tokenizer_is_refused(toy_server, toy_tokenizer):
 
     toy_server.decode_override = {}
     original = toy_server.tokenizer
-    toy_server.tokenizer = type("Splitting", (), {  # same vocabulary, other merges: text splits differently
-        "__call__": lambda self, text, add_special_tokens=True: {"input_ids": [i % 300 for i in original(text)["input_ids"]][::-1]},
-        "decode": lambda self, ids: original.decode(ids), "__len__": lambda self: len(original)})()
+    toy_server.tokenizer = type(
+        "Splitting",
+        (),
+        {  # same vocabulary, other merges: text splits differently
+            "__call__": lambda self, text, add_special_tokens=True: {
+                "input_ids": [i % 300 for i in original(text)["input_ids"]][::-1]
+            },
+            "decode": lambda self, ids: original.decode(ids),
+            "__len__": lambda self: len(original),
+        },
+    )()
     with pytest.raises(ArgumentError, match="tokenizes to"):
         check(toy_server, toy_tokenizer)
 
@@ -238,13 +265,24 @@ def test_the_driver_teacher_of_a_served_run_is_the_server_teacher_behind_the_int
     batches = micro_batches()
     monkeypatch.setattr(ray, "get", lambda refs, timeout=None: [[b["candidate_ids"] for b in batches]])
     policy = type("PolicyGroup", (), {"async_run_method_batch": lambda self, method_name, **batch: ["refs"]})()
-    samples = StepSamples(sequences=[b["sequences"] for b in batches], action_mask=[b["action_mask"] for b in batches],
-                          attention_mask=[b["attention_mask"] for b in batches])
+    samples = StepSamples(
+        sequences=[b["sequences"] for b in batches],
+        action_mask=[b["action_mask"] for b in batches],
+        attention_mask=[b["attention_mask"] for b in batches],
+    )
     with FakeVLLMServer(logits_of, max_logprobs=ROWS) as fake:
-        run = RunConfig(objective=TSDKDConfig(sparse_top_k=K, num_candidates=4),
-                        teacher=TeacherConfig("teacher", remote_url=fake.url, remote_top_k=ROWS, timeout_s=2.0, max_retries=1))
-        teacher = driver_teacher(run, policy_group=policy, teacher_group=None, duplicate_factor=1,
-                                 ckpt_path="/nonexistent/ckpt", shared_vocab_size=SHARED)
+        run = RunConfig(
+            objective=TSDKDConfig(sparse_top_k=K, num_candidates=4),
+            teacher=TeacherConfig("teacher", remote_url=fake.url, remote_top_k=ROWS, timeout_s=2.0, max_retries=1),
+        )
+        teacher = driver_teacher(
+            run,
+            policy_group=policy,
+            teacher_group=None,
+            duplicate_factor=1,
+            ckpt_path="/nonexistent/ckpt",
+            shared_vocab_size=SHARED,
+        )
         assert isinstance(teacher, ServerDriverTeacher) and not run.teacher.has_own_group
         assert isinstance(actor_teacher(run, strategy=None, shared_vocab_size=SHARED), ShippedSignals)
         times = {}
@@ -254,8 +292,13 @@ def test_the_driver_teacher_of_a_served_run_is_the_server_teacher_behind_the_int
             want = reference_wire(batch)
             assert set(wire) == set(want)
             assert torch.equal(wire["topk_ids"], want["topk_ids"])
-        assert {"tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring", "tsdkd/teacher_server_retries",
-                "tsdkd/teacher_unlisted_mass", "tsdkd/teacher_unlisted_candidates"} <= set(times)
+        assert {
+            "tsdkd/time_student_candidates",
+            "tsdkd/time_teacher_scoring",
+            "tsdkd/teacher_server_retries",
+            "tsdkd/teacher_unlisted_mass",
+            "tsdkd/teacher_unlisted_candidates",
+        } <= set(times)
         fake.die()
         with pytest.raises(TeacherUnavailableError) as stopped:
             teacher.signals(samples, {})

@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 
+from tsdkd_plugin.host.student_step import action_positions, in_vocab_action_mask
 from tsdkd_plugin.host.teachers.server.client import ServerAnswerError
 from tsdkd_plugin.host.teachers.server.emulation import prompt_logprobs_answer
 from tsdkd_plugin.host.teachers.server.signals import (
@@ -27,8 +28,7 @@ from tsdkd_plugin.host.teachers.server.signals import (
     scoring_requests,
     signals_from_answers,
 )
-from tsdkd_plugin.host.student_step import action_positions, in_vocab_action_mask
-from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, teacher_signals_from_logits, tsdkd_loss
+from tsdkd_plugin.objective import TeacherSignals, TSDKDConfig, teacher_signals_from_logits, tsdkd_loss
 
 ROWS, SHARED, K, CANDIDATES = 96, 80, 8, 5
 LENGTHS = (14, 9, 7, 12)  # prompt + response per row; prompts of 3-4 tokens
@@ -71,8 +71,9 @@ def server_signals(logits_of, batch, request_top_k, top_k=K):
     sequences, attention, action, candidates = batch
     requests, mask = scoring_requests(sequences, action, attention, SHARED)
     answers = [prompt_logprobs_answer(logits_of(r.tokens), r.tokens, request_top_k) for r in requests]
-    signals, stats = signals_from_answers(answers, requests, mask, candidates, top_k=top_k,
-                                          request_top_k=request_top_k, shared_vocab_size=SHARED)
+    signals, stats = signals_from_answers(
+        answers, requests, mask, candidates, top_k=top_k, request_top_k=request_top_k, shared_vocab_size=SHARED
+    )
     return signals, stats, mask, (answers, requests)
 
 
@@ -80,13 +81,27 @@ def ray_teacher_signals(logits_of, batch, top_k=K):
     """What the Ray teacher group computes from the same model's logits (teacher_signals_from_logits
     at the positions `response_hidden_states` gives: action_positions)."""
     sequences, attention, action, candidates = batch
-    full = torch.stack([torch.cat([logits_of(sequences[r][attention[r].bool()].tolist()),
-                                   torch.zeros(int((attention[r] == 0).sum()), ROWS)]) for r in range(len(sequences))])
+    full = torch.stack(
+        [
+            torch.cat(
+                [
+                    logits_of(sequences[r][attention[r].bool()].tolist()),
+                    torch.zeros(int((attention[r] == 0).sum()), ROWS),
+                ]
+            )
+            for r in range(len(sequences))
+        ]
+    )
     mask = in_vocab_action_mask(sequences, action, SHARED)
     config = TSDKDConfig(sparse_top_k=top_k, num_candidates=CANDIDATES)
-    return teacher_signals_from_logits(action_positions(full, action.shape[1]), config, mask=mask,
-                                       shared_vocab_size=SHARED, candidate_ids=candidates,
-                                       sampled_ids=sequences[:, 1:].masked_fill(~mask, 0)), full
+    return teacher_signals_from_logits(
+        action_positions(full, action.shape[1]),
+        config,
+        mask=mask,
+        shared_vocab_size=SHARED,
+        candidate_ids=candidates,
+        sampled_ids=sequences[:, 1:].masked_fill(~mask, 0),
+    ), full
 
 
 def true_distribution(full, action, mask):
@@ -113,10 +128,24 @@ def test_every_row_listed_gives_the_ray_teachers_signals():
     student = torch.randn(*mask.shape, ROWS, generator=torch.Generator().manual_seed(5))
     config = TSDKDConfig(sparse_top_k=K, num_candidates=CANDIDATES, indirect_level="both")
     sampled = batch[0][:, 1:].masked_fill(~mask, 0)
-    ours_loss, _ = tsdkd_loss(student, TeacherSignals.from_wire(got.to_wire(), 1.0), mask, config,
-                              shared_vocab_size=SHARED, sampled_ids=sampled, group_size=2)
-    want_loss, _ = tsdkd_loss(student, TeacherSignals.from_wire(want.to_wire(), 1.0), mask, config,
-                              shared_vocab_size=SHARED, sampled_ids=sampled, group_size=2)
+    ours_loss, _ = tsdkd_loss(
+        student,
+        TeacherSignals.from_wire(got.to_wire(), 1.0),
+        mask,
+        config,
+        shared_vocab_size=SHARED,
+        sampled_ids=sampled,
+        group_size=2,
+    )
+    want_loss, _ = tsdkd_loss(
+        student,
+        TeacherSignals.from_wire(want.to_wire(), 1.0),
+        mask,
+        config,
+        shared_vocab_size=SHARED,
+        sampled_ids=sampled,
+        group_size=2,
+    )
     assert abs(float(ours_loss) - float(want_loss)) < 1e-5
 
 
@@ -223,16 +252,22 @@ def broken(kind):
     elif kind == "not_a_number":
         next(iter(per_position[position].values()))["logprob"] = "high"
     elif kind == "logits":
-        answers[0] = prompt_logprobs_answer(torch.randn(len(requests[0].tokens), ROWS) + 5, requests[0].tokens, 6,
-                                            as_logits=True)
+        answers[0] = prompt_logprobs_answer(
+            torch.randn(len(requests[0].tokens), ROWS) + 5, requests[0].tokens, 6, as_logits=True
+        )
     return answers, requests
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("short", "prompt_logprobs for"), ("no_choices", r"no choices\[0\]\.prompt_logprobs"),
-    ("without_target", "without the prompt's token"), ("not_a_number", "is not {token id: {.logprob.: number"),
-    ("logits", "not log-probs"),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("short", "prompt_logprobs for"),
+        ("no_choices", r"no choices\[0\]\.prompt_logprobs"),
+        ("without_target", "without the prompt's token"),
+        ("not_a_number", "is not {token id: {.logprob.: number"),
+        ("logits", "not log-probs"),
+    ],
+)
 def test_malformed_answers_are_named(kind, words):
     answers, requests = broken(kind)
     with pytest.raises(ServerAnswerError, match=words):

@@ -60,12 +60,19 @@ def micro_batch(toy_teacher_dir, arith_data_dir):
     rows = [json.loads(line) for line in (arith_data_dir / "prompts_train.jsonl").read_text().splitlines()[:4]]
     prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    responses = [tokenizer(f"The answer: {r['answer']}. #### {r['answer']}", add_special_tokens=False)["input_ids"]
-                 + [tokenizer.eos_token_id] for r in rows]
+    responses = [
+        tokenizer(f"The answer: {r['answer']}. #### {r['answer']}", add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id]
+        for r in rows
+    ]
     responses[2][3] = 450  # a padding-row id (400 <= id < 512 rows): masked out, scored as context
     sequences, attention, action = openrlhf_micro_batch(prompts, responses, tokenizer.pad_token_id)
-    candidates = torch.stack([torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(i))[:CANDIDATES]
-                              for i in range(action.numel())]).view(*action.shape, CANDIDATES)
+    candidates = torch.stack(
+        [
+            torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(i))[:CANDIDATES]
+            for i in range(action.numel())
+        ]
+    ).view(*action.shape, CANDIDATES)
     return tokenizer, dict(sequences=sequences, attention_mask=attention, action_mask=action, candidate_ids=candidates)
 
 
@@ -87,11 +94,19 @@ def test_checks_pass_for_the_served_teacher_and_name_a_wrong_one(server, micro_b
     facts = check_server_teacher(settings, tokenizer, student="toy-student", max_len=MAX_LEN)
     assert facts.model_id == SERVED and facts.max_model_len == (MAX_LEN + 1,)
     with pytest.raises(ArgumentError, match="is not served at .* \\(it serves 'toy-teacher'\\)"):
-        check_server_teacher(ServerTeacherSettings(urls=(server.url,), model="Qwen/Qwen2.5-14B-Instruct",
-                                                   request_top_k=512), tokenizer, student="toy-student", max_len=MAX_LEN)
+        check_server_teacher(
+            ServerTeacherSettings(urls=(server.url,), model="Qwen/Qwen2.5-14B-Instruct", request_top_k=512),
+            tokenizer,
+            student="toy-student",
+            max_len=MAX_LEN,
+        )
     with pytest.raises(ArgumentError, match="restart it with --max-logprobs 600 or more"):
-        check_server_teacher(ServerTeacherSettings(urls=(server.url,), model=SERVED, request_top_k=600),
-                             tokenizer, student="toy-student", max_len=MAX_LEN)
+        check_server_teacher(
+            ServerTeacherSettings(urls=(server.url,), model=SERVED, request_top_k=600),
+            tokenizer,
+            student="toy-student",
+            max_len=MAX_LEN,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +120,9 @@ def ray_teacher_signals(toy_teacher_dir, micro_batch):
     _, batch = micro_batch
     actor = Actor(str(toy_teacher_dir), attn_implementation="eager", param_dtype="fp32").eval()
     config = TSDKDConfig(sparse_top_k=K, num_candidates=CANDIDATES)
-    return sparse_signals_for_samples(actor, 0, config, 400, batch["sequences"], batch["action_mask"],
-                                      batch["attention_mask"], batch["candidate_ids"])
+    return sparse_signals_for_samples(
+        actor, 0, config, 400, batch["sequences"], batch["action_mask"], batch["attention_mask"], batch["candidate_ids"]
+    )
 
 
 def masked(signals, mask):
@@ -161,29 +177,88 @@ RUN_TIMEOUT_S = 600
 # group's up to vLLM-CPU's fp32 kernels against transformers' (1e-5 on a log-prob, the test above) and
 # the wire's float16, which both runs share: the logged terms agree to this relative difference.
 E2E_TOLERANCE = 1e-3
-E2E_TERMS = ("train/policy_loss", "train/tsdkd/loss_direct", "train/tsdkd/loss_entropy",
-             "train/tsdkd/loss_indirect_token", "train/tsdkd/loss_indirect_sequence", "train/tsdkd/jsd_mean",
-             "train/tsdkd/entropy_teacher_mean", "train/teacher_score")
+E2E_TERMS = (
+    "train/policy_loss",
+    "train/tsdkd/loss_direct",
+    "train/tsdkd/loss_entropy",
+    "train/tsdkd/loss_indirect_token",
+    "train/tsdkd/loss_indirect_sequence",
+    "train/tsdkd/jsd_mean",
+    "train/tsdkd/entropy_teacher_mean",
+    "train/teacher_score",
+)
 
 
 def command_args(student, teacher, prompts, out_dir):
     """3 steps of 4 prompts x 4 greedy samples (so both runs train on the same responses), every
     term on, a checkpoint each step."""
     return [
-        "--actor.model_name_or_path", str(student), "--teacher.model_name_or_path", str(teacher),
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1", "--train.colocate_all",
-        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization", "0.5",
-        "--data.prompt_dataset", str(prompts), "--data.input_key", "prompt", "--data.label_key", "answer",
-        "--data.apply_chat_template", "--data.max_samples", "12", "--data.max_len", str(MAX_LEN),
-        "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "8",
-        "--rollout.max_new_tokens", "16", "--rollout.temperature", "0",
-        "--train.batch_size", "16", "--train.micro_batch_size", "8", "--train.max_epochs", "1",
-        "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
-        "--actor.adam.lr", "1e-3", "--actor.lr_warmup_ratio", "0",
-        "--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", str(K),
-        "--ckpt.path", str(out_dir / "ckpt"), "--ckpt.output_dir", str(out_dir / "model"),
-        "--ckpt.save_steps", "1", "--ckpt.load_enable", "--logger.tensorboard_dir", str(out_dir / "tb"),
+        "--actor.model_name_or_path",
+        str(student),
+        "--teacher.model_name_or_path",
+        str(teacher),
+        "--actor.num_nodes",
+        "1",
+        "--actor.num_gpus_per_node",
+        "1",
+        "--train.colocate_all",
+        "--vllm.num_engines",
+        "1",
+        "--vllm.tensor_parallel_size",
+        "1",
+        "--vllm.enforce_eager",
+        "--vllm.gpu_memory_utilization",
+        "0.5",
+        "--data.prompt_dataset",
+        str(prompts),
+        "--data.input_key",
+        "prompt",
+        "--data.label_key",
+        "answer",
+        "--data.apply_chat_template",
+        "--data.max_samples",
+        "12",
+        "--data.max_len",
+        str(MAX_LEN),
+        "--rollout.batch_size",
+        "4",
+        "--rollout.n_samples_per_prompt",
+        "4",
+        "--rollout.micro_batch_size",
+        "8",
+        "--rollout.max_new_tokens",
+        "16",
+        "--rollout.temperature",
+        "0",
+        "--train.batch_size",
+        "16",
+        "--train.micro_batch_size",
+        "8",
+        "--train.max_epochs",
+        "1",
+        "--ds.zero_stage",
+        "2",
+        "--ds.param_dtype",
+        "fp32",
+        "--ds.attn_implementation",
+        "sdpa",
+        "--actor.adam.lr",
+        "1e-3",
+        "--actor.lr_warmup_ratio",
+        "0",
+        "--tsdkd.indirect_level",
+        "both",
+        "--teacher.sparse_top_k",
+        str(K),
+        "--ckpt.path",
+        str(out_dir / "ckpt"),
+        "--ckpt.output_dir",
+        str(out_dir / "model"),
+        "--ckpt.save_steps",
+        "1",
+        "--ckpt.load_enable",
+        "--logger.tensorboard_dir",
+        str(out_dir / "tb"),
     ]
 
 
@@ -194,8 +269,13 @@ class Launch:
         self.ray_dir = tempfile.mkdtemp(prefix="tsdkd_srv_", dir="/tmp")  # Ray socket paths must stay short
         env = {**os.environ, "TSDKD_RAY_TMPDIR": self.ray_dir, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
         self.log_file, self._log = log_file, open(log_file, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "openrlhf.cli.train_tsdkd", *argv], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openrlhf.cli.train_tsdkd", *argv],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
@@ -231,7 +311,8 @@ def wait_for_latest(ckpt_dir: Path, tag: str, launch: Launch, timeout: float) ->
 
 @pytest.mark.e2e
 def test_train_tsdkd_against_the_server_matches_the_ray_group_and_stops_when_it_dies(
-        server, tmp_path, toy_student_dir, toy_teacher_dir, arith_data_dir):
+    server, tmp_path, toy_student_dir, toy_teacher_dir, arith_data_dir
+):
     """Run G: the teacher as a Ray group (separate placement), 3 steps. Run S: the same command with
     --teacher.remote_url (every logit row listed), killed (SIGKILL, server and engine) as soon as its
     global_step2 checkpoint is written, so step 3's scoring requests find no server. Both at once."""
@@ -242,8 +323,17 @@ def test_train_tsdkd_against_the_server_matches_the_ray_group_and_stops_when_it_
     dir_g, dir_s = tmp_path / "group", tmp_path / "server"
     argv_g = command_args(toy_student_dir, toy_teacher_dir, prompts, dir_g) + ["--teacher.placement", "separate"]
     argv_s = command_args(toy_student_dir, SERVED, prompts, dir_s) + [
-        "--teacher.remote_url", server.url, "--teacher.remote_top_k", "512", "--teacher.remote_concurrency", "8",
-        "--teacher.timeout_s", "30", "--teacher.max_retries", "1"]
+        "--teacher.remote_url",
+        server.url,
+        "--teacher.remote_top_k",
+        "512",
+        "--teacher.remote_concurrency",
+        "8",
+        "--teacher.timeout_s",
+        "30",
+        "--teacher.max_retries",
+        "1",
+    ]
     launches = []
     try:
         run_s = Launch(argv_s, tmp_path / "server.log")

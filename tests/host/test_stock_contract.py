@@ -135,8 +135,10 @@ def attributes_assigned_on_self(source: str) -> set[str]:
     return {
         node.attr
         for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
-        and isinstance(node.value, ast.Name) and node.value.id == "self"
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
     }
 
 
@@ -210,7 +212,7 @@ def wheel_record(dist_info: Path) -> dict[str, str]:
     with open(dist_info / "RECORD", newline="") as handle:
         for row in csv.reader(handle):
             if len(row) >= 2 and row[0].startswith("openrlhf/") and row[1].startswith("sha256="):
-                record[row[0]] = row[1][len("sha256="):]
+                record[row[0]] = row[1][len("sha256=") :]
     return record
 
 
@@ -377,7 +379,7 @@ def test_plugin_uses_nothing_that_only_the_patch_adds(trees):
 # ----------------------------------------------------------------------------- child process
 
 
-def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one linear script)
+def _child(request_file: str, result_file: str) -> None:
     import importlib
     import inspect
     import pkgutil
@@ -447,7 +449,6 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
 
     # (b) calls into upstream, with the plugin's builders.
     from openrlhf.models import Actor
-    from openrlhf.trainer.ppo_trainer import PPOTrainer
     from openrlhf.trainer.ray import launcher as upstream_launcher
     from openrlhf.trainer.ray import ppo_actor as upstream_ppo_actor
     from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
@@ -671,7 +672,11 @@ def _override_problem(upstream, override) -> str | None:
         elif not ov_var_positional:
             return f"upstream's positional parameter {param.name!r} is not accepted"
     for param in up:
-        if param.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY) and param.name not in ov_keywords and not ov_var_keyword:
+        if (
+            param.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)
+            and param.name not in ov_keywords
+            and not ov_var_keyword
+        ):
             return f"upstream's keyword {param.name!r} is not accepted"
         if param.kind == P.VAR_POSITIONAL and not ov_var_positional:
             return "upstream accepts *args, the override does not"

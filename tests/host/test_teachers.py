@@ -29,8 +29,10 @@ VOCAB = 11
 
 
 def run_config(placement="separate") -> RunConfig:
-    return RunConfig(objective=TSDKDConfig(num_candidates=3, sparse_top_k=4, temperature=2.0),
-                     teacher=TeacherConfig("teacher", placement=placement))
+    return RunConfig(
+        objective=TSDKDConfig(num_candidates=3, sparse_top_k=4, temperature=2.0),
+        teacher=TeacherConfig("teacher", placement=placement),
+    )
 
 
 class ScriptedTeacher(DriverTeacher):
@@ -52,7 +54,7 @@ def rollout_sample(prompt_len: int, response_len: int):
     total = prompt_len + response_len
     sequences = torch.arange(1, total + 1).unsqueeze(0)
     action_mask = torch.zeros(1, total - 1, dtype=torch.bool)
-    action_mask[0, prompt_len - 1:] = True
+    action_mask[0, prompt_len - 1 :] = True
     return Experience(sequences=sequences, attention_mask=torch.ones_like(sequences), action_mask=action_mask,
                       response_length=torch.tensor([float(response_len)]), total_length=torch.tensor([float(total)]),
                       prompts=["p"], labels=["l"])  # fmt: skip
@@ -65,7 +67,9 @@ def test_the_experience_maker_works_with_any_driver_teacher():
                            train=SimpleNamespace(dynamic_batch_enable=False),
                            rollout=SimpleNamespace(micro_batch_size=2, n_samples_per_prompt=2))  # fmt: skip
     teacher = ScriptedTeacher()
-    maker = TeacherRankedExperienceMaker(None, teacher, None, SimpleNamespace(args=args), SimpleNamespace(pad_token_id=0))
+    maker = TeacherRankedExperienceMaker(
+        None, teacher, None, SimpleNamespace(args=args), SimpleNamespace(pad_token_id=0)
+    )
     experiences = maker.make_experience_batch([rollout_sample(3, n) for n in (2, 4, 3, 1)])
 
     (samples,) = teacher.asked

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-import os
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
@@ -36,27 +36,84 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 SYNC_TOLERANCE = 1e-3
 MIN_TRAINED_SHIFT = 1e-2
 RUN_TIMEOUT_S = 480
-TERMS = ("policy_loss", "tsdkd/loss_direct", "tsdkd/loss_entropy", "tsdkd/loss_indirect_token",
-         "tsdkd/loss_indirect_sequence", "tsdkd/gate_selected_fraction", "tsdkd/opener_mean_length")
+TERMS = (
+    "policy_loss",
+    "tsdkd/loss_direct",
+    "tsdkd/loss_entropy",
+    "tsdkd/loss_indirect_token",
+    "tsdkd/loss_indirect_sequence",
+    "tsdkd/gate_selected_fraction",
+    "tsdkd/opener_mean_length",
+)
 
 
 def tsdkd_args(student, teacher, prompts, out_dir, placement):
     return [
-        "--actor.model_name_or_path", str(student), "--teacher.model_name_or_path", str(teacher),
-        "--teacher.placement", placement,
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1", "--train.colocate_all",
-        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization", "0.5",
-        "--data.prompt_dataset", str(prompts), "--data.input_key", "prompt", "--data.label_key", "answer",
-        "--data.apply_chat_template", "--data.max_samples", "8", "--data.max_len", "96",
-        "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "4",
-        "--rollout.max_new_tokens", "16",
-        "--train.batch_size", "16", "--train.micro_batch_size", "4", "--train.max_epochs", "1",
-        "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
-        "--actor.adam.lr", "1e-3", "--actor.lr_warmup_ratio", "0",
-        "--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", "16",
-        "--ckpt.output_dir", str(out_dir / "model"), "--ckpt.path", str(out_dir / "ckpt"), "--ckpt.save_steps", "1",
-        "--logger.tensorboard_dir", str(out_dir / "tb"),
+        "--actor.model_name_or_path",
+        str(student),
+        "--teacher.model_name_or_path",
+        str(teacher),
+        "--teacher.placement",
+        placement,
+        "--actor.num_nodes",
+        "1",
+        "--actor.num_gpus_per_node",
+        "1",
+        "--train.colocate_all",
+        "--vllm.num_engines",
+        "1",
+        "--vllm.tensor_parallel_size",
+        "1",
+        "--vllm.enforce_eager",
+        "--vllm.gpu_memory_utilization",
+        "0.5",
+        "--data.prompt_dataset",
+        str(prompts),
+        "--data.input_key",
+        "prompt",
+        "--data.label_key",
+        "answer",
+        "--data.apply_chat_template",
+        "--data.max_samples",
+        "8",
+        "--data.max_len",
+        "96",
+        "--rollout.batch_size",
+        "4",
+        "--rollout.n_samples_per_prompt",
+        "4",
+        "--rollout.micro_batch_size",
+        "4",
+        "--rollout.max_new_tokens",
+        "16",
+        "--train.batch_size",
+        "16",
+        "--train.micro_batch_size",
+        "4",
+        "--train.max_epochs",
+        "1",
+        "--ds.zero_stage",
+        "2",
+        "--ds.param_dtype",
+        "fp32",
+        "--ds.attn_implementation",
+        "sdpa",
+        "--actor.adam.lr",
+        "1e-3",
+        "--actor.lr_warmup_ratio",
+        "0",
+        "--tsdkd.indirect_level",
+        "both",
+        "--teacher.sparse_top_k",
+        "16",
+        "--ckpt.output_dir",
+        str(out_dir / "model"),
+        "--ckpt.path",
+        str(out_dir / "ckpt"),
+        "--ckpt.save_steps",
+        "1",
+        "--logger.tensorboard_dir",
+        str(out_dir / "tb"),
     ]
 
 
@@ -105,10 +162,14 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     ray.shutdown()
 
 
-@pytest.mark.parametrize("placement, lora", [("separate", False), ("colocate", False), ("separate", "zero3")],
-                         ids=["separate", "colocate", "separate-lora-zero3"])
-def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, lora, toy_student_dir, toy_teacher_dir,
-                                            arith_data_dir):
+@pytest.mark.parametrize(
+    "placement, lora",
+    [("separate", False), ("colocate", False), ("separate", "zero3")],
+    ids=["separate", "colocate", "separate-lora-zero3"],
+)
+def test_tsdkd_trains_on_cpu_and_syncs_vllm(
+    tmp_path, placement, lora, toy_student_dir, toy_teacher_dir, arith_data_dir
+):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -120,8 +181,9 @@ def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, lora, toy_stude
     ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
     env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
     try:
-        returncode = run_child([sys.executable, __file__, str(probe_file), str(toy_student_dir), *argv],
-                               env, log_file, RUN_TIMEOUT_S)
+        returncode = run_child(
+            [sys.executable, __file__, str(probe_file), str(toy_student_dir), *argv], env, log_file, RUN_TIMEOUT_S
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert returncode == 0, f"train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
@@ -163,8 +225,16 @@ def test_fused_and_full_student_logits_agree_end_to_end(tmp_path, toy_student_di
     for mode in ("fused", "full"):
         out = tmp_path / mode
         argv = tsdkd_args(toy_student_dir, toy_teacher_dir, prompts, out, "separate")
-        argv += ["--data.max_samples", "4", "--ckpt.save_steps", "-1", "--rollout.temperature", "0",
-                 "--tsdkd.student_logits", mode]
+        argv += [
+            "--data.max_samples",
+            "4",
+            "--ckpt.save_steps",
+            "-1",
+            "--rollout.temperature",
+            "0",
+            "--tsdkd.student_logits",
+            mode,
+        ]
         log_file = out / "train_tsdkd.log"
         out.mkdir()
         ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
@@ -177,7 +247,9 @@ def test_fused_and_full_student_logits_agree_end_to_end(tmp_path, toy_student_di
         assert returncode == 0, f"{mode}: train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
         scalars[mode] = tensorboard_scalars(out / "tb")
 
-    assert scalars["fused"]["train/rollout/response_length_mean"] == scalars["full"]["train/rollout/response_length_mean"]
+    assert (
+        scalars["fused"]["train/rollout/response_length_mean"] == scalars["full"]["train/rollout/response_length_mean"]
+    )
     terms = [tag for tag in scalars["full"] if tag.startswith("train/tsdkd/loss") or tag == "train/policy_loss"]
     assert len(terms) >= 5, terms
     for tag in terms:

@@ -77,7 +77,9 @@ def test_diagnostics_match_autograd(preset, path, reference):
     if path == "plain":
         _, metrics = tsdkd_loss(batch["student"].clone().requires_grad_(True), teacher, batch["mask"], cfg, **kwargs)
     else:
-        _, metrics = tsdkd_loss_fused(h_s.requires_grad_(True), w_s.requires_grad_(True), teacher, batch["mask"], cfg, **kwargs)
+        _, metrics = tsdkd_loss_fused(
+            h_s.requires_grad_(True), w_s.requires_grad_(True), teacher, batch["mask"], cfg, **kwargs
+        )
     expected = expected_diagnostics(batch, cfg, reference)
     assert set(metrics) == set(METRIC_KEYS) | set(DIAGNOSTIC_KEYS)
     for key, value in expected.items():
@@ -115,7 +117,9 @@ def test_sparse_diagnostics_with_the_whole_vocabulary_equal_dense(make_batch):
 def test_terms_that_are_off_report_zero(make_batch):
     batch = make_batch(2, 5, 15, seed=5)
     cfg = TSDKDConfig(num_candidates=20, indirect_weight=0.0, entropy_weight=0.0, diagnostics=True)  # k > V: unused
-    _, metrics = tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, shared_vocab_size=15)
+    _, metrics = tsdkd_loss(
+        batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, shared_vocab_size=15
+    )
     assert metrics["diag_grad_norm_direct"] > 0
     assert metrics["diag_grad_norm_entropy"] == metrics["diag_grad_cos_indirect_token_direct"] == 0.0
     assert metrics["diag_teacher_mass_on_candidates"] == pytest.approx(1.0)  # all 15 tokens are candidates
@@ -124,5 +128,7 @@ def test_terms_that_are_off_report_zero(make_batch):
 def test_an_all_masked_batch_still_reports_every_key(make_batch):
     batch = make_batch(2, 4, 9, seed=6)
     cfg = TSDKDConfig(num_candidates=3, diagnostics=True)
-    _, metrics = tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), torch.zeros(2, 4), cfg, shared_vocab_size=9)
+    _, metrics = tsdkd_loss(
+        batch["student"], TeacherSignals(logits=batch["teacher"]), torch.zeros(2, 4), cfg, shared_vocab_size=9
+    )
     assert set(metrics) == set(METRIC_KEYS) | set(DIAGNOSTIC_KEYS) and not any(metrics.values())

@@ -219,7 +219,9 @@ def test_no_gradient_requested_still_gives_the_value(make_batch):
     cfg = TSDKDConfig(num_candidates=3)
     teacher = TeacherSignals(logits=batch["teacher"])
     loss, _ = tsdkd_loss(batch["student"], teacher, batch["mask"], cfg, shared_vocab_size=15)
-    with_grad, _ = tsdkd_loss(batch["student"].clone().requires_grad_(True), teacher, batch["mask"], cfg, shared_vocab_size=15)
+    with_grad, _ = tsdkd_loss(
+        batch["student"].clone().requires_grad_(True), teacher, batch["mask"], cfg, shared_vocab_size=15
+    )
     assert not loss.requires_grad
     assert float(loss) == pytest.approx(float(with_grad), rel=1e-12)
 

@@ -13,7 +13,12 @@ import torch
 
 from tsdkd_plugin.objective import PRESETS, TeacherSignals, TSDKDConfig, tsdkd_loss, tsdkd_loss_fused
 
-REDUCTIONS = [("micro_batch", "micro_batch"), ("response", "micro_batch"), ("micro_batch", "response"), ("response", "response")]
+REDUCTIONS = [
+    ("micro_batch", "micro_batch"),
+    ("response", "micro_batch"),
+    ("micro_batch", "response"),
+    ("response", "response"),
+]
 
 
 def run_plain(batch, cfg, reference):
@@ -34,7 +39,9 @@ def run_plain(batch, cfg, reference):
 
 @pytest.mark.parametrize("direct_reduction, entropy_reduction", REDUCTIONS)
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.9])
-def test_reductions_match_the_reference(direct_reduction, entropy_reduction, fraction, make_batch, reference, assert_close):
+def test_reductions_match_the_reference(
+    direct_reduction, entropy_reduction, fraction, make_batch, reference, assert_close
+):
     # Responses of very different lengths, so per-response and per-token means differ.
     batch = make_batch(4, 11, 23, seed=int(fraction * 10))
     batch["mask"][0, 2:] = 0
@@ -51,8 +58,23 @@ def test_reductions_match_the_reference(direct_reduction, entropy_reduction, fra
     assert metrics["loss_entropy"] == pytest.approx(float(terms["entropy"]), rel=1e-9)
     other = TSDKDConfig(**{**cfg.to_dict(), "direct_reduction": "micro_batch", "entropy_reduction": "micro_batch"})
     if (direct_reduction, entropy_reduction) != ("micro_batch", "micro_batch"):  # the option changes the loss
-        assert abs(float(reference.loss(batch["student"], batch["teacher"], batch["mask"], other, shared=23,
-                                        sampled_ids=batch["sampled"], group_size=2)) - float(expected)) > 1e-6
+        assert (
+            abs(
+                float(
+                    reference.loss(
+                        batch["student"],
+                        batch["teacher"],
+                        batch["mask"],
+                        other,
+                        shared=23,
+                        sampled_ids=batch["sampled"],
+                        group_size=2,
+                    )
+                )
+                - float(expected)
+            )
+            > 1e-6
+        )
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -79,7 +101,11 @@ def test_presets_fused_equal_the_reference(preset, reference, assert_close):
 
 def test_presets_and_overrides():
     paper = TSDKDConfig.from_preset("paper")
-    assert (paper.direct_reduction, paper.entropy_reduction, paper.entropy_top_fraction) == ("response", "response", 0.1)
+    assert (paper.direct_reduction, paper.entropy_reduction, paper.entropy_top_fraction) == (
+        "response",
+        "response",
+        0.1,
+    )
     reference_preset = TSDKDConfig.from_preset("reference")
     assert reference_preset == TSDKDConfig()  # the reference preset is the default
     assert TSDKDConfig.from_preset("paper", entropy_top_fraction=0.9).entropy_top_fraction == 0.9  # explicit wins

@@ -271,9 +271,13 @@ def test_every_term_can_be_switched_off(make_batch):
     batch = make_batch(2, 6, 17, seed=4)
     cfg = TSDKDConfig(**OFF)
     student = batch["student"].clone().requires_grad_(True)
-    loss, metrics = tsdkd_loss(student, TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, shared_vocab_size=17)
+    loss, metrics = tsdkd_loss(
+        student, TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, shared_vocab_size=17
+    )
     loss.backward()
     assert float(loss) == 0.0 and torch.count_nonzero(student.grad) == 0
     cfg = dataclasses.replace(cfg, entropy_weight=2.0)
-    loss, metrics = tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, shared_vocab_size=17)
+    loss, metrics = tsdkd_loss(
+        batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, shared_vocab_size=17
+    )
     assert float(loss) == pytest.approx(2.0 * metrics["loss_entropy"])

@@ -63,12 +63,16 @@ def test_partition_jsd_gradient_matches_autograd(assert_close):
             expected = (q_part * (q_part.log() - p_part.log())).sum(1)
         else:
             mix = beta * p_part + (1 - beta) * q_part
-            expected = beta * (p_part * (p_part / mix).log()).sum(1) + (1 - beta) * (q_part * (q_part / mix).log()).sum(1)
+            expected = beta * (p_part * (p_part / mix).log()).sum(1) + (1 - beta) * (q_part * (q_part / mix).log()).sum(
+                1
+            )
         expected.sum().backward()
         grad = torch.empty_like(student)
         with torch.no_grad():
             lq = torch.log_softmax(student, -1)
-            value = generalized_jsd_partition(lq, lq.exp(), ids, top, tail, beta, grad_out=grad, scratch=torch.empty_like(lq))
+            value = generalized_jsd_partition(
+                lq, lq.exp(), ids, top, tail, beta, grad_out=grad, scratch=torch.empty_like(lq)
+            )
         assert_close(value, expected.detach(), what=f"value beta={beta}")
         assert_close(grad, z.grad, rtol=1e-8, atol=1e-12, what=f"grad beta={beta}")
 
@@ -92,7 +96,9 @@ def test_dense_jsd_kernel_matches_autograd(assert_close):
         grad = torch.empty_like(student)
         with torch.no_grad():
             lq = torch.log_softmax(student, -1)
-            value = generalized_jsd_dense(lq, lq.exp(), logp, logp.exp(), beta, grad_out=grad, scratch=torch.empty_like(lq))
+            value = generalized_jsd_dense(
+                lq, lq.exp(), logp, logp.exp(), beta, grad_out=grad, scratch=torch.empty_like(lq)
+            )
         assert_close(value, expected.detach(), what="value")
         assert_close(grad, z.grad, what="grad")
 
@@ -164,13 +170,25 @@ def test_vocabulary_alignment_with_different_row_counts(make_batch, assert_close
 def test_shared_vocab_size_must_fit_both_models(shared, message, make_batch):
     batch = make_batch(2, 4, 29, 33, seed=5, shared=27)
     with pytest.raises(ValueError, match=message):
-        tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], TSDKDConfig(num_candidates=3), shared_vocab_size=shared)
+        tsdkd_loss(
+            batch["student"],
+            TeacherSignals(logits=batch["teacher"]),
+            batch["mask"],
+            TSDKDConfig(num_candidates=3),
+            shared_vocab_size=shared,
+        )
 
 
 def test_shared_vocab_size_exceeding_teacher_rows(make_batch):
     batch = make_batch(2, 4, 35, 33, seed=5, shared=27)
     with pytest.raises(ValueError, match="teacher's 33 logit rows"):
-        tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], TSDKDConfig(num_candidates=3), shared_vocab_size=34)
+        tsdkd_loss(
+            batch["student"],
+            TeacherSignals(logits=batch["teacher"]),
+            batch["mask"],
+            TSDKDConfig(num_candidates=3),
+            shared_vocab_size=34,
+        )
     with pytest.raises(ValueError, match="teacher's 33 logit rows"):
         teacher_signals_from_logits(batch["teacher"], TSDKDConfig(), mask=batch["mask"], shared_vocab_size=34)
 
@@ -210,7 +228,9 @@ def test_wire_round_trip_dtypes_and_size(make_batch):
     assert_rounded = lambda a, b: torch.allclose(a, b.float(), rtol=1e-3, atol=1e-3)  # noqa: E731
     assert assert_rounded(decoded.topk_logprobs, signals.topk_logprobs)
     assert assert_rounded(decoded.candidate_logprobs, signals.candidate_logprobs.gather(-1, order))
-    assert torch.equal(decoded.entropy, signals.entropy) and torch.equal(decoded.sequence_scores, signals.sequence_scores)
+    assert torch.equal(decoded.entropy, signals.entropy) and torch.equal(
+        decoded.sequence_scores, signals.sequence_scores
+    )
 
 
 def test_wire_keeps_the_loss_and_the_teachers_ranking(make_batch, assert_close):

@@ -83,23 +83,55 @@ def test_k_larger_than_vocabulary(batch):
 
 def test_mismatched_shapes(batch):
     with pytest.raises(ValueError, match=r"mask must have shape \[2, 4\]"):
-        tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), torch.ones(2, 5), TSDKDConfig(num_candidates=3), shared_vocab_size=12)
+        tsdkd_loss(
+            batch["student"],
+            TeacherSignals(logits=batch["teacher"]),
+            torch.ones(2, 5),
+            TSDKDConfig(num_candidates=3),
+            shared_vocab_size=12,
+        )
     with pytest.raises(ValueError, match=r"teacher.logits must have shape \[2, 4, \?\]"):
         call(batch, teacher=TeacherSignals(logits=batch["teacher"][:, :3]))
     with pytest.raises(ValueError, match="student_logits must be a"):
-        tsdkd_loss(batch["student"][0], TeacherSignals(logits=batch["teacher"]), batch["mask"], TSDKDConfig(), shared_vocab_size=12)
+        tsdkd_loss(
+            batch["student"][0],
+            TeacherSignals(logits=batch["teacher"]),
+            batch["mask"],
+            TSDKDConfig(),
+            shared_vocab_size=12,
+        )
     hidden, weight = torch.randn(2, 4, 5), torch.randn(12, 6)
     with pytest.raises(ValueError, match=r"student_lm_head_weight must have shape \[\?, 5\]"):
-        tsdkd_loss_fused(hidden, weight, TeacherSignals(logits=batch["teacher"]), batch["mask"], TSDKDConfig(num_candidates=3), shared_vocab_size=12)
+        tsdkd_loss_fused(
+            hidden,
+            weight,
+            TeacherSignals(logits=batch["teacher"]),
+            batch["mask"],
+            TSDKDConfig(num_candidates=3),
+            shared_vocab_size=12,
+        )
     with pytest.raises(ValueError, match="same dtype"):
-        tsdkd_loss_fused(hidden, torch.randn(12, 5).double(), TeacherSignals(logits=batch["teacher"]), batch["mask"], TSDKDConfig(num_candidates=3), shared_vocab_size=12)
+        tsdkd_loss_fused(
+            hidden,
+            torch.randn(12, 5).double(),
+            TeacherSignals(logits=batch["teacher"]),
+            batch["mask"],
+            TSDKDConfig(num_candidates=3),
+            shared_vocab_size=12,
+        )
 
 
 def test_mismatched_devices(batch):
     with pytest.raises(ValueError, match="teacher.logits is on meta"):
         call(batch, teacher=TeacherSignals(logits=torch.empty(2, 4, 12, device="meta")))
     with pytest.raises(ValueError, match="mask is on meta"):
-        tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), torch.ones(2, 4, device="meta"), TSDKDConfig(), shared_vocab_size=12)
+        tsdkd_loss(
+            batch["student"],
+            TeacherSignals(logits=batch["teacher"]),
+            torch.ones(2, 4, device="meta"),
+            TSDKDConfig(),
+            shared_vocab_size=12,
+        )
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -138,14 +170,24 @@ def test_sparse_transport_errors(batch):
     with pytest.raises(ValueError, match="temperature 1.0, but TSDKDConfig.temperature is 2.0"):
         call(batch, TSDKDConfig(num_candidates=3, temperature=2.0), teacher=signals)
     with pytest.raises(ValueError, match="sparse_top_k=13 must be <= shared_vocab_size=12"):
-        teacher_signals_from_logits(batch["teacher"], TSDKDConfig(sparse_top_k=13), mask=batch["mask"], shared_vocab_size=12)
+        teacher_signals_from_logits(
+            batch["teacher"], TSDKDConfig(sparse_top_k=13), mask=batch["mask"], shared_vocab_size=12
+        )
     duplicated = teacher_signals_from_logits(
-        batch["teacher"], cfg, mask=batch["mask"], shared_vocab_size=12, candidate_ids=torch.zeros(2, 4, 3, dtype=torch.long)
+        batch["teacher"],
+        cfg,
+        mask=batch["mask"],
+        shared_vocab_size=12,
+        candidate_ids=torch.zeros(2, 4, 3, dtype=torch.long),
     )
     with pytest.raises(ValueError, match="teacher.candidate_ids must be distinct"):
         call(batch, cfg, teacher=duplicated)
     with_cands = teacher_signals_from_logits(
-        batch["teacher"], cfg, mask=batch["mask"], shared_vocab_size=12, candidate_ids=torch.zeros(2, 4, 2, dtype=torch.long)
+        batch["teacher"],
+        cfg,
+        mask=batch["mask"],
+        shared_vocab_size=12,
+        candidate_ids=torch.zeros(2, 4, 2, dtype=torch.long),
     )
     with pytest.raises(ValueError, match=r"teacher.candidate_ids must have shape \[2, 4, 3\]"):
         call(batch, cfg, teacher=with_cands)
@@ -182,12 +224,24 @@ def test_sequence_level_arguments(batch):
         call(batch, cfg, sampled_ids=bad_ids.float(), group_size=2)
     scores = torch.tensor([0.0, math.nan])
     with pytest.raises(ValueError, match="teacher.sequence_scores contains NaN"):
-        call(batch, cfg, teacher=TeacherSignals(logits=batch["teacher"], sequence_scores=scores), sampled_ids=batch["sampled"], group_size=2)
+        call(
+            batch,
+            cfg,
+            teacher=TeacherSignals(logits=batch["teacher"], sequence_scores=scores),
+            sampled_ids=batch["sampled"],
+            group_size=2,
+        )
 
 
 def test_config_type_is_checked(batch):
     with pytest.raises(ValueError, match="config must be a TSDKDConfig"):
-        tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], {"beta": 0.9}, shared_vocab_size=12)
+        tsdkd_loss(
+            batch["student"],
+            TeacherSignals(logits=batch["teacher"]),
+            batch["mask"],
+            {"beta": 0.9},
+            shared_vocab_size=12,
+        )
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

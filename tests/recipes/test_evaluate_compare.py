@@ -31,9 +31,26 @@ def write_arith_task(out: Path, num_problems: int) -> None:
     from tsdkd_plugin.toy.arith_task import write_task_files
 
     files = write_task_files(out / "arith", n_train=1, n_val=1, n_test=num_problems)
-    assert local_tasks.main(["generation", "--name", "tsdkd_arith", "--data", str(files["prompts_test"]),
-                             "--question-key", "prompt", "--prompt-template", "{{prompt[0].content}}",
-                             "--max-gen-toks", "96", "--out-dir", str(out)]) == 0
+    assert (
+        local_tasks.main(
+            [
+                "generation",
+                "--name",
+                "tsdkd_arith",
+                "--data",
+                str(files["prompts_test"]),
+                "--question-key",
+                "prompt",
+                "--prompt-template",
+                "{{prompt[0].content}}",
+                "--max-gen-toks",
+                "96",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +72,17 @@ def task_manager(task_dir):
 def test_the_papers_ten_benchmarks_are_lm_eval_tasks_with_its_settings(task_manager):
     resolved = evaluate.resolve_benchmarks(list(evaluate.DEFAULT_BENCHMARKS), task_manager)
     assert {name: b.task for name, b in resolved.items()} == {
-        "gsm8k": "gsm8k", "gsm_plus": "gsm_plus", "math": "minerva_math", "mbpp": "mbpp", "sciq": "sciq",
-        "mmlu_stem": "mmlu_stem", "mmlu_pro_math": "mmlu_pro_math", "bbh_cot": "bbh_cot_fewshot",
-        "ifeval": "ifeval", "musr": "leaderboard_musr"}
+        "gsm8k": "gsm8k",
+        "gsm_plus": "gsm_plus",
+        "math": "minerva_math",
+        "mbpp": "mbpp",
+        "sciq": "sciq",
+        "mmlu_stem": "mmlu_stem",
+        "mmlu_pro_math": "mmlu_pro_math",
+        "bbh_cot": "bbh_cot_fewshot",
+        "ifeval": "ifeval",
+        "musr": "leaderboard_musr",
+    }
     # each is a task or a group of tasks (not a tag, which lm_eval would expand differently)
     for benchmark in resolved.values():
         assert benchmark.task in task_manager.all_subtasks or benchmark.task in task_manager.all_groups, benchmark.task
@@ -80,15 +105,44 @@ def test_code_executing_benchmarks_need_explicit_permission(task_manager):
 
 
 def test_bad_model_directory_fails_before_loading(tmp_path, task_dir, capsys):
-    code = evaluate.main(["--model", str(tmp_path / "missing"), "--backend", "hf", "--include-path", str(task_dir),
-                          "--benchmarks", "tiny_quiz", "--out", str(tmp_path / "r.json")])
+    code = evaluate.main(
+        [
+            "--model",
+            str(tmp_path / "missing"),
+            "--backend",
+            "hf",
+            "--include-path",
+            str(task_dir),
+            "--benchmarks",
+            "tiny_quiz",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 2 and "is not a model directory" in capsys.readouterr().err
 
 
 def run_evaluation(model_dir, task_dir, out: Path, backend: str, name: str):
-    argv = ["--model", str(model_dir), "--name", name, "--backend", backend, "--dtype", "float32",
-            "--include-path", str(task_dir), "--benchmarks", "tsdkd_arith,tiny_quiz", "--max-gen-toks", "24",
-            "--out", str(out), "--log-samples", str(out.parent / "samples")]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--name",
+        name,
+        "--backend",
+        backend,
+        "--dtype",
+        "float32",
+        "--include-path",
+        str(task_dir),
+        "--benchmarks",
+        "tsdkd_arith,tiny_quiz",
+        "--max-gen-toks",
+        "24",
+        "--out",
+        str(out),
+        "--log-samples",
+        str(out.parent / "samples"),
+    ]
     if backend == "hf":
         argv += ["--device", "cpu", "--batch-size", "4"]
     else:
@@ -140,16 +194,24 @@ def test_vllm_backend_runs_the_same_command_on_the_cpu_engine(toy_student_dir, t
 
 
 def fake_report(run: str, scores: dict) -> dict:
-    return {"run": run, "model": f"/ckpt/{run}", "backend": "vllm", "benchmarks": {
-        name: {"task": name, "num_fewshot": 5, "metric": "exact_match,flexible-extract", "score": score}
-        for name, score in scores.items()}}
+    return {
+        "run": run,
+        "model": f"/ckpt/{run}",
+        "backend": "vllm",
+        "benchmarks": {
+            name: {"task": name, "num_fewshot": 5, "metric": "exact_match,flexible-extract", "score": score}
+            for name, score in scores.items()
+        },
+    }
 
 
 def test_compare_writes_table_and_plot(tmp_path, hf_report):
     paths = []
-    for run, scores in (("student-base", {"gsm8k": 0.60, "math": 0.30, "sciq": 0.90}),
-                        ("tsdkd", {"gsm8k": 0.70, "math": 0.35, "sciq": 0.91}),
-                        ("grpo", {"gsm8k": 0.66, "math": 0.36})):  # sciq missing
+    for run, scores in (
+        ("student-base", {"gsm8k": 0.60, "math": 0.30, "sciq": 0.90}),
+        ("tsdkd", {"gsm8k": 0.70, "math": 0.35, "sciq": 0.91}),
+        ("grpo", {"gsm8k": 0.66, "math": 0.36}),
+    ):  # sciq missing
         path = tmp_path / f"{run}.json"
         path.write_text(json.dumps(fake_report(run, scores)))
         paths.append(str(path))

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def gpu_install_commands():
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Install on a GPU cluster"):text.index("## CPU mode")]
+    section = text[text.index("## Install on a GPU cluster") : text.index("## CPU mode")]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
 
@@ -40,8 +41,10 @@ def test_readme_installs_vllm_then_flash_attn_without_isolation_then_the_plugin(
     commands = gpu_install_commands()
     vllm = openrlhf_requirement("vllm", extra="vllm")  # vllm==0.29.0
     flash_attn = openrlhf_requirement("flash-attn")  # flash-attn==2.8.3
-    order = [next(i for i, c in enumerate(commands) if needle in c)
-             for needle in (f"pip install {vllm}", f"pip install {flash_attn}", '"tsdkd-plugin[gpu')]
+    order = [
+        next(i for i, c in enumerate(commands) if needle in c)
+        for needle in (f"pip install {vllm}", f"pip install {flash_attn}", '"tsdkd-plugin[gpu')
+    ]
     assert order == sorted(order), commands
     flash_command = commands[order[1]]
     assert "--no-build-isolation" in flash_command.split(), flash_command

@@ -15,17 +15,20 @@ from tsdkd_plugin.recipes_tools.math_answers import answers_match, extract_final
 VERIFIER = Path(__file__).resolve().parents[2] / "recipes" / "rewards" / "math_verifier.py"
 
 
-@pytest.mark.parametrize("response, label, correct", [
-    ("48/2 = 24 so 48+24 = 72.\n#### 72", "Natalia sold ... #### 72", True),  # GSM8K both sides
-    ("The total is $1,234.", "1234", True),  # last number, thousands separator, dollar sign
-    ("So the answer is \\boxed{\\dfrac{1}{2}}.", "0.5", True),  # boxed fraction vs decimal
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "The value is $\\boxed{\\frac{\\sqrt3}{2}}$.", True),  # LaTeX equivalence
-    ("\\boxed{x^2+1}", "1+x^2", True),
-    ("The final answer is 17.<|im_end|>", "17", True),
-    ("#### 71", "#### 72", False),
-    ("I am not sure.", "5", False),
-    ("\\boxed{3", "3", True),  # truncated box: falls back to the last number
-])
+@pytest.mark.parametrize(
+    "response, label, correct",
+    [
+        ("48/2 = 24 so 48+24 = 72.\n#### 72", "Natalia sold ... #### 72", True),  # GSM8K both sides
+        ("The total is $1,234.", "1234", True),  # last number, thousands separator, dollar sign
+        ("So the answer is \\boxed{\\dfrac{1}{2}}.", "0.5", True),  # boxed fraction vs decimal
+        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "The value is $\\boxed{\\frac{\\sqrt3}{2}}$.", True),  # LaTeX equivalence
+        ("\\boxed{x^2+1}", "1+x^2", True),
+        ("The final answer is 17.<|im_end|>", "17", True),
+        ("#### 71", "#### 72", False),
+        ("I am not sure.", "5", False),
+        ("\\boxed{3", "3", True),  # truncated box: falls back to the last number
+    ],
+)
 def test_final_answers_are_compared_like_math_graders(response, label, correct):
     assert is_correct(response, label) is correct
 

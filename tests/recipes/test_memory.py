@@ -23,9 +23,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Published sizes (model cards), in billions.
 PUBLISHED_PARAMETERS = {
-    "Qwen/Qwen2.5-1.5B-Instruct": 1.54, "Qwen/Qwen2.5-14B-Instruct": 14.7,
-    "google/gemma-2-2b-it": 2.61, "google/gemma-2-9b-it": 9.24,
-    "Qwen/Qwen3-1.7B": 1.7, "Qwen/Qwen3-8B": 8.2,
+    "Qwen/Qwen2.5-1.5B-Instruct": 1.54,
+    "Qwen/Qwen2.5-14B-Instruct": 14.7,
+    "google/gemma-2-2b-it": 2.61,
+    "google/gemma-2-9b-it": 9.24,
+    "Qwen/Qwen3-1.7B": 1.7,
+    "Qwen/Qwen3-8B": 8.2,
 }
 
 
@@ -47,9 +50,16 @@ def test_parameter_count_is_exact_for_each_architecture(model_type, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                                  **TINY_ARCHITECTURES[model_type])
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        **TINY_ARCHITECTURES[model_type],
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     (tmp_path / "config.json").write_text(config.to_json_string())
@@ -113,7 +123,9 @@ def test_docs_memory_md_is_up_to_date(parsed_recipes, recipe_paths):
     memories = [estimate_recipe(parsed_recipes[path.name]) for path in recipe_paths]
     expected = build_doc(memories, REPO_ROOT)
     committed = (REPO_ROOT / "docs" / "memory.md").read_text(encoding="utf-8")
-    assert committed == expected, "docs/memory.md is stale: python -m tsdkd_plugin.recipes_tools.memory --write docs/memory.md"
+    assert committed == expected, (
+        "docs/memory.md is stale: python -m tsdkd_plugin.recipes_tools.memory --write docs/memory.md"
+    )
 
 
 def test_cli_takes_a_local_config_for_a_role(parsed_recipes, tmp_path, capsys):

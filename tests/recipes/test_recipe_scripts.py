@@ -94,7 +94,9 @@ def test_tsdkd_recipes_follow_the_reference_setup(parsed_recipes):
 
 @pytest.mark.parametrize("pair", PAIRS)
 def test_plans_place_groups_as_the_headers_say(parsed_recipes, pair):
-    single = resolved_plan(TSDKD_MODULE, parsed_recipes[f"{pair}.1node.sh"].args, parsed_recipes[f"{pair}.1node.sh"].config)
+    single = resolved_plan(
+        TSDKD_MODULE, parsed_recipes[f"{pair}.1node.sh"].args, parsed_recipes[f"{pair}.1node.sh"].config
+    )
     assert single["gpus"] == {"actor": 4, "teacher": 2, "vllm": 2, "total": 8}
     assert single["teacher"]["placement"] == "separate" and single["teacher"]["transport"] == "sparse top-64"
 
@@ -169,9 +171,12 @@ def test_every_training_recipe_resumes_from_its_own_checkpoints(parsed_recipes, 
 
 def test_the_recipe_says_whether_it_resumes(tmp_path):
     """What a recipe prints before submitting (recipes/lib/common.sh, report_resume_point)."""
+
     def report(module: str) -> str:
-        script = (f'source "{RECIPES}/lib/common.sh"; RECIPE_ARGS=(--ckpt.path "{tmp_path}" --ckpt.load_enable); '
-                  f"report_resume_point {module}")
+        script = (
+            f'source "{RECIPES}/lib/common.sh"; RECIPE_ARGS=(--ckpt.path "{tmp_path}" --ckpt.load_enable); '
+            f"report_resume_point {module}"
+        )
         result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20)
         assert result.returncode == 0, result.stderr
         return result.stderr.strip()
@@ -189,8 +194,10 @@ def test_the_recipe_says_whether_it_resumes(tmp_path):
 
 def test_overrides_are_appended_last_and_switches_can_be_dropped(clean_env):
     grpo = RECIPES / "baselines" / "grpo.1node.sh"
-    env = {"TSDKD_RECIPE_EXTRA_ARGS": "--actor.num_gpus_per_node 1 --vllm.num_engines 1",
-           "TSDKD_RECIPE_DROP_FLAGS": "--vllm.enable_sleep --ds.enable_sleep --no.such.switch"}
+    env = {
+        "TSDKD_RECIPE_EXTRA_ARGS": "--actor.num_gpus_per_node 1 --vllm.num_engines 1",
+        "TSDKD_RECIPE_DROP_FLAGS": "--vllm.enable_sleep --ds.enable_sleep --no.such.switch",
+    }
     command = recipe_command(grpo, env=env)
     assert list(command.argv[-4:]) == ["--actor.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
     assert "--vllm.enable_sleep" not in command.argv and "--ds.enable_sleep" not in command.argv
@@ -204,16 +211,26 @@ def test_overrides_are_appended_last_and_switches_can_be_dropped(clean_env):
     assert "TSDKD_RECIPE_DROP_FLAGS names --ds.zero_stage, which takes a value" in error_line(result)
 
 
-@pytest.mark.parametrize("script, toy, gpus", [
-    ("tsdkd/qwen2.5-14b_to_1.5b.1node.sh", "tsdkd", 3), ("tsdkd/qwen2.5-14b_to_1.5b.2nodes.sh", "tsdkd_2nodes", 4),
-    ("baselines/grpo.1node.sh", "grpo", 1), ("baselines/dpo.1node.sh", "dpo", 1),
-])
+@pytest.mark.parametrize(
+    "script, toy, gpus",
+    [
+        ("tsdkd/qwen2.5-14b_to_1.5b.1node.sh", "tsdkd", 3),
+        ("tsdkd/qwen2.5-14b_to_1.5b.2nodes.sh", "tsdkd_2nodes", 4),
+        ("baselines/grpo.1node.sh", "grpo", 1),
+        ("baselines/dpo.1node.sh", "dpo", 1),
+    ],
+)
 def test_toy_scale_overrides_pass_the_real_parsers(script, toy, gpus):
     """The overrides the Ray-cluster test runs (tsdkd_plugin.testing), checked in seconds."""
     from tsdkd_plugin.testing import TOY_DROP_FLAGS, TOY_RECIPE_ARGS
 
-    env = {"TSDKD_RECIPE_EXTRA_ARGS": TOY_RECIPE_ARGS[toy], "TSDKD_RECIPE_DROP_FLAGS": TOY_DROP_FLAGS,
-           "RAY_HEAD_ADDRESS": "127.0.0.1", "SHARED_DIR": "/shared", "NUM_GPUS": "1"}
+    env = {
+        "TSDKD_RECIPE_EXTRA_ARGS": TOY_RECIPE_ARGS[toy],
+        "TSDKD_RECIPE_DROP_FLAGS": TOY_DROP_FLAGS,
+        "RAY_HEAD_ADDRESS": "127.0.0.1",
+        "SHARED_DIR": "/shared",
+        "NUM_GPUS": "1",
+    }
     command = recipe_command(RECIPES / script, env=env)
     args, config, _ = parse_command(command.module, command.argv, where=script)
     plan = resolved_plan(command.module, args, config, command.deepspeed_gpus)
@@ -281,11 +298,16 @@ def test_dry_run_command_prints_the_resolved_plan(parsed_recipes, capsys):
 
 @pytest.mark.slow
 def test_dry_run_prints_the_resolved_plan_without_launching(clean_env):
-    env = dict(clean_env, TSDKD_RECIPE_DRY_RUN="1", PYTHON=sys.executable,
-               RAY_HEAD_ADDRESS="ray-head.example", SHARED_DIR="/shared/tsdkd")
+    env = dict(
+        clean_env,
+        TSDKD_RECIPE_DRY_RUN="1",
+        PYTHON=sys.executable,
+        RAY_HEAD_ADDRESS="ray-head.example",
+        SHARED_DIR="/shared/tsdkd",
+    )
     result = run_recipe(RECIPES / "tsdkd" / "qwen2.5-14b_to_1.5b.2nodes.sh", env, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
-    plan = json.loads(result.stdout[result.stdout.index("{"):])
+    plan = json.loads(result.stdout[result.stdout.index("{") :])
     assert plan["entry_point"] == TSDKD_MODULE
     assert plan["gpus"] == {"actor": 8, "teacher": 4, "vllm": 4, "total": 16}
     assert plan["policy"]["nodes"] == 1 and plan["teacher"]["nodes"] == 1
@@ -323,8 +345,13 @@ def test_missing_local_model_directory_is_named(clean_env, tmp_path):
 def test_ray_worker_start_needs_the_head_address(clean_env):
     result = run_recipe(RECIPES / "cluster" / "ray_up.sh", clean_env)
     assert result.returncode == 2 and "usage" in error_line(result)
-    result = subprocess.run(["bash", str(RECIPES / "cluster" / "ray_up.sh"), "worker"], env=clean_env,
-                            capture_output=True, text=True, timeout=20)
+    result = subprocess.run(
+        ["bash", str(RECIPES / "cluster" / "ray_up.sh"), "worker"],
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert result.returncode == 2 and "RAY_HEAD_ADDRESS is not set" in error_line(result)
 
 

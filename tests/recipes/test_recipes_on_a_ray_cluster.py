@@ -43,8 +43,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "recipes"
 RUN_TIMEOUT_S = 600
 
-TSDKD_TERMS = ("policy_loss", "tsdkd/loss_direct", "tsdkd/loss_entropy", "tsdkd/loss_indirect_token",
-               "tsdkd/gate_selected_fraction", "tsdkd/opener_mean_length")
+TSDKD_TERMS = (
+    "policy_loss",
+    "tsdkd/loss_direct",
+    "tsdkd/loss_entropy",
+    "tsdkd/loss_indirect_token",
+    "tsdkd/gate_selected_fraction",
+    "tsdkd/opener_mean_length",
+)
 
 
 class Run:
@@ -55,11 +61,12 @@ class Run:
         self.stdout_path, self.stderr_path = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
         self._stdout, self._stderr = open(self.stdout_path, "w"), open(self.stderr_path, "w")
         self.started = time.monotonic()
-        self.process = subprocess.Popen(["bash", str(script)], env=env, stdout=self._stdout, stderr=self._stderr,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            ["bash", str(script)], env=env, stdout=self._stdout, stderr=self._stderr, start_new_session=True
+        )
         self.seconds = None
 
-    def wait(self) -> "Run":
+    def wait(self) -> Run:
         try:
             self.process.wait(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -86,8 +93,10 @@ class Run:
 
     def failure(self) -> str:
         tail = "\n".join(self.stdout_path.read_text(errors="replace").splitlines()[-60:])
-        return (f"{self.name} exited {self.returncode} after {self.seconds:.0f}s\nstderr:\n{self.stderr}\n"
-                f"job output tail:\n{tail}")
+        return (
+            f"{self.name} exited {self.returncode} after {self.seconds:.0f}s\nstderr:\n{self.stderr}\n"
+            f"job output tail:\n{tail}"
+        )
 
 
 def python_command(env: dict, *args: str) -> None:
@@ -104,62 +113,143 @@ def toy_runs(tmp_path_factory, toy_student_dir, toy_teacher_dir):
     work = tmp_path_factory.mktemp("toy_recipes")
     logs = work / "logs"
     logs.mkdir()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    for name in ("OUTPUT_DIR", "PROMPT_DATA", "SHARED_DIR", "TSDKD_RECIPE_EXTRA_ARGS", "TSDKD_RECIPE_DROP_FLAGS",
-                 "TSDKD_RECIPE_PRINT_ARGS", "TSDKD_RECIPE_DRY_RUN", "WANDB_API_KEY", "RAY_ADDRESS",
-                 # A torch.distributed world an earlier in-process test left in this pytest process
-                 # (its port still bound): evaluate's accelerate would try to join it (EADDRINUSE).
-                 "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHON": sys.executable,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    for name in (
+        "OUTPUT_DIR",
+        "PROMPT_DATA",
+        "SHARED_DIR",
+        "TSDKD_RECIPE_EXTRA_ARGS",
+        "TSDKD_RECIPE_DROP_FLAGS",
+        "TSDKD_RECIPE_PRINT_ARGS",
+        "TSDKD_RECIPE_DRY_RUN",
+        "WANDB_API_KEY",
+        "RAY_ADDRESS",
+        # A torch.distributed world an earlier in-process test left in this pytest process
+        # (its port still bound): evaluate's accelerate would try to join it (EADDRINUSE).
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+    ):
         env.pop(name, None)
 
     # Data, with the documented commands: a reference set in the TSD-KD prompt set's layout
     # (instruction, response) whose responses here are ground truth (#### n), made from the toy task.
     files = write_task_files(work / "arith", n_train=64, n_val=1, n_test=16)
     reference = work / "reference.jsonl"
-    reference.write_text("".join(
-        json.dumps({"instruction": row["prompt"][0]["content"], "response": row["response"][0]["content"]}) + "\n"
-        for row in map(json.loads, files["sft_train"].read_text().splitlines())))
+    reference.write_text(
+        "".join(
+            json.dumps({"instruction": row["prompt"][0]["content"], "response": row["response"][0]["content"]}) + "\n"
+            for row in map(json.loads, files["sft_train"].read_text().splitlines())
+        )
+    )
     data = work / "data"
-    python_command(env, "tsdkd_plugin.recipes_tools.prepare_data", "prompts", "--dataset", str(reference),
-                   "--out", str(data / "tsdkd_prompts.jsonl"))
-    python_command(env, "tsdkd_plugin.recipes_tools.prepare_data", "labels", "--prompts",
-                   str(data / "tsdkd_prompts.jsonl"), "--ground-truth", str(reference), "--require-label",
-                   "--out", str(data / "grpo_prompts.jsonl"))
+    python_command(
+        env,
+        "tsdkd_plugin.recipes_tools.prepare_data",
+        "prompts",
+        "--dataset",
+        str(reference),
+        "--out",
+        str(data / "tsdkd_prompts.jsonl"),
+    )
+    python_command(
+        env,
+        "tsdkd_plugin.recipes_tools.prepare_data",
+        "labels",
+        "--prompts",
+        str(data / "tsdkd_prompts.jsonl"),
+        "--ground-truth",
+        str(reference),
+        "--require-label",
+        "--out",
+        str(data / "grpo_prompts.jsonl"),
+    )
     models = {"STUDENT_MODEL": str(toy_student_dir), "TEACHER_MODEL": str(toy_teacher_dir)}
 
     timings = {}
     started = time.monotonic()
     # The DPO pairs (vLLM-CPU + teacher, no Ray) while the cluster starts.
-    pairs = Run("dpo_pairs", RECIPES / "baselines" / "dpo_pairs.1node.sh", {
-        **env, **models, "PROMPT_DATA": str(data / "tsdkd_prompts.jsonl"), "DPO_PAIRS": str(data / "dpo_pairs.jsonl"),
-        "WORK_DIR": str(work / "gen" / "dpo_pairs"), "NUM_GPUS": "1", "TSDKD_RECIPE_EXTRA_ARGS": TOY_RECIPE_ARGS["dpo_pairs"],
-    }, logs)
+    pairs = Run(
+        "dpo_pairs",
+        RECIPES / "baselines" / "dpo_pairs.1node.sh",
+        {
+            **env,
+            **models,
+            "PROMPT_DATA": str(data / "tsdkd_prompts.jsonl"),
+            "DPO_PAIRS": str(data / "dpo_pairs.jsonl"),
+            "WORK_DIR": str(work / "gen" / "dpo_pairs"),
+            "NUM_GPUS": "1",
+            "TSDKD_RECIPE_EXTRA_ARGS": TOY_RECIPE_ARGS["dpo_pairs"],
+        },
+        logs,
+    )
     cluster_up = time.monotonic()
     cluster = LocalRayCluster(REPO_ROOT, gpus_per_node=[2, 2], base_env=env)
     timings["cluster start"] = time.monotonic() - cluster_up
     runs = {"dpo_pairs": pairs.wait()}
     try:
+
         def submit(name, script, extra, **more):
             out = work / "ckpt" / name
-            return Run(name, script, {**cluster.env, **models, "OUTPUT_DIR": str(out),
-                                      "PROMPT_DATA": str(data / "tsdkd_prompts.jsonl"),
-                                      "TSDKD_RECIPE_EXTRA_ARGS": extra, **more}, logs)
+            return Run(
+                name,
+                script,
+                {
+                    **cluster.env,
+                    **models,
+                    "OUTPUT_DIR": str(out),
+                    "PROMPT_DATA": str(data / "tsdkd_prompts.jsonl"),
+                    "TSDKD_RECIPE_EXTRA_ARGS": extra,
+                    **more,
+                },
+                logs,
+            )
 
         tsdkd = RECIPES / "tsdkd"
         # Two at a time where the 4 logical GPUs allow it (TSD-KD 3 + GRPO 1; the two-node run
         # needs all 4; DPO 1 + a job that fails before asking for any).
         for batch in (
-            [("tsdkd_1node", tsdkd / "qwen2.5-14b_to_1.5b.1node.sh", TOY_RECIPE_ARGS["tsdkd"], {}),
-             ("grpo", RECIPES / "baselines" / "grpo.1node.sh", TOY_RECIPE_ARGS["grpo"],
-              {"PROMPT_DATA": str(data / "grpo_prompts.jsonl"), "TSDKD_RECIPE_DROP_FLAGS": TOY_DROP_FLAGS})],
-            [("tsdkd_2nodes", tsdkd / "qwen2.5-14b_to_1.5b.2nodes.sh", TOY_RECIPE_ARGS["tsdkd_2nodes"],
-              {"SHARED_DIR": str(work / "shared")})],
-            [("dpo", RECIPES / "baselines" / "dpo.1node.sh", TOY_RECIPE_ARGS["dpo"],
-              {"NUM_GPUS": "1", "DPO_PAIRS": str(data / "dpo_pairs.jsonl")}),
-             ("failing", tsdkd / "qwen3-8b_to_1.7b.1node.sh", TOY_RECIPE_ARGS["tsdkd"],
-              {"PROMPT_DATA": str(data / "no_such_prompts.jsonl")})],
+            [
+                ("tsdkd_1node", tsdkd / "qwen2.5-14b_to_1.5b.1node.sh", TOY_RECIPE_ARGS["tsdkd"], {}),
+                (
+                    "grpo",
+                    RECIPES / "baselines" / "grpo.1node.sh",
+                    TOY_RECIPE_ARGS["grpo"],
+                    {"PROMPT_DATA": str(data / "grpo_prompts.jsonl"), "TSDKD_RECIPE_DROP_FLAGS": TOY_DROP_FLAGS},
+                ),
+            ],
+            [
+                (
+                    "tsdkd_2nodes",
+                    tsdkd / "qwen2.5-14b_to_1.5b.2nodes.sh",
+                    TOY_RECIPE_ARGS["tsdkd_2nodes"],
+                    {"SHARED_DIR": str(work / "shared")},
+                )
+            ],
+            [
+                (
+                    "dpo",
+                    RECIPES / "baselines" / "dpo.1node.sh",
+                    TOY_RECIPE_ARGS["dpo"],
+                    {"NUM_GPUS": "1", "DPO_PAIRS": str(data / "dpo_pairs.jsonl")},
+                ),
+                (
+                    "failing",
+                    tsdkd / "qwen3-8b_to_1.7b.1node.sh",
+                    TOY_RECIPE_ARGS["tsdkd"],
+                    {"PROMPT_DATA": str(data / "no_such_prompts.jsonl")},
+                ),
+            ],
         ):
             if any(name == "dpo" for name, *_ in batch):
                 assert runs["dpo_pairs"].returncode == 0, runs["dpo_pairs"].failure()
@@ -168,8 +258,11 @@ def toy_runs(tmp_path_factory, toy_student_dir, toy_teacher_dir):
                 runs[run.name] = run.wait()
         from tsdkd_plugin.testing import ray_job_actor_nodes
 
-        placement = {name: ray_job_actor_nodes(cluster.address, runs[name].job_id())
-                     for name in ("tsdkd_1node", "tsdkd_2nodes") if runs[name].returncode == 0}
+        placement = {
+            name: ray_job_actor_nodes(cluster.address, runs[name].job_id())
+            for name in ("tsdkd_1node", "tsdkd_2nodes")
+            if runs[name].returncode == 0
+        }
     finally:
         cluster.stop()
     for name, run in runs.items():
@@ -177,17 +270,38 @@ def toy_runs(tmp_path_factory, toy_student_dir, toy_teacher_dir):
 
     # Evaluation of the trained models against the student, on the toy task's test split.
     tasks = work / "tasks"
-    python_command(env, "tsdkd_plugin.recipes_tools.local_tasks", "generation", "--name", "tsdkd_arith",
-                   "--data", str(files["prompts_test"]), "--question-key", "prompt",
-                   "--prompt-template", "{{prompt[0].content}}", "--max-gen-toks", "16", "--out-dir", str(tasks))
+    python_command(
+        env,
+        "tsdkd_plugin.recipes_tools.local_tasks",
+        "generation",
+        "--name",
+        "tsdkd_arith",
+        "--data",
+        str(files["prompts_test"]),
+        "--question-key",
+        "prompt",
+        "--prompt-template",
+        "{{prompt[0].content}}",
+        "--max-gen-toks",
+        "16",
+        "--out-dir",
+        str(tasks),
+    )
     trained = {name: work / "ckpt" / name / "final" for name in ("tsdkd_1node", "tsdkd_2nodes", "grpo", "dpo")}
-    evaluation = Run("evaluate_runs", RECIPES / "eval" / "evaluate_runs.sh", {
-        **env, "RESULTS_DIR": str(work / "results"), "BASELINE": "student",
-        "RUNS": " ".join([f"student={toy_student_dir}"] + [f"{name}={path}" for name, path in trained.items()]),
-        "BENCHMARKS": "tsdkd_arith",
-        "TSDKD_RECIPE_EXTRA_ARGS": f"--backend hf --device cpu --dtype float32 --batch-size 16 --max-gen-toks 16 "
-                                   f"--include-path {tasks}",
-    }, logs).wait()
+    evaluation = Run(
+        "evaluate_runs",
+        RECIPES / "eval" / "evaluate_runs.sh",
+        {
+            **env,
+            "RESULTS_DIR": str(work / "results"),
+            "BASELINE": "student",
+            "RUNS": " ".join([f"student={toy_student_dir}"] + [f"{name}={path}" for name, path in trained.items()]),
+            "BENCHMARKS": "tsdkd_arith",
+            "TSDKD_RECIPE_EXTRA_ARGS": f"--backend hf --device cpu --dtype float32 --batch-size 16 --max-gen-toks 16 "
+            f"--include-path {tasks}",
+        },
+        logs,
+    ).wait()
     runs["evaluate_runs"] = evaluation
     timings["evaluate_runs"] = evaluation.seconds
     timings["total"] = time.monotonic() - started
@@ -215,7 +329,7 @@ def test_tsdkd_recipes_train_checkpoint_and_log_every_term(toy_runs, name):
     for term in TSDKD_TERMS:
         values = scalars.get(f"train/{term}", {})
         assert set(values) == {1, 2} and all(math.isfinite(v) for v in values.values()), (term, values)
-    assert f"submitting openrlhf.cli.train_tsdkd to http://127.0.0.1:" in run.stderr
+    assert "submitting openrlhf.cli.train_tsdkd to http://127.0.0.1:" in run.stderr
     assert (out / "logs" / f"{run.job_id()}.log").is_file()
 
 
@@ -254,8 +368,10 @@ def test_a_job_that_fails_in_the_cluster_ends_the_recipe_with_one_line(toy_runs)
     assert len(errors) == 1, run.stderr
     job_id, log = run.job_id(), toy_runs["work"] / "ckpt" / "failing" / "logs" / f"{run.job_id()}.log"
     line = errors[0]
-    assert line.startswith(f"qwen3-8b_to_1.7b.1node.sh: error: Ray job {job_id} FAILED (Job entrypoint command "
-                           f"failed with exit code 2): python -m openrlhf.cli.train_tsdkd: error: --data.prompt_dataset")
+    assert line.startswith(
+        f"qwen3-8b_to_1.7b.1node.sh: error: Ray job {job_id} FAILED (Job entrypoint command "
+        f"failed with exit code 2): python -m openrlhf.cli.train_tsdkd: error: --data.prompt_dataset"
+    )
     assert f"full log: {log} (or: ray job logs --address http://127.0.0.1:" in line and line.endswith(job_id + ")")
     assert "no_such_prompts.jsonl" in log.read_text()
 

@@ -84,8 +84,13 @@ def test_json_array_file_not_valid(launch, tmp_path, capsys):
 
 
 def test_every_row_is_checked_and_bad_rows_are_counted(launch, tmp_path, capsys):
-    rows = [GOOD] * 40 + [{"question": "no prompt key", "answer": "1"}, {"prompt": "   ", "answer": "1"},
-                          {"prompt": 7, "answer": "1"}, '{"prompt": [', GOOD]
+    rows = [GOOD] * 40 + [
+        {"question": "no prompt key", "answer": "1"},
+        {"prompt": "   ", "answer": "1"},
+        {"prompt": 7, "answer": "1"},
+        '{"prompt": [',
+        GOOD,
+    ]
     line = refused(launch(prompts=write_rows(tmp_path / "p.jsonl", rows)), capsys)
     assert "has 4 unusable row(s) of 45" in line, line
     assert "line 41 has no key 'prompt' (--data.input_key)" in line and "line 42 has an empty prompt" in line
@@ -100,7 +105,9 @@ def test_empty_chat_prompts(launch, tmp_path, capsys):
 
 def test_malformed_chat_message(launch, tmp_path, capsys):
     rows = [GOOD, {"prompt": [{"text": "hi"}], "answer": "1"}]
-    assert "line 2 has message 0 that is not a" in refused(launch(prompts=write_rows(tmp_path / "p.jsonl", rows)), capsys)
+    assert "line 2 has message 0 that is not a" in refused(
+        launch(prompts=write_rows(tmp_path / "p.jsonl", rows)), capsys
+    )
 
 
 def test_rows_without_the_label(launch, tmp_path, capsys):
@@ -131,8 +138,15 @@ def test_prompt_longer_than_max_len_allows(launch, tmp_path, capsys):
 def test_rows_past_max_samples_are_not_used(launch, tmp_path, capsys):
     """Only the first --data.max_samples rows reach training: a bad row after them is not an error."""
     rows = [GOOD] * 3 + [{"prompt": "", "answer": "1"}]
-    argv = launch("--data.max_samples", "3", "--actor.num_gpus_per_node", "1", "--train.batch_size", "12",
-                  prompts=write_rows(tmp_path / "p.jsonl", rows))  # 3 prompts x 4 samples fill one step
+    argv = launch(
+        "--data.max_samples",
+        "3",
+        "--actor.num_gpus_per_node",
+        "1",
+        "--train.batch_size",
+        "12",
+        prompts=write_rows(tmp_path / "p.jsonl", rows),
+    )  # 3 prompts x 4 samples fill one step
     main(argv)
     assert '"shared_vocab_size"' in capsys.readouterr().out
 
@@ -143,7 +157,9 @@ def test_hub_dataset_that_cannot_be_read(launch, capsys):
 
 
 def test_prompt_probs_do_not_match_the_datasets(launch, capsys):
-    assert "--data.prompt_probs has 2 value(s) for 1 dataset(s)" in refused(launch("--data.prompt_probs", "0.5,0.5"), capsys)
+    assert "--data.prompt_probs has 2 value(s) for 1 dataset(s)" in refused(
+        launch("--data.prompt_probs", "0.5,0.5"), capsys
+    )
 
 
 def test_input_template_that_cannot_format(launch, tmp_path, capsys):
@@ -159,7 +175,10 @@ def test_input_template_that_cannot_format(launch, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--data.max_len", "16"], "--data.max_len (16) leaves no room for a prompt after --rollout.max_new_tokens (16)"),
+        (
+            ["--data.max_len", "16"],
+            "--data.max_len (16) leaves no room for a prompt after --rollout.max_new_tokens (16)",
+        ),
         (["--rollout.temperature", "0.001"], "--rollout.temperature must be 0 (greedy) or >= 0.01"),
         (["--rollout.temperature", "-1"], "--rollout.temperature must be 0 (greedy) or >= 0.01"),
         (["--ckpt.save_steps", "0"], "--ckpt.save_steps must be >= 1 (save every N steps) or -1"),
@@ -196,7 +215,9 @@ def test_model_directory_without_config(launch, toy_teacher_dir, tmp_path, capsy
     assert "has no config.json" in refused(launch(teacher=bare), capsys)
 
 
-def test_chat_template_flag_with_a_tokenizer_without_template(launch, toy_student_dir, toy_teacher_dir, tmp_path, capsys):
+def test_chat_template_flag_with_a_tokenizer_without_template(
+    launch, toy_student_dir, toy_teacher_dir, tmp_path, capsys
+):
     plain = {}
     for name, source in (("student", toy_student_dir), ("teacher", toy_teacher_dir)):
         plain[name] = tmp_path / f"{name}-no-template"
@@ -274,8 +295,14 @@ def test_load_enable_without_a_checkpoint_starts_fresh(launch, tmp_path, capsys)
         (["--train.enable_ema", "--train.ema_beta", "1"], "--train.ema_beta must be in (0, 1)"),
         (["--teacher.num_gpus_per_node", "0"], "--teacher.num_gpus_per_node must be >= 1"),
         (["--rollout.temperature", "nan"], "--rollout.temperature must be 0 (greedy) or >= 0.01, got nan"),
-        (["--train.colocate_all", "--vllm.num_engines", "2"], "--vllm.num_engines x --vllm.tensor_parallel_size (2) must equal"),
-        (["--rollout.vllm_generate_batch_size", "2048"], "--rollout.vllm_generate_batch_size (2048) > --rollout.batch_size"),
+        (
+            ["--train.colocate_all", "--vllm.num_engines", "2"],
+            "--vllm.num_engines x --vllm.tensor_parallel_size (2) must equal",
+        ),
+        (
+            ["--rollout.vllm_generate_batch_size", "2048"],
+            "--rollout.vllm_generate_batch_size (2048) > --rollout.batch_size",
+        ),
         # names checked against the library that reads them
         (["--actor.lr_scheduler", "cosin"], "--actor.lr_scheduler 'cosin' is not a transformers scheduler"),
         (["--ds.attn_implementation", "sdpa2"], "--ds.attn_implementation 'sdpa2' is not an attention implementation"),
@@ -287,13 +314,18 @@ def test_load_enable_without_a_checkpoint_starts_fresh(launch, tmp_path, capsys)
         (["--data.max_images_per_prompt", "1"], "(vision-language prompts) is not supported by TSD-KD"),
         (["--algo.advantage.estimator", "gae"], "--algo.advantage.estimator gae is not for TSD-KD"),
         (["--algo.kl.init_coef", "0.01"], "--algo.kl.init_coef 0.01 is not for TSD-KD"),
-        (["--actor.entropy_coef", "0.01"], "--actor.entropy_coef 0.01 is not for TSD-KD: TSD-KD's entropy term is --tsdkd.entropy_weight"),
+        (
+            ["--actor.entropy_coef", "0.01"],
+            "--actor.entropy_coef 0.01 is not for TSD-KD: TSD-KD's entropy term is --tsdkd.entropy_weight",
+        ),
         (["--critic.freezing_steps", "5"], "--critic.freezing_steps 5 is not for TSD-KD"),
         (["--reward.model_name_or_path", "some/rm"], "a verifier reward comes from --reward.remote_url"),
         # --tsdkd.* settings that would train nothing
         (["--tsdkd.num_candidates", "1"], "--tsdkd.num_candidates 1: the token-level ranking orders the student's k"),
-        (["--tsdkd.direct_weight", "0", "--tsdkd.entropy_weight", "0", "--tsdkd.indirect_weight", "0"],
-         "every term of the TSD-KD loss is off"),
+        (
+            ["--tsdkd.direct_weight", "0", "--tsdkd.entropy_weight", "0", "--tsdkd.indirect_weight", "0"],
+            "every term of the TSD-KD loss is off",
+        ),
         # data flags
         (["--data.max_samples", "0"], "--data.max_samples must be >= 1, got 0"),
         (["--data.prompt_probs", "0.5"], "--data.prompt_probs '0.5' must be probabilities in [0, 1] that sum to 1"),
@@ -343,33 +375,46 @@ def _shard_index(model_dir, shards):
 
 
 MODEL_DAMAGE = {
-    "truncated_safetensors": (lambda d: _truncate(d / "model.safetensors"),
-                              "model.safetensors is truncated: "),
-    "config_without_weights": (lambda d: (d / "model.safetensors").unlink(),
-                               "has a config.json but no weights"),
-    "more_layers_than_weights": (lambda d: _edit_config(d, num_hidden_layers=8, layer_types=["full_attention"] * 8),
-                                 "config.json declares 8 layers (num_hidden_layers) but model.safetensors holds weights for 4"),
-    "config_not_an_object": (lambda d: (d / "config.json").write_text("[1, 2]"),
-                             "config.json holds a JSON list, not an object"),
-    "config_not_json": (lambda d: (d / "config.json").write_text('{"model_type": "qwen2",'),
-                        "config.json is not valid JSON"),
-    "truncated_tokenizer_json": (lambda d: _truncate(d / "tokenizer.json"),
-                                 "tokenizer.json is not valid JSON"),
-    "no_tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")],
-                     "has no tokenizer (tokenizer.json"),
-    "vocab_size_not_the_weights": (lambda d: _edit_config(d, vocab_size=600),
-                                   "config.json says vocab_size 600 but model.embed_tokens.weight in model.safetensors has 512 rows"),
-    "hidden_size_not_the_weights": (lambda d: _edit_config(d, hidden_size=64),
-                                    "config.json says hidden_size 64 but model.embed_tokens.weight"),
-    "index_names_a_missing_shard": (lambda d: _shard_index(d, {"lm_head.weight": "model-00002-of-00002.safetensors"}),
-                                    "maps tensors to 1 shard(s) that are not there (model-00002-of-00002.safetensors)"),
-    "index_and_shard_disagree": (lambda d: _shard_index(d, {"model.norm.weight": "model.safetensors",
-                                                           "lm_head.bias": "model.safetensors"}),
-                                 "model.safetensors lacks 1 tensor(s) that model.safetensors.index.json places there"),
-    "broken_generation_config": (lambda d: (d / "generation_config.json").write_text("{"),
-                                 "generation_config.json is not valid JSON"),
-    "unknown_model_type": (lambda d: _edit_config(d, model_type="no-such-type"),
-                           "cannot be loaded (ValueError"),
+    "truncated_safetensors": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is truncated: "),
+    "config_without_weights": (lambda d: (d / "model.safetensors").unlink(), "has a config.json but no weights"),
+    "more_layers_than_weights": (
+        lambda d: _edit_config(d, num_hidden_layers=8, layer_types=["full_attention"] * 8),
+        "config.json declares 8 layers (num_hidden_layers) but model.safetensors holds weights for 4",
+    ),
+    "config_not_an_object": (
+        lambda d: (d / "config.json").write_text("[1, 2]"),
+        "config.json holds a JSON list, not an object",
+    ),
+    "config_not_json": (
+        lambda d: (d / "config.json").write_text('{"model_type": "qwen2",'),
+        "config.json is not valid JSON",
+    ),
+    "truncated_tokenizer_json": (lambda d: _truncate(d / "tokenizer.json"), "tokenizer.json is not valid JSON"),
+    "no_tokenizer": (
+        lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")],
+        "has no tokenizer (tokenizer.json",
+    ),
+    "vocab_size_not_the_weights": (
+        lambda d: _edit_config(d, vocab_size=600),
+        "config.json says vocab_size 600 but model.embed_tokens.weight in model.safetensors has 512 rows",
+    ),
+    "hidden_size_not_the_weights": (
+        lambda d: _edit_config(d, hidden_size=64),
+        "config.json says hidden_size 64 but model.embed_tokens.weight",
+    ),
+    "index_names_a_missing_shard": (
+        lambda d: _shard_index(d, {"lm_head.weight": "model-00002-of-00002.safetensors"}),
+        "maps tensors to 1 shard(s) that are not there (model-00002-of-00002.safetensors)",
+    ),
+    "index_and_shard_disagree": (
+        lambda d: _shard_index(d, {"model.norm.weight": "model.safetensors", "lm_head.bias": "model.safetensors"}),
+        "model.safetensors lacks 1 tensor(s) that model.safetensors.index.json places there",
+    ),
+    "broken_generation_config": (
+        lambda d: (d / "generation_config.json").write_text("{"),
+        "generation_config.json is not valid JSON",
+    ),
+    "unknown_model_type": (lambda d: _edit_config(d, model_type="no-such-type"), "cannot be loaded (ValueError"),
 }
 
 
@@ -390,11 +435,23 @@ def test_model_directories_are_checked_for_real(launch, toy_teacher_dir, tmp_pat
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--tsdkd.num_candidates", "500"], "--tsdkd.num_candidates (500) must be <= the 400 tokens of the shared vocabulary"),
-        (["--teacher.sparse_top_k", "401"], "--teacher.sparse_top_k (401) must be <= the 400 tokens of the shared vocabulary"),
+        (
+            ["--tsdkd.num_candidates", "500"],
+            "--tsdkd.num_candidates (500) must be <= the 400 tokens of the shared vocabulary",
+        ),
+        (
+            ["--teacher.sparse_top_k", "401"],
+            "--teacher.sparse_top_k (401) must be <= the 400 tokens of the shared vocabulary",
+        ),
         (["--data.max_len", "4096"], "--data.max_len (4096) exceeds the position limit of --actor.model_name_or_path"),
-        (["--vllm.tensor_parallel_size", "2", "--vllm.num_engines", "1"], "--vllm.tensor_parallel_size (2) must divide the 1 attention heads"),
-        (["--ds.lora.rank", "8", "--ds.lora.target_modules", "q_prj"], "--ds.lora.target_modules q_prj names no module of --actor.model_name_or_path"),
+        (
+            ["--vllm.tensor_parallel_size", "2", "--vllm.num_engines", "1"],
+            "--vllm.tensor_parallel_size (2) must divide the 1 attention heads",
+        ),
+        (
+            ["--ds.lora.rank", "8", "--ds.lora.target_modules", "q_prj"],
+            "--ds.lora.target_modules q_prj names no module of --actor.model_name_or_path",
+        ),
     ],
 )
 def test_ranges_that_depend_on_the_models(launch, capsys, flags, expected):
@@ -460,8 +517,18 @@ def test_an_output_directory_without_write_permission(launch, tmp_path, capsys):
 
 def test_a_valid_launch_leaves_nothing_behind(launch, tmp_path, capsys):
     """The probes are made and removed; the run's directories are created by the run, not the preflight."""
-    main(launch("--ckpt.save_steps", "1", "--ckpt.path", str(tmp_path / "ckpt"),
-                "--ckpt.output_dir", str(tmp_path / "model"), "--logger.tensorboard_dir", str(tmp_path / "tb")))
+    main(
+        launch(
+            "--ckpt.save_steps",
+            "1",
+            "--ckpt.path",
+            str(tmp_path / "ckpt"),
+            "--ckpt.output_dir",
+            str(tmp_path / "model"),
+            "--logger.tensorboard_dir",
+            str(tmp_path / "tb"),
+        )
+    )
     assert '"shared_vocab_size": 400' in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -470,7 +537,11 @@ def test_a_valid_launch_leaves_nothing_behind(launch, tmp_path, capsys):
     "script, flag, expected",
     [
         (None, "--reward.remote_url", "does not exist; point it at a Python file that defines reward_func"),
-        ("def reward(q, p, l):\n    return q\n", "--reward.remote_url", "does not define reward_func(queries, prompts, labels)"),
+        (
+            "def reward(q, p, l):\n    return q\n",
+            "--reward.remote_url",
+            "does not define reward_func(queries, prompts, labels)",
+        ),
         ("def reward_func(q, p, l)\n", "--reward.remote_url", "has a syntax error (line 1"),
         (None, "--train.agent_func_path", "does not exist; point it at a Python file that defines class AgentExecutor"),
     ],
@@ -504,14 +575,26 @@ def test_a_checkpoint_that_is_not_deepspeeds(launch, tmp_path, capsys):
 @pytest.mark.parametrize(
     "files, flags, expected",
     [
-        ({"mp_rank_00_model_states.pt": {"module": {"model.model.embed_tokens.weight": torch.zeros(10, 3)}}}, [],
-         "was saved from another model (model.embed_tokens.weight is [10, 3] there, [448, 64] in "
-         "--actor.model_name_or_path"),
-        ({"mp_rank_00_model_states.pt": {"module": {}}, "zero_pp_rank_0_mp_rank_00_optim_states.pt": {},
-          "zero_pp_rank_1_mp_rank_00_optim_states.pt": {}}, [],
-         "was saved by 2 data-parallel rank(s), this launch has 8"),
-        ({"mp_rank_00_model_states.pt": {"module": {}}}, ["--ds.zero_stage", "3"],
-         "was saved with --ds.zero_stage 0, 1 or 2, this launch uses --ds.zero_stage 3"),
+        (
+            {"mp_rank_00_model_states.pt": {"module": {"model.model.embed_tokens.weight": torch.zeros(10, 3)}}},
+            [],
+            "was saved from another model (model.embed_tokens.weight is [10, 3] there, [448, 64] in "
+            "--actor.model_name_or_path",
+        ),
+        (
+            {
+                "mp_rank_00_model_states.pt": {"module": {}},
+                "zero_pp_rank_0_mp_rank_00_optim_states.pt": {},
+                "zero_pp_rank_1_mp_rank_00_optim_states.pt": {},
+            },
+            [],
+            "was saved by 2 data-parallel rank(s), this launch has 8",
+        ),
+        (
+            {"mp_rank_00_model_states.pt": {"module": {}}},
+            ["--ds.zero_stage", "3"],
+            "was saved with --ds.zero_stage 0, 1 or 2, this launch uses --ds.zero_stage 3",
+        ),
     ],
 )
 def test_a_checkpoint_that_does_not_fit_the_launch(launch, tmp_path, capsys, files, flags, expected):
@@ -536,8 +619,9 @@ def fake_teacher_server(toy_tokenizer):
     def logits_of(tokens):
         return torch.randn(len(tokens), 512, generator=torch.Generator().manual_seed(len(tokens)))
 
-    with FakeVLLMServer(logits_of, served_model_name="toy-teacher", max_logprobs=64, max_model_len=97,
-                        tokenizer=toy_tokenizer) as fake:
+    with FakeVLLMServer(
+        logits_of, served_model_name="toy-teacher", max_logprobs=64, max_model_len=97, tokenizer=toy_tokenizer
+    ) as fake:
         yield fake
 
 
@@ -552,14 +636,17 @@ def test_a_served_teacher_is_accepted_and_starts_no_teacher_group(launch, fake_t
     assert '"placement": "server"' in out and '"teacher": 0' in out and '"shared_vocab_size": 400' in out
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--teacher.remote_url", "localhost:8000"], "--teacher.remote_url: 'localhost:8000' is not an http(s) URL"),
-    (["--teacher.placement", "colocate"], "--teacher.placement colocate loads the teacher into the policy actors"),
-    (["--teacher.num_gpus_per_node", "2"], "--teacher.num_gpus_per_node 2 sizes a teacher group, but with"),
-    (["--teacher.offload"], "--teacher.offload offloads a teacher loaded in the job"),
-    (["--tsdkd.temperature", "2"], "a vLLM server gives prompt log-probs at temperature 1 only"),
-    (["--teacher.remote_top_k", "8"], "--teacher.remote_top_k 8 must be >= --teacher.sparse_top_k 16"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--teacher.remote_url", "localhost:8000"], "--teacher.remote_url: 'localhost:8000' is not an http(s) URL"),
+        (["--teacher.placement", "colocate"], "--teacher.placement colocate loads the teacher into the policy actors"),
+        (["--teacher.num_gpus_per_node", "2"], "--teacher.num_gpus_per_node 2 sizes a teacher group, but with"),
+        (["--teacher.offload"], "--teacher.offload offloads a teacher loaded in the job"),
+        (["--tsdkd.temperature", "2"], "a vLLM server gives prompt log-probs at temperature 1 only"),
+        (["--teacher.remote_top_k", "8"], "--teacher.remote_top_k 8 must be >= --teacher.sparse_top_k 16"),
+    ],
+)
 def test_served_teacher_flags_that_make_no_sense_are_refused(launch, capsys, extra, words):
     assert words in refused(served(launch, "http://127.0.0.1:9", *extra), capsys)
 
@@ -573,9 +660,12 @@ def test_a_teacher_server_that_is_not_there_or_not_the_teacher_is_refused(launch
     url = fake_teacher_server.url
     line = refused(served(launch, url, teacher="Qwen/Qwen2.5-14B-Instruct"), capsys)
     assert f"--teacher.model_name_or_path 'Qwen/Qwen2.5-14B-Instruct' is not served at {url}" in line
-    assert "restart it with --max-model-len 129 or more" in refused(served(launch, url, "--data.max_len", "128"), capsys)
-    assert "restart it with --max-logprobs 100 or more" in refused(served(launch, url, "--teacher.remote_top_k", "100"),
-                                                                    capsys)
+    assert "restart it with --max-model-len 129 or more" in refused(
+        served(launch, url, "--data.max_len", "128"), capsys
+    )
+    assert "restart it with --max-logprobs 100 or more" in refused(
+        served(launch, url, "--teacher.remote_top_k", "100"), capsys
+    )
     fake_teacher_server.decode_override = {57: "zz"}  # another vocabulary behind the same name
     line = refused(served(launch, url), capsys)
     assert "does not use the student's tokenizer" in line and "token id 57 is 'zz' there" in line

@@ -24,7 +24,7 @@ from tsdkd_plugin.host.numerics import (
     response_health,
     zero_surrogate,
 )
-from tsdkd_plugin.objective import TSDKDConfig, tsdkd_loss, teacher_signals_from_logits
+from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_logits, tsdkd_loss
 
 VOCAB, EOS = 23, 22
 CONFIG = TSDKDConfig(num_candidates=3, indirect_level="both", sparse_top_k=6)
@@ -95,7 +95,9 @@ def test_single_token_empty_and_extreme_rows_stay_finite(dtype):
         candidate_ids=distinct_candidates(4, 5, generator), sampled_ids=sampled,
     )  # fmt: skip
     logits = student.to(dtype).requires_grad_(True)
-    loss, metrics = tsdkd_loss(logits, teacher, mask, CONFIG, shared_vocab_size=VOCAB, sampled_ids=sampled, group_size=2)
+    loss, metrics = tsdkd_loss(
+        logits, teacher, mask, CONFIG, shared_vocab_size=VOCAB, sampled_ids=sampled, group_size=2
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad.float()).all()
     assert all(math.isfinite(v) for v in metrics.values())
@@ -157,12 +159,18 @@ def make_trainer(tmp_path, max_nonfinite_steps=3):
     from tsdkd_plugin.host.teachers import ShippedSignals
 
     args = SimpleNamespace(ds=SimpleNamespace(zero_stage=0), ckpt=SimpleNamespace(path=str(tmp_path / "ckpt")))
-    run = RunConfig(objective=CONFIG, teacher=TeacherConfig("teacher"), ranking_group_size=2,
-                    max_nonfinite_steps=max_nonfinite_steps)
+    run = RunConfig(
+        objective=CONFIG,
+        teacher=TeacherConfig("teacher"),
+        ranking_group_size=2,
+        max_nonfinite_steps=max_nonfinite_steps,
+    )
     trainer = TSDKDActorTrainer.__new__(TSDKDActorTrainer)  # no Ray/DeepSpeed: set what training_step reads
     trainer.args, trainer.strategy = args, PlainStrategy(args)
     trainer.actor = TinyStudent()
-    trainer.student = StudentForward(trainer.actor, run.student_logits)  # the default, fused: hidden states + output layer
+    trainer.student = StudentForward(
+        trainer.actor, run.student_logits
+    )  # the default, fused: hidden states + output layer
     trainer.actor_optim = torch.optim.SGD(trainer.actor.parameters(), lr=0.5)
     trainer.actor_scheduler = SimpleNamespace(get_last_lr=lambda: [0.5])
     trainer.ema_model = None

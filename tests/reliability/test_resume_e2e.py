@@ -50,29 +50,95 @@ RUN_TIMEOUT_S = 540
 RESUME_TOLERANCE = 1e-4  # relative difference of step-3 losses (docs/reliability.md: measured values)
 UPDATE_TOLERANCE = 1e-3  # relative difference of the step-3 weight update
 # Runs A, B, B': sampled rollouts, several micro-batches per step (the last value of a flag wins).
-SAMPLED_MICRO_BATCHES = ["--rollout.temperature", "1.0", "--rollout.micro_batch_size", "8",
-                         "--train.micro_batch_size", "4"]
+SAMPLED_MICRO_BATCHES = [
+    "--rollout.temperature",
+    "1.0",
+    "--rollout.micro_batch_size",
+    "8",
+    "--train.micro_batch_size",
+    "4",
+]
 PROG = "python -m openrlhf.cli.train_tsdkd"
 
 
 def command_args(student, teacher, prompts, out_dir):
     return [
-        "--actor.model_name_or_path", str(student), "--teacher.model_name_or_path", str(teacher),
-        "--teacher.placement", "separate", "--teacher.timeout_s", "120", "--teacher.max_retries", "1",
-        "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1", "--train.colocate_all",
-        "--vllm.num_engines", "1", "--vllm.tensor_parallel_size", "1", "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization", "0.5",
-        "--data.prompt_dataset", str(prompts), "--data.input_key", "prompt", "--data.label_key", "answer",
-        "--data.apply_chat_template", "--data.max_samples", "16", "--data.max_len", "96",
-        "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "16",
-        "--rollout.max_new_tokens", "16", "--rollout.temperature", "0",
-        "--train.batch_size", "16", "--train.micro_batch_size", "16", "--train.max_epochs", "1",
-        "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa",
-        "--actor.adam.lr", "1e-3", "--actor.lr_warmup_ratio", "0",
-        "--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", "16",
-        "--ckpt.path", str(out_dir / "ckpt"), "--ckpt.output_dir", str(out_dir / "model"),
-        "--ckpt.save_steps", "1", "--ckpt.max_num", "2", "--ckpt.load_enable",
-        "--logger.tensorboard_dir", str(out_dir / "tb"), "--logger.wandb.run_name", "reliability",
+        "--actor.model_name_or_path",
+        str(student),
+        "--teacher.model_name_or_path",
+        str(teacher),
+        "--teacher.placement",
+        "separate",
+        "--teacher.timeout_s",
+        "120",
+        "--teacher.max_retries",
+        "1",
+        "--actor.num_nodes",
+        "1",
+        "--actor.num_gpus_per_node",
+        "1",
+        "--train.colocate_all",
+        "--vllm.num_engines",
+        "1",
+        "--vllm.tensor_parallel_size",
+        "1",
+        "--vllm.enforce_eager",
+        "--vllm.gpu_memory_utilization",
+        "0.5",
+        "--data.prompt_dataset",
+        str(prompts),
+        "--data.input_key",
+        "prompt",
+        "--data.label_key",
+        "answer",
+        "--data.apply_chat_template",
+        "--data.max_samples",
+        "16",
+        "--data.max_len",
+        "96",
+        "--rollout.batch_size",
+        "4",
+        "--rollout.n_samples_per_prompt",
+        "4",
+        "--rollout.micro_batch_size",
+        "16",
+        "--rollout.max_new_tokens",
+        "16",
+        "--rollout.temperature",
+        "0",
+        "--train.batch_size",
+        "16",
+        "--train.micro_batch_size",
+        "16",
+        "--train.max_epochs",
+        "1",
+        "--ds.zero_stage",
+        "2",
+        "--ds.param_dtype",
+        "fp32",
+        "--ds.attn_implementation",
+        "sdpa",
+        "--actor.adam.lr",
+        "1e-3",
+        "--actor.lr_warmup_ratio",
+        "0",
+        "--tsdkd.indirect_level",
+        "both",
+        "--teacher.sparse_top_k",
+        "16",
+        "--ckpt.path",
+        str(out_dir / "ckpt"),
+        "--ckpt.output_dir",
+        str(out_dir / "model"),
+        "--ckpt.save_steps",
+        "1",
+        "--ckpt.max_num",
+        "2",
+        "--ckpt.load_enable",
+        "--logger.tensorboard_dir",
+        str(out_dir / "tb"),
+        "--logger.wandb.run_name",
+        "reliability",
     ]
 
 
@@ -87,8 +153,13 @@ class Launch:
             env["TSDKD_FAULT_INJECT"] = faults
         self.log_file = log_file
         self._log = open(log_file, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "openrlhf.cli.train_tsdkd", *argv], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "openrlhf.cli.train_tsdkd", *argv],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float) -> int:
         try:
@@ -208,8 +279,13 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
     for step in (2, 3):  # the resumed run's first two steps
         for tag in ("train/rollout/reward_mean", "train/rollout/response_length_mean"):  # same prompts, same samples
             assert scalars_b[tag][step] == pytest.approx(scalars_a[tag][step], rel=RESUME_TOLERANCE), (step, tag)
-        for tag in ("train/policy_loss", "train/tsdkd/loss_direct", "train/tsdkd/loss_indirect_token",
-                    "train/tsdkd/loss_indirect_sequence", "train/tsdkd/loss_entropy"):
+        for tag in (
+            "train/policy_loss",
+            "train/tsdkd/loss_direct",
+            "train/tsdkd/loss_indirect_token",
+            "train/tsdkd/loss_indirect_sequence",
+            "train/tsdkd/loss_entropy",
+        ):
             a, b = scalars_a[tag][step], scalars_b[tag][step]
             print(f"step {step} {tag}: A={a!r} resumed={b!r} relative difference {relative_difference(a, b):.1e}")
             assert relative_difference(a, b) <= RESUME_TOLERANCE, (step, tag, a, b)
@@ -236,8 +312,9 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
         assert 0.0 <= scalars_b[tag][3] <= 1.0, tag
 
 
-def test_hung_teacher_repeated_nan_steps_and_a_model_vllm_cannot_load(tmp_path, toy_student_dir, toy_teacher_dir,
-                                                                      arith_data_dir):
+def test_hung_teacher_repeated_nan_steps_and_a_model_vllm_cannot_load(
+    tmp_path, toy_student_dir, toy_teacher_dir, arith_data_dir
+):
     """Three more launches of the same command, at the same time (separate private Ray clusters):
 
     C  the teacher's forward never returns in step 2 (teacher_hang_at_call=2). Each attempt is

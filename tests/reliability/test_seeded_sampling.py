@@ -65,8 +65,13 @@ def generator(monkeypatch, toy_student_dir):
         data=SimpleNamespace(disable_fast_tokenizer=False),
     )
     strategy = SimpleNamespace(args=args)
-    made = Generator(strategy, None, None, tokenizer="the-trainer's-tokenizer",
-                     vllm_engines=[FakeEngine("e0", calls), FakeEngine("e1", calls)])
+    made = Generator(
+        strategy,
+        None,
+        None,
+        tokenizer="the-trainer's-tokenizer",
+        vllm_engines=[FakeEngine("e0", calls), FakeEngine("e1", calls)],
+    )
     made.sampling_seed = 42
     return made, calls
 
@@ -100,8 +105,11 @@ def sample(prompt, tokens):
 
 
 def test_rollout_order_is_fixed_by_content_and_keeps_prompt_groups():
-    groups = [[sample("b", [1, 2]), sample("b", [1, 3])], [sample("a", [5]), sample("a", [4])],
-              [sample("c", [0]), sample("c", [9])]]
+    groups = [
+        [sample("b", [1, 2]), sample("b", [1, 3])],
+        [sample("a", [5]), sample("a", [4])],
+        [sample("c", [0]), sample("c", [9])],
+    ]
     expected = ordered_by_content([s for g in groups for s in g], 2)
     for order in ([2, 0, 1], [1, 2, 0], [0, 1, 2]):  # vLLM's completion order varies; the result does not
         arrived = [s for i in order for s in groups[i]]

@@ -35,8 +35,9 @@ class FlakyTeacher:
 
 def test_a_transient_failure_is_retried():
     teacher = FlakyTeacher(1, ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready."))
-    result = get_with_retries(teacher.submit, timeout_s=5, max_retries=2, what="teacher", get=teacher.get,
-                              sleep=lambda s: None)
+    result = get_with_retries(
+        teacher.submit, timeout_s=5, max_retries=2, what="teacher", get=teacher.get, sleep=lambda s: None
+    )
     assert result == [["signals"]] and teacher.calls == 2 and teacher.timeouts == [5, 5]
 
 
@@ -44,8 +45,9 @@ def test_retries_are_bounded():
     pauses = []
     teacher = FlakyTeacher(10, ray.exceptions.RayActorError())
     with pytest.raises(RetriesExhausted) as exhausted:
-        get_with_retries(teacher.submit, timeout_s=0.5, max_retries=2, what="teacher", get=teacher.get,
-                         sleep=pauses.append)
+        get_with_retries(
+            teacher.submit, timeout_s=0.5, max_retries=2, what="teacher", get=teacher.get, sleep=pauses.append
+        )
     assert teacher.calls == 3 and exhausted.value.attempts == 3
     assert pauses == [0.5, 0.5]  # the pause is capped by the timeout: total <= 3 x (timeout + pause)
     assert first_line(exhausted.value.last_error).startswith("RayActorError")
@@ -54,8 +56,9 @@ def test_retries_are_bounded():
 def test_other_errors_are_not_retried():
     teacher = FlakyTeacher(1, KeyError("bug"))
     with pytest.raises(KeyError):
-        get_with_retries(teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get,
-                         sleep=lambda s: None)
+        get_with_retries(
+            teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get, sleep=lambda s: None
+        )
     assert teacher.calls == 1
 
 
@@ -88,15 +91,17 @@ def test_a_deterministic_teacher_error_is_not_retried():
     bug = ray.exceptions.RayTaskError("forward", "Traceback ...", ValueError("teacher logits have the wrong shape"))
     teacher = FlakyTeacher(1, bug.as_instanceof_cause())
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
-        get_with_retries(teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get,
-                         sleep=lambda s: None)
+        get_with_retries(
+            teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get, sleep=lambda s: None
+        )
     assert teacher.calls == 1
     assert worker_error_line(raised.value) == "ValueError: teacher logits have the wrong shape"
 
     lost = ray.exceptions.RayTaskError("forward", "Traceback ...", ConnectionError("connection reset by peer"))
     teacher = FlakyTeacher(1, lost.as_instanceof_cause())
-    assert get_with_retries(teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get,
-                            sleep=lambda s: None) == [["signals"]]
+    assert get_with_retries(
+        teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get, sleep=lambda s: None
+    ) == [["signals"]]
     assert teacher.calls == 2
 
 
@@ -111,12 +116,14 @@ def ray_group_teacher(policy_answers, teacher_get, monkeypatch, max_retries=2):
         return policy_answers if refs == ["policy"] else teacher_get(refs, timeout)
 
     monkeypatch.setattr(ray, "get", get)  # the policy group's answers (teachers.base.run_on_policy_group)
-    monkeypatch.setattr(ray_group, "get_with_retries", functools.partial(get_with_retries, get=get,
-                                                                         sleep=lambda s: None))
+    monkeypatch.setattr(
+        ray_group, "get_with_retries", functools.partial(get_with_retries, get=get, sleep=lambda s: None)
+    )
     policy = SimpleNamespace(async_run_method_batch=lambda method_name, **batch: ["policy"])
     group = SimpleNamespace(async_run_method_batch=lambda method_name, **batch: [])  # no refs: ray.cancel never runs
-    run = RunConfig(objective=TSDKDConfig(),
-                    teacher=TeacherConfig("/models/teacher", timeout_s=30.0, max_retries=max_retries))
+    run = RunConfig(
+        objective=TSDKDConfig(), teacher=TeacherConfig("/models/teacher", timeout_s=30.0, max_retries=max_retries)
+    )
     return ray_group.RayGroupTeacher(policy, group, run, duplicate_factor=1, ckpt_path="/nonexistent/ckpt")
 
 
@@ -129,8 +136,9 @@ def step_samples(micro_batches=2):
 
 def test_the_ray_group_teacher_returns_one_dict_per_micro_batch_and_times_its_phases(monkeypatch):
     shipped = [{"sequence_scores": torch.tensor([-1.0, -2.0])}, {"sequence_scores": torch.tensor([-3.0, -4.0])}]
-    teacher = ray_group_teacher([[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]],
-                                lambda refs, timeout: [shipped[:1], shipped[1:]], monkeypatch)
+    teacher = ray_group_teacher(
+        [[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]], lambda refs, timeout: [shipped[:1], shipped[1:]], monkeypatch
+    )
     times = {}
     assert teacher.signals(step_samples(), times) == shipped
     assert set(times) == {"tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring"}
@@ -165,8 +173,7 @@ def test_the_ray_group_teacher_stops_after_its_retries(monkeypatch):
         calls.append(timeout)
         raise ray.exceptions.RayActorError()
 
-    teacher = ray_group_teacher([[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]], dead_get, monkeypatch,
-                                max_retries=1)
+    teacher = ray_group_teacher([[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]], dead_get, monkeypatch, max_retries=1)
     with pytest.raises(Unavailable) as stopped:
         teacher.signals(step_samples(), {})
     message = str(stopped.value)

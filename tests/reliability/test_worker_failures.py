@@ -22,11 +22,13 @@ ARGS = SimpleNamespace(
 
 def worker_error(actor_method: str, traceback_lines, cause: BaseException):
     """The RayTaskError the driver gets when `actor_method` raised `cause` in a worker."""
-    traceback = "Traceback (most recent call last):\n" + "".join(f'  File "w.py", line 1, in {line}\n'
-                                                                 for line in traceback_lines)
+    traceback = "Traceback (most recent call last):\n" + "".join(
+        f'  File "w.py", line 1, in {line}\n' for line in traceback_lines
+    )
     traceback += f"{type(cause).__name__}: {cause}"
-    return ray.exceptions.RayTaskError(actor_method.split(".")[-1], traceback, cause,
-                                       proctitle=f"ray::{actor_method}").as_instanceof_cause()
+    return ray.exceptions.RayTaskError(
+        actor_method.split(".")[-1], traceback, cause, proctitle=f"ray::{actor_method}"
+    ).as_instanceof_cause()
 
 
 def through_the_trainer(inner):
@@ -34,12 +36,15 @@ def through_the_trainer(inner):
     return worker_error("TSDKDTrainerImpl.fit", ["fit"], inner)
 
 
-@pytest.mark.parametrize("actor_method, flag, value", [
-    ("TeacherModelActor.init_model_from_pretrained", "--teacher.model_name_or_path", "/models/teacher"),
-    ("TSDKDPolicyActorImpl.init_model_from_pretrained", "--actor.model_name_or_path", "/models/student"),
-    ("TSDKDTrainerImpl.__init__", "--data.prompt_dataset", "/data/prompts.jsonl"),
-    ("TSDKDPolicyActorImpl.save_model", "--ckpt.output_dir", "/out/model"),
-])
+@pytest.mark.parametrize(
+    "actor_method, flag, value",
+    [
+        ("TeacherModelActor.init_model_from_pretrained", "--teacher.model_name_or_path", "/models/teacher"),
+        ("TSDKDPolicyActorImpl.init_model_from_pretrained", "--actor.model_name_or_path", "/models/student"),
+        ("TSDKDTrainerImpl.__init__", "--data.prompt_dataset", "/data/prompts.jsonl"),
+        ("TSDKDPolicyActorImpl.save_model", "--ckpt.output_dir", "/out/model"),
+    ],
+)
 def test_a_start_up_or_save_failure_names_the_flag_and_file(actor_method, flag, value):
     error = worker_error(actor_method, ["from_pretrained", "_load"], OSError("Unable to load weights from model.bin"))
     assert failing_worker(error) == tuple(actor_method.split("."))
@@ -60,11 +65,14 @@ def test_a_checkpoint_deepspeed_cannot_load_names_the_tag(tmp_path):
     actor_dir = tmp_path / "ckpt" / "_actor"
     (actor_dir / "global_step2").mkdir(parents=True)
     (actor_dir / "latest").write_text("global_step2")
-    args = SimpleNamespace(**{**vars(ARGS), "ckpt": SimpleNamespace(path=str(tmp_path / "ckpt"), output_dir="/o",
-                                                                     load_enable=True)})
-    error = worker_error("TSDKDPolicyActorImpl.init_model_from_pretrained",
-                         ["init_model_from_pretrained", "load_ckpt", "load_checkpoint", "_load_checkpoint"],
-                         KeyError("module"))
+    args = SimpleNamespace(
+        **{**vars(ARGS), "ckpt": SimpleNamespace(path=str(tmp_path / "ckpt"), output_dir="/o", load_enable=True)}
+    )
+    error = worker_error(
+        "TSDKDPolicyActorImpl.init_model_from_pretrained",
+        ["init_model_from_pretrained", "load_ckpt", "load_checkpoint", "_load_checkpoint"],
+        KeyError("module"),
+    )
     failure = worker_failure_report(error, args)
     assert failure.input_flag == "--ckpt.load_enable"
     assert f"DeepSpeed could not load the checkpoint {actor_dir / 'global_step2'}" in failure.message
@@ -73,9 +81,11 @@ def test_a_checkpoint_deepspeed_cannot_load_names_the_tag(tmp_path):
 
 def test_an_actor_that_died_in_its_constructor_is_reported_with_its_last_line():
     """Ray's ActorDiedError embeds the constructor's traceback in its message."""
-    text = ("The actor died because of an error raised in its creation task, ray::RolloutRayActor.__init__() "
-            "(pid=1, ip=1.2.3.4)\n  File \"vllm/engine.py\", line 9, in __init__\n    raise ValueError(...)\n"
-            "ValueError: Model architectures ['FooForCausalLM'] are not supported for now.")
+    text = (
+        "The actor died because of an error raised in its creation task, ray::RolloutRayActor.__init__() "
+        '(pid=1, ip=1.2.3.4)\n  File "vllm/engine.py", line 9, in __init__\n    raise ValueError(...)\n'
+        "ValueError: Model architectures ['FooForCausalLM'] are not supported for now."
+    )
     error = type("ActorDiedError", (ray.exceptions.RayActorError,), {"__str__": lambda self: text})()
     failure = worker_failure_report(error, ARGS)
     assert failure.input_flag == "--actor.model_name_or_path" and "'/models/student'" in failure.message
@@ -84,8 +94,11 @@ def test_an_actor_that_died_in_its_constructor_is_reported_with_its_last_line():
 
 
 def test_a_failure_while_training_is_not_blamed_on_an_input():
-    error = through_the_trainer(worker_error("TSDKDPolicyActorImpl.fit", ["fit", "training_step"],
-                                             RuntimeError("CUDA error: an illegal memory access")))
+    error = through_the_trainer(
+        worker_error(
+            "TSDKDPolicyActorImpl.fit", ["fit", "training_step"], RuntimeError("CUDA error: an illegal memory access")
+        )
+    )
     failure = worker_failure_report(error, ARGS)
     assert failure.input_flag is None and failure.message.startswith("a Ray worker failed (TSDKDPolicyActorImpl.fit)")
     assert worker_error_line(error) == "RuntimeError: CUDA error: an illegal memory access"

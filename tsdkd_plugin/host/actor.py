@@ -28,10 +28,9 @@ import functools
 import os
 from types import SimpleNamespace
 
+import openrlhf.trainer.ray.ppo_actor as upstream_ppo_actor
 import ray
 import torch
-
-import openrlhf.trainer.ray.ppo_actor as upstream_ppo_actor
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
@@ -122,7 +121,9 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         if getattr(self.actor, "packing_samples", False):  # upstream's Actor sets it only when it loads the model
             # The objective and the teacher signals are per padded [B, T] row; upstream's packed
             # [1, total] layout (and ring attention, which needs it) is refused before launch too.
-            raise ValueError("TSD-KD does not support --ds.packing_samples (or --ds.ring_attn_size > 1, which implies it)")
+            raise ValueError(
+                "TSD-KD does not support --ds.packing_samples (or --ds.ring_attn_size > 1, which implies it)"
+            )
         # How the student reaches the objective: hidden states + output embedding, chunked (fused,
         # the default), or upstream Actor's full logits (host/student_step.py).
         self.student = StudentForward(unwrap_hf_model(self.actor), run.student_logits)
@@ -150,8 +151,9 @@ class TSDKDActorTrainer(ActorPPOTrainer):
 
     def _student_forward(self, sequences, attention_mask, num_actions) -> StudentOutputs:
         """Upstream Actor.forward on the batch, giving the objective hidden states (fused) or logits (full)."""
-        return self.student(self.actor, sequences, attention_mask, num_actions,
-                            ring_attn_group=self.strategy.ring_attn_group)
+        return self.student(
+            self.actor, sequences, attention_mask, num_actions, ring_attn_group=self.strategy.ring_attn_group
+        )
 
     def _output_weight(self):
         """The student's output embedding for the fused objective (gathered under ZeRO-3), or None."""
@@ -164,8 +166,13 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         """[B, A, k]: the student's top-k shared token ids at every response position."""
         student = self._student_forward(sequences, attention_mask, num_actions)
         with self._output_weight() as weight:
-            return student_top_k(student, weight, self.shared_vocab_size, self.run.objective.num_candidates,
-                                 self.run.objective.chunk_size)
+            return student_top_k(
+                student,
+                weight,
+                self.shared_vocab_size,
+                self.run.objective.num_candidates,
+                self.run.objective.chunk_size,
+            )
 
     def training_step(
         self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
@@ -175,8 +182,9 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         action_mask = experience.action_mask
         num_actions = action_mask.shape[1]
         sequences = experience.sequences
-        micro_batch = MicroBatch(sequences, experience.attention_mask, num_actions,
-                                 shipped=signals_to_device(experience.tsdkd, device))
+        micro_batch = MicroBatch(
+            sequences, experience.attention_mask, num_actions, shipped=signals_to_device(experience.tsdkd, device)
+        )
 
         student = self._student_forward(sequences, experience.attention_mask, num_actions)
 
@@ -239,8 +247,11 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             if isinstance(v, torch.Tensor):
                 metrics[k] = v
                 weights[k] = "token" if v.dim() == 0 else "sample"
-        for name, value in (("response_length", experience.response_length),
-                            ("total_length", experience.total_length), ("truncated", experience.truncated)):
+        for name, value in (
+            ("response_length", experience.response_length),
+            ("total_length", experience.total_length),
+            ("truncated", experience.truncated),
+        ):
             if isinstance(value, torch.Tensor):
                 metrics[name] = value
                 weights[name] = "sample"
@@ -262,7 +273,12 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
     """Policy actor with the TSD-KD trainer, student candidates, and the teacher's actor-side half."""
 
     def init_model_from_pretrained(
-        self, strategy, pretrain, max_steps=None, vllm_engines=None, run: RunConfig | None = None,
+        self,
+        strategy,
+        pretrain,
+        max_steps=None,
+        vllm_engines=None,
+        run: RunConfig | None = None,
         shared_vocab_size: int | None = None,
     ):
         """`run`: the run's options (validated by the CLI); `shared_vocab_size`: the token ids both models

@@ -26,8 +26,11 @@ from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_F
 
 # TSDKDConfig's names are plain `str` fields checked against these tuples (its module is torch-only).
 OBJECTIVE_CHOICES = {
-    "gate": GATE_KINDS, "indirect_level": INDIRECT_LEVELS, "listmle_form": LISTMLE_FORMS,
-    "direct_reduction": REDUCTIONS, "entropy_reduction": REDUCTIONS,
+    "gate": GATE_KINDS,
+    "indirect_level": INDIRECT_LEVELS,
+    "listmle_form": LISTMLE_FORMS,
+    "direct_reduction": REDUCTIONS,
+    "entropy_reduction": REDUCTIONS,
 }
 
 # Upstream flags whose train_ppo_ray default would be wrong for distillation.
@@ -57,7 +60,7 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(config_class: type) -> dict[str, str]:
     """The docstring under each field of a config dataclass (fields are documented in place;
     argparse shows it as the flag's help)."""
@@ -104,8 +107,9 @@ def _add_field_flag(group, config_class: type, field: dataclasses.Field, flag: s
     if arg_type is _str2bool:
         extra.update(nargs="?", const=True, metavar="{true,false}")  # a bare --teacher.offload is true
     help_text = field_docs(config_class).get(field.name) or field.name.replace("_", " ")
-    group.add_argument(flag, type=arg_type, default=default, **extra,
-                       help=f"{help_text} (default: {shown_default}{note})")
+    group.add_argument(
+        flag, type=arg_type, default=default, **extra, help=f"{help_text} (default: {shown_default}{note})"
+    )
 
 
 def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,24 +121,40 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
             _add_field_flag(teacher, TSDKDConfig, field, f"--teacher.{field.name}", default=_field_default(field))
 
     objective = parser.add_argument_group("TSD-KD objective (--tsdkd.*): see docs/objective.md")
-    objective.add_argument("--tsdkd.preset", type=str, default=None, metavar="{" + ",".join(PRESETS) + "}",
-                           help="start from a named set of objective values: 'reference' (the authors' code: "
-                                "micro-batch means, entropy over the top 90%% of tokens; the defaults) or 'paper' "
-                                "(per-response means, entropy over the top 10%% of each response). A --tsdkd.* "
-                                "flag given explicitly always overrides the preset")
+    objective.add_argument(
+        "--tsdkd.preset",
+        type=str,
+        default=None,
+        metavar="{" + ",".join(PRESETS) + "}",
+        help="start from a named set of objective values: 'reference' (the authors' code: "
+        "micro-batch means, entropy over the top 90%% of tokens; the defaults) or 'paper' "
+        "(per-response means, entropy over the top 10%% of each response). A --tsdkd.* "
+        "flag given explicitly always overrides the preset",
+    )
     for field in dataclasses.fields(TSDKDConfig):
         if field.name in OBJECTIVE_FIELDS_UNDER_TEACHER:
             continue
-        in_presets = "; ".join(f"--tsdkd.preset {name}: {values[field.name]}"
-                               for name, values in PRESETS.items() if field.name in values)
+        in_presets = "; ".join(
+            f"--tsdkd.preset {name}: {values[field.name]}" for name, values in PRESETS.items() if field.name in values
+        )
         # default None = "not given": the preset (or the config's default) applies; see objective_from_args.
-        _add_field_flag(objective, TSDKDConfig, field, f"--tsdkd.{field.name}", default=None,
-                        note=f"; {in_presets}" if in_presets else "")
+        _add_field_flag(
+            objective,
+            TSDKDConfig,
+            field,
+            f"--tsdkd.{field.name}",
+            default=None,
+            note=f"; {in_presets}" if in_presets else "",
+        )
     for field in dataclasses.fields(RunConfig):
         if field.metadata.get("flag", True):
             _add_field_flag(objective, RunConfig, field, f"--tsdkd.{field.name}", default=_field_default(field))
-    objective.add_argument("--tsdkd.dry_run", action="store_true", default=False,
-                           help="validate everything, print the resolved plan (groups, GPUs, nodes) and exit")
+    objective.add_argument(
+        "--tsdkd.dry_run",
+        action="store_true",
+        default=False,
+        help="validate everything, print the resolved plan (groups, GPUs, nodes) and exit",
+    )
 
     parser.set_defaults(**TSDKD_UPSTREAM_DEFAULTS)
     # Upstream names runs "ppo_<date>"; the tensorboard/wandb run of a TSD-KD job says what it is.
@@ -147,8 +167,11 @@ def objective_from_args(args: SimpleNamespace) -> TSDKDConfig:
     preset = args.tsdkd.preset
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"--tsdkd.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    given = {f.name: getattr(args.tsdkd, f.name) for f in dataclasses.fields(TSDKDConfig)
-             if f.name not in OBJECTIVE_FIELDS_UNDER_TEACHER and getattr(args.tsdkd, f.name) is not None}
+    given = {
+        f.name: getattr(args.tsdkd, f.name)
+        for f in dataclasses.fields(TSDKDConfig)
+        if f.name not in OBJECTIVE_FIELDS_UNDER_TEACHER and getattr(args.tsdkd, f.name) is not None
+    }
     values = {**(PRESETS[preset] if preset else {}), **given}
     for name in OBJECTIVE_FIELDS_UNDER_TEACHER:
         values[name] = getattr(args.teacher, name)
@@ -168,7 +191,9 @@ def run_config_from_args(args: SimpleNamespace) -> RunConfig:
     try:
         objective = objective_from_args(args)
         teacher = TeacherConfig(**{f.name: getattr(args.teacher, f.name) for f in dataclasses.fields(TeacherConfig)})
-        flags = {f.name: getattr(args.tsdkd, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("flag", True)}
+        flags = {
+            f.name: getattr(args.tsdkd, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("flag", True)
+        }
         # A prompt's n samples are ranked against each other, so they must share a micro-batch.
         group_size = args.rollout.n_samples_per_prompt if objective.sequence_level_on else 1
         return RunConfig(objective=objective, teacher=teacher, ranking_group_size=group_size, **flags)

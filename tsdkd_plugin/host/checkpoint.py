@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import zipfile
-from typing import Callable, Dict, Iterable, List, Optional
+from collections.abc import Callable, Iterable
 
 LATEST_FILE = "latest"
 STAGING_SUFFIX = ".partial"
@@ -37,12 +37,12 @@ def actor_checkpoint_dir(ckpt_path: str) -> str:
     return os.path.join(ckpt_path, "_actor")
 
 
-def fresh_checkpoint_states() -> Dict:
+def fresh_checkpoint_states() -> dict:
     """The states upstream's PPOTrainer.fit starts from when there is nothing to resume."""
     return {"episode": 0, "global_step": 0, "total_consumed_prompts": 0, "data_loader_state_dict": {}}
 
 
-def read_latest(ckpt_dir: str) -> Optional[str]:
+def read_latest(ckpt_dir: str) -> str | None:
     try:
         with open(os.path.join(ckpt_dir, LATEST_FILE)) as handle:
             return handle.read().strip() or None
@@ -69,7 +69,7 @@ def _is_leftover(name: str) -> bool:
     return name.endswith((STAGING_SUFFIX, REPLACED_SUFFIX))
 
 
-def _tag_dirs(ckpt_dir: str) -> List[str]:
+def _tag_dirs(ckpt_dir: str) -> list[str]:
     return [d for d in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, d))]
 
 
@@ -77,7 +77,7 @@ def _size_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def rotate_checkpoints(ckpt_dir: str, max_num: int, max_mem_gib: float, new_tag: str) -> List[str]:
+def rotate_checkpoints(ckpt_dir: str, max_num: int, max_mem_gib: float, new_tag: str) -> list[str]:
     """Delete what the limits exclude; returns the deleted directory names.
 
     Never deleted: the tag `latest` names, `new_tag`, and best_* tags other than by a newer best."""
@@ -88,7 +88,7 @@ def rotate_checkpoints(ckpt_dir: str, max_num: int, max_mem_gib: float, new_tag:
         doomed += [d for d in names if d.startswith(BEST_PREFIX) and not _is_leftover(d) and d not in protected]
     regular = [d for d in names if not d.startswith(BEST_PREFIX) and not _is_leftover(d)]
     regular.sort(key=lambda d: (os.path.getmtime(os.path.join(ckpt_dir, d)), d), reverse=True)  # newest first
-    doomed += [d for d in regular[max(max_num, 1):] if d not in protected]
+    doomed += [d for d in regular[max(max_num, 1) :] if d not in protected]
     for name in doomed:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     survivors = [d for d in regular if d not in doomed]
@@ -108,13 +108,13 @@ def save_checkpoint_atomically(
     ckpt_dir: str,
     tag: str,
     *,
-    client_state: Dict,
+    client_state: dict,
     max_num: int,
     max_mem_gib: float,
     is_rank_0: bool,
     barrier: Callable[[], None],
-    write_metric: Optional[Callable[[str], None]] = None,
-    write_rank_files: Optional[Callable[[str], None]] = None,
+    write_metric: Callable[[str], None] | None = None,
+    write_rank_files: Callable[[str], None] | None = None,
 ) -> None:
     """Save `engine` (a DeepSpeedEngine) as `tag` in the steps of the module docstring.
 
@@ -160,7 +160,7 @@ def _load_model_states(path: str):
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def _first_model_states(files: List[str]) -> Optional[str]:
+def _first_model_states(files: list[str]) -> str | None:
     """The data-parallel rank-0 model-states file (ZeRO 0-2: mp_rank_00_…; ZeRO-3: zero_pp_rank_0_…)."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if name in files:
@@ -168,7 +168,7 @@ def _first_model_states(files: List[str]) -> Optional[str]:
     return next((f for f in files if f.endswith("model_states.pt")), None)
 
 
-def tag_problem(ckpt_dir: str, tag: str) -> Optional[str]:
+def tag_problem(ckpt_dir: str, tag: str) -> str | None:
     """Why `<ckpt_dir>/<tag>` is not a complete DeepSpeed checkpoint, or None."""
     tag_dir = os.path.join(ckpt_dir, tag)
     if not os.path.isdir(tag_dir):
@@ -193,7 +193,7 @@ def tag_problem(ckpt_dir: str, tag: str) -> Optional[str]:
     return None
 
 
-def checkpoint_parameter_shapes(tag_dir: str) -> Dict[str, tuple]:
+def checkpoint_parameter_shapes(tag_dir: str) -> dict[str, tuple]:
     """{parameter name: shape} recorded in a tag's model-states file (the module's state dict, or
     DeepSpeed's param_shapes under ZeRO-3), without reading the tensors."""
     name = _first_model_states(sorted(os.listdir(tag_dir)))
@@ -209,14 +209,14 @@ def checkpoint_parameter_shapes(tag_dir: str) -> Dict[str, tuple]:
     return shapes
 
 
-def complete_tags(ckpt_dir: str, exclude: Iterable[str] = ()) -> List[str]:
+def complete_tags(ckpt_dir: str, exclude: Iterable[str] = ()) -> list[str]:
     """Tags in ckpt_dir that look complete, newest first."""
     names = [d for d in _tag_dirs(ckpt_dir) if not _is_leftover(d) and d not in set(exclude)]
     names.sort(key=lambda d: os.path.getmtime(os.path.join(ckpt_dir, d)), reverse=True)
     return [d for d in names if tag_problem(ckpt_dir, d) is None]
 
 
-def checkpoint_problem(ckpt_dir: str) -> Optional[str]:
+def checkpoint_problem(ckpt_dir: str) -> str | None:
     """Why resuming from ckpt_dir (the `_actor` directory) would fail, as a clause naming the
     file and the fix; None when it would load, or when there is nothing to resume yet
     (no directory, or no `latest` because no save has completed: training starts at step 0)."""
@@ -240,8 +240,11 @@ def checkpoint_problem(ckpt_dir: str) -> Optional[str]:
     if problem is None:
         return None
     earlier = complete_tags(ckpt_dir, exclude=[tag] if tag else [])
-    fix = (f"write the name of a complete earlier tag ({', '.join(earlier[:3])}) into {latest_path}"
-           if earlier else "no complete tag is left")
+    fix = (
+        f"write the name of a complete earlier tag ({', '.join(earlier[:3])}) into {latest_path}"
+        if earlier
+        else "no complete tag is left"
+    )
     return f"the checkpoint to resume from is unusable: {problem}; {fix}, or move {ckpt_dir} away to start from step 0"
 
 
@@ -257,7 +260,7 @@ def rank_rng_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"tsdkd_rng_state_rank{rank}.pt")
 
 
-def capture_rng_state() -> Dict:
+def capture_rng_state() -> dict:
     """Python's, numpy's and torch's (CPU and CUDA) global RNG states of this process."""
     import random
 
@@ -270,7 +273,7 @@ def capture_rng_state() -> Dict:
     return state
 
 
-def restore_rng_state(state: Optional[Dict]) -> bool:
+def restore_rng_state(state: dict | None) -> bool:
     """Set this process's RNGs back to a `capture_rng_state()`; False when there is none to restore."""
     if not state:
         return False
@@ -311,5 +314,7 @@ def resume_hint(ckpt_path: str) -> str:
     tag = read_latest(ckpt_dir)
     if tag:
         return f"rerun the same command with --ckpt.load_enable to resume from {tag} in {ckpt_dir}"
-    return (f"rerun the same command to start over (no checkpoint was saved in {ckpt_dir}; "
-            f"--ckpt.save_steps N saves one every N steps)")
+    return (
+        f"rerun the same command to start over (no checkpoint was saved in {ckpt_dir}; "
+        f"--ckpt.save_steps N saves one every N steps)"
+    )

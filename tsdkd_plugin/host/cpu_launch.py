@@ -27,7 +27,7 @@ import argparse
 import os
 import runpy
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 PROG = "python -m tsdkd_plugin.host.cpu_launch"
 
@@ -94,7 +94,7 @@ def logical_gpus_for_ppo_ray(module_args: Sequence[str]) -> int:
     return total
 
 
-def _flag_value(module_args: Sequence[str], flag: str) -> Optional[str]:
+def _flag_value(module_args: Sequence[str], flag: str) -> str | None:
     """The last value given for `flag` ("--flag v" or "--flag=v"), or None."""
     value = None
     for i, arg in enumerate(module_args):
@@ -105,7 +105,7 @@ def _flag_value(module_args: Sequence[str], flag: str) -> Optional[str]:
     return value
 
 
-def flash_attention_problem(module: str, module_args: Sequence[str]) -> Optional[str]:
+def flash_attention_problem(module: str, module_args: Sequence[str]) -> str | None:
     """A sentence explaining why these arguments cannot run on CPU, or None."""
     if module not in FLASH_ATTENTION_DEFAULT_MODULES:
         return None
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     options = build_parser().parse_args(argv)
     module, module_args = options.module, list(options.module_args)
 

@@ -61,7 +61,7 @@ def cpu_mode() -> bool:
 
 
 def device_type() -> str:
-    """"cpu" in CPU mode, "cuda" otherwise."""
+    """ "cpu" in CPU mode, "cuda" otherwise."""
     return "cpu" if cpu_mode() else "cuda"
 
 

@@ -18,11 +18,9 @@ whole groups.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-
 from openrlhf.trainer.ppo_utils.experience import (
     Experience,
     make_experience_batch,
@@ -49,7 +47,7 @@ PER_SAMPLE_SIGNALS = (
 SIGNAL_KEYS = PER_TOKEN_SIGNALS + PER_SAMPLE_SIGNALS
 
 
-def split_signals(signals: Dict[str, torch.Tensor], batch_size: int) -> List[Dict[str, torch.Tensor]]:
+def split_signals(signals: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
     """One dict per sample; per-token tensors keep their (padded) token dimension."""
     rows = [dict() for _ in range(batch_size)]
     for key, value in signals.items():
@@ -62,12 +60,12 @@ def split_signals(signals: Dict[str, torch.Tensor], batch_size: int) -> List[Dic
     return rows
 
 
-def trim_signals(row: Dict[str, torch.Tensor], num_actions: int) -> Dict[str, torch.Tensor]:
+def trim_signals(row: dict[str, torch.Tensor], num_actions: int) -> dict[str, torch.Tensor]:
     """Drop right padding from one sample's per-token signals (as upstream trims action fields)."""
     return {k: (v[:num_actions] if k in PER_TOKEN_SIGNALS else v) for k, v in row.items()}
 
 
-def merge_signals(rows: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def merge_signals(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-sample dicts, right-padding per-token tensors to the longest response (zeros,
     masked out later by `action_mask`, exactly as `make_experience_batch` pads)."""
     merged = {}
@@ -96,7 +94,7 @@ class TeacherSignalReplayBuffer(NaiveReplayBuffer):
             )
         super().__init__(micro_train_batch_size // group_size, limit, cpu_offload, False, False)
         self.group_size = group_size
-        self.groups: List[List[Experience]] = []
+        self.groups: list[list[Experience]] = []
 
     @torch.no_grad()
     def append(self, experience: Experience) -> None:
@@ -121,7 +119,7 @@ class TeacherSignalReplayBuffer(NaiveReplayBuffer):
         if self.group_size == 1:
             self.groups = [[item] for item in self.items]
             return
-        by_group: Dict[int, List[Experience]] = {}
+        by_group: dict[int, list[Experience]] = {}
         for item in self.items:
             by_group.setdefault(int(item.tsdkd["group_ids"]), []).append(item)
         self.groups = list(by_group.values())
@@ -140,10 +138,10 @@ class TeacherSignalReplayBuffer(NaiveReplayBuffer):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, idx: int) -> List[Experience]:
+    def __getitem__(self, idx: int) -> list[Experience]:
         return self.groups[idx]
 
-    def collate_fn(self, batch: List[List[Experience]]) -> Experience:
+    def collate_fn(self, batch: list[list[Experience]]) -> Experience:
         items = list(itertools.chain.from_iterable(batch))
         experience = make_experience_batch(items, self.packing_samples)
         experience.tsdkd = merge_signals([item.tsdkd for item in items])
@@ -153,11 +151,11 @@ class TeacherSignalReplayBuffer(NaiveReplayBuffer):
         raise NotImplementedError("TeacherSignalReplayBuffer is consumed through its DataLoader")
 
 
-def signals_to_device(signals: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+def signals_to_device(signals: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in signals.items()}
 
 
-def group_ids_from_rollout_index(index: Optional[List[int]], n_samples_per_prompt: int) -> torch.Tensor:
+def group_ids_from_rollout_index(index: list[int] | None, n_samples_per_prompt: int) -> torch.Tensor:
     """Rollout samples are prompt-major (n consecutive samples per prompt, which is how
     upstream's `compute_advantages_and_returns` reshapes rewards), so the prompt of rollout
     sample i is i // n."""

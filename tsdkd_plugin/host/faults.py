@@ -27,7 +27,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 FAULT_INJECT_ENV = "TSDKD_FAULT_INJECT"
 KNOWN_FAULTS = (
@@ -46,7 +45,7 @@ class TrainingStoppedError(RuntimeError):
     Constructed with the message only, so it survives pickling across Ray processes."""
 
 
-def stop_reason(error: BaseException) -> Optional[TrainingStoppedError]:
+def stop_reason(error: BaseException) -> TrainingStoppedError | None:
     """The TrainingStoppedError behind `error`, or None.
 
     Ray re-raises a worker's exception as RayTaskError (a subclass of both RayTaskError and
@@ -104,22 +103,48 @@ def worker_error_line(error: BaseException, limit: int = 300) -> str:
 # for any, flag, the args attribute holding its value, what to check). Only start-up and saving are
 # listed: an error while training is not caused by one flag.
 WORKER_INPUTS = (
-    ("RolloutRayActor", None, "--actor.model_name_or_path", "actor.model_name_or_path",
-     "the vLLM engine could not load it: check that vLLM supports its architecture (config.json) and that it "
-     "fits --vllm.gpu_memory_utilization"),
-    ("TeacherModelActor", "init_model_from_pretrained", "--teacher.model_name_or_path", "teacher.model_name_or_path",
-     "the teacher group could not load it"),
-    ("TSDKDPolicyActorImpl", "init_model_from_pretrained", "--actor.model_name_or_path", "actor.model_name_or_path",
-     "the policy group could not load it"),
-    ("TSDKDTrainerImpl", "__init__", "--data.prompt_dataset", "data.prompt_dataset",
-     "the trainer could not load the prompts"),
-    ("TSDKDPolicyActorImpl", "save_model", "--ckpt.output_dir", "ckpt.output_dir", "the final model could not be saved"),
+    (
+        "RolloutRayActor",
+        None,
+        "--actor.model_name_or_path",
+        "actor.model_name_or_path",
+        "the vLLM engine could not load it: check that vLLM supports its architecture (config.json) and that it "
+        "fits --vllm.gpu_memory_utilization",
+    ),
+    (
+        "TeacherModelActor",
+        "init_model_from_pretrained",
+        "--teacher.model_name_or_path",
+        "teacher.model_name_or_path",
+        "the teacher group could not load it",
+    ),
+    (
+        "TSDKDPolicyActorImpl",
+        "init_model_from_pretrained",
+        "--actor.model_name_or_path",
+        "actor.model_name_or_path",
+        "the policy group could not load it",
+    ),
+    (
+        "TSDKDTrainerImpl",
+        "__init__",
+        "--data.prompt_dataset",
+        "data.prompt_dataset",
+        "the trainer could not load the prompts",
+    ),
+    (
+        "TSDKDPolicyActorImpl",
+        "save_model",
+        "--ckpt.output_dir",
+        "ckpt.output_dir",
+        "the final model could not be saved",
+    ),
     ("TSDKDPolicyActorImpl", "save_checkpoint", "--ckpt.path", "ckpt.path", "a checkpoint could not be saved"),
 )
 RAY_TASK_HEADER = re.compile(r"ray::(\w+)\.(\w+)\(\)")
 
 
-def failing_worker(error: BaseException) -> Optional[Tuple[str, str]]:
+def failing_worker(error: BaseException) -> tuple[str, str] | None:
     """(actor class, method) of the innermost Ray worker call in `error`'s chain, or None."""
     chain = [error]
     while isinstance(getattr(chain[-1], "cause", None), BaseException) and chain[-1].cause not in chain:
@@ -136,10 +161,10 @@ class WorkerFailure:
     """What the driver prints when a Ray worker failed: one sentence, the worker's line beneath."""
 
     message: str
-    input_flag: Optional[str]  # the flag whose input the worker could not use; None: not one input
+    input_flag: str | None  # the flag whose input the worker could not use; None: not one input
 
 
-def worker_failure_report(error: BaseException, args) -> Optional[WorkerFailure]:
+def worker_failure_report(error: BaseException, args) -> WorkerFailure | None:
     """One sentence naming the flag and file a failed Ray worker was reading, with the worker's
     last error line beneath it; None when `error` did not come from a Ray worker."""
     from tsdkd_plugin.host.checkpoint import LATEST_FILE, actor_checkpoint_dir, read_latest, resume_hint
@@ -157,18 +182,23 @@ def worker_failure_report(error: BaseException, args) -> Optional[WorkerFailure]
             return WorkerFailure(
                 f"--ckpt.load_enable: DeepSpeed could not load the checkpoint {os.path.join(ckpt_dir, tag)}; write the "
                 f"name of an earlier complete tag into {os.path.join(ckpt_dir, LATEST_FILE)}, or move {ckpt_dir} away "
-                f"to start from step 0{beneath}", "--ckpt.load_enable")
+                f"to start from step 0{beneath}",
+                "--ckpt.load_enable",
+            )
         if args.teacher.placement == "colocate" and "load_causal_lm_for_scoring" in text:
             actor = "TeacherModelActor"
     for name, wanted_method, flag, dest, what in WORKER_INPUTS:
         if name == actor and wanted_method in (None, method):
             value = functools.reduce(getattr, dest.split("."), args)
             return WorkerFailure(f"{flag} {value!r}: {what} (the worker's error is below){beneath}", flag)
-    return WorkerFailure(f"a Ray worker failed ({actor}.{method}) while training; its error is below; "
-                         f"{resume_hint(args.ckpt.path)}{beneath}", None)
+    return WorkerFailure(
+        f"a Ray worker failed ({actor}.{method}) while training; its error is below; "
+        f"{resume_hint(args.ckpt.path)}{beneath}",
+        None,
+    )
 
 
-def injected_faults() -> Dict[str, int]:
+def injected_faults() -> dict[str, int]:
     """{fault: call number} from TSDKD_FAULT_INJECT; a typo raises, so a test cannot pass by injecting nothing."""
     spec = os.environ.get(FAULT_INJECT_ENV, "").strip()
     faults = {}

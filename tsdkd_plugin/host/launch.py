@@ -16,11 +16,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group
-
 from openrlhf.trainer.ray.launcher import RayActorGroup
 from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
 from openrlhf.utils import get_strategy
+from ray.util.placement_group import placement_group
 
 from tsdkd_plugin.host.actor import TSDKDPolicyActor
 from tsdkd_plugin.host.run_config import RunConfig
@@ -89,7 +88,12 @@ def teacher_group_arguments(run: RunConfig) -> dict[str, Any]:
 
 
 def trainer_arguments(
-    args: SimpleNamespace, run: RunConfig, strategy, actor_group, teacher_group, vllm_engines,
+    args: SimpleNamespace,
+    run: RunConfig,
+    strategy,
+    actor_group,
+    teacher_group,
+    vllm_engines,
     shared_vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of `TSDKDTrainer` (upstream `PPOTrainer` underneath)."""
@@ -150,15 +154,18 @@ def launch(args: SimpleNamespace, run: RunConfig, shared_vocab_size: int) -> TSD
     if run.teacher.has_own_group:
         teacher_group = RayActorGroup(**teacher_group_arguments(run))
 
-    trainer = TSDKDTrainer.remote(**trainer_arguments(args, run, strategy, actor_group, teacher_group, vllm_engines,
-                                                          shared_vocab_size))
+    trainer = TSDKDTrainer.remote(
+        **trainer_arguments(args, run, strategy, actor_group, teacher_group, vllm_engines, shared_vocab_size)
+    )
     max_steps = ray.get(trainer.get_max_steps.remote())
 
     refs = actor_group.async_init_model_from_pretrained(
         **policy_init_arguments(args, run, shared_vocab_size, strategy, max_steps, vllm_engines)
     )
     if teacher_group is not None:
-        refs += teacher_group.async_init_model_from_pretrained(**teacher_init_arguments(run, shared_vocab_size, strategy))
+        refs += teacher_group.async_init_model_from_pretrained(
+            **teacher_init_arguments(run, shared_vocab_size, strategy)
+        )
     ray.get(refs)
     return TSDKDJob(trainer, actor_group, teacher_group, vllm_engines)
 

@@ -18,7 +18,7 @@ Torch + PEFT only; the ZeRO-3 gather is passed in by the caller.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence, Tuple
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ def merged_weight(layer, base_weight: torch.Tensor, gather: Gather = no_gather) 
 
 def merged_lora_parameters(
     model: torch.nn.Module, gather: Gather = no_gather, *, remove_duplicate: bool = True
-) -> Iterator[Tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every parameter of the merged model, in the PEFT model's order.
 
     Merged LoRA weights are fresh full tensors (under ZeRO-3: gathered, on every rank, with a

@@ -14,7 +14,7 @@ never computed as if it had none.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -33,7 +33,9 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     return position_ids.masked_fill(attention_mask == 0, 1)
 
 
-def response_hidden_states(model, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
+def response_hidden_states(
+    model, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int
+) -> torch.Tensor:
     """[B, num_actions, H]: the final-norm hidden states that predict the response tokens."""
     hf_model = unwrap_hf_model(model)
     decoder = hf_model.get_decoder()
@@ -82,7 +84,7 @@ def _divide_by_logits_scaling(config) -> OutputHead:
 # model_type -> what the family's HF `*ForCausalLM.forward` does to `lm_head(hidden)` (read from the
 # transformers 5.x modeling files; each entry is checked against HF's own logits, Gemma-2 with its
 # softcapping on, by tests/host/test_model_families.py). Qwen2.5 checkpoints are "qwen2".
-OUTPUT_HEADS: Dict[str, Callable[[object], OutputHead]] = {
+OUTPUT_HEADS: dict[str, Callable[[object], OutputHead]] = {
     "qwen2": _no_head,
     "qwen3": _no_head,
     "llama": _no_head,
@@ -97,7 +99,7 @@ class UnsupportedModelFamily(ValueError):
     """The model's output head is not one this plugin reproduces."""
 
 
-def output_head_problem(config) -> Optional[str]:
+def output_head_problem(config) -> str | None:
     """None when `output_head_for_config(config)` is known, else why not (one sentence)."""
     model_type = getattr(config, "model_type", None)
     if model_type in OUTPUT_HEADS:

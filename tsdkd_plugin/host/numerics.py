@@ -59,8 +59,11 @@ def zero_surrogate(student_logits: torch.Tensor) -> torch.Tensor:
 def poison_teacher(signals: TeacherSignals) -> TeacherSignals:
     """The teacher's outputs replaced by NaN, whichever the transport (test-only fault injection of a
     broken teacher): every floating tensor but the output embedding, which is the model's weight."""
-    nan = {name: torch.full_like(tensor, float("nan")) for name, tensor in signals.tensors().items()
-           if tensor.is_floating_point() and name != "lm_head_weight"}
+    nan = {
+        name: torch.full_like(tensor, float("nan"))
+        for name, tensor in signals.tensors().items()
+        if tensor.is_floating_point() and name != "lm_head_weight"
+    }
     return dataclasses.replace(signals, **nan)
 
 

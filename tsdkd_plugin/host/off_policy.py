@@ -12,10 +12,9 @@ token-level terms train normally.
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
-
 from openrlhf.trainer.ppo_utils.experience import Experience
 
 
@@ -68,8 +67,8 @@ def with_reference_response(
 
 
 def replace_with_reference_responses(
-    samples: List[Experience], tokenizer, max_new_tokens: int, max_len: int
-) -> List[Experience]:
+    samples: list[Experience], tokenizer, max_new_tokens: int, max_len: int
+) -> list[Experience]:
     """Every sample's response becomes its dataset reference response (+ EOS), truncated to
     max_new_tokens. Rewards are dropped (they scored the student's text); the teacher's
     sequence score becomes the logged reward, as when no verifier is configured."""

@@ -145,18 +145,25 @@ class TeacherConfig:
         except ValueError as error:
             raise ValueError(f"--teacher.remote_url: {error}") from None
         if self.placement != "separate":
-            raise ValueError(f"--teacher.placement {self.placement} loads the teacher into the policy actors, but "
-                             f"--teacher.remote_url serves it elsewhere; give one of the two")
+            raise ValueError(
+                f"--teacher.placement {self.placement} loads the teacher into the policy actors, but "
+                f"--teacher.remote_url serves it elsewhere; give one of the two"
+            )
         for name in ("num_nodes", "num_gpus_per_node"):
             if getattr(self, name) != 1:
-                raise ValueError(f"--teacher.{name} {getattr(self, name)} sizes a teacher group, but with "
-                                 f"--teacher.remote_url no teacher group is started; drop --teacher.{name}")
+                raise ValueError(
+                    f"--teacher.{name} {getattr(self, name)} sizes a teacher group, but with "
+                    f"--teacher.remote_url no teacher group is started; drop --teacher.{name}"
+                )
         if self.offload:
-            raise ValueError("--teacher.offload offloads a teacher loaded in the job, but with --teacher.remote_url "
-                             "the server holds the weights; drop --teacher.offload")
+            raise ValueError(
+                "--teacher.offload offloads a teacher loaded in the job, but with --teacher.remote_url "
+                "the server holds the weights; drop --teacher.offload"
+            )
         if not _is_int(self.remote_top_k) or self.remote_top_k < 0:
-            raise ValueError(f"--teacher.remote_top_k must be an integer >= 0 (0: --teacher.sparse_top_k), "
-                             f"got {self.remote_top_k}")
+            raise ValueError(
+                f"--teacher.remote_top_k must be an integer >= 0 (0: --teacher.sparse_top_k), got {self.remote_top_k}"
+            )
         if not _is_int(self.remote_concurrency) or self.remote_concurrency < 1:
             raise ValueError(f"--teacher.remote_concurrency must be an integer >= 1, got {self.remote_concurrency}")
 
@@ -224,13 +231,17 @@ class RunConfig:
     def _check_served_teacher(self) -> None:
         # vLLM applies no temperature to prompt log-probs (its logprobs_mode gives the raw distribution).
         if self.objective.temperature != 1.0:
-            raise ValueError(f"--tsdkd.temperature {self.objective.temperature:g} needs the teacher's logits at that "
-                             f"temperature, but a vLLM server gives prompt log-probs at temperature 1 only; with "
-                             f"--teacher.remote_url use --tsdkd.temperature 1")
+            raise ValueError(
+                f"--tsdkd.temperature {self.objective.temperature:g} needs the teacher's logits at that "
+                f"temperature, but a vLLM server gives prompt log-probs at temperature 1 only; with "
+                f"--teacher.remote_url use --tsdkd.temperature 1"
+            )
         if self.teacher.remote_top_k and self.teacher.remote_top_k < self.objective.sparse_top_k:
-            raise ValueError(f"--teacher.remote_top_k {self.teacher.remote_top_k} must be >= --teacher.sparse_top_k "
-                             f"{self.objective.sparse_top_k} (the top-K shipped to the actors is cut from what the "
-                             f"server lists), or 0 for the same")
+            raise ValueError(
+                f"--teacher.remote_top_k {self.teacher.remote_top_k} must be >= --teacher.sparse_top_k "
+                f"{self.objective.sparse_top_k} (the top-K shipped to the actors is cut from what the "
+                f"server lists), or 0 for the same"
+            )
 
     @property
     def server_top_k(self) -> int:

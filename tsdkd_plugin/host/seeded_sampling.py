@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 
@@ -49,7 +50,7 @@ def with_seed(sampling_params, seed: int):
 
 
 @ray.remote(num_cpus=0)
-def join_responses(*responses_per_sample: List[Any]) -> List[Any]:
+def join_responses(*responses_per_sample: list[Any]) -> list[Any]:
     """One prompt's n one-sample responses as the list `generate_responses(num_samples=n)` returns."""
     return [response for responses in responses_per_sample for response in responses]
 
@@ -62,7 +63,7 @@ class EngineTokenizer:
     n one-sample requests per prompt would multiply that by n. Loaded as OpenRLHF's get_tokenizer
     loads it; its ids and decoding are the trainer's tokenizer's."""
 
-    _loaded: Dict[Tuple[str, bool], Any] = {}  # per process
+    _loaded: dict[tuple[str, bool], Any] = {}  # per process
 
     def __init__(self, name_or_path: str, use_fast: bool = True):
         self.name_or_path, self.use_fast = name_or_path, use_fast
@@ -92,7 +93,7 @@ class EngineTokenizer:
 class _SeededGenerateResponses:
     """`engine.generate_responses` while a dispatch runs: `.remote(**kwargs)` as upstream calls it."""
 
-    def __init__(self, engine, dispatch: "SeededDispatch"):
+    def __init__(self, engine, dispatch: SeededDispatch):
         self._engine, self._dispatch = engine, dispatch
 
     def remote(self, *, sampling_params, num_samples: int = 1, **kwargs):
@@ -112,7 +113,7 @@ class SeededEngine:
     """Stands in for a vLLM engine actor while upstream's `_dispatch_prompts_to_vllm` runs; every
     other method (e.g. `get_num_unfinished_requests`) is the engine's own."""
 
-    def __init__(self, engine, dispatch: "SeededDispatch"):
+    def __init__(self, engine, dispatch: SeededDispatch):
         self._engine = engine
         self.generate_responses = _SeededGenerateResponses(engine, dispatch)
 
@@ -120,7 +121,7 @@ class SeededEngine:
         return getattr(self._engine, name)
 
 
-def ordered_by_content(samples: Sequence, n_samples_per_prompt: int) -> List:
+def ordered_by_content(samples: Sequence, n_samples_per_prompt: int) -> list:
     """The rollout's samples in an order fixed by their content: groups of a prompt's n samples
     (upstream keeps them consecutive) sorted by prompt text, then by their token ids."""
     n = n_samples_per_prompt

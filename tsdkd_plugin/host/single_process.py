@@ -14,7 +14,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.utils import get_strategy
 
@@ -36,8 +35,9 @@ def build_policy_actor(
     """The policy actor (DeepSpeed engine, optimizer, scheduler, TSD-KD trainer; colocated teacher
     with --teacher.placement colocate) as a plain object; its trainer is `.trainer`."""
     actor = TSDKDPolicyActorImpl(*_world_of_one())
-    actor.init_model_from_pretrained(get_strategy(args), args.actor.model_name_or_path, max_steps, None,
-                                     run=run, shared_vocab_size=shared_vocab_size)
+    actor.init_model_from_pretrained(
+        get_strategy(args), args.actor.model_name_or_path, max_steps, None, run=run, shared_vocab_size=shared_vocab_size
+    )
     return actor
 
 
@@ -73,4 +73,3 @@ def experience_with_signals(
     experience = Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask)
     experience.tsdkd = signals
     return experience
-

@@ -24,8 +24,8 @@ logits. Torch and the objective only: benchmarks/gpu_actor_step.py runs this on 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -57,7 +57,7 @@ def in_vocab_action_mask(sequences: torch.Tensor, action_mask: torch.Tensor, sha
     samples them, but a barely trained one can. Such positions are left out of every
     term (and counted), instead of failing the run.
     """
-    sampled = sequences[:, -action_mask.shape[1]:]
+    sampled = sequences[:, -action_mask.shape[1] :]
     return action_mask.bool() & (sampled < shared_vocab_size)
 
 
@@ -71,7 +71,7 @@ def student_output_head(model_config) -> OutputHead:
     return output_head_for_config(model_config)
 
 
-def fused_output_layer_problem(output_layer) -> Optional[str]:
+def fused_output_layer_problem(output_layer) -> str | None:
     """Why `hidden @ output_layer.weight.T` is not what this output layer computes (None if it is).
 
     Only a plain `torch.nn.Linear` without bias qualifies: a LoRA adapter on lm_head, a
@@ -81,8 +81,10 @@ def fused_output_layer_problem(output_layer) -> Optional[str]:
     if output_layer is None:
         return "model has no output embedding (get_output_embeddings() is None)"
     if type(output_layer) is not torch.nn.Linear:
-        return (f"output layer is a {type(output_layer).__module__}.{type(output_layer).__name__}, not a plain "
-                "torch.nn.Linear (a LoRA adapter or modules_to_save on lm_head, a quantized or tensor-parallel layer)")
+        return (
+            f"output layer is a {type(output_layer).__module__}.{type(output_layer).__name__}, not a plain "
+            "torch.nn.Linear (a LoRA adapter or modules_to_save on lm_head, a quantized or tensor-parallel layer)"
+        )
     if output_layer.bias is not None:
         return "output layer has a bias"
     if not output_layer.weight.is_floating_point():
@@ -92,7 +94,7 @@ def fused_output_layer_problem(output_layer) -> Optional[str]:
 
 @dataclass
 class _Captured:
-    hidden: Optional[torch.Tensor] = None
+    hidden: torch.Tensor | None = None
     calls: int = 0
 
 
@@ -130,8 +132,8 @@ class StudentOutputs:
     OutputHead (fused mode; the output embedding is passed to `student_objective` separately,
     because under ZeRO-3 it exists only while gathered)."""
 
-    logits: Optional[torch.Tensor] = None
-    hidden: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
     head: OutputHead = IDENTITY_HEAD
 
     @property
@@ -171,8 +173,9 @@ class StudentForward:
     def fused(self) -> bool:
         return self.mode == "fused"
 
-    def __call__(self, actor: Callable, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int,
-                 **actor_kwargs) -> StudentOutputs:
+    def __call__(
+        self, actor: Callable, sequences: torch.Tensor, attention_mask: torch.Tensor, num_actions: int, **actor_kwargs
+    ) -> StudentOutputs:
         """`actor(sequences, attention_mask=..., return_output=True, **actor_kwargs)` is upstream
         `Actor.forward` (or anything with its call signature and logits output)."""
         if not self.fused:
@@ -195,14 +198,14 @@ class StudentForward:
 
 def student_objective(
     student: StudentOutputs,
-    output_weight: Optional[torch.Tensor],
+    output_weight: torch.Tensor | None,
     teacher: TeacherSignals,
     mask: torch.Tensor,
     config: TSDKDConfig,
     *,
     shared_vocab_size: int,
-    sampled_ids: Optional[torch.Tensor],
-    group_size: Optional[int],
+    sampled_ids: torch.Tensor | None,
+    group_size: int | None,
 ):
     """(loss, metrics) of the TSD-KD objective on the student's outputs (see docs/objective.md)."""
     common = dict(shared_vocab_size=shared_vocab_size, sampled_ids=sampled_ids, group_size=group_size)
@@ -215,7 +218,7 @@ def student_objective(
 
 @torch.no_grad()
 def student_top_k(
-    student: StudentOutputs, output_weight: Optional[torch.Tensor], shared_vocab_size: int, k: int, chunk_size: int
+    student: StudentOutputs, output_weight: torch.Tensor | None, shared_vocab_size: int, k: int, chunk_size: int
 ) -> torch.Tensor:
     """[B, A, k] int64: the student's k highest-scoring shared token ids at every position.
 

@@ -16,7 +16,6 @@ import time
 
 import ray
 import torch
-
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
@@ -90,8 +89,17 @@ class SeededSamplesGenerator(SeededDispatch, SamplesGenerator):
 
 
 class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
-    def __init__(self, pretrain, strategy, actor_model_group, teacher_model_group, vllm_engines, run: RunConfig,
-                 shared_vocab_size: int | None = None, **generate_kwargs):
+    def __init__(
+        self,
+        pretrain,
+        strategy,
+        actor_model_group,
+        teacher_model_group,
+        vllm_engines,
+        run: RunConfig,
+        shared_vocab_size: int | None = None,
+        **generate_kwargs,
+    ):
         """`teacher_model_group`: the teacher's Ray group when it has one (host/launch.py), else None;
         `run`: the run's options (validated by the CLI); `shared_vocab_size`: the preflight's (a teacher
         served at --teacher.remote_url builds its signals on the driver and needs it)."""
@@ -107,8 +115,9 @@ class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
             duplicate_factor=strategy.args.ds.ring_attn_size * strategy.args.ds.tensor_parallel_size,
             ckpt_path=strategy.args.ckpt.path, shared_vocab_size=shared_vocab_size,
         )  # fmt: skip
-        self.experience_maker = TeacherRankedExperienceMaker(actor_model_group, teacher, self.kl_ctl, strategy,
-                                                             self.tokenizer)
+        self.experience_maker = TeacherRankedExperienceMaker(
+            actor_model_group, teacher, self.kl_ctl, strategy, self.tokenizer
+        )
         self.samples_generator = SeededSamplesGenerator(
             strategy=strategy,
             prompts_dataloader=self.prompts_dataloader,

@@ -45,11 +45,18 @@ class OutputHead:
     softcap: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not math.isfinite(self.scale) or self.scale <= 0:
+        if (
+            not isinstance(self.scale, (int, float))
+            or isinstance(self.scale, bool)
+            or not math.isfinite(self.scale)
+            or self.scale <= 0
+        ):
             raise ValueError(f"OutputHead.scale must be a finite real > 0, got {self.scale!r}")
         if self.softcap is not None and (
-            not isinstance(self.softcap, (int, float)) or isinstance(self.softcap, bool)
-            or not math.isfinite(self.softcap) or self.softcap <= 0
+            not isinstance(self.softcap, (int, float))
+            or isinstance(self.softcap, bool)
+            or not math.isfinite(self.softcap)
+            or self.softcap <= 0
         ):
             raise ValueError(f"OutputHead.softcap must be None or a finite real > 0, got {self.softcap!r}")
 

@@ -112,7 +112,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_tensor(name, tensor, shape, device, *, floating=None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if len(shape) != tensor.dim() or any(want is not None and want != got for want, got in zip(shape, tensor.shape, strict=True)):
+    if len(shape) != tensor.dim() or any(
+        want is not None and want != got for want, got in zip(shape, tensor.shape, strict=True)
+    ):
         pretty = ", ".join("?" if s is None else str(s) for s in shape)
         raise ValueError(f"{name} must have shape [{pretty}], got {list(tensor.shape)}")
     if tensor.device != device:
@@ -208,7 +210,9 @@ def _prepare(
         _check_ids("teacher.candidate_ids", teacher.candidate_ids, valid, shared, distinct=True)
         view.candidate_ids = rows_of(teacher.candidate_ids).long()
         if teacher.candidate_logprobs is not None:
-            _check_tensor("teacher.candidate_logprobs", teacher.candidate_logprobs, (bsz, seqlen, k), device, floating=True)
+            _check_tensor(
+                "teacher.candidate_logprobs", teacher.candidate_logprobs, (bsz, seqlen, k), device, floating=True
+            )
             view.candidate_scores = rows_of(teacher.candidate_logprobs)
             _check_finite("teacher.candidate_logprobs", view.candidate_scores)
         elif kind == "sparse":
@@ -217,14 +221,18 @@ def _prepare(
     sampled = None
     if config.sequence_level_on:
         if sampled_ids is None:
-            raise ValueError("sampled_ids [B, T] is required for the sequence-level ListMLE (indirect_level 'sequence'/'both')")
+            raise ValueError(
+                "sampled_ids [B, T] is required for the sequence-level ListMLE (indirect_level 'sequence'/'both')"
+            )
         _check_tensor("sampled_ids", sampled_ids, (bsz, seqlen), device, floating=False)
         _check_ids("sampled_ids", sampled_ids, valid, shared)
         sampled = rows_of(sampled_ids).long()
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
             raise ValueError(f"group_size must be an integer >= 2 for the sequence-level ListMLE, got {group_size!r}")
         if bsz % group_size:
-            raise ValueError(f"batch size {bsz} is not a multiple of group_size={group_size} (groups are consecutive rows)")
+            raise ValueError(
+                f"batch size {bsz} is not a multiple of group_size={group_size} (groups are consecutive rows)"
+            )
         if teacher.sequence_scores is not None:
             _check_tensor("teacher.sequence_scores", teacher.sequence_scores, (bsz,), device, floating=True)
             _check_finite("teacher.sequence_scores", teacher.sequence_scores)

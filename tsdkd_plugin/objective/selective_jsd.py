@@ -48,7 +48,9 @@ def rowdot_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return torch.mul(a, b, out=out).sum(1)
 
 
-def entropy_gate(student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, kind: str, margin: float) -> torch.Tensor:
+def entropy_gate(
+    student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, kind: str, margin: float
+) -> torch.Tensor:
     """Per-token JSD weight from the uncertainty gap H_S - H_T (no gradient flows through it)."""
     gap = (student_entropy - teacher_entropy).detach()
     if kind == "soft":

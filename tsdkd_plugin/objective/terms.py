@@ -100,7 +100,9 @@ class DirectTerm(Term):
         """JSD per row; its gradient w.r.t. the tau-scaled logits into `grad` if given."""
         beta, teacher, index = self.batch.config.beta, self.batch.teacher, chunk.index
         if chunk.logp is not None:
-            return generalized_jsd_dense(chunk.logq, chunk.q, chunk.logp, chunk.p, beta, grad_out=grad, scratch=chunk.scratch)
+            return generalized_jsd_dense(
+                chunk.logq, chunk.q, chunk.logp, chunk.p, beta, grad_out=grad, scratch=chunk.scratch
+            )
         return generalized_jsd_partition(
             chunk.logq, chunk.q, teacher.topk_ids[index], teacher.topk_logprobs[index],
             teacher.tail_logprob[index], beta, grad_out=grad, scratch=chunk.scratch,
@@ -121,7 +123,11 @@ class DirectTerm(Term):
 
     def metrics(self) -> dict[str, torch.Tensor]:
         selected = gate_selected(self.gate, self.batch.config.gate).to(self.batch.dtype)
-        return {"jsd_mean": self.jsd.mean(), "gate_mean_weight": self.gate.mean(), "gate_selected_fraction": selected.mean()}
+        return {
+            "jsd_mean": self.jsd.mean(),
+            "gate_mean_weight": self.gate.mean(),
+            "gate_selected_fraction": selected.mean(),
+        }
 
 
 class EntropyTerm(Term):
@@ -188,7 +194,9 @@ class EntropyTerm(Term):
 
     def correct(self, chunk, rows: torch.Tensor) -> None:
         entropy = entropy_from_logprobs(chunk.logq, chunk.q, scratch=chunk.scratch)
-        add_entropy_grad_(chunk.grad_to_add(), chunk.logq, chunk.q, entropy, self.correction[rows], scratch=chunk.scratch)
+        add_entropy_grad_(
+            chunk.grad_to_add(), chunk.logq, chunk.q, entropy, self.correction[rows], scratch=chunk.scratch
+        )
 
     def exact_grad(self, chunk, out: torch.Tensor) -> None:
         out.zero_()
@@ -264,7 +272,9 @@ class TokenRankingTerm(Term):
         self.logit_grad = torch.zeros_like(self.student_scores) if config.diagnostics else None  # [N, k]
         for part in batch.chunks(num_open):
             rows = open_index[part]
-            values, grad = listmle_value_and_grad(self.student_scores[rows], self.teacher_scores[rows], config.listmle_form)
+            values, grad = listmle_value_and_grad(
+                self.student_scores[rows], self.teacher_scores[rows], config.listmle_form
+            )
             total = total + values.sum()
             if batch.need_grad:
                 student.add_sparse_grad(rows, self.ids[rows], grad * scale)

@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 
 class CompareError(ValueError):
     """An input file is missing, not an evaluation JSON, or two runs share a name."""
 
 
-def load_runs(paths: Sequence[str]) -> List[Dict]:
+def load_runs(paths: Sequence[str]) -> list[dict]:
     runs, names = [], set()
     for path in paths:
         try:
@@ -32,7 +32,9 @@ def load_runs(paths: Sequence[str]) -> List[Dict]:
         except json.JSONDecodeError as error:
             raise CompareError(f"{path} is not valid JSON ({error.msg})") from None
         if not isinstance(report, dict) or not isinstance(report.get("benchmarks"), dict) or "run" not in report:
-            raise CompareError(f"{path} is not an evaluation result (no 'run' and 'benchmarks'); write it with evaluate")
+            raise CompareError(
+                f"{path} is not an evaluation result (no 'run' and 'benchmarks'); write it with evaluate"
+            )
         if report["run"] in names:
             raise CompareError(f"two results are named {report['run']!r}; rerun evaluate with distinct --name values")
         names.add(report["run"])
@@ -42,10 +44,10 @@ def load_runs(paths: Sequence[str]) -> List[Dict]:
     return runs
 
 
-def score_table(runs: Sequence[Dict]) -> tuple:
+def score_table(runs: Sequence[dict]) -> tuple:
     """(benchmark names, {run: {benchmark: score}}, names of benchmarks every run has)."""
-    benchmarks: List[str] = []
-    scores: Dict[str, Dict[str, float]] = {}
+    benchmarks: list[str] = []
+    scores: dict[str, dict[str, float]] = {}
     for run in runs:
         row = {}
         for name, entry in run["benchmarks"].items():
@@ -59,20 +61,22 @@ def score_table(runs: Sequence[Dict]) -> tuple:
     return benchmarks, scores, common
 
 
-def average(row: Dict[str, float], names: Sequence[str]) -> Optional[float]:
+def average(row: dict[str, float], names: Sequence[str]) -> float | None:
     values = [row[name] for name in names if name in row]
     return sum(values) / len(values) if values else None
 
 
-def markdown_table(runs: Sequence[Dict], baseline: Optional[str] = None) -> str:
+def markdown_table(runs: Sequence[dict], baseline: str | None = None) -> str:
     benchmarks, scores, common = score_table(runs)
     if baseline is not None and baseline not in scores:
         raise CompareError(f"--baseline {baseline!r} is none of the runs: {', '.join(scores)}")
     columns = benchmarks + ["average"]
     for row in scores.values():
         row["average"] = average(row, common)
-    best = {column: max((row[column] for row in scores.values() if row.get(column) is not None), default=None)
-            for column in columns}
+    best = {
+        column: max((row[column] for row in scores.values() if row.get(column) is not None), default=None)
+        for column in columns
+    }
 
     def cell(run: str, column: str) -> str:
         value = scores[run].get(column)
@@ -92,15 +96,17 @@ def markdown_table(runs: Sequence[Dict], baseline: Optional[str] = None) -> str:
     for run in runs:
         for name, entry in run["benchmarks"].items():
             metrics.setdefault(name, f"{entry.get('metric')}, {entry.get('num_fewshot')}-shot")
-    notes = [f"Scores in percent (greedy decoding); average over the benchmarks every run has "
-             f"({', '.join(common) or 'none'})."]
+    notes = [
+        f"Scores in percent (greedy decoding); average over the benchmarks every run has "
+        f"({', '.join(common) or 'none'})."
+    ]
     if baseline is not None:
         notes.append(f"In parentheses: change against {baseline} in points.")
     notes.append("Metrics: " + "; ".join(f"{name}: {metric}" for name, metric in metrics.items()) + ".")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def plot(runs: Sequence[Dict], out_png: str) -> None:
+def plot(runs: Sequence[dict], out_png: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes and CI
@@ -133,9 +139,10 @@ def plot(runs: Sequence[Dict], out_png: str) -> None:
     plt.close(figure)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.compare",
-                                     description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tsdkd_plugin.recipes_tools.compare", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("results", nargs="+", help="JSON files written by tsdkd_plugin.recipes_tools.evaluate")
     parser.add_argument("--baseline", default=None, help="run name to show differences against")
     parser.add_argument("--out-md", default=None, help="markdown file (default: print to stdout)")

@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 from tsdkd_plugin.recipes_tools.prepare_data import DataError, Summary, load_rows, teacher_ranked_pairs, write_jsonl
 from tsdkd_plugin.recipes_tools.sampling import (
@@ -59,13 +59,13 @@ def shard_file(work_dir: Path, phase: str, shard: int) -> Path:
 # --------------------------------------------------------------------------- phase 2: score
 
 
-def score_batches(rows: List[dict], max_tokens: int) -> Iterator[List[tuple]]:
+def score_batches(rows: list[dict], max_tokens: int) -> Iterator[list[tuple]]:
     """(row index, sample index) pairs grouped by length, at most max_tokens padded tokens a batch."""
     samples = sorted(
         ((r, s) for r, row in enumerate(rows) for s in range(len(row["response_token_ids"]))),
         key=lambda rs: (len(rows[rs[0]]["prompt_token_ids"]), len(rows[rs[0]]["response_token_ids"][rs[1]])),
     )
-    batch: List[tuple] = []
+    batch: list[tuple] = []
     longest_prompt = longest_response = 0
     for r, s in samples:
         prompt_len, response_len = len(rows[r]["prompt_token_ids"]), len(rows[r]["response_token_ids"][s])
@@ -79,7 +79,7 @@ def score_batches(rows: List[dict], max_tokens: int) -> Iterator[List[tuple]]:
         yield batch
 
 
-def pack_batch(rows: List[dict], batch: List[tuple], pad_id: int):
+def pack_batch(rows: list[dict], batch: list[tuple], pad_id: int):
     """OpenRLHF's layout: [left-padded prompt | right-padded response], with the attention mask
     and the action mask of the response tokens (what the TSD-KD teacher receives)."""
     import torch
@@ -93,13 +93,13 @@ def pack_batch(rows: List[dict], batch: List[tuple], pad_id: int):
     for i, ((r, s), prompt, response) in enumerate(zip(batch, prompts, responses, strict=True)):
         start = prompt_width - len(prompt)
         sequences[i, start:prompt_width] = torch.tensor(prompt)
-        sequences[i, prompt_width:prompt_width + len(response)] = torch.tensor(response)
-        attention_mask[i, start:prompt_width + len(response)] = 1
-        action_mask[i, :len(rows[r]["response_token_ids"][s])] = True
+        sequences[i, prompt_width : prompt_width + len(response)] = torch.tensor(response)
+        attention_mask[i, start : prompt_width + len(response)] = 1
+        action_mask[i, : len(rows[r]["response_token_ids"][s])] = True
     return sequences, action_mask, attention_mask
 
 
-def run_score(options, rows: List[dict], out: Path) -> None:
+def run_score(options, rows: list[dict], out: Path) -> None:
     import torch
     from openrlhf.models import Actor
     from transformers import AutoTokenizer
@@ -112,20 +112,30 @@ def run_score(options, rows: List[dict], out: Path) -> None:
     config = TSDKDConfig(temperature=options.temperature_score, sparse_top_k=min(64, shared))
     # The TSD-KD teacher's model (an OpenRLHF Actor at temperature 1: the score's temperature is
     # applied by the objective's code), without DeepSpeed: one replica per process.
-    model = Actor(options.teacher, attn_implementation=options.attn_implementation, param_dtype=options.dtype,
-                  packing_samples=False, temperature=1.0)
+    model = Actor(
+        options.teacher,
+        attn_implementation=options.attn_implementation,
+        param_dtype=options.dtype,
+        packing_samples=False,
+        temperature=1.0,
+    )
     model.to(current_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(options.teacher)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores: Dict[tuple, float] = {}
+    scores: dict[tuple, float] = {}
     for batch in score_batches(rows, options.score_batch_tokens):
         sequences, action_mask, attention_mask = pack_batch(rows, batch, pad_id)
         with torch.no_grad():
             signals = score_samples(model, 0, config, shared, sequences, action_mask, attention_mask, None)
         for key, value in zip(batch, signals["sequence_scores"].tolist(), strict=True):
             scores[key] = value
-    write_jsonl(({**row, "scores": [scores[(r, s)] for s in range(len(row["response_token_ids"]))]}
-                 for r, row in enumerate(rows)), str(out))
+    write_jsonl(
+        (
+            {**row, "scores": [scores[(r, s)] for s in range(len(row["response_token_ids"]))]}
+            for r, row in enumerate(rows)
+        ),
+        str(out),
+    )
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -137,8 +147,9 @@ def shared_vocabulary(options) -> int:
     from tsdkd_plugin.tokenizer_compat import check_same_tokenizer
 
     try:
-        return check_same_tokenizer(options.teacher, options.student, f"--teacher {options.teacher!r}",
-                                    f"--student {options.student!r}")
+        return check_same_tokenizer(
+            options.teacher, options.student, f"--teacher {options.teacher!r}", f"--student {options.student!r}"
+        )
     except (OSError, ValueError) as error:
         raise DataError(str(error).strip().splitlines()[0]) from None
 
@@ -150,14 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="DPO pairs JSONL (train_dpo: prompt/chosen/rejected)")
     parser.add_argument("--work-dir", required=True, help="samples and scores per shard, and the logs")
     add_sampling_arguments(parser, num_samples=4, temperature=1.0)
-    parser.add_argument("--temperature-score", type=float, default=1.0,
-                        help="temperature of the teacher's score (TSD-KD's --tsdkd.temperature; default 1.0)")
-    parser.add_argument("--min-margin", type=float, default=0.0,
-                        help="skip prompts whose best and worst scores differ by at most this")
-    parser.add_argument("--attn-implementation", default="flash_attention_2",
-                        help="teacher attention (OpenRLHF's --ds.attn_implementation; sdpa without flash-attn)")
-    parser.add_argument("--score-batch-tokens", type=int, default=16384,
-                        help="padded tokens per teacher forward (default 16384)")
+    parser.add_argument(
+        "--temperature-score",
+        type=float,
+        default=1.0,
+        help="temperature of the teacher's score (TSD-KD's --tsdkd.temperature; default 1.0)",
+    )
+    parser.add_argument(
+        "--min-margin", type=float, default=0.0, help="skip prompts whose best and worst scores differ by at most this"
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="flash_attention_2",
+        help="teacher attention (OpenRLHF's --ds.attn_implementation; sdpa without flash-attn)",
+    )
+    parser.add_argument(
+        "--score-batch-tokens", type=int, default=16384, help="padded tokens per teacher forward (default 16384)"
+    )
     return parser
 
 
@@ -169,7 +189,7 @@ def check_options(options) -> None:
     check_model_dir("--teacher", options.teacher)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     options = build_parser().parse_args(argv)
     work_dir = Path(options.work_dir)
@@ -177,8 +197,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_options(options)
         rows = read_prompts(options.prompts, options.input_key, options.max_prompts)
         if options.phase == "sample":  # a child: one shard of one phase
-            write_jsonl(sample_rows(options.student, shard_rows(rows, options.shard, options.num_shards), options),
-                        str(shard_file(work_dir, "sample", options.shard)))
+            write_jsonl(
+                sample_rows(options.student, shard_rows(rows, options.shard, options.num_shards), options),
+                str(shard_file(work_dir, "sample", options.shard)),
+            )
             return 0
         if options.phase == "score":
             samples = list(load_rows(str(shard_file(work_dir, "sample", options.shard))))
@@ -189,14 +211,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         num_shards = min(options.gpus // options.gpus_per_process, len(rows))
         for phase in PHASES:
             print(f"dpo_pairs: {phase} ({num_shards} shard(s), logs in {work_dir})", file=sys.stderr, flush=True)
-            run_shards(MODULE, argv, phase, num_shards, options.gpus_per_process,
-                       functools.partial(shard_file, work_dir, phase), work_dir)
+            run_shards(
+                MODULE,
+                argv,
+                phase,
+                num_shards,
+                options.gpus_per_process,
+                functools.partial(shard_file, work_dir, phase),
+                work_dir,
+            )
         scored = merged_shards(num_shards, lambda shard: shard_file(work_dir, "score", shard))
-        write_jsonl(({key: row[key] for key in ("prompt", "responses", "scores")} for row in scored),
-                    str(work_dir / "scored.jsonl"))
+        write_jsonl(
+            ({key: row[key] for key in ("prompt", "responses", "scores")} for row in scored),
+            str(work_dir / "scored.jsonl"),
+        )
         summary = Summary()
-        pairs = list(teacher_ranked_pairs(scored, str(work_dir / "scored.jsonl"), summary,
-                                          min_margin=options.min_margin))
+        pairs = list(
+            teacher_ranked_pairs(scored, str(work_dir / "scored.jsonl"), summary, min_margin=options.min_margin)
+        )
         if not pairs:
             raise DataError(f"no preference pairs could be formed ({summary.line('dpo_pairs', options.out)})")
         summary.written = write_jsonl(pairs, options.out)

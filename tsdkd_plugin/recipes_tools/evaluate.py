@@ -27,46 +27,77 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
 class Benchmark:
     task: str  # lm_eval task or group name
-    num_fewshot: Optional[int]  # None: the task's own default
-    metrics: Tuple[str, ...]  # preferred result keys, first found is the headline score
+    num_fewshot: int | None  # None: the task's own default
+    metrics: tuple[str, ...]  # preferred result keys, first found is the headline score
     executes_code: bool = False  # runs model-written code (needs --allow-code-execution)
     description: str = ""
-    min_gen_toks: Optional[int] = None  # generation budget the task needs at least (IFEval: 1280)
+    min_gen_toks: int | None = None  # generation budget the task needs at least (IFEval: 1280)
 
 
 # The paper's ten benchmarks. Settings follow what is reported around the paper (method notes:
 # MATH 4-shot, MBPP 3-shot, MMLU-STEM 5-shot, greedy decoding everywhere); where it names none,
 # lm_eval's task default (the benchmark's usual setting) is used and recorded in the output.
-BENCHMARKS: Dict[str, Benchmark] = {
-    "gsm8k": Benchmark("gsm8k", None, ("exact_match,flexible-extract", "exact_match,strict-match"),
-                       description="grade-school math, 5-shot, answer after ####"),
-    "gsm_plus": Benchmark("gsm_plus", None, ("exact_match,flexible-extract", "exact_match,strict-match"),
-                          description="GSM8K with perturbed questions (10,552), 5-shot"),
-    "math": Benchmark("minerva_math", 4, ("math_verify,none", "exact_match,none"),
-                      description="MATH (Minerva prompt), 4-shot, 7 subjects"),
-    "mbpp": Benchmark("mbpp", 3, ("pass_at_1,none",), executes_code=True,
-                      description="Python programming, 3-shot, pass@1 (executes generated code)"),
+BENCHMARKS: dict[str, Benchmark] = {
+    "gsm8k": Benchmark(
+        "gsm8k",
+        None,
+        ("exact_match,flexible-extract", "exact_match,strict-match"),
+        description="grade-school math, 5-shot, answer after ####",
+    ),
+    "gsm_plus": Benchmark(
+        "gsm_plus",
+        None,
+        ("exact_match,flexible-extract", "exact_match,strict-match"),
+        description="GSM8K with perturbed questions (10,552), 5-shot",
+    ),
+    "math": Benchmark(
+        "minerva_math",
+        4,
+        ("math_verify,none", "exact_match,none"),
+        description="MATH (Minerva prompt), 4-shot, 7 subjects",
+    ),
+    "mbpp": Benchmark(
+        "mbpp",
+        3,
+        ("pass_at_1,none",),
+        executes_code=True,
+        description="Python programming, 3-shot, pass@1 (executes generated code)",
+    ),
     "sciq": Benchmark("sciq", 0, ("acc_norm,none", "acc,none"), description="science multiple choice, 0-shot"),
     "mmlu_stem": Benchmark("mmlu_stem", 5, ("acc,none",), description="MMLU STEM subjects, 5-shot"),
-    "mmlu_pro_math": Benchmark("mmlu_pro_math", None, ("exact_match,custom-extract",),
-                               description="MMLU-Pro math, 5-shot chain of thought"),
-    "bbh_cot": Benchmark("bbh_cot_fewshot", None, ("exact_match,get-answer",),
-                         description="BIG-Bench Hard, 3-shot chain of thought, 27 tasks"),
+    "mmlu_pro_math": Benchmark(
+        "mmlu_pro_math", None, ("exact_match,custom-extract",), description="MMLU-Pro math, 5-shot chain of thought"
+    ),
+    "bbh_cot": Benchmark(
+        "bbh_cot_fewshot",
+        None,
+        ("exact_match,get-answer",),
+        description="BIG-Bench Hard, 3-shot chain of thought, 27 tasks",
+    ),
     # The paper does not say which of IFEval's four accuracies it reports: the headline is the
     # prompt-level strict one, and all four are kept in the JSON. Needs lm_eval[ifeval].
-    "ifeval": Benchmark("ifeval", 0, ("prompt_level_strict_acc,none", "inst_level_strict_acc,none"),
-                        min_gen_toks=1280, description="instruction following (541 prompts), 0-shot, greedy"),
-    "musr": Benchmark("leaderboard_musr", 0, ("acc_norm,none",),
-                      description="MuSR multistep soft reasoning (murder mysteries, object placements, team "
-                                  "allocation), 0-shot, log-likelihood of each choice"),
+    "ifeval": Benchmark(
+        "ifeval",
+        0,
+        ("prompt_level_strict_acc,none", "inst_level_strict_acc,none"),
+        min_gen_toks=1280,
+        description="instruction following (541 prompts), 0-shot, greedy",
+    ),
+    "musr": Benchmark(
+        "leaderboard_musr",
+        0,
+        ("acc_norm,none",),
+        description="MuSR multistep soft reasoning (murder mysteries, object placements, team "
+        "allocation), 0-shot, log-likelihood of each choice",
+    ),
 }
 DEFAULT_BENCHMARKS = tuple(BENCHMARKS)
 BACKENDS = ("vllm", "hf")
@@ -77,14 +108,14 @@ class EvaluationError(ValueError):
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager_for(include_path: Optional[str] = None):
+def task_manager_for(include_path: str | None = None):
     """lm_eval's task index (it scans thousands of YAML files: built once per process and path)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
 
 
-def resolve_benchmarks(names: Sequence[str], task_manager) -> Dict[str, Benchmark]:
+def resolve_benchmarks(names: Sequence[str], task_manager) -> dict[str, Benchmark]:
     """Registry entries for known names; any other name must be an lm_eval task or group."""
     resolved, unknown = {}, []
     index = task_manager.task_index
@@ -101,7 +132,7 @@ def resolve_benchmarks(names: Sequence[str], task_manager) -> Dict[str, Benchmar
     return resolved
 
 
-def check_code_execution(benchmarks: Dict[str, Benchmark], allowed: bool) -> bool:
+def check_code_execution(benchmarks: dict[str, Benchmark], allowed: bool) -> bool:
     """Whether code will be executed; an EvaluationError when it would be without permission."""
     needs_code = [name for name, benchmark in benchmarks.items() if benchmark.executes_code]
     if needs_code and not allowed:
@@ -112,12 +143,15 @@ def check_code_execution(benchmarks: Dict[str, Benchmark], allowed: bool) -> boo
     return bool(needs_code)
 
 
-def headline_metric(task_results: Dict, preferred: Sequence[str]) -> Tuple[Optional[str], Optional[float], Optional[float]]:
+def headline_metric(task_results: dict, preferred: Sequence[str]) -> tuple[str | None, float | None, float | None]:
     """(metric key, score, stderr): the first preferred key present, else the first numeric metric."""
     candidates = [key for key in preferred if key in task_results]
     if not candidates:
-        candidates = [key for key, value in task_results.items()
-                      if "," in key and "_stderr" not in key and isinstance(value, (int, float))]
+        candidates = [
+            key
+            for key, value in task_results.items()
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float))
+        ]
     if not candidates:
         return None, None, None
     key = candidates[0]
@@ -126,7 +160,7 @@ def headline_metric(task_results: Dict, preferred: Sequence[str]) -> Tuple[Optio
     return key, float(task_results[key]), (float(stderr) if isinstance(stderr, (int, float)) else None)
 
 
-def _sample_count(results: Dict, task: str) -> Optional[int]:
+def _sample_count(results: dict, task: str) -> int | None:
     counts = results.get("n-samples", {})
     if task in counts:
         return int(counts[task].get("effective", 0))
@@ -169,8 +203,9 @@ def build_model(options):
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise EvaluationError("--backend vllm needs the vllm package (pip install 'tsdkd-plugin[gpu]'); "
-                                  "or use --backend hf") from None
+            raise EvaluationError(
+                "--backend vllm needs the vllm package (pip install 'tsdkd-plugin[gpu]'); or use --backend hf"
+            ) from None
         _alias_vllm_distribution()
         model_args = {
             "pretrained": options.model,
@@ -193,7 +228,7 @@ def build_model(options):
     return get_model(options.backend).create_from_arg_obj(model_args, extra), model_args
 
 
-def evaluate_checkpoint(options) -> Dict:
+def evaluate_checkpoint(options) -> dict:
     import lm_eval
 
     model_path = Path(options.model).expanduser()
@@ -240,8 +275,10 @@ def evaluate_checkpoint(options) -> Dict:
             task_manager=task_manager,
             log_samples=bool(options.log_samples),
             confirm_run_unsafe_code=benchmark.executes_code,
-            random_seed=options.seed, numpy_random_seed=options.seed,
-            torch_random_seed=options.seed, fewshot_random_seed=options.seed,
+            random_seed=options.seed,
+            numpy_random_seed=options.seed,
+            torch_random_seed=options.seed,
+            fewshot_random_seed=options.seed,
         )
         if results is None:  # a non-zero rank of a multi-process run: rank 0 writes
             continue
@@ -256,7 +293,9 @@ def evaluate_checkpoint(options) -> Dict:
             "stderr": stderr,
             "samples": _sample_count(results, benchmark.task),
             "seconds": round(time.time() - started, 1),
-            "metrics": {key: value for key, value in task_results.items() if "," in key and isinstance(value, (int, float))},
+            "metrics": {
+                key: value for key, value in task_results.items() if "," in key and isinstance(value, (int, float))
+            },
         }
         if options.log_samples and results.get("samples"):
             samples_path = Path(options.log_samples) / f"{options.name}.{name}.jsonl"
@@ -269,40 +308,62 @@ def evaluate_checkpoint(options) -> Dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.evaluate",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tsdkd_plugin.recipes_tools.evaluate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model", required=True, help="HF model name or checkpoint directory (HF format)")
-    parser.add_argument("--name", default=None, help="run name in tables and plots (default: the model's directory name)")
+    parser.add_argument(
+        "--name", default=None, help="run name in tables and plots (default: the model's directory name)"
+    )
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--benchmarks", default=",".join(DEFAULT_BENCHMARKS),
-                        help=f"comma-separated (default: {','.join(DEFAULT_BENCHMARKS)})")
-    parser.add_argument("--backend", choices=BACKENDS, default="vllm",
-                        help="vllm (GPU, default) or hf (transformers; CPU or no vLLM)")
+    parser.add_argument(
+        "--benchmarks",
+        default=",".join(DEFAULT_BENCHMARKS),
+        help=f"comma-separated (default: {','.join(DEFAULT_BENCHMARKS)})",
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="vllm", help="vllm (GPU, default) or hf (transformers; CPU or no vLLM)"
+    )
     parser.add_argument("--device", default=None, help="hf backend device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="model dtype (default: the checkpoint's, e.g. bfloat16)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas (uses Ray)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: fraction of GPU memory")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--max-gen-toks", type=int, default=1024,
-                        help="new tokens per answer (default 1024: chains of thought; lm_eval's own default is 256)")
+    parser.add_argument(
+        "--max-gen-toks",
+        type=int,
+        default=1024,
+        help="new tokens per answer (default 1024: chains of thought; lm_eval's own default is 256)",
+    )
     parser.add_argument("--batch-size", default="auto", help="batch size, or 'auto' (default)")
-    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false",
-                        help="plain prompts (base models); default: the model's chat template, few-shot as turns")
-    parser.add_argument("--enable-thinking", dest="enable_thinking", action="store_true", default=None,
-                        help="Qwen3: think before answering (the chat template's default)")
-    parser.add_argument("--disable-thinking", dest="enable_thinking", action="store_false",
-                        help="Qwen3: answer without a <think> block")
+    parser.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="plain prompts (base models); default: the model's chat template, few-shot as turns",
+    )
+    parser.add_argument(
+        "--enable-thinking",
+        dest="enable_thinking",
+        action="store_true",
+        default=None,
+        help="Qwen3: think before answering (the chat template's default)",
+    )
+    parser.add_argument(
+        "--disable-thinking", dest="enable_thinking", action="store_false", help="Qwen3: answer without a <think> block"
+    )
     parser.add_argument("--include-path", default=None, help="directory of extra lm_eval task YAMLs (local tasks)")
     parser.add_argument("--limit", type=float, default=None, help="examples per task (smoke tests only)")
-    parser.add_argument("--allow-code-execution", action="store_true",
-                        help="allow benchmarks that execute model-written code (mbpp)")
+    parser.add_argument(
+        "--allow-code-execution", action="store_true", help="allow benchmarks that execute model-written code (mbpp)"
+    )
     parser.add_argument("--log-samples", default=None, help="directory for per-sample outputs (JSONL per benchmark)")
     parser.add_argument("--seed", type=int, default=1234)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     options.name = options.name or Path(options.model.rstrip("/")).name
     if options.device is None:
@@ -316,7 +377,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             options.batch_size = int(options.batch_size)
         except ValueError:
-            print(f"evaluate: error: --batch-size must be an integer or 'auto', got {options.batch_size!r}", file=sys.stderr)
+            print(
+                f"evaluate: error: --batch-size must be an integer or 'auto', got {options.batch_size!r}",
+                file=sys.stderr,
+            )
             return 2
     if options.limit is not None and options.limit >= 1:
         options.limit = int(options.limit)

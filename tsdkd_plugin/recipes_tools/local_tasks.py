@@ -23,26 +23,35 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from tsdkd_plugin.recipes_tools.prepare_data import numbered_jsonl_rows
 
 # GSM8K's grading, written for these files: exact match after removing commas, dollar signs and a
 # trailing period; "strict" reads the number after ####, "flexible" the last number in the answer.
 _EXACT_MATCH = {
-    "metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-    "ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
+    "metric": "exact_match",
+    "aggregation": "mean",
+    "higher_is_better": True,
+    "ignore_case": True,
+    "ignore_punctuation": False,
+    "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
 }
 _NUMBER_FILTERS = [
-    {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
-                                        {"function": "take_first"}]},
-    {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
-                                             "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
-                                            {"function": "take_first"}]},
+    {
+        "name": "strict-match",
+        "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"}, {"function": "take_first"}],
+    },
+    {
+        "name": "flexible-extract",
+        "filter": [
+            {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+            {"function": "take_first"},
+        ],
+    },
 ]
 
 
-def _check_rows(data: Path, keys: List[str]) -> int:
+def _check_rows(data: Path, keys: list[str]) -> int:
     if not data.is_file():
         raise ValueError(f"{data} does not exist")
     count = 0
@@ -68,47 +77,73 @@ def _write_task(config: dict, out_dir: Path) -> Path:
 def _local_dataset(data: Path) -> dict:
     # lm_eval hands dataset_path/dataset_kwargs to datasets.load_dataset: the "json" builder reads
     # local files, so nothing is fetched.
-    return {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
-            "test_split": "test"}
+    return {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "test_split": "test",
+    }
 
 
-def generation_task(name: str, data: Path, question_key: str = "question", answer_key: str = "answer",
-                    prompt_template: Optional[str] = None, max_gen_toks: Optional[int] = None) -> dict:
+def generation_task(
+    name: str,
+    data: Path,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    prompt_template: str | None = None,
+    max_gen_toks: int | None = None,
+) -> dict:
     """A generate_until task graded like GSM8K (answer: a number, possibly after ####)."""
     template = prompt_template or ("Question: {{" + question_key + "}}\nAnswer:")
     generation = {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False, "temperature": 0.0}
     if max_gen_toks:
         generation["max_gen_toks"] = max_gen_toks
     return {
-        "task": name, **_local_dataset(data), "output_type": "generate_until",
-        "doc_to_text": template, "doc_to_target": "{{" + answer_key + "}}",
-        "generation_kwargs": generation, "metric_list": [_EXACT_MATCH], "filter_list": _NUMBER_FILTERS,
-        "num_fewshot": 0, "metadata": {"version": 1.0, "source": str(data.resolve())},
+        "task": name,
+        **_local_dataset(data),
+        "output_type": "generate_until",
+        "doc_to_text": template,
+        "doc_to_target": "{{" + answer_key + "}}",
+        "generation_kwargs": generation,
+        "metric_list": [_EXACT_MATCH],
+        "filter_list": _NUMBER_FILTERS,
+        "num_fewshot": 0,
+        "metadata": {"version": 1.0, "source": str(data.resolve())},
     }
 
 
-def multiple_choice_task(name: str, data: Path, question_key: str = "question", choices_key: str = "choices",
-                         label_key: str = "label") -> dict:
+def multiple_choice_task(
+    name: str, data: Path, question_key: str = "question", choices_key: str = "choices", label_key: str = "label"
+) -> dict:
     """A log-likelihood multiple-choice task (acc and length-normalized acc)."""
     return {
-        "task": name, **_local_dataset(data), "output_type": "multiple_choice",
+        "task": name,
+        **_local_dataset(data),
+        "output_type": "multiple_choice",
         "doc_to_text": "Question: {{" + question_key + "}}\nAnswer:",
-        "doc_to_choice": "{{" + choices_key + "}}", "doc_to_target": "{{" + label_key + "}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-        "num_fewshot": 0, "metadata": {"version": 1.0, "source": str(data.resolve())},
+        "doc_to_choice": "{{" + choices_key + "}}",
+        "doc_to_target": "{{" + label_key + "}}",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "num_fewshot": 0,
+        "metadata": {"version": 1.0, "source": str(data.resolve())},
     }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.local_tasks",
-                                     description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tsdkd_plugin.recipes_tools.local_tasks", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     generation = commands.add_parser("generation", help="question/answer JSONL, graded like GSM8K")
     generation.add_argument("--question-key", default="question")
     generation.add_argument("--answer-key", default="answer")
-    generation.add_argument("--prompt-template", default=None,
-                            help="Jinja template of the prompt (default: 'Question: {{QUESTION_KEY}}\\nAnswer:')")
+    generation.add_argument(
+        "--prompt-template",
+        default=None,
+        help="Jinja template of the prompt (default: 'Question: {{QUESTION_KEY}}\\nAnswer:')",
+    )
     generation.add_argument("--max-gen-toks", type=int, default=None, help="new tokens per answer (the task's own)")
     choice = commands.add_parser("multiple-choice", help="question/choices/label JSONL, log-likelihood accuracy")
     choice.add_argument("--question-key", default="question")
@@ -125,14 +160,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         if options.command == "generation":
             data = Path(options.data)
             _check_rows(data, [options.question_key, options.answer_key])
-            task = generation_task(options.name, data, options.question_key, options.answer_key,
-                                   options.prompt_template, options.max_gen_toks)
+            task = generation_task(
+                options.name,
+                data,
+                options.question_key,
+                options.answer_key,
+                options.prompt_template,
+                options.max_gen_toks,
+            )
             path = _write_task(task, out_dir)
         else:
             data = Path(options.data)
             _check_rows(data, [options.question_key, options.choices_key, options.label_key])
-            path = _write_task(multiple_choice_task(options.name, data, options.question_key, options.choices_key,
-                                                    options.label_key), out_dir)
+            path = _write_task(
+                multiple_choice_task(options.name, data, options.question_key, options.choices_key, options.label_key),
+                out_dir,
+            )
     except ValueError as error:
         print(f"local_tasks: error: {error}", file=sys.stderr)
         return 2

@@ -34,7 +34,6 @@ import sys
 import threading
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
 _GSM8K_RE = re.compile(r"####\s*([^\n]+)")
@@ -50,7 +49,7 @@ def strip_end_markers(text: str) -> str:
     return text.strip()
 
 
-def last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced; None when absent."""
     start = max(text.rfind(command) for command in _BOXED_COMMANDS)
     if start < 0:
@@ -71,7 +70,7 @@ def last_boxed(text: str) -> Optional[str]:
     return None  # unbalanced: truncated response
 
 
-def extract_final_answer(text: str, strict: bool = False) -> Optional[str]:
+def extract_final_answer(text: str, strict: bool = False) -> str | None:
     """The final answer a response commits to (see module docstring), or None. strict: only an
     explicit one (\\boxed{}, ####, "the answer is"), never the last number."""
     text = strip_end_markers(text)
@@ -90,7 +89,7 @@ def extract_final_answer(text: str, strict: bool = False) -> Optional[str]:
     return numbers[-1] if numbers else None
 
 
-def reference_answer(label) -> Optional[str]:
+def reference_answer(label) -> str | None:
     """The answer inside a dataset label: a GSM8K solution ("... #### 72"), a MATH solution with
     \\boxed{...}, or a bare answer."""
     if label is None:
@@ -108,8 +107,18 @@ def reference_answer(label) -> Optional[str]:
 
 
 _LATEX_NOISE = (
-    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""),
-    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", "%"), ("\\$", "$"),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("\\!", ""),
+    ("\\,", ""),
+    ("\\;", ""),
+    ("\\ ", ""),
+    ("\\dfrac", "\\frac"),
+    ("\\tfrac", "\\frac"),
+    ("^\\circ", ""),
+    ("^{\\circ}", ""),
+    ("\\%", "%"),
+    ("\\$", "$"),
 )
 
 
@@ -124,7 +133,7 @@ def normalize_answer(answer: str) -> str:
     return re.sub(r"\s+", "", text).lower()
 
 
-def parse_number(answer: str) -> Optional[Fraction]:
+def parse_number(answer: str) -> Fraction | None:
     """An exact number from "1,234", "$5", "50%", "-3/4", "\\frac{3}{4}", "0.25"; None otherwise."""
     text = normalize_answer(answer).replace(",", "").replace("$", "")
     match = re.fullmatch(r"(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?", text)
@@ -148,7 +157,7 @@ def parse_number(answer: str) -> Optional[Fraction]:
 MATH_VERIFY_TIMEOUT_S = 10.0  # per check in the helper process (math-verify's own limit is 5 s per step)
 
 
-def math_verify_check(response: str, reference: str) -> Optional[bool]:
+def math_verify_check(response: str, reference: str) -> bool | None:
     """math-verify's verdict on a whole response against a bare reference answer; None when it is
     not installed, finds no answer on either side, or fails. Call from a main thread only (its
     timeouts use SIGALRM)."""
@@ -174,10 +183,14 @@ class _MathVerifyServer:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tsdkd_plugin.recipes_tools.math_answers", "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
         )
 
-    def check(self, response: str, reference: str, timeout: float) -> Optional[bool]:
+    def check(self, response: str, reference: str, timeout: float) -> bool | None:
         """The verdict, or None on a timeout (the process is then killed: `alive` turns False)."""
         self.process.stdin.write(json.dumps([response, reference]) + "\n")
         self.process.stdin.flush()
@@ -194,11 +207,11 @@ class _MathVerifyServer:
         return self.process.poll() is None
 
 
-_server: Optional[_MathVerifyServer] = None
+_server: _MathVerifyServer | None = None
 _server_lock = threading.Lock()
 
 
-def math_verify_verdict(response: str, reference: str, timeout: float = MATH_VERIFY_TIMEOUT_S) -> Optional[bool]:
+def math_verify_verdict(response: str, reference: str, timeout: float = MATH_VERIFY_TIMEOUT_S) -> bool | None:
     """math_verify_check from any thread: directly in a main thread, else through the helper
     process, serialized, under `timeout` seconds (None when it runs out)."""
     global _server
@@ -219,7 +232,7 @@ def _serve() -> None:
         print(json.dumps(math_verify_check(response, reference)), flush=True)
 
 
-def answers_match(predicted: Optional[str], reference: Optional[str]) -> bool:
+def answers_match(predicted: str | None, reference: str | None) -> bool:
     """True when two final answers are the same number or the same normalized expression."""
     if predicted is None or reference is None:
         return False

@@ -41,9 +41,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 GIB = 2**30
 OVERHEAD_GIB = 2.0
@@ -70,7 +70,7 @@ class ModelShape:
     qk_norm: bool = False  # Qwen3
 
     @classmethod
-    def from_config(cls, name: str, config: Mapping) -> "ModelShape":
+    def from_config(cls, name: str, config: Mapping) -> ModelShape:
         text = config.get("text_config", config)  # multimodal wrappers keep the LM under text_config
         try:
             heads = text["num_attention_heads"]
@@ -93,9 +93,14 @@ class ModelShape:
         except KeyError as missing:
             raise ValueError(f"{name}: config has no {missing}; a decoder-only causal LM config is expected") from None
 
-    def linear_shapes(self) -> List[Tuple[int, int]]:
+    def linear_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of each linear layer in one decoder layer (what LoRA all-linear targets)."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h, q, kv, i = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
     @property
@@ -115,17 +120,24 @@ class ModelShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2  # K and V, bf16
 
 
-def _config(hidden, intermediate, layers, heads, kv_heads, vocab, tied, model_type, head_dim=None) -> Dict:
-    config = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-              "tie_word_embeddings": tied, "model_type": model_type}
+def _config(hidden, intermediate, layers, heads, kv_heads, vocab, tied, model_type, head_dim=None) -> dict:
+    config = {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "model_type": model_type,
+    }
     if head_dim:
         config["head_dim"] = head_dim
     return config
 
 
 # The paper's models, copied from their config.json files (no hub here).
-KNOWN_CONFIGS: Dict[str, Dict] = {
+KNOWN_CONFIGS: dict[str, dict] = {
     "Qwen/Qwen2.5-1.5B-Instruct": _config(1536, 8960, 28, 12, 2, 151936, True, "qwen2"),
     "Qwen/Qwen2.5-14B-Instruct": _config(5120, 13824, 48, 40, 8, 152064, False, "qwen2"),
     "google/gemma-2-2b-it": _config(2304, 9216, 26, 8, 4, 256000, True, "gemma2", head_dim=256),
@@ -135,7 +147,7 @@ KNOWN_CONFIGS: Dict[str, Dict] = {
 }
 
 
-def model_shape(name_or_path: str, config_overrides: Optional[Mapping[str, str]] = None, role: str = "") -> ModelShape:
+def model_shape(name_or_path: str, config_overrides: Mapping[str, str] | None = None, role: str = "") -> ModelShape:
     """Shape of a model: an override for its role or name, a local directory, or KNOWN_CONFIGS."""
     overrides = config_overrides or {}
     for key in (role, name_or_path):
@@ -172,12 +184,20 @@ class GroupMemory:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.kv_cache
-                + self.overhead)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.kv_cache
+            + self.overhead
+        )
 
 
-def training_state(shape: ModelShape, zero_stage: int, gpus: int, adam_offload: bool = False,
-                   lora_rank: int = 0) -> Tuple[float, float, float]:
+def training_state(
+    shape: ModelShape, zero_stage: int, gpus: int, adam_offload: bool = False, lora_rank: int = 0
+) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes per GPU for a trained model under DeepSpeed bf16."""
     total = shape.parameters
     trainable = shape.lora_parameters(lora_rank) if lora_rank else total
@@ -202,19 +222,25 @@ def policy_logit_bytes(shape: ModelShape, tokens: int, chunk: int = OBJECTIVE_CH
     return tokens * shape.vocab_rows * 4 + 6 * min(chunk, tokens) * shape.vocab_rows * 4
 
 
-def inference_bytes(shape: ModelShape, tokens: int) -> Tuple[float, float]:
+def inference_bytes(shape: ModelShape, tokens: int) -> tuple[float, float]:
     """(working set, logits) of a forward pass without gradients over `tokens` tokens."""
     return tokens * (4 * shape.hidden_size + 2 * shape.intermediate_size) * 2, tokens * shape.vocab_rows * 6
 
 
-def vllm_memory(shape: ModelShape, tensor_parallel: int, utilization: float, gpu_bytes: float,
-                max_len: int) -> GroupMemory:
+def vllm_memory(
+    shape: ModelShape, tensor_parallel: int, utilization: float, gpu_bytes: float, max_len: int
+) -> GroupMemory:
     weights = 2 * shape.parameters / tensor_parallel
     budget = utilization * gpu_bytes
     kv = max(0.0, budget - weights - OVERHEAD_GIB * GIB)
     tokens = kv * tensor_parallel / shape.kv_bytes_per_token if shape.kv_bytes_per_token else 0
-    return GroupMemory("vLLM engine", 0, weights=weights, kv_cache=kv,
-                       note=f"KV cache holds ~{tokens / 1e3:,.0f}k tokens (~{tokens / max_len:,.0f} sequences of {max_len})")
+    return GroupMemory(
+        "vLLM engine",
+        0,
+        weights=weights,
+        kv_cache=kv,
+        note=f"KV cache holds ~{tokens / 1e3:,.0f}k tokens (~{tokens / max_len:,.0f} sequences of {max_len})",
+    )
 
 
 # --------------------------------------------------------------------------- per recipe
@@ -224,30 +250,31 @@ def vllm_memory(shape: ModelShape, tensor_parallel: int, utilization: float, gpu
 class RecipeMemory:
     script: str
     gpu_memory_gb: float
-    models: Dict[str, ModelShape]
-    rows: List[GroupMemory]
-    phases: Dict[str, float]  # phase name -> per-GPU peak (colocated recipes); else group totals
-    notes: List[str]
+    models: dict[str, ModelShape]
+    rows: list[GroupMemory]
+    phases: dict[str, float]  # phase name -> per-GPU peak (colocated recipes); else group totals
+    notes: list[str]
 
 
 def recipe_gpu_memory(script: os.PathLike) -> float:
     for line in Path(script).read_text(encoding="utf-8").splitlines():
         if line.startswith(GPU_MEMORY_MARKER):
-            return float(line[len(GPU_MEMORY_MARKER):].strip())
+            return float(line[len(GPU_MEMORY_MARKER) :].strip())
     return DEFAULT_GPU_MEMORY_GB
 
 
-def estimate_recipe(parsed, gpu_memory_gb: Optional[float] = None,
-                    config_overrides: Optional[Mapping[str, str]] = None) -> RecipeMemory:
+def estimate_recipe(
+    parsed, gpu_memory_gb: float | None = None, config_overrides: Mapping[str, str] | None = None
+) -> RecipeMemory:
     """Memory table of a parsed recipe (tsdkd_plugin.recipes_tools.recipe_check.ParsedRecipe)."""
     from tsdkd_plugin.recipes_tools.recipe_check import DPO_MODULE, PPO_MODULE, TSDKD_MODULE
 
     args, module = parsed.args, parsed.command.module
     gpu_gb = gpu_memory_gb or recipe_gpu_memory(parsed.command.script)
     gpu_bytes = gpu_gb * GIB
-    rows: List[GroupMemory] = []
-    notes: List[str] = []
-    models: Dict[str, ModelShape] = {}
+    rows: list[GroupMemory] = []
+    notes: list[str] = []
+    models: dict[str, ModelShape] = {}
     max_len = args.data.max_len
 
     if module == DPO_MODULE:
@@ -256,24 +283,41 @@ def estimate_recipe(parsed, gpu_memory_gb: Optional[float] = None,
         w, g, o = training_state(student, args.ds.zero_stage, gpus, args.ds.adam_offload, args.ds.lora.rank)
         tokens = 2 * args.train.micro_batch_size * max_len  # chosen and rejected
         reference = 2 * student.parameters / (gpus if args.ds.zero_stage >= 3 else 1)
-        rows.append(GroupMemory("policy + reference (DPO)", gpus, weights=w + reference, gradients=g, optimizer=o,
-                                activations=activation_bytes(student, tokens, args.model.gradient_checkpointing_enable),
-                                logits=tokens * student.vocab_rows * 4,
-                                note="frozen reference weights included"))
+        rows.append(
+            GroupMemory(
+                "policy + reference (DPO)",
+                gpus,
+                weights=w + reference,
+                gradients=g,
+                optimizer=o,
+                activations=activation_bytes(student, tokens, args.model.gradient_checkpointing_enable),
+                logits=tokens * student.vocab_rows * 4,
+                note="frozen reference weights included",
+            )
+        )
         return RecipeMemory(parsed.command.script, gpu_gb, models, rows, {"training": rows[0].total}, notes)
 
     student = models["student"] = model_shape(args.actor.model_name_or_path, config_overrides, "student")
     actor_gpus = args.actor.num_nodes * args.actor.num_gpus_per_node
     w, g, o = training_state(student, args.ds.zero_stage, actor_gpus, args.ds.adam_offload, args.ds.lora.rank)
     train_tokens = args.train.micro_batch_size * max_len
-    policy = GroupMemory("policy (student)", actor_gpus, weights=w, gradients=g, optimizer=o,
-                         activations=activation_bytes(student, train_tokens, args.actor.gradient_checkpointing_enable),
-                         logits=policy_logit_bytes(student, train_tokens))
+    policy = GroupMemory(
+        "policy (student)",
+        actor_gpus,
+        weights=w,
+        gradients=g,
+        optimizer=o,
+        activations=activation_bytes(student, train_tokens, args.actor.gradient_checkpointing_enable),
+        logits=policy_logit_bytes(student, train_tokens),
+    )
     if args.ds.lora.rank:
-        policy.note = f"LoRA rank {args.ds.lora.rank}: {student.lora_parameters(args.ds.lora.rank) / 1e6:.0f}M trainable"
+        policy.note = (
+            f"LoRA rank {args.ds.lora.rank}: {student.lora_parameters(args.ds.lora.rank) / 1e6:.0f}M trainable"
+        )
     if args.ds.adam_offload:
-        policy.note = (policy.note + "; " if policy.note else "") + \
-            f"Adam states on CPU: {12 * student.parameters / actor_gpus / GIB:.1f} GiB of host memory per GPU"
+        policy.note = (
+            policy.note + "; " if policy.note else ""
+        ) + f"Adam states on CPU: {12 * student.parameters / actor_gpus / GIB:.1f} GiB of host memory per GPU"
     rows.append(policy)
 
     colocated_teacher = None
@@ -283,25 +327,40 @@ def estimate_recipe(parsed, gpu_memory_gb: Optional[float] = None,
         zero3 = args.ds.zero_stage >= 3
         if args.teacher.placement == "colocate":
             colocated_teacher = GroupMemory(
-                "teacher (inside each policy actor)", actor_gpus,
+                "teacher (inside each policy actor)",
+                actor_gpus,
                 weights=0.0 if args.teacher.offload else 2 * teacher.parameters / (actor_gpus if zero3 else 1),
-                logits=train_tokens * teacher.vocab_rows * 2, overhead=0.0,
-                note="dense logits kept for the loss" + ("; weights offloaded to CPU" if args.teacher.offload else ""))
+                logits=train_tokens * teacher.vocab_rows * 2,
+                overhead=0.0,
+                note="dense logits kept for the loss" + ("; weights offloaded to CPU" if args.teacher.offload else ""),
+            )
             rows.append(colocated_teacher)
         elif not args.teacher.remote_url:  # a served teacher's memory is its server's (docs/server_teacher.md)
             teacher_gpus = args.teacher.num_nodes * args.teacher.num_gpus_per_node
             working, logits = inference_bytes(teacher, args.rollout.micro_batch_size * max_len)
-            rows.append(GroupMemory("teacher", teacher_gpus,
-                                    weights=2 * teacher.parameters / (teacher_gpus if zero3 else 1),
-                                    activations=working, logits=logits,
-                                    note=f"top-{args.teacher.sparse_top_k} transport"))
+            rows.append(
+                GroupMemory(
+                    "teacher",
+                    teacher_gpus,
+                    weights=2 * teacher.parameters / (teacher_gpus if zero3 else 1),
+                    activations=working,
+                    logits=logits,
+                    note=f"top-{args.teacher.sparse_top_k} transport",
+                )
+            )
     elif module == PPO_MODULE and args.algo.kl.init_coef > 0:
         ref_gpus = args.ref.num_nodes * args.ref.num_gpus_per_node
         working, logits = inference_bytes(student, args.rollout.micro_batch_size * max_len)
-        rows.append(GroupMemory("reference (start model)", ref_gpus,
-                                weights=2 * student.parameters / (ref_gpus if args.ds.zero_stage >= 3 else 1),
-                                activations=working, logits=logits,
-                                overhead=0.0 if args.train.colocate_all else OVERHEAD_GIB * GIB))
+        rows.append(
+            GroupMemory(
+                "reference (start model)",
+                ref_gpus,
+                weights=2 * student.parameters / (ref_gpus if args.ds.zero_stage >= 3 else 1),
+                activations=working,
+                logits=logits,
+                overhead=0.0 if args.train.colocate_all else OVERHEAD_GIB * GIB,
+            )
+        )
 
     vllm = vllm_memory(student, args.vllm.tensor_parallel_size, args.vllm.gpu_memory_utilization, gpu_bytes, max_len)
     vllm.gpus = (args.vllm.num_engines or 0) * args.vllm.tensor_parallel_size
@@ -313,7 +372,7 @@ def estimate_recipe(parsed, gpu_memory_gb: Optional[float] = None,
         # (weights offloaded, KV cache freed). Generation: vLLM at its utilization plus what stays resident.
         shared = [row for row in rows if row is not vllm]
         training = sum(row.total for row in shared)
-        resident = (colocated_teacher.weights if colocated_teacher else 0.0)
+        resident = colocated_teacher.weights if colocated_teacher else 0.0
         if not args.ds.enable_sleep:
             resident += policy.weights + policy.gradients + policy.optimizer
             notes.append("--ds.enable_sleep is off: the policy's states stay on the GPU while vLLM generates")
@@ -335,23 +394,32 @@ def _gib(value: float) -> str:
     return "<0.1" if value < 0.05 * GIB else f"{value / GIB:.1f}"
 
 
-def markdown(memory: RecipeMemory, repo_root: Optional[Path] = None) -> str:
+def markdown(memory: RecipeMemory, repo_root: Path | None = None) -> str:
     script = Path(memory.script)
     if repo_root is not None:
         try:
             script = script.resolve().relative_to(repo_root.resolve())
         except ValueError:
             pass
-    models = ", ".join(f"{role} {shape.name} ({shape.parameters / 1e9:.2f}B params, {shape.vocab_rows:,} logit rows)"
-                       for role, shape in memory.models.items())
-    lines = [f"### `{script}`", "", f"{models}; {memory.gpu_memory_gb:g} GB GPUs.", "",
-             "| group | GPUs | weights | grads | optimizer | activations | logits | KV cache | overhead "
-             "| total / GPU | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    models = ", ".join(
+        f"{role} {shape.name} ({shape.parameters / 1e9:.2f}B params, {shape.vocab_rows:,} logit rows)"
+        for role, shape in memory.models.items()
+    )
+    lines = [
+        f"### `{script}`",
+        "",
+        f"{models}; {memory.gpu_memory_gb:g} GB GPUs.",
+        "",
+        "| group | GPUs | weights | grads | optimizer | activations | logits | KV cache | overhead "
+        "| total / GPU | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for row in memory.rows:
-        lines.append(f"| {row.group} | {row.gpus} | {_gib(row.weights)} | {_gib(row.gradients)} | {_gib(row.optimizer)} | "
-                     f"{_gib(row.activations)} | {_gib(row.logits)} | {_gib(row.kv_cache)} | {_gib(row.overhead)} | "
-                     f"**{row.total / GIB:.1f}** | {row.note} |")
+        lines.append(
+            f"| {row.group} | {row.gpus} | {_gib(row.weights)} | {_gib(row.gradients)} | {_gib(row.optimizer)} | "
+            f"{_gib(row.activations)} | {_gib(row.logits)} | {_gib(row.kv_cache)} | {_gib(row.overhead)} | "
+            f"**{row.total / GIB:.1f}** | {row.note} |"
+        )
     limit = memory.gpu_memory_gb * GIB
     verdicts = []
     for phase, peak in memory.phases.items():
@@ -393,25 +461,46 @@ def build_doc(memories: Sequence[RecipeMemory], repo_root: Path) -> str:
     return DOC_HEADER + "\n".join(markdown(memory, repo_root) for memory in memories)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from tsdkd_plugin.recipes_tools.recipe_check import EXAMPLE_ENV, REPO_ROOT, RecipeError, parse_recipe, recipe_scripts
+def main(argv: list[str] | None = None) -> int:
+    from tsdkd_plugin.recipes_tools.recipe_check import (
+        EXAMPLE_ENV,
+        REPO_ROOT,
+        RecipeError,
+        parse_recipe,
+        recipe_scripts,
+    )
 
-    parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.memory",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tsdkd_plugin.recipes_tools.memory", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("scripts", nargs="*", help="recipe scripts (default: every recipe under recipes/)")
-    parser.add_argument("--config", action="append", default=[], metavar="ROLE_OR_MODEL=CONFIG_JSON",
-                        help="config.json for a role (student, teacher) or a model name; repeatable")
-    parser.add_argument("--gpu-memory-gb", type=float, default=None,
-                        help=f"GPU memory (default: the recipe's '{GPU_MEMORY_MARKER}' line, else {DEFAULT_GPU_MEMORY_GB})")
-    parser.add_argument("--write", default=None, help="write the full document (e.g. docs/memory.md) instead of printing")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="ROLE_OR_MODEL=CONFIG_JSON",
+        help="config.json for a role (student, teacher) or a model name; repeatable",
+    )
+    parser.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help=f"GPU memory (default: the recipe's '{GPU_MEMORY_MARKER}' line, else {DEFAULT_GPU_MEMORY_GB})",
+    )
+    parser.add_argument(
+        "--write", default=None, help="write the full document (e.g. docs/memory.md) instead of printing"
+    )
     options = parser.parse_args(argv)
 
     overrides = {}
     for item in options.config:
         key, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
-            print("memory: error: --config expects ROLE_OR_MODEL=path/to/config.json with an existing file, "
-                  f"got {item!r}", file=sys.stderr)
+            print(
+                "memory: error: --config expects ROLE_OR_MODEL=path/to/config.json with an existing file, "
+                f"got {item!r}",
+                file=sys.stderr,
+            )
             return 2
         overrides[key] = path
     env = {key: os.environ.get(key, value) for key, value in EXAMPLE_ENV.items()}

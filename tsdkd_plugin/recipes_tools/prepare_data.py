@@ -65,9 +65,9 @@ import os
 import random
 import sys
 from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 REFERENCE_PROMPT_SET = "Minsang/TSD-KD-Qwen2.5-1.5B-Instruct-Gen"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -91,14 +91,17 @@ class Summary:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         held = f" (+{self.held_out} held out)" if self.held_out else ""
         labels = ", ".join(f"{count} from {source}" for source, count in self.labels.most_common())
-        return (f"{what}: read {self.read} rows, wrote {self.written} to {out}{held}"
-                + (f"; labels: {labels}" if labels else "") + (f"; skipped {reasons}" if reasons else ""))
+        return (
+            f"{what}: read {self.read} rows, wrote {self.written} to {out}{held}"
+            + (f"; labels: {labels}" if labels else "")
+            + (f"; skipped {reasons}" if reasons else "")
+        )
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(source: str, split: str = "train", config: Optional[str] = None) -> Iterator[dict]:
+def load_rows(source: str, split: str = "train", config: str | None = None) -> Iterator[dict]:
     """Rows of a local file or directory, or of a HF hub dataset (the real loading path)."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -129,7 +132,9 @@ def load_rows(source: str, split: str = "train", config: Optional[str] = None) -
     try:
         yield from datasets.load_dataset(source, config, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise DataError(f"could not load dataset {source!r} (split {split!r}) from the hub or a local path: {error}") from None
+        raise DataError(
+            f"could not load dataset {source!r} (split {split!r}) from the hub or a local path: {error}"
+        ) from None
 
 
 def numbered_jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -169,7 +174,7 @@ def _require_key(row: dict, key: str, source: str, option: str) -> None:
 # --------------------------------------------------------------------------- prompts
 
 
-def user_messages(instruction: str, system_prompt: Optional[str] = None, suffix: str = "") -> List[Dict[str, str]]:
+def user_messages(instruction: str, system_prompt: str | None = None, suffix: str = "") -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": instruction + suffix})
     return messages
@@ -184,11 +189,11 @@ def _instruction_identity(instruction: str) -> str:
 class LabelSources:
     """Where prompt_rows takes labels from, in order (the first that has an answer wins)."""
 
-    label_key: Optional[str] = None  # ground-truth column of the dataset itself
+    label_key: str | None = None  # ground-truth column of the dataset itself
     from_response: bool = False  # the dataset's response column, when it is ground truth
-    ground_truth: Optional[Dict[str, Optional[str]]] = None  # instruction identity -> answer (None: ambiguous)
+    ground_truth: dict[str, str | None] | None = None  # instruction identity -> answer (None: ambiguous)
     ground_truth_name: str = ""
-    teacher: Optional[Dict[str, str]] = None  # prompt identity -> the teacher's final answer
+    teacher: dict[str, str] | None = None  # prompt identity -> the teacher's final answer
     teacher_name: str = ""
 
     @property
@@ -201,17 +206,37 @@ class LabelSources:
 
         candidates = []
         if self.label_key:
-            candidates.append((lambda: reference_answer(row.get(self.label_key)), "ground_truth",
-                               f"ground truth (column {self.label_key!r})"))
+            candidates.append(
+                (
+                    lambda: reference_answer(row.get(self.label_key)),
+                    "ground_truth",
+                    f"ground truth (column {self.label_key!r})",
+                )
+            )
         if self.from_response:
-            candidates.append((lambda: extract_final_answer(response, strict=True) if isinstance(response, str) else None,
-                               "ground_truth", "ground truth (the dataset's responses)"))
+            candidates.append(
+                (
+                    lambda: extract_final_answer(response, strict=True) if isinstance(response, str) else None,
+                    "ground_truth",
+                    "ground truth (the dataset's responses)",
+                )
+            )
         if self.ground_truth is not None:
-            candidates.append((lambda: self.ground_truth.get(_instruction_identity(instruction)), "ground_truth",
-                               f"ground truth ({self.ground_truth_name})"))
+            candidates.append(
+                (
+                    lambda: self.ground_truth.get(_instruction_identity(instruction)),
+                    "ground_truth",
+                    f"ground truth ({self.ground_truth_name})",
+                )
+            )
         if self.teacher is not None:
-            candidates.append((lambda: self.teacher.get(_prompt_identity(messages)), "teacher",
-                               f"teacher answers ({self.teacher_name})"))
+            candidates.append(
+                (
+                    lambda: self.teacher.get(_prompt_identity(messages)),
+                    "teacher",
+                    f"teacher answers ({self.teacher_name})",
+                )
+            )
         for answer_of, kind, description in candidates:
             answer = answer_of()
             if answer:
@@ -219,13 +244,14 @@ class LabelSources:
         return None, None, None
 
 
-def ground_truth_answers(rows: Iterable[dict], source: str, instruction_key: str, response_key: str,
-                         summary: Summary) -> Dict[str, Optional[str]]:
+def ground_truth_answers(
+    rows: Iterable[dict], source: str, instruction_key: str, response_key: str, summary: Summary
+) -> dict[str, str | None]:
     """instruction identity -> the final answer its ground-truth responses state (None when two of
     them state different answers: no label rather than a coin toss)."""
     from tsdkd_plugin.recipes_tools.math_answers import answers_match, extract_final_answer
 
-    answers: Dict[str, Optional[str]] = {}
+    answers: dict[str, str | None] = {}
     for index, row in enumerate(rows):
         if index == 0:
             _require_key(row, instruction_key, source, "--ground-truth-instruction-key")
@@ -247,7 +273,7 @@ def ground_truth_answers(rows: Iterable[dict], source: str, instruction_key: str
     return answers
 
 
-def teacher_final_answers(rows: Iterable[dict], source: str, prompt_key: str = "prompt") -> Dict[str, str]:
+def teacher_final_answers(rows: Iterable[dict], source: str, prompt_key: str = "prompt") -> dict[str, str]:
     """prompt identity -> the final answer stated in the teacher's (first) response."""
     from tsdkd_plugin.recipes_tools.math_answers import extract_final_answer
 
@@ -256,7 +282,9 @@ def teacher_final_answers(rows: Iterable[dict], source: str, prompt_key: str = "
         if index == 0:
             _require_key(row, prompt_key, source, "the prompt column")
             if "responses" not in row and "response" not in row:
-                raise DataError(f"{source}: rows have neither 'responses' nor 'response'; available keys: {sorted(row)}")
+                raise DataError(
+                    f"{source}: rows have neither 'responses' nor 'response'; available keys: {sorted(row)}"
+                )
         responses = row.get("responses", [row.get("response")])
         response = responses[0] if isinstance(responses, list) and responses else None
         answer = extract_final_answer(response, strict=True) if isinstance(response, str) else None
@@ -270,10 +298,10 @@ def prompt_rows(
     source: str,
     summary: Summary,
     instruction_key: str = "instruction",
-    response_key: Optional[str] = "response",
-    labels: Optional[LabelSources] = None,
+    response_key: str | None = "response",
+    labels: LabelSources | None = None,
     require_label: bool = False,
-    system_prompt: Optional[str] = None,
+    system_prompt: str | None = None,
     instruction_suffix: str = "",
     dedupe: bool = True,
 ) -> Iterator[dict]:
@@ -313,7 +341,7 @@ def prompt_rows(
         yield out
 
 
-def split_holdout(rows: List[dict], eval_rows: int, seed: int):
+def split_holdout(rows: list[dict], eval_rows: int, seed: int):
     if eval_rows <= 0:
         return rows, []
     if eval_rows >= len(rows):
@@ -327,7 +355,7 @@ def split_holdout(rows: List[dict], eval_rows: int, seed: int):
 # --------------------------------------------------------------------------- DPO pairs
 
 
-def _prompt_messages(value, source: str) -> List[Dict[str, str]]:
+def _prompt_messages(value, source: str) -> list[dict[str, str]]:
     """A generation file's prompt, as chat messages (a plain string becomes one user turn)."""
     if isinstance(value, str):
         return user_messages(value)
@@ -336,17 +364,17 @@ def _prompt_messages(value, source: str) -> List[Dict[str, str]]:
     raise DataError(f"{source}: a prompt must be a string or a list of {{role, content}} messages, got {value!r:.80}")
 
 
-def _prompt_identity(messages: List[Dict[str, str]]) -> str:
+def _prompt_identity(messages: list[dict[str, str]]) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
-def _assistant(text: str) -> List[Dict[str, str]]:
+def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
 def _responses_by_prompt(rows: Iterable[dict], source: str, prompt_key: str, response_key: str, summary: Summary):
     """prompt identity -> (messages, [responses]) in file order."""
-    grouped: "OrderedDict[str, tuple]" = OrderedDict()
+    grouped: OrderedDict[str, tuple] = OrderedDict()
     for index, row in enumerate(rows):
         summary.read += 1
         if index == 0:
@@ -362,8 +390,13 @@ def _responses_by_prompt(rows: Iterable[dict], source: str, prompt_key: str, res
 
 
 def teacher_vs_student_pairs(
-    teacher_rows: Iterable[dict], student_rows: Iterable[dict], teacher_source: str, student_source: str,
-    summary: Summary, prompt_key: str = "prompt", response_key: str = "response",
+    teacher_rows: Iterable[dict],
+    student_rows: Iterable[dict],
+    teacher_source: str,
+    student_source: str,
+    summary: Summary,
+    prompt_key: str = "prompt",
+    response_key: str = "response",
 ) -> Iterator[dict]:
     """One pair per prompt present in both files: the teacher's (first) response chosen, the
     student's (first) response rejected. Identical responses carry no preference and are skipped."""
@@ -385,8 +418,13 @@ def teacher_vs_student_pairs(
 
 
 def teacher_ranked_pairs(
-    rows: Iterable[dict], source: str, summary: Summary, prompt_key: str = "prompt",
-    responses_key: str = "responses", scores_key: str = "scores", min_margin: float = 0.0,
+    rows: Iterable[dict],
+    source: str,
+    summary: Summary,
+    prompt_key: str = "prompt",
+    responses_key: str = "responses",
+    scores_key: str = "scores",
+    min_margin: float = 0.0,
 ) -> Iterator[dict]:
     """Best vs worst of a prompt's student samples by teacher score.
 
@@ -395,11 +433,15 @@ def teacher_ranked_pairs(
     grouped by prompt. Groups with fewer than 2 samples, or whose best and worst scores are
     closer than min_margin (ties included), carry no preference and are skipped.
     """
-    groups: "OrderedDict[str, tuple]" = OrderedDict()
+    groups: OrderedDict[str, tuple] = OrderedDict()
     for index, row in enumerate(rows):
         summary.read += 1
         if index == 0:
-            for key, option in ((prompt_key, "--prompt-key"), (responses_key, "--responses-key"), (scores_key, "--scores-key")):
+            for key, option in (
+                (prompt_key, "--prompt-key"),
+                (responses_key, "--responses-key"),
+                (scores_key, "--scores-key"),
+            ):
                 _require_key(row, key, source, option)
         messages = _prompt_messages(row[prompt_key], source)
         responses, scores = row[responses_key], row[scores_key]
@@ -435,38 +477,60 @@ def teacher_ranked_pairs(
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label-key", default=None,
-                        help="ground-truth column for the GRPO verifier (a GSM8K/MATH solution or a bare answer)")
-    parser.add_argument("--ground-truth", default=None,
-                        help="dataset with ground-truth responses joined by instruction (e.g. openbmb/UltraInteract_sft)")
+    parser.add_argument(
+        "--label-key",
+        default=None,
+        help="ground-truth column for the GRPO verifier (a GSM8K/MATH solution or a bare answer)",
+    )
+    parser.add_argument(
+        "--ground-truth",
+        default=None,
+        help="dataset with ground-truth responses joined by instruction (e.g. openbmb/UltraInteract_sft)",
+    )
     parser.add_argument("--ground-truth-split", default="train")
     parser.add_argument("--ground-truth-instruction-key", default="instruction")
     parser.add_argument("--ground-truth-response-key", default="response")
-    parser.add_argument("--teacher-answers", default=None,
-                        help="generation file of the teacher (sampling --model TEACHER): labels where ground truth is missing")
+    parser.add_argument(
+        "--teacher-answers",
+        default=None,
+        help="generation file of the teacher (sampling --model TEACHER): labels where ground truth is missing",
+    )
     parser.add_argument("--require-label", action="store_true", help="drop rows without a label (the GRPO prompt file)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.prepare_data",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tsdkd_plugin.recipes_tools.prepare_data", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     prompts = commands.add_parser("prompts", help="instruction dataset -> OpenRLHF prompt JSONL")
-    prompts.add_argument("--dataset", default=REFERENCE_PROMPT_SET,
-                         help=f"HF hub name, local file or directory (default: {REFERENCE_PROMPT_SET})")
+    prompts.add_argument(
+        "--dataset",
+        default=REFERENCE_PROMPT_SET,
+        help=f"HF hub name, local file or directory (default: {REFERENCE_PROMPT_SET})",
+    )
     prompts.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict (default: train)")
-    prompts.add_argument("--instruction-key", default="instruction", help="column with the instruction (default: instruction)")
-    prompts.add_argument("--response-key", default="response",
-                         help="column with the reference response, '' for none (default: response)")
+    prompts.add_argument(
+        "--instruction-key", default="instruction", help="column with the instruction (default: instruction)"
+    )
+    prompts.add_argument(
+        "--response-key", default="response", help="column with the reference response, '' for none (default: response)"
+    )
     prompts.add_argument("--dataset-config", default=None, help="config name of a hub dataset (GSM8K: main)")
     add_label_arguments(prompts)
-    prompts.add_argument("--label-from-response", action="store_true",
-                         help="labels from this dataset's own response column, when it is ground truth "
-                              "(refused on the reference set: its responses are the student's)")
+    prompts.add_argument(
+        "--label-from-response",
+        action="store_true",
+        help="labels from this dataset's own response column, when it is ground truth "
+        "(refused on the reference set: its responses are the student's)",
+    )
     prompts.add_argument("--system-prompt", default=None, help="a system message before each instruction")
-    prompts.add_argument("--instruction-suffix", default="",
-                         help="text appended to each instruction (e.g. ' /no_think' for Qwen3 without thinking)")
+    prompts.add_argument(
+        "--instruction-suffix",
+        default="",
+        help="text appended to each instruction (e.g. ' /no_think' for Qwen3 without thinking)",
+    )
     prompts.add_argument("--no-dedupe", dest="dedupe", action="store_false", help="keep repeated instructions")
     prompts.add_argument("--max-rows", type=int, default=None, help="keep at most this many prompts (after skipping)")
     prompts.add_argument("--eval-rows", type=int, default=0, help="hold out this many prompts (random, seeded)")
@@ -474,11 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--seed", type=int, default=42)
     prompts.add_argument("--out", required=True, help="output JSONL")
 
-    labels = commands.add_parser("labels", help="labels for an existing prompt file (the TSD-KD prompts -> GRPO prompts)")
+    labels = commands.add_parser(
+        "labels", help="labels for an existing prompt file (the TSD-KD prompts -> GRPO prompts)"
+    )
     labels.add_argument("--prompts", required=True, help="prompt JSONL written by `prompts` (chat messages)")
     labels.add_argument("--input-key", default="prompt", help="chat-message column of --prompts (default: prompt)")
-    labels.add_argument("--instruction-suffix", default="",
-                        help="the suffix `prompts` appended to each instruction, removed before the ground-truth join")
+    labels.add_argument(
+        "--instruction-suffix",
+        default="",
+        help="the suffix `prompts` appended to each instruction, removed before the ground-truth join",
+    )
     add_label_arguments(labels)
     labels.add_argument("--out", required=True, help="output JSONL (the same rows, with label and label_source)")
 
@@ -487,13 +556,24 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--teacher-file", help="teacher generations (teacher-vs-student)")
     pairs.add_argument("--student-file", help="student generations (teacher-vs-student)")
     pairs.add_argument("--samples-file", help="student samples with teacher scores (teacher-ranked)")
-    pairs.add_argument("--prompt-key", default="prompt", help="prompt column: a string or chat messages (default: prompt)")
-    pairs.add_argument("--response-key", default="response", help="response column (teacher-vs-student; default: response)")
-    pairs.add_argument("--responses-key", default="responses",
-                       help="samples column, a list or one string per row (teacher-ranked; default: responses)")
+    pairs.add_argument(
+        "--prompt-key", default="prompt", help="prompt column: a string or chat messages (default: prompt)"
+    )
+    pairs.add_argument(
+        "--response-key", default="response", help="response column (teacher-vs-student; default: response)"
+    )
+    pairs.add_argument(
+        "--responses-key",
+        default="responses",
+        help="samples column, a list or one string per row (teacher-ranked; default: responses)",
+    )
     pairs.add_argument("--scores-key", default="scores", help="teacher scores column (teacher-ranked; default: scores)")
-    pairs.add_argument("--min-margin", type=float, default=0.0,
-                       help="teacher-ranked: skip prompts whose best and worst scores differ by at most this")
+    pairs.add_argument(
+        "--min-margin",
+        type=float,
+        default=0.0,
+        help="teacher-ranked: skip prompts whose best and worst scores differ by at most this",
+    )
     pairs.add_argument("--split", default="train")
     pairs.add_argument("--out", required=True, help="output JSONL")
     return parser
@@ -508,12 +588,17 @@ def label_sources(options, summary: Summary) -> LabelSources:
             raise DataError(
                 f"--label-from-response on {REFERENCE_PROMPT_SET} would reward agreement with the student's own "
                 f"answers (its responses were written by Qwen2.5-1.5B-Instruct); use --ground-truth "
-                f"openbmb/UltraInteract_sft and/or --teacher-answers instead")
+                f"openbmb/UltraInteract_sft and/or --teacher-answers instead"
+            )
     sources = LabelSources(label_key=options.label_key, from_response=from_response)
     if options.ground_truth:
         sources.ground_truth = ground_truth_answers(
-            load_rows(options.ground_truth, options.ground_truth_split), options.ground_truth,
-            options.ground_truth_instruction_key, options.ground_truth_response_key, summary)
+            load_rows(options.ground_truth, options.ground_truth_split),
+            options.ground_truth,
+            options.ground_truth_instruction_key,
+            options.ground_truth_response_key,
+            summary,
+        )
         sources.ground_truth_name = options.ground_truth
     if options.teacher_answers:
         sources.teacher = teacher_final_answers(load_rows(options.teacher_answers), options.teacher_answers)
@@ -527,14 +612,24 @@ def run_prompts(options) -> Summary:
     summary = Summary()
     labels = label_sources(options, summary)
     if options.require_label and not labels.wanted:
-        raise DataError("--require-label needs a label source: --label-key, --ground-truth, --teacher-answers "
-                        "or --label-from-response")
-    rows = list(prompt_rows(
-        load_rows(options.dataset, options.split, options.dataset_config), options.dataset, summary,
-        instruction_key=options.instruction_key, response_key=options.response_key or None, labels=labels,
-        require_label=options.require_label, system_prompt=options.system_prompt,
-        instruction_suffix=options.instruction_suffix, dedupe=options.dedupe,
-    ))
+        raise DataError(
+            "--require-label needs a label source: --label-key, --ground-truth, --teacher-answers "
+            "or --label-from-response"
+        )
+    rows = list(
+        prompt_rows(
+            load_rows(options.dataset, options.split, options.dataset_config),
+            options.dataset,
+            summary,
+            instruction_key=options.instruction_key,
+            response_key=options.response_key or None,
+            labels=labels,
+            require_label=options.require_label,
+            system_prompt=options.system_prompt,
+            instruction_suffix=options.instruction_suffix,
+            dedupe=options.dedupe,
+        )
+    )
     if options.max_rows is not None and len(rows) > options.max_rows:
         summary.skipped["rows over --max-rows"] += len(rows) - options.max_rows
         rows = rows[: options.max_rows]
@@ -579,17 +674,34 @@ def run_labels(options) -> Summary:
 def run_dpo_pairs(options) -> Summary:
     summary = Summary()
     if options.mode == "teacher-vs-student":
-        missing = [flag for flag, value in (("--teacher-file", options.teacher_file), ("--student-file", options.student_file)) if not value]
+        missing = [
+            flag
+            for flag, value in (("--teacher-file", options.teacher_file), ("--student-file", options.student_file))
+            if not value
+        ]
         if missing:
             raise DataError(f"--mode teacher-vs-student needs {' and '.join(missing)}")
         pairs = teacher_vs_student_pairs(
-            load_rows(options.teacher_file, options.split), load_rows(options.student_file, options.split),
-            options.teacher_file, options.student_file, summary, options.prompt_key, options.response_key)
+            load_rows(options.teacher_file, options.split),
+            load_rows(options.student_file, options.split),
+            options.teacher_file,
+            options.student_file,
+            summary,
+            options.prompt_key,
+            options.response_key,
+        )
     else:
         if not options.samples_file:
             raise DataError("--mode teacher-ranked needs --samples-file")
-        pairs = teacher_ranked_pairs(load_rows(options.samples_file, options.split), options.samples_file, summary,
-                                     options.prompt_key, options.responses_key, options.scores_key, options.min_margin)
+        pairs = teacher_ranked_pairs(
+            load_rows(options.samples_file, options.split),
+            options.samples_file,
+            summary,
+            options.prompt_key,
+            options.responses_key,
+            options.scores_key,
+            options.min_margin,
+        )
     rows = list(pairs)
     if not rows:
         raise DataError(f"no preference pairs could be formed ({summary.line('dpo-pairs', options.out)})")
@@ -597,7 +709,7 @@ def run_dpo_pairs(options) -> Summary:
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     try:
         run = {"prompts": run_prompts, "labels": run_labels, "dpo-pairs": run_dpo_pairs}[options.command]

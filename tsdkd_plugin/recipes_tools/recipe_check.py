@@ -28,10 +28,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -69,10 +69,10 @@ class RecipeCommand:
     script: str
     launcher: str  # "ray-job" or "deepspeed"
     module: str  # e.g. openrlhf.cli.train_tsdkd
-    argv: Tuple[str, ...]
-    deepspeed_gpus: Optional[int] = None  # processes per node a deepspeed launch starts
+    argv: tuple[str, ...]
+    deepspeed_gpus: int | None = None  # processes per node a deepspeed launch starts
 
-    def flag_value(self, flag: str) -> Optional[str]:
+    def flag_value(self, flag: str) -> str | None:
         """The token after `flag` in argv (None when absent); for quick looks, not for parsing."""
         argv = list(self.argv)
         return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
@@ -86,7 +86,7 @@ class ParsedRecipe:
     notes: str = ""  # what upstream printed while validating (its warnings)
 
 
-def recipe_scripts(root: Path = RECIPES_DIR) -> List[Path]:
+def recipe_scripts(root: Path = RECIPES_DIR) -> list[Path]:
     """Every launch recipe under root: bash scripts that call launch_ray_job / launch_deepspeed."""
     scripts = []
     for path in sorted(root.rglob("*.sh")):
@@ -96,7 +96,7 @@ def recipe_scripts(root: Path = RECIPES_DIR) -> List[Path]:
     return scripts
 
 
-def recipe_command(script: os.PathLike, env: Optional[Mapping[str, str]] = None, timeout: float = 30) -> RecipeCommand:
+def recipe_command(script: os.PathLike, env: Mapping[str, str] | None = None, timeout: float = 30) -> RecipeCommand:
     """Run the recipe in print-args mode and return its launcher, module and argv."""
     script = Path(script)
     run_env = dict(os.environ)
@@ -120,7 +120,7 @@ def recipe_command(script: os.PathLike, env: Optional[Mapping[str, str]] = None,
     return RecipeCommand(str(script), launcher, module, argv, int(gpus) if gpus else None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upstream_cli(module: str):
     from tsdkd_plugin.host.upstream_cli import load_upstream_cli
 
@@ -134,7 +134,7 @@ def _captured_streams():
         yield out, err
 
 
-def parse_command(module: str, argv: Sequence[str], where: str = "") -> Tuple[SimpleNamespace, object, str]:
+def parse_command(module: str, argv: Sequence[str], where: str = "") -> tuple[SimpleNamespace, object, str]:
     """(hierarchical args, TSD-KD run configuration or None, upstream's printed warnings) or RecipeError."""
     label = f"{where}: " if where else ""
     with _captured_streams() as (out, err):
@@ -157,32 +157,40 @@ def parse_command(module: str, argv: Sequence[str], where: str = "") -> Tuple[Si
     return args, config, out.getvalue()
 
 
-def parse_recipe(script: os.PathLike, env: Optional[Mapping[str, str]] = None) -> ParsedRecipe:
+def parse_recipe(script: os.PathLike, env: Mapping[str, str] | None = None) -> ParsedRecipe:
     command = recipe_command(script, env)
     args, config, notes = parse_command(command.module, command.argv, where=command.script)
     return ParsedRecipe(command, args, config, notes)
 
 
-def _group(nodes: int, gpus_per_node: int, **extra) -> Dict:
+def _group(nodes: int, gpus_per_node: int, **extra) -> dict:
     return {"nodes": nodes, "gpus_per_node": gpus_per_node, "gpus": nodes * gpus_per_node, **extra}
 
 
-def ppo_plan(args: SimpleNamespace) -> Dict:
+def ppo_plan(args: SimpleNamespace) -> dict:
     """What upstream train_ppo_ray.train would place, group by group (mirrors its rules)."""
     colocate_all = bool(args.train.colocate_all)
     groups = {
-        "actor": _group(args.actor.num_nodes, args.actor.num_gpus_per_node, model=args.actor.model_name_or_path,
-                        zero_stage=args.ds.zero_stage),
-        "vllm": {"engines": args.vllm.num_engines or 0, "tensor_parallel_size": args.vllm.tensor_parallel_size,
-                 "gpus": (args.vllm.num_engines or 0) * args.vllm.tensor_parallel_size},
+        "actor": _group(
+            args.actor.num_nodes,
+            args.actor.num_gpus_per_node,
+            model=args.actor.model_name_or_path,
+            zero_stage=args.ds.zero_stage,
+        ),
+        "vllm": {
+            "engines": args.vllm.num_engines or 0,
+            "tensor_parallel_size": args.vllm.tensor_parallel_size,
+            "gpus": (args.vllm.num_engines or 0) * args.vllm.tensor_parallel_size,
+        },
     }
     if args.algo.kl.init_coef > 0:  # upstream creates a reference group only then
         groups["ref"] = _group(args.ref.num_nodes, args.ref.num_gpus_per_node, model=args.actor.model_name_or_path)
     if args.critic.model_name_or_path:
         groups["critic"] = _group(args.critic.num_nodes, args.critic.num_gpus_per_node)
     if not args.reward.remote_url:
-        groups["reward_model"] = _group(args.reward.num_nodes, args.reward.num_gpus_per_node,
-                                        model=args.reward.model_name_or_path)
+        groups["reward_model"] = _group(
+            args.reward.num_nodes, args.reward.num_gpus_per_node, model=args.reward.model_name_or_path
+        )
     else:
         groups["reward"] = {"remote": list(args.reward.remote_url), "gpus": 0}
 
@@ -200,24 +208,34 @@ def ppo_plan(args: SimpleNamespace) -> Dict:
         "colocate_all": colocate_all,
         "groups": groups,
         "gpus": {"total": total},
-        "rollout": {"n_samples_per_prompt": args.rollout.n_samples_per_prompt, "batch_size": args.rollout.batch_size,
-                    "max_new_tokens": args.rollout.max_new_tokens, "temperature": args.rollout.temperature},
+        "rollout": {
+            "n_samples_per_prompt": args.rollout.n_samples_per_prompt,
+            "batch_size": args.rollout.batch_size,
+            "max_new_tokens": args.rollout.max_new_tokens,
+            "temperature": args.rollout.temperature,
+        },
     }
 
 
-def dpo_plan(args: SimpleNamespace, deepspeed_gpus: Optional[int]) -> Dict:
+def dpo_plan(args: SimpleNamespace, deepspeed_gpus: int | None) -> dict:
     return {
         "entry_point": DPO_MODULE,
         "launcher": "deepspeed",
-        "groups": {"policy_and_reference": {"processes": deepspeed_gpus, "model": args.model.model_name_or_path,
-                                            "reference": args.ref.model_name_or_path, "zero_stage": args.ds.zero_stage,
-                                            "lora_rank": args.ds.lora.rank}},
+        "groups": {
+            "policy_and_reference": {
+                "processes": deepspeed_gpus,
+                "model": args.model.model_name_or_path,
+                "reference": args.ref.model_name_or_path,
+                "zero_stage": args.ds.zero_stage,
+                "lora_rank": args.ds.lora.rank,
+            }
+        },
         "gpus": {"total": deepspeed_gpus},
         "data": {"dataset": args.data.dataset, "max_len": args.data.max_len},
     }
 
 
-def resolved_plan(module: str, args: SimpleNamespace, config=None, deepspeed_gpus: Optional[int] = None) -> Dict:
+def resolved_plan(module: str, args: SimpleNamespace, config=None, deepspeed_gpus: int | None = None) -> dict:
     """The plan printed by a recipe's dry run; TSD-KD's comes from the CLI's own resolved_plan."""
     if module == TSDKD_MODULE:
         from tsdkd_plugin.host.preflight import resolved_plan as tsdkd_resolved_plan
@@ -241,17 +259,17 @@ def _dotted(namespace: SimpleNamespace, dotted: str):
 DEVIATION_MARKER = "# reference-setup-deviation:"
 
 
-def declared_deviations(script: os.PathLike) -> Dict[str, str]:
+def declared_deviations(script: os.PathLike) -> dict[str, str]:
     """Departures a recipe declares in its header, as `# reference-setup-deviation: attr (why)`."""
     declared = {}
     for line in Path(script).read_text(encoding="utf-8").splitlines():
         if line.startswith(DEVIATION_MARKER):
-            attribute, _, why = line[len(DEVIATION_MARKER):].strip().partition(" ")
+            attribute, _, why = line[len(DEVIATION_MARKER) :].strip().partition(" ")
             declared[attribute] = why.strip()
     return declared
 
 
-def reference_setup_deviations(parsed: ParsedRecipe) -> List[str]:
+def reference_setup_deviations(parsed: ParsedRecipe) -> list[str]:
     """Where a TSD-KD recipe departs from the reference setup without declaring it (empty: none)."""
     if parsed.command.module != TSDKD_MODULE:
         return []
@@ -267,7 +285,7 @@ def reference_setup_deviations(parsed: ParsedRecipe) -> List[str]:
     return deviations
 
 
-def _summary(plan: Dict) -> str:
+def _summary(plan: dict) -> str:
     groups = plan.get("groups")
     if groups is None:  # TSD-KD plan: actor / vllm / teacher counts under "gpus"
         return ", ".join(f"{name} {count}" for name, count in plan.get("gpus", {}).items())
@@ -275,14 +293,14 @@ def _summary(plan: Dict) -> str:
     return ", ".join(parts) + f", total {plan['gpus']['total']}"
 
 
-def _split_at_double_dash(argv: List[str]) -> Tuple[List[str], List[str]]:
+def _split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         cut = argv.index("--")
         return argv[:cut], argv[cut + 1 :]
     return argv, []
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     own_argv, command_argv = _split_at_double_dash(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(
         prog="python -m tsdkd_plugin.recipes_tools.recipe_check",
@@ -290,11 +308,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("scripts", nargs="*", help="recipe scripts (default: every recipe under recipes/)")
     parser.add_argument("--plan", action="store_true", help="print the resolved plan of each recipe as JSON")
-    parser.add_argument("--module", choices=ENTRY_POINTS,
-                        help="check one command line given after `--` instead of scripts (the recipes' dry run)")
+    parser.add_argument(
+        "--module",
+        choices=ENTRY_POINTS,
+        help="check one command line given after `--` instead of scripts (the recipes' dry run)",
+    )
     parser.add_argument("--deepspeed-gpus", type=int, default=None, help="processes a deepspeed launch starts")
-    parser.add_argument("--example-env", action="store_true",
-                        help=f"fill variables that multi-node recipes require with placeholders ({', '.join(EXAMPLE_ENV)})")
+    parser.add_argument(
+        "--example-env",
+        action="store_true",
+        help=f"fill variables that multi-node recipes require with placeholders ({', '.join(EXAMPLE_ENV)})",
+    )
     options = parser.parse_args(own_argv)
 
     if options.module:

@@ -28,8 +28,15 @@ from tsdkd_plugin.host.preflight.paths import check_output_paths, check_resume_c
 from tsdkd_plugin.host.preflight.plan import LaunchPlan, check_cluster_capacity, required_gpus, resolved_plan
 from tsdkd_plugin.host.run_config import RunConfig
 
-__all__ = ["LaunchPlan", "check_cluster_capacity", "check_options", "preflight", "require_option", "required_gpus",
-           "resolved_plan"]
+__all__ = [
+    "LaunchPlan",
+    "check_cluster_capacity",
+    "check_options",
+    "preflight",
+    "require_option",
+    "required_gpus",
+    "resolved_plan",
+]
 
 
 def preflight(args: SimpleNamespace, run: RunConfig) -> LaunchPlan:

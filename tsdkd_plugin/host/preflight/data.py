@@ -13,7 +13,6 @@ import json
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
 
 from tsdkd_plugin.host.args import ArgumentError
 from tsdkd_plugin.host.preflight.models import looks_local
@@ -43,12 +42,12 @@ def eval_dataset_flags(args: SimpleNamespace) -> DatasetFlags:
     return DatasetFlags("--eval.dataset", "--eval.split", args.eval.split)
 
 
-def dataset_paths(datasets: str) -> List[str]:
+def dataset_paths(datasets: str) -> list[str]:
     """The datasets of a (comma-separated) dataset flag, without upstream's `@data_dir`."""
     return [part.split("@")[0].strip() for part in datasets.split(",") if part.strip()]
 
 
-def _read_json_rows(path: str, flags: DatasetFlags) -> Tuple[List[Tuple[str, object]], List[Tuple[str, str]]]:
+def _read_json_rows(path: str, flags: DatasetFlags) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
     """([(position, row)], [(position, problem)]) for a local .jsonl/.json file; positions are
     "line N" (JSON lines) or "row N" (one JSON array). Raises ArgumentError when the file
     as a whole cannot be read."""
@@ -57,7 +56,9 @@ def _read_json_rows(path: str, flags: DatasetFlags) -> Tuple[List[Tuple[str, obj
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except UnicodeDecodeError as error:
-        raise ArgumentError(f"{option} is not UTF-8 text (byte {error.start}); re-encode it as UTF-8 JSON lines") from None
+        raise ArgumentError(
+            f"{option} is not UTF-8 text (byte {error.start}); re-encode it as UTF-8 JSON lines"
+        ) from None
     except OSError as error:
         raise ArgumentError(f"{option} cannot be read ({error.strerror}); check the path and its permissions") from None
     if not text.strip():
@@ -66,7 +67,9 @@ def _read_json_rows(path: str, flags: DatasetFlags) -> Tuple[List[Tuple[str, obj
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ArgumentError(f"{option} is not valid JSON (line {error.lineno}: {error.msg}); fix the file") from None
+            raise ArgumentError(
+                f"{option} is not valid JSON (line {error.lineno}: {error.msg}); fix the file"
+            ) from None
         if not data:
             raise ArgumentError(f"{option} has no rows; point it at a non-empty JSON array of objects")
         return [(f"row {i}", row) for i, row in enumerate(data, 1)], []
@@ -83,7 +86,7 @@ def _read_json_rows(path: str, flags: DatasetFlags) -> Tuple[List[Tuple[str, obj
     return rows, problems
 
 
-def _prompt_problem(row, input_key: str, label_key: Optional[str]) -> Optional[str]:
+def _prompt_problem(row, input_key: str, label_key: str | None) -> str | None:
     """Why one row cannot become a prompt, or None. Valid prompts: non-empty text, or a
     non-empty list of {"role": str, "content": str | list} messages with some content."""
     if not isinstance(row, dict):
@@ -99,8 +102,11 @@ def _prompt_problem(row, input_key: str, label_key: Optional[str]) -> Optional[s
         if not prompt:
             return "has an empty message list"
         for index, message in enumerate(prompt):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), (str, list))):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), (str, list))
+            ):
                 return f"has message {index} that is not a {{'role': ..., 'content': ...}} object"
         if not any(str(message["content"]).strip() for message in prompt if message["content"]):
             return "has an empty prompt (every message's content is empty)"
@@ -109,22 +115,24 @@ def _prompt_problem(row, input_key: str, label_key: Optional[str]) -> Optional[s
     return f"has a prompt of type {kind}, not text or a list of chat messages"
 
 
-def _reference_problem(row, label_key: str) -> Optional[str]:
+def _reference_problem(row, label_key: str) -> str | None:
     """With --tsdkd.on_policy_fraction < 1 the label is a reference response (host/off_policy.py):
     text, or chat messages whose last assistant turn is the response."""
     label = row[label_key]
     if isinstance(label, str) or (isinstance(label, list) and label and isinstance(label[-1], dict)):
         return None
-    return (f"has a {label_key!r} (--data.label_key) of type {type(label).__name__}, which is not a reference "
-            f"response (text or chat messages) for --tsdkd.on_policy_fraction < 1")
+    return (
+        f"has a {label_key!r} (--data.label_key) of type {type(label).__name__}, which is not a reference "
+        f"response (text or chat messages) for --tsdkd.on_policy_fraction < 1"
+    )
 
 
-def _describe(problems: List[Tuple[str, str]]) -> str:
+def _describe(problems: list[tuple[str, str]]) -> str:
     named = "; ".join(f"{where} {what}" for where, what in problems[:PROMPT_PROBLEMS_NAMED])
     return named + ("; ..." if len(problems) > PROMPT_PROBLEMS_NAMED else "")
 
 
-def _render_prompts(tokenizer, prompts: List, args: SimpleNamespace) -> List[str]:
+def _render_prompts(tokenizer, prompts: list, args: SimpleNamespace) -> list[str]:
     """The prompt text OpenRLHF's PromptDataset builds (chat template or --data.input_template)."""
     if args.data.apply_chat_template:
         chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
@@ -134,7 +142,7 @@ def _render_prompts(tokenizer, prompts: List, args: SimpleNamespace) -> List[str
     return list(prompts)
 
 
-def _prompt_lengths(tokenizer, rows: List[Tuple[str, object]], args: SimpleNamespace):
+def _prompt_lengths(tokenizer, rows: list[tuple[str, object]], args: SimpleNamespace):
     """([(position, tokens)], [(position, problem)]): token counts in batches; rows the template
     or tokenizer cannot handle are found one by one within a failing batch."""
     key, lengths, problems = args.data.input_key, [], []
@@ -220,7 +228,7 @@ def check_local_prompt_file(path: str, args: SimpleNamespace, tokenizer, flags: 
     return len(used)
 
 
-def _first_rows(dataset: str, flags: DatasetFlags, count: int = 3) -> List[Dict]:
+def _first_rows(dataset: str, flags: DatasetFlags, count: int = 3) -> list[dict]:
     """A few rows of a dataset directory, a csv/parquet file or a hub dataset, read the way
     OpenRLHF will (only these are checked: a full scan would download the whole dataset twice)."""
     if looks_local(dataset) and not os.path.exists(dataset):
@@ -258,11 +266,11 @@ def _first_rows(dataset: str, flags: DatasetFlags, count: int = 3) -> List[Dict]
         ) from None
 
 
-def check_dataset(args: SimpleNamespace, tokenizer, datasets_flag: str, flags: DatasetFlags) -> Optional[int]:
+def check_dataset(args: SimpleNamespace, tokenizer, datasets_flag: str, flags: DatasetFlags) -> int | None:
     """The datasets of one flag; returns how many prompts they give when every one is a local
     file (None when a hub dataset or a directory makes that unknown here)."""
     require_option(flags.option, datasets_flag)
-    total: Optional[int] = 0
+    total: int | None = 0
     for path in dataset_paths(datasets_flag):
         is_data_file = os.path.isfile(path) and path.lower().endswith(DATA_FILE_EXTENSIONS)
         if is_data_file and flags.split != LOCAL_FILE_SPLIT:
@@ -278,16 +286,17 @@ def check_dataset(args: SimpleNamespace, tokenizer, datasets_flag: str, flags: D
         rows = _first_rows(path, flags)
         if not rows:
             raise ArgumentError(f"{flags.option} {path!r} has no rows in split {flags.split!r}")
-        problems = [(f"row {i}", p) for i, row in enumerate(rows, 1)
-                    if (p := _prompt_problem(row, args.data.input_key, args.data.label_key))]
+        problems = [
+            (f"row {i}", p)
+            for i, row in enumerate(rows, 1)
+            if (p := _prompt_problem(row, args.data.input_key, args.data.label_key))
+        ]
         if problems:
-            raise ArgumentError(
-                f"{flags.option} {path!r}: {_describe(problems)}; fix the dataset or the key flags"
-            )
+            raise ArgumentError(f"{flags.option} {path!r}: {_describe(problems)}; fix the dataset or the key flags")
     return total
 
 
-def check_enough_prompts(args: SimpleNamespace, prompts: Optional[int]) -> None:
+def check_enough_prompts(args: SimpleNamespace, prompts: int | None) -> None:
     """A dataset smaller than one optimizer step trains nothing (upstream's max_steps would be 0)."""
     if prompts is None or args.data.prompt_probs:
         return
@@ -301,7 +310,7 @@ def check_enough_prompts(args: SimpleNamespace, prompts: Optional[int]) -> None:
         )
 
 
-def check_datasets(args: SimpleNamespace, tokenizer) -> Optional[int]:
+def check_datasets(args: SimpleNamespace, tokenizer) -> int | None:
     """The prompt dataset (and the evaluation dataset, if any); returns the number of prompts when known."""
     prompts = check_dataset(args, tokenizer, args.data.prompt_dataset, prompt_dataset_flags(args))
     check_enough_prompts(args, prompts)

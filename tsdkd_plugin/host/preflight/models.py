@@ -28,9 +28,10 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 from tsdkd_plugin.host.args import ArgumentError
 from tsdkd_plugin.host.run_config import RunConfig
@@ -40,14 +41,34 @@ STUDENT, TEACHER = "--actor.model_name_or_path", "--teacher.model_name_or_path"
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 # JSON files a tokenizer or generation config is read from (checked when present, so a truncated
 # one is named, not reported as an anonymous parse error from the tokenizers library).
-MODEL_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "generation_config.json")
+MODEL_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "generation_config.json",
+)
 # Files a tokenizer is loaded from; a local model directory needs at least one.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # the format's own limit on the JSON header
 # Config keys vLLM derives the maximum model length from (the smallest present wins).
-POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
-                       "max_seq_length", "seq_len")
+POSITION_LIMIT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", ".wte.weight", "word_embeddings.weight", ".embed_in.weight")
 
@@ -70,8 +91,8 @@ class ModelFacts:
     path: str
     config: Any  # transformers PretrainedConfig
     tokenizer: Any = None
-    weights: Optional[Dict[str, Tuple[int, ...]]] = None  # tensor name -> shape (local safetensors only)
-    weight_files: List[str] = field(default_factory=list)
+    weights: dict[str, tuple[int, ...]] | None = None  # tensor name -> shape (local safetensors only)
+    weight_files: list[str] = field(default_factory=list)
 
     @property
     def named(self) -> str:
@@ -91,10 +112,13 @@ class ModelFacts:
                     return name, value
         return None, None
 
-    def position_limit(self) -> Tuple[Optional[str], Optional[int]]:
+    def position_limit(self) -> tuple[str | None, int | None]:
         """(the config key, the longest sequence vLLM accepts) as vLLM derives it, rope scaling included."""
-        present = [(name, getattr(self.text_config, name)) for name in POSITION_LIMIT_KEYS
-                   if isinstance(getattr(self.text_config, name, None), int)]
+        present = [
+            (name, getattr(self.text_config, name))
+            for name in POSITION_LIMIT_KEYS
+            if isinstance(getattr(self.text_config, name, None), int)
+        ]
         if not present:
             return None, None
         name, limit = min(present, key=lambda item: item[1])
@@ -120,10 +144,12 @@ def _read_json(option: str, path: str, file_path: str):
             f"the file is truncated or corrupt: copy it again from the model's source"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ArgumentError(f"{option} {path!r}: {name} cannot be read ({getattr(error, 'strerror', None) or error})") from None
+        raise ArgumentError(
+            f"{option} {path!r}: {name} cannot be read ({getattr(error, 'strerror', None) or error})"
+        ) from None
 
 
-def check_model_path(option: str, path: Optional[str]) -> None:
+def check_model_path(option: str, path: str | None) -> None:
     """The directory and its config.json (local paths); the CLI's first look at a model."""
     from tsdkd_plugin.host.preflight.options import require_option
 
@@ -140,7 +166,7 @@ def check_model_path(option: str, path: Optional[str]) -> None:
     if not isinstance(config, dict):
         raise ArgumentError(
             f"{option} {path!r}: config.json holds a JSON {type(config).__name__}, not an object; it must be a HF "
-            f"model config ({{\"model_type\": ..., ...}})"
+            f'model config ({{"model_type": ..., ...}})'
         )
     for name in MODEL_JSON_FILES:
         if os.path.isfile(os.path.join(expanded, name)):
@@ -177,7 +203,7 @@ def load_tokenizer(option: str, path: str, use_fast: bool = True):
         ) from None
 
 
-def safetensors_header(option: str, path: str, file_path: str) -> Dict[str, Tuple[int, ...]]:
+def safetensors_header(option: str, path: str, file_path: str) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} from a .safetensors file's header; the file must be long enough for
     every tensor the header promises (a truncated copy is not)."""
     name = os.path.relpath(file_path, os.path.expanduser(path))
@@ -209,7 +235,9 @@ def safetensors_header(option: str, path: str, file_path: str) -> Dict[str, Tupl
             shapes[tensor] = tuple(int(d) for d in entry["shape"])
             data_end = max(data_end, int(entry["data_offsets"][1]))
         except (KeyError, TypeError, ValueError, IndexError):
-            raise ArgumentError(f"{where} has a corrupt safetensors header (tensor {tensor!r}); copy it again") from None
+            raise ArgumentError(
+                f"{where} has a corrupt safetensors header (tensor {tensor!r}); copy it again"
+            ) from None
     if 8 + header_length + data_end > size:
         raise ArgumentError(
             f"{where} is truncated: {size} bytes, but its tensors need {8 + header_length + data_end}; copy it again"
@@ -225,7 +253,7 @@ def _complete_zip(file_path: str) -> bool:
         return False
 
 
-def read_weights(option: str, path: str) -> Tuple[Optional[Dict[str, Tuple[int, ...]]], List[str]]:
+def read_weights(option: str, path: str) -> tuple[dict[str, tuple[int, ...]] | None, list[str]]:
     """({tensor: shape} or None for .bin weights, [weight files]) of a local model directory."""
     directory = os.path.expanduser(path)
     files = sorted(os.listdir(directory))
@@ -242,7 +270,7 @@ def read_weights(option: str, path: str) -> Tuple[Optional[Dict[str, Tuple[int, 
                 f"{option} {path!r}: {index_files[0]} maps tensors to {len(missing)} shard(s) that are not there "
                 f"({', '.join(missing[:3])}); copy the missing files"
             )
-        weights: Dict[str, Tuple[int, ...]] = {}
+        weights: dict[str, tuple[int, ...]] = {}
         for shard in shards:
             held = safetensors_header(option, path, os.path.join(directory, shard))
             absent = [t for t, s in weight_map.items() if s == shard and t not in held]
@@ -283,8 +311,9 @@ def check_config_against_weights(facts: ModelFacts) -> None:
             f"{facts.named}: config.json declares {declared} layers ({layer_key}) but {files} holds weights for "
             f"{max(held) + 1}; the config and the weights do not belong together"
         )
-    embeddings = sorted((n for n in facts.weights if n.endswith(EMBEDDING_SUFFIXES) and len(facts.weights[n]) == 2),
-                        key=len)
+    embeddings = sorted(
+        (n for n in facts.weights if n.endswith(EMBEDDING_SUFFIXES) and len(facts.weights[n]) == 2), key=len
+    )
     if not embeddings:
         return
     rows, width = facts.weights[embeddings[0]]
@@ -314,7 +343,7 @@ def check_output_head(facts: ModelFacts) -> None:
 
 
 # Checks of a model's family from its config (each: ModelFacts -> None, raises ArgumentError).
-FAMILY_CHECKS: List[Callable[[ModelFacts], None]] = [check_output_head]
+FAMILY_CHECKS: list[Callable[[ModelFacts], None]] = [check_output_head]
 
 
 # ----------------------------------------------------------------------------- both models
@@ -323,7 +352,7 @@ FAMILY_CHECKS: List[Callable[[ModelFacts], None]] = [check_output_head]
 @dataclass
 class Models:
     student: ModelFacts
-    teacher: Optional[ModelFacts]  # None for a teacher served at --teacher.remote_url (checked through the server)
+    teacher: ModelFacts | None  # None for a teacher served at --teacher.remote_url (checked through the server)
     shared_vocab_size: int
 
 
@@ -350,8 +379,10 @@ def shared_vocabulary_size(student: ModelFacts, teacher: ModelFacts) -> int:
 
 def check_vocabulary_ranges(config: TSDKDConfig, shared: int) -> None:
     """k and K select among the shared vocabulary's ids."""
-    for flag, value, what in (("--tsdkd.num_candidates", config.num_candidates, "the student's candidates (k)"),
-                              ("--teacher.sparse_top_k", config.sparse_top_k, "the teacher's top-K ids")):
+    for flag, value, what in (
+        ("--tsdkd.num_candidates", config.num_candidates, "the student's candidates (k)"),
+        ("--teacher.sparse_top_k", config.sparse_top_k, "the teacher's top-K ids"),
+    ):
         if value > shared:
             raise ArgumentError(
                 f"{flag} ({value}) must be <= the {shared} tokens of the shared vocabulary: {what} are drawn from it"
@@ -376,8 +407,10 @@ def check_parallel_sizes(args: SimpleNamespace, models: Models) -> None:
     _, heads = models.student.setting("num_attention_heads", "n_head")
     if not isinstance(heads, int):
         return
-    for flag, size in (("--vllm.tensor_parallel_size", args.vllm.tensor_parallel_size),
-                       ("--ds.tensor_parallel_size", args.ds.tensor_parallel_size)):
+    for flag, size in (
+        ("--vllm.tensor_parallel_size", args.vllm.tensor_parallel_size),
+        ("--ds.tensor_parallel_size", args.ds.tensor_parallel_size),
+    ):
         if heads % size:
             raise ArgumentError(
                 f"{flag} ({size}) must divide the {heads} attention heads of {models.student.named} "
@@ -428,10 +461,13 @@ def served_teacher_models(args: SimpleNamespace, run: RunConfig, student: ModelF
     shared = len(student.tokenizer)
     rows = getattr(student.config, "vocab_size", None)
     if rows is not None and rows < shared:
-        raise ArgumentError(f"{student.named} has {rows} logit rows but its tokenizer has {shared} tokens; "
-                            f"the model and tokenizer do not belong together")
-    check_server_teacher(ServerTeacherSettings.of_run(run), student.tokenizer, student=student.path,
-                         max_len=args.data.max_len)
+        raise ArgumentError(
+            f"{student.named} has {rows} logit rows but its tokenizer has {shared} tokens; "
+            f"the model and tokenizer do not belong together"
+        )
+    check_server_teacher(
+        ServerTeacherSettings.of_run(run), student.tokenizer, student=student.path, max_len=args.data.max_len
+    )
     return Models(student, None, shared)
 
 

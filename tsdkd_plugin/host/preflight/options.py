@@ -34,8 +34,10 @@ from tsdkd_plugin.objective import TSDKDConfig
 
 REQUIRED_OPTION_HINTS = {
     "--actor.model_name_or_path": "the student: a HF model name or a local model directory",
-    "--teacher.model_name_or_path": ("the teacher: a HF model name or a local model directory using the student's tokenizer "
-                                      "(with --teacher.remote_url: the name the server serves it under)"),
+    "--teacher.model_name_or_path": (
+        "the teacher: a HF model name or a local model directory using the student's tokenizer "
+        "(with --teacher.remote_url: the name the server serves it under)"
+    ),
     "--data.prompt_dataset": "a JSONL file, a dataset directory or a HF dataset name",
 }
 
@@ -125,7 +127,9 @@ RANGES: dict[str, Range] = {
     "rollout.n_samples_per_prompt": AT_LEAST_1,
     "rollout.vllm_generate_batch_size": Range(1, optional=True),
     "rollout.max_tokens_per_gpu": Range(1, optional=True),
-    "rollout.top_p": Range(0, 1, low_open=True, why="(vLLM samples from the smallest set of tokens with this much mass)"),
+    "rollout.top_p": Range(
+        0, 1, low_open=True, why="(vLLM samples from the smallest set of tokens with this much mass)"
+    ),
     "eval.n_samples_per_prompt": Range(1, when=lambda a: bool(a.eval.dataset)),
     "logger.logging_steps": Range(1, why="(log every N steps)"),
     "ckpt.max_mem": Range(0, low_open=True, why="(GiB the checkpoints may take)"),
@@ -167,13 +171,19 @@ def check_temperature(flag: str, temperature: float) -> None:
 # Prefix or flag -> why TSD-KD ignores it and what to use instead. A value other than the parser's
 # default is refused: it would be accepted by upstream's parser and then have no effect.
 UNUSED_UPSTREAM: tuple[tuple[str, str], ...] = (
-    ("critic.freezing_steps", "upstream freezes the policy for the first N steps while a critic warms up; TSD-KD "
-                              "has no critic, so the student would just not train for N steps"),
+    (
+        "critic.freezing_steps",
+        "upstream freezes the policy for the first N steps while a critic warms up; TSD-KD "
+        "has no critic, so the student would just not train for N steps",
+    ),
     ("critic.", "TSD-KD trains no critic (the teacher's signals replace values and advantages)"),
     ("ref.", "TSD-KD runs no reference model (the teacher is the anchor); see --teacher.*"),
     ("reward.num_nodes", "TSD-KD runs no reward model group; a verifier reward comes from --reward.remote_url"),
     ("reward.num_gpus_per_node", "TSD-KD runs no reward model group; a verifier reward comes from --reward.remote_url"),
-    ("reward.model_name_or_path", "TSD-KD runs no reward model group; a verifier reward comes from --reward.remote_url"),
+    (
+        "reward.model_name_or_path",
+        "TSD-KD runs no reward model group; a verifier reward comes from --reward.remote_url",
+    ),
     ("reward.offload", "TSD-KD runs no reward model group"),
     ("reward.normalize_enable", "TSD-KD runs no reward model group"),
     ("reward.clip_range", "TSD-KD does not shape rewards (they are logged, not trained on)"),
@@ -203,12 +213,13 @@ def check_unused_upstream(args: SimpleNamespace, defaults: dict[str, object]) ->
         for prefix, why in UNUSED_UPSTREAM:
             if dest == prefix or (prefix.endswith(".") and dest.startswith(prefix)) or dest.startswith(prefix + "_"):
                 value = value_of(args, dest)
-                same = list(value) == list(default) if isinstance(value, (list, tuple)) and isinstance(
-                    default, (list, tuple)) else value == default
+                same = (
+                    list(value) == list(default)
+                    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple))
+                    else value == default
+                )
                 if not same:
-                    raise ArgumentError(
-                        f"--{dest} {_shown(value)} is not for TSD-KD: {why}; drop the flag"
-                    )
+                    raise ArgumentError(f"--{dest} {_shown(value)} is not for TSD-KD: {why}; drop the flag")
                 break
 
 
@@ -241,7 +252,9 @@ def check_unsupported_features(args: SimpleNamespace) -> None:
             f"support yet; use --ds.ring_attn_size 1"
         )
     if args.train.dynamic_batch_enable:
-        raise ArgumentError("--train.dynamic_batch_enable is not supported by TSD-KD yet (teacher signals are batched per micro-batch)")
+        raise ArgumentError(
+            "--train.dynamic_batch_enable is not supported by TSD-KD yet (teacher signals are batched per micro-batch)"
+        )
     if args.ds.packing_samples:
         raise ArgumentError("--ds.packing_samples is not supported by TSD-KD yet; drop the flag")
     if args.data.max_images_per_prompt > 0:
@@ -256,8 +269,18 @@ def check_unsupported_features(args: SimpleNamespace) -> None:
         )
 
 
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
 # DeepSpeed's DtypeEnum names for data_types.grad_accum_dtype.
 GRAD_ACCUM_DTYPES = ("fp32", "float32", "float", "fp16", "float16", "half", "bf16", "bfloat16")
 
@@ -301,8 +324,10 @@ def check_packages(args: SimpleNamespace) -> None:
     """Packages a flag needs, importable on this node (the Ray workers share its environment)."""
     for enabled, flag, module, package in PACKAGES_NEEDED:
         if enabled(args) and importlib.util.find_spec(module) is None:
-            raise ArgumentError(f"{flag} needs the Python package {package!r}, which is not installed; "
-                                f"pip install {package} or drop the flag")
+            raise ArgumentError(
+                f"{flag} needs the Python package {package!r}, which is not installed; "
+                f"pip install {package} or drop the flag"
+            )
 
 
 # ----------------------------------------------------------------------------- combinations
@@ -377,8 +402,10 @@ def check_prompt_fits(args: SimpleNamespace) -> None:
 
 def check_checkpoint_flags(args: SimpleNamespace) -> None:
     """Upstream flags whose bad values fail late (a ZeroDivisionError at the first step or save)."""
-    for flag, steps, what in (("--ckpt.save_steps", args.ckpt.save_steps, "save every N steps"),
-                              ("--eval.steps", args.eval.steps, "evaluate every N steps")):
+    for flag, steps, what in (
+        ("--ckpt.save_steps", args.ckpt.save_steps, "save every N steps"),
+        ("--eval.steps", args.eval.steps, "evaluate every N steps"),
+    ):
         if steps == 0 or steps < -1:
             raise ArgumentError(f"{flag} must be >= 1 ({what}) or -1 (never), got {steps}")
     save_steps = args.ckpt.save_steps
@@ -440,8 +467,10 @@ def check_objective_vs_rollout(args: SimpleNamespace, run: RunConfig) -> None:
                 f"--tsdkd.indirect_level {config.indirect_level!r} ranks a prompt's candidates, which needs "
                 f"--rollout.n_samples_per_prompt >= 2 (got {n}); or use --tsdkd.indirect_level token"
             )
-        for option, value in (("--rollout.micro_batch_size", args.rollout.micro_batch_size),
-                              ("--train.micro_batch_size", args.train.micro_batch_size)):
+        for option, value in (
+            ("--rollout.micro_batch_size", args.rollout.micro_batch_size),
+            ("--train.micro_batch_size", args.train.micro_batch_size),
+        ):
             if value % n:
                 raise ArgumentError(
                     f"{option} ({value}) must be a multiple of --rollout.n_samples_per_prompt ({n}) so a prompt's "

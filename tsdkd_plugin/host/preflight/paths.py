@@ -14,7 +14,6 @@ import os
 import re
 import tempfile
 from types import SimpleNamespace
-from typing import Dict, Optional, Tuple
 
 from tsdkd_plugin.host.args import ArgumentError
 from tsdkd_plugin.host.checkpoint import actor_checkpoint_dir, checkpoint_problem, read_latest
@@ -59,7 +58,7 @@ def check_output_paths(args: SimpleNamespace) -> None:
         check_writable_directory("--logger.tensorboard_dir", args.logger.tensorboard_dir)
 
 
-def _defines(path: str, name: str) -> Tuple[bool, Optional[str]]:
+def _defines(path: str, name: str) -> tuple[bool, str | None]:
     """(does the Python file define `name` at top level, a syntax problem or None)."""
     try:
         with open(path, encoding="utf-8") as handle:
@@ -116,7 +115,7 @@ MODEL_STATES_STAGE_3 = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_model_states\
 OPTIM_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-def check_resume_layout(args: SimpleNamespace, tag_dir: str, student_weights: Optional[Dict]) -> None:
+def check_resume_layout(args: SimpleNamespace, tag_dir: str, student_weights: dict | None) -> None:
     """The checkpoint fits this launch: the same ZeRO stage, the same number of data-parallel ranks
     (DeepSpeed cannot re-partition optimizer states without --ds.use_universal_ckpt), the same model."""
     from tsdkd_plugin.host.checkpoint import checkpoint_parameter_shapes
@@ -140,7 +139,7 @@ def check_resume_layout(args: SimpleNamespace, tag_dir: str, student_weights: Op
     if not student_weights or args.ds.lora.rank > 0:
         return
     for name, shape in checkpoint_parameter_shapes(tag_dir).items():
-        hf_name = name[len("model."):] if name.startswith("model.") else name
+        hf_name = name[len("model.") :] if name.startswith("model.") else name
         if hf_name in student_weights and tuple(student_weights[hf_name]) != tuple(shape):
             raise ArgumentError(
                 f"--ckpt.load_enable: {tag_dir} was saved from another model ({hf_name} is {list(shape)} there, "
@@ -149,7 +148,7 @@ def check_resume_layout(args: SimpleNamespace, tag_dir: str, student_weights: Op
             )
 
 
-def check_resume_checkpoint(args: SimpleNamespace, student_weights: Optional[Dict] = None) -> None:
+def check_resume_checkpoint(args: SimpleNamespace, student_weights: dict | None = None) -> None:
     """With --ckpt.load_enable, the checkpoint `latest` names must be loadable (or absent:
     then training starts at step 0), instead of failing deep inside DeepSpeed's load."""
     if not args.ckpt.load_enable:

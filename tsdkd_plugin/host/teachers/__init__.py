@@ -61,12 +61,29 @@ from tsdkd_plugin.host.teachers.colocated import ColocatedModel, ColocatedTeache
 from tsdkd_plugin.host.teachers.ray_group import RayGroupTeacher, TeacherModelActor
 from tsdkd_plugin.host.teachers.server import ServerDriverTeacher
 
-__all__ = ["ActorTeacher", "DriverTeacher", "MicroBatch", "ShippedSignals", "StepSamples", "TeacherFailedError",
-           "TeacherModelActor", "TeacherUnavailableError", "actor_teacher", "driver_teacher"]
+__all__ = [
+    "ActorTeacher",
+    "DriverTeacher",
+    "MicroBatch",
+    "ShippedSignals",
+    "StepSamples",
+    "TeacherFailedError",
+    "TeacherModelActor",
+    "TeacherUnavailableError",
+    "actor_teacher",
+    "driver_teacher",
+]
 
 
-def driver_teacher(run: RunConfig, *, policy_group, teacher_group, duplicate_factor: int,
-                   ckpt_path: str, shared_vocab_size: int | None = None) -> DriverTeacher:
+def driver_teacher(
+    run: RunConfig,
+    *,
+    policy_group,
+    teacher_group,
+    duplicate_factor: int,
+    ckpt_path: str,
+    shared_vocab_size: int | None = None,
+) -> DriverTeacher:
     """The experience maker's teacher. `teacher_group`: the Ray group host/launch.py started for a
     teacher that has one (else None); `duplicate_factor`: policy actors per ring-attention / tensor-
     parallel group (they answer the same chunk); `ckpt_path`: where a stop's resume hint points;
@@ -74,8 +91,13 @@ def driver_teacher(run: RunConfig, *, policy_group, teacher_group, duplicate_fac
     if run.teacher.served:
         if shared_vocab_size is None:
             raise ValueError("a teacher served at --teacher.remote_url needs the shared vocabulary size")
-        return ServerDriverTeacher(policy_group, run, shared_vocab_size=shared_vocab_size,
-                                   duplicate_factor=duplicate_factor, ckpt_path=ckpt_path)
+        return ServerDriverTeacher(
+            policy_group,
+            run,
+            shared_vocab_size=shared_vocab_size,
+            duplicate_factor=duplicate_factor,
+            ckpt_path=ckpt_path,
+        )
     if run.teacher.placement == "colocate":
         return ColocatedTeacher(policy_group, duplicate_factor=duplicate_factor)
     return RayGroupTeacher(policy_group, teacher_group, run, duplicate_factor=duplicate_factor, ckpt_path=ckpt_path)

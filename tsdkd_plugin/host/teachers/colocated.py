@@ -15,7 +15,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-
 from openrlhf.models import Actor
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 

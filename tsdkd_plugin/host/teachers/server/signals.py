@@ -37,13 +37,14 @@ With R >= the logit rows everything is listed and the signals equal the Ray teac
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 
-from tsdkd_plugin.host.teachers.server.client import ServerAnswerError
 from tsdkd_plugin.host.student_step import in_vocab_action_mask
+from tsdkd_plugin.host.teachers.server.client import ServerAnswerError
 from tsdkd_plugin.objective import TeacherSignals
 
 # A log-prob for "probability 0" that the loss accepts (it must be finite): float16's lowest,
@@ -57,21 +58,27 @@ LOGPROB_SLACK = 1e-3
 class ScoringRequest:
     """One sample to score: the tokens the server sees and where its response positions are."""
 
-    tokens: List[int]
+    tokens: list[int]
     """The sample's real tokens in order (prompt then response; padding removed)."""
-    positions: List[int]
+    positions: list[int]
     """For each response position the sample is trained on (in-vocabulary action-mask positions, in
     order), the index in `tokens` of the token it predicts (>= 1)."""
 
-    def body(self, model: str, request_top_k: int) -> Dict[str, Any]:
+    def body(self, model: str, request_top_k: int) -> dict[str, Any]:
         """The /v1/completions request: prompt log-probs of the whole sequence, one generated token
         (vLLM requires at least one; it is ignored)."""
-        return {"model": model, "prompt": self.tokens, "max_tokens": 1, "temperature": 0.0,
-                "prompt_logprobs": request_top_k}
+        return {
+            "model": model,
+            "prompt": self.tokens,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": request_top_k,
+        }
 
 
-def scoring_requests(sequences: torch.Tensor, action_mask: torch.Tensor, attention_mask: torch.Tensor,
-                     shared_vocab_size: int) -> tuple[List[ScoringRequest], torch.Tensor]:
+def scoring_requests(
+    sequences: torch.Tensor, action_mask: torch.Tensor, attention_mask: torch.Tensor, shared_vocab_size: int
+) -> tuple[list[ScoringRequest], torch.Tensor]:
     """One ScoringRequest per row of an OpenRLHF micro-batch, and the [B, A] mask of positions
     that get signals (the Ray teacher's: action positions whose sampled id is a real token).
 
@@ -108,14 +115,15 @@ class ListedLogprobs:
     request_top_k: int
 
 
-def answer_listing(answer: Any, request: ScoringRequest, request_top_k: int, url: str = "server",
-                   number: int = 0) -> ListedLogprobs:
+def answer_listing(
+    answer: Any, request: ScoringRequest, request_top_k: int, url: str = "server", number: int = 0
+) -> ListedLogprobs:
     """Parse and check one /v1/completions answer (one prompt) at the request's scored positions.
     Called as each answer arrives, so the parsing overlaps with the server's work on the others."""
     width = request_top_k + 1
     per_position = _prompt_logprobs(answer, len(request.tokens), url, number)
-    ids: List[int] = []
-    values: List[Any] = []
+    ids: list[int] = []
+    values: list[Any] = []
     try:
         for position in request.positions:
             entry = per_position[position]
@@ -123,9 +131,10 @@ def answer_listing(answer: Any, request: ScoringRequest, request_top_k: int, url
             if not isinstance(entry, dict) or not request_top_k <= len(entry) <= width or target not in entry:
                 count = len(entry) if isinstance(entry, dict) else 0
                 raise ServerAnswerError(
-                    url, f"sample {number}, position {position}: {count} log-probs "
+                    url,
+                    f"sample {number}, position {position}: {count} log-probs "
                     f"{'with' if isinstance(entry, dict) and target in entry else 'without'} the prompt's token "
-                    f"{target}; vLLM lists the top {request_top_k} (prompt_logprobs) plus that token"
+                    f"{target}; vLLM lists the top {request_top_k} (prompt_logprobs) plus that token",
                 )
             for key, item in entry.items():
                 ids.append(int(key))
@@ -136,12 +145,16 @@ def answer_listing(answer: Any, request: ScoringRequest, request_top_k: int, url
                 values.extend([-math.inf] * pad)
         values_t = torch.tensor(values, dtype=torch.float64)
     except (KeyError, TypeError, ValueError):
-        raise ServerAnswerError(url, f"sample {number}: a prompt log-prob entry is not {{token id: {{'logprob': "
-                                     f"number, ...}}}}") from None
+        raise ServerAnswerError(
+            url, f"sample {number}: a prompt log-prob entry is not {{token id: {{'logprob': number, ...}}}}"
+        ) from None
     count = len(request.positions)
-    return ListedLogprobs(torch.tensor(ids, dtype=torch.long).view(count, width), values_t.view(count, width),
-                          torch.tensor([request.tokens[p] for p in request.positions], dtype=torch.long),
-                          request_top_k)
+    return ListedLogprobs(
+        torch.tensor(ids, dtype=torch.long).view(count, width),
+        values_t.view(count, width),
+        torch.tensor([request.tokens[p] for p in request.positions], dtype=torch.long),
+        request_top_k,
+    )
 
 
 def combine_listings(listings: Sequence[ListedLogprobs], url: str = "server") -> ListedLogprobs:
@@ -155,21 +168,32 @@ def combine_listings(listings: Sequence[ListedLogprobs], url: str = "server") ->
     # vLLM clamps -inf to -9999 in JSON; a value above 0, or a position summing above 1, is no log-prob.
     if count and (bool((values > LOGPROB_SLACK).any()) or bool((torch.logsumexp(values, 1) > LOGPROB_SLACK).any())):
         raise ServerAnswerError(
-            url, "the values are not log-probs (some are > 0 or sum to more than probability 1 at a position): start "
-            "the server without --logprobs-mode, or with --logprobs-mode raw_logprobs"
+            url,
+            "the values are not log-probs (some are > 0 or sum to more than probability 1 at a position): start "
+            "the server without --logprobs-mode, or with --logprobs-mode raw_logprobs",
         )
     if count and int(ids.min()) < -1:
         raise ServerAnswerError(url, "a negative token id in the prompt log-probs")
     order = values.sort(dim=1, descending=True, stable=True).indices
-    return ListedLogprobs(ids.gather(1, order), values.gather(1, order),
-                          torch.cat([listing.target for listing in listings]), request_top_k)
+    return ListedLogprobs(
+        ids.gather(1, order),
+        values.gather(1, order),
+        torch.cat([listing.target for listing in listings]),
+        request_top_k,
+    )
 
 
-def listed_logprobs(answers: Sequence[Any], requests: Sequence[ScoringRequest], request_top_k: int,
-                    url: str = "server") -> ListedLogprobs:
+def listed_logprobs(
+    answers: Sequence[Any], requests: Sequence[ScoringRequest], request_top_k: int, url: str = "server"
+) -> ListedLogprobs:
     """Parse and check /v1/completions answers (one per request, one prompt each)."""
-    return combine_listings([answer_listing(answer, request, request_top_k, url, number)
-                             for number, (answer, request) in enumerate(zip(answers, requests, strict=True))], url)
+    return combine_listings(
+        [
+            answer_listing(answer, request, request_top_k, url, number)
+            for number, (answer, request) in enumerate(zip(answers, requests, strict=True))
+        ],
+        url,
+    )
 
 
 def _prompt_logprobs(answer: Any, num_tokens: int, url: str, number: int) -> list:
@@ -179,11 +203,15 @@ def _prompt_logprobs(answer: Any, num_tokens: int, url: str, number: int) -> lis
             raise ServerAnswerError(url, f"sample {number}: {len(choices)} choices for one prompt")
         per_position = choices[0]["prompt_logprobs"]
     except (KeyError, IndexError, TypeError):
-        raise ServerAnswerError(url, f"sample {number}: the answer has no choices[0].prompt_logprobs "
-                                     "(is this a vLLM OpenAI-compatible server?)") from None
+        raise ServerAnswerError(
+            url,
+            f"sample {number}: the answer has no choices[0].prompt_logprobs (is this a vLLM OpenAI-compatible server?)",
+        ) from None
     if not isinstance(per_position, list) or len(per_position) != num_tokens:
         got = len(per_position) if isinstance(per_position, list) else type(per_position).__name__
-        raise ServerAnswerError(url, f"sample {number}: prompt_logprobs for {got} positions, the prompt has {num_tokens}")
+        raise ServerAnswerError(
+            url, f"sample {number}: prompt_logprobs for {got} positions, the prompt has {num_tokens}"
+        )
     return per_position
 
 
@@ -199,9 +227,14 @@ class ServerSignalStats:
     filled_top_places: float = 0.0  # shipped top-K places filled for lack of listed shared ids
     unlisted_candidates: float = 0.0  # fraction of the student's candidates not among the listed tokens
 
-    def as_metrics(self, prefix: str = "tsdkd/teacher_server_") -> Dict[str, float]:
-        names = ("unlisted_shared_mass", "entropy_bound", "listed_padding_mass", "filled_top_places",
-                 "unlisted_candidates")
+    def as_metrics(self, prefix: str = "tsdkd/teacher_server_") -> dict[str, float]:
+        names = (
+            "unlisted_shared_mass",
+            "entropy_bound",
+            "listed_padding_mass",
+            "filled_top_places",
+            "unlisted_candidates",
+        )
         return {prefix + name: float(getattr(self, name)) for name in names}
 
 
@@ -215,12 +248,13 @@ class PositionSignals:
     entropy: torch.Tensor  # [P]
     entropy_bound: torch.Tensor  # [P] worst-case |entropy - true entropy| (approximation 2)
     target_logprob: torch.Tensor  # [P]
-    candidate_logprobs: Optional[torch.Tensor]  # [P, k]
+    candidate_logprobs: torch.Tensor | None  # [P, k]
     stats: ServerSignalStats
 
 
-def position_signals(listed: ListedLogprobs, top_k: int, shared_vocab_size: int,
-                     candidate_ids: Optional[torch.Tensor] = None) -> PositionSignals:
+def position_signals(
+    listed: ListedLogprobs, top_k: int, shared_vocab_size: int, candidate_ids: torch.Tensor | None = None
+) -> PositionSignals:
     """The signals at each listed position (module docstring), in float64 then rounded to float32.
     candidate_ids: [P, k] the student's candidates at the same positions, or None."""
     shared = shared_vocab_size
@@ -248,7 +282,9 @@ def position_signals(listed: ListedLogprobs, top_k: int, shared_vocab_size: int,
     safe_n = unlisted_ids.clamp(min=1.0)
     # r / N <= p_R always; float32 rounding in the server can break that by a hair.
     log_bound = torch.maximum(bound_logp, safe_r.log() - safe_n.log())
-    log_share = torch.where(has_tail, safe_r.log() - safe_n.log(), torch.tensor(ZERO_PROBABILITY_LOGPROB, dtype=torch.float64))
+    log_share = torch.where(
+        has_tail, safe_r.log() - safe_n.log(), torch.tensor(ZERO_PROBABILITY_LOGPROB, dtype=torch.float64)
+    )
 
     # 2. Entropy: listed part exactly; the unlisted part's midpoint estimate and its half-width.
     known = -(torch.where(is_shared, listed_p * logp, 0.0)).sum(1)
@@ -301,14 +337,20 @@ def position_signals(listed: ListedLogprobs, top_k: int, shared_vocab_size: int,
         unlisted_candidates=unlisted_fraction,
     )
     return PositionSignals(
-        topk_logprobs=top_logp.float(), topk_ids=top_ids.to(torch.int32), tail_logprob=tail_logprob.float(),
-        entropy=entropy.float(), entropy_bound=entropy_bound.float(), target_logprob=target_logprob.float(),
-        candidate_logprobs=candidate_logprobs, stats=stats,
+        topk_logprobs=top_logp.float(),
+        topk_ids=top_ids.to(torch.int32),
+        tail_logprob=tail_logprob.float(),
+        entropy=entropy.float(),
+        entropy_bound=entropy_bound.float(),
+        target_logprob=target_logprob.float(),
+        candidate_logprobs=candidate_logprobs,
+        stats=stats,
     )
 
 
-def batch_signals(positions: PositionSignals, mask: torch.Tensor, candidate_ids: Optional[torch.Tensor],
-                  temperature: float = 1.0) -> TeacherSignals:
+def batch_signals(
+    positions: PositionSignals, mask: torch.Tensor, candidate_ids: torch.Tensor | None, temperature: float = 1.0
+) -> TeacherSignals:
     """Scatter P positions' signals into a micro-batch's [B, A, ...] TeacherSignals (zeros off the
     mask, as the Ray teacher leaves them), with the sequence scores (mean log-prob of the sampled
     response tokens, over the same positions the Ray teacher averages)."""
@@ -338,17 +380,40 @@ def batch_signals(positions: PositionSignals, mask: torch.Tensor, candidate_ids:
     )
 
 
-def signals_from_answers(answers: Sequence[Any], requests: Sequence[ScoringRequest], mask: torch.Tensor,
-                         candidate_ids: Optional[torch.Tensor], *, top_k: int, request_top_k: int,
-                         shared_vocab_size: int, url: str = "server") -> tuple[TeacherSignals, ServerSignalStats]:
+def signals_from_answers(
+    answers: Sequence[Any],
+    requests: Sequence[ScoringRequest],
+    mask: torch.Tensor,
+    candidate_ids: torch.Tensor | None,
+    *,
+    top_k: int,
+    request_top_k: int,
+    shared_vocab_size: int,
+    url: str = "server",
+) -> tuple[TeacherSignals, ServerSignalStats]:
     """A micro-batch's TeacherSignals (sparse, tau = 1) from its /v1/completions answers."""
-    return signals_from_listings([answer_listing(answer, request, request_top_k, url, number)
-                                  for number, (answer, request) in enumerate(zip(answers, requests, strict=True))],
-                                 mask, candidate_ids, top_k=top_k, shared_vocab_size=shared_vocab_size, url=url)
+    return signals_from_listings(
+        [
+            answer_listing(answer, request, request_top_k, url, number)
+            for number, (answer, request) in enumerate(zip(answers, requests, strict=True))
+        ],
+        mask,
+        candidate_ids,
+        top_k=top_k,
+        shared_vocab_size=shared_vocab_size,
+        url=url,
+    )
 
 
-def signals_from_listings(listings: Sequence[ListedLogprobs], mask: torch.Tensor, candidate_ids: Optional[torch.Tensor],
-                          *, top_k: int, shared_vocab_size: int, url: str = "server") -> tuple[TeacherSignals, ServerSignalStats]:
+def signals_from_listings(
+    listings: Sequence[ListedLogprobs],
+    mask: torch.Tensor,
+    candidate_ids: torch.Tensor | None,
+    *,
+    top_k: int,
+    shared_vocab_size: int,
+    url: str = "server",
+) -> tuple[TeacherSignals, ServerSignalStats]:
     """A micro-batch's TeacherSignals from its samples' parsed answers (`answer_listing`, in row order)."""
     listed = combine_listings(listings, url)
     flat_candidates = None

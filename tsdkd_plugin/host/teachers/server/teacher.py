@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Awaitable, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ from tsdkd_plugin.host.teachers.server.signals import (
     scoring_requests,
     signals_from_listings,
 )
-from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals
+from tsdkd_plugin.objective import TeacherSignals, TSDKDConfig
 
 COMPLETIONS = "/v1/completions"
 
@@ -67,7 +68,7 @@ def run_sync(coroutine: Awaitable[Any]) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coroutine)
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
 
     def target():
         try:
@@ -126,8 +127,14 @@ class ServerTeacher:
     their wire dicts (`TeacherSignals.to_wire()`), in order.
     """
 
-    def __init__(self, settings: ServerTeacherSettings, config: TSDKDConfig, shared_vocab_size: int,
-                 *, ckpt_path: Optional[str] = None):
+    def __init__(
+        self,
+        settings: ServerTeacherSettings,
+        config: TSDKDConfig,
+        shared_vocab_size: int,
+        *,
+        ckpt_path: str | None = None,
+    ):
         if config.temperature != SERVER_TEMPERATURE:
             raise ValueError(
                 f"the server teacher gives log-probs at temperature {SERVER_TEMPERATURE:g} only (vLLM applies no "
@@ -144,7 +151,7 @@ class ServerTeacher:
         self.ckpt_path = ckpt_path
         self.model = settings.model  # a /v1/models id (the preflight checked it)
         self.last_stats = ServerSignalStats()
-        self.last_timing: Dict[str, float] = {}
+        self.last_timing: dict[str, float] = {}
         self._requests_made = 0  # round-robin position over the servers
 
     def _resume(self) -> str:
@@ -154,11 +161,11 @@ class ServerTeacher:
 
         return resume_hint(self.ckpt_path)
 
-    def score(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+    def score(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """The micro-batches' signals as the Ray teacher ships them (wire dicts of CPU tensors)."""
         return [{name: tensor.cpu() for name, tensor in signals.to_wire().items()} for signals in self.signals(batches)]
 
-    def signals(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> List[TeacherSignals]:
+    def signals(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> list[TeacherSignals]:
         """The micro-batches' TeacherSignals (float32, before the wire's float16)."""
         started = time.time()
         try:
@@ -172,8 +179,9 @@ class ServerTeacher:
     async def _score(self, batches: Sequence[Mapping[str, torch.Tensor]]):
         prepared = []
         for batch in batches:
-            requests, mask = scoring_requests(batch["sequences"], batch["action_mask"], batch["attention_mask"],
-                                              self.shared_vocab_size)
+            requests, mask = scoring_requests(
+                batch["sequences"], batch["action_mask"], batch["attention_mask"], self.shared_vocab_size
+            )
             prepared.append((requests, mask, batch.get("candidate_ids")))
         first = self._requests_made
         every_request = [request for requests, _, _ in prepared for request in requests]
@@ -186,8 +194,11 @@ class ServerTeacher:
 
         async with ServerPool(self.settings) as pool:
             listings = await run_concurrently([scored(i, request) for i, request in enumerate(every_request)])
-        self.last_timing = {"requests": len(every_request), "retries": pool.retries,
-                            "answer_bytes": pool.bytes_received}
+        self.last_timing = {
+            "requests": len(every_request),
+            "retries": pool.retries,
+            "answer_bytes": pool.bytes_received,
+        }
         results, start = [], 0
         for requests, mask, candidates in prepared:
             batch_listings = listings[start : start + len(requests)]
@@ -205,8 +216,13 @@ def _merge_stats(parts: Sequence[ServerSignalStats]) -> ServerSignalStats:
     merged = ServerSignalStats(positions=total)
     if not total:
         return merged
-    for name in ("unlisted_shared_mass", "entropy_bound", "listed_padding_mass", "filled_top_places",
-                 "unlisted_candidates"):
+    for name in (
+        "unlisted_shared_mass",
+        "entropy_bound",
+        "listed_padding_mass",
+        "filled_top_places",
+        "unlisted_candidates",
+    ):
         setattr(merged, name, sum(getattr(p, name) * p.positions for p in parts) / total)
     return merged
 
@@ -216,20 +232,23 @@ class ServerDriverTeacher(DriverTeacher):
     A stop after the retry budget is a `TeacherUnavailableError` (a refusal or garbage:
     `TeacherFailedError`), raised while making experience, so the latest checkpoint is intact."""
 
-    def __init__(self, policy_group, run: RunConfig, *, shared_vocab_size: int, duplicate_factor: int,
-                 ckpt_path: str):
+    def __init__(self, policy_group, run: RunConfig, *, shared_vocab_size: int, duplicate_factor: int, ckpt_path: str):
         self.policy_group = policy_group
         self.duplicate_factor = duplicate_factor  # policy actors per ring-attention / tensor-parallel group
-        self.server = ServerTeacher(ServerTeacherSettings.of_run(run), run.objective, shared_vocab_size,
-                                    ckpt_path=ckpt_path)
+        self.server = ServerTeacher(
+            ServerTeacherSettings.of_run(run), run.objective, shared_vocab_size, ckpt_path=ckpt_path
+        )
 
-    def signals(self, samples: StepSamples, times: Dict[str, float]) -> List[Dict[str, torch.Tensor]]:
+    def signals(self, samples: StepSamples, times: dict[str, float]) -> list[dict[str, torch.Tensor]]:
         with timed(times, "student_candidates"):
             candidates = run_on_policy_group(self.policy_group, STUDENT_CANDIDATES, samples, self.duplicate_factor)
         with timed(times, "teacher_scoring"):  # HTTP requests + sparse signals
-            batches = [dict(sequences=s, action_mask=a, attention_mask=m, candidate_ids=c)
-                       for s, a, m, c in zip(samples.sequences, samples.action_mask, samples.attention_mask, candidates,
-                                             strict=True)]
+            batches = [
+                dict(sequences=s, action_mask=a, attention_mask=m, candidate_ids=c)
+                for s, a, m, c in zip(
+                    samples.sequences, samples.action_mask, samples.attention_mask, candidates, strict=True
+                )
+            ]
             signals = self.server.score(batches)
         stats, timing = self.server.last_stats, self.server.last_timing
         # What the approximation left out (docs/server_teacher.md) and what the server cost, per step.
