@@ -96,6 +96,59 @@ def max_abs_diff(a: Sequence[float], b: Sequence[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+def cpu_job_flags(
+    *,
+    model,
+    prompts,
+    out_dir: Path,
+    max_samples: int,
+    max_len: int = 96,
+    prompts_per_step: int = 4,
+    n_samples: int = 4,
+    max_new_tokens: int = 16,
+    rollout_micro_batch: int = 4,
+    train_micro_batch: int = 4,
+    lr: str = "1e-3",
+) -> list[str]:
+    """The flags every CPU end-to-end job here shares (train_tsdkd and upstream's train_ppo_ray):
+    one colocated actor with one eager vLLM engine, the prompts' chat template, ZeRO-2 in fp32, one
+    epoch of steps of `prompts_per_step` prompts x `n_samples` samples, no warm-up (its first step
+    would have lr 0), the final model, checkpoints and TensorBoard under `out_dir`. Callers append
+    their own flags (argparse keeps the last value of a repeated flag)."""
+    flags = {
+        "--actor.model_name_or_path": model,
+        "--actor.num_nodes": 1,
+        "--actor.num_gpus_per_node": 1,
+        "--train.colocate_all": None,
+        "--vllm.num_engines": 1,
+        "--vllm.tensor_parallel_size": 1,
+        "--vllm.enforce_eager": None,
+        "--vllm.gpu_memory_utilization": 0.5,
+        "--data.prompt_dataset": prompts,
+        "--data.input_key": "prompt",
+        "--data.label_key": "answer",
+        "--data.apply_chat_template": None,
+        "--data.max_samples": max_samples,
+        "--data.max_len": max_len,
+        "--rollout.batch_size": prompts_per_step,
+        "--rollout.n_samples_per_prompt": n_samples,
+        "--rollout.micro_batch_size": rollout_micro_batch,
+        "--rollout.max_new_tokens": max_new_tokens,
+        "--train.batch_size": prompts_per_step * n_samples,
+        "--train.micro_batch_size": train_micro_batch,
+        "--train.max_epochs": 1,
+        "--ds.zero_stage": 2,
+        "--ds.param_dtype": "fp32",
+        "--ds.attn_implementation": "sdpa",
+        "--actor.adam.lr": lr,
+        "--actor.lr_warmup_ratio": 0,
+        "--ckpt.output_dir": out_dir / "model",
+        "--ckpt.path": out_dir / "ckpt",
+        "--logger.tensorboard_dir": out_dir / "tb",
+    }
+    return [item for flag, value in flags.items() for item in ((flag,) if value is None else (flag, str(value)))]
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct loopback ports with nothing listening: host.device's helper, imported when
     called so that importing this module stays free of torch."""
@@ -211,6 +264,78 @@ class LocalRayCluster:
 
         kill_processes_with_env(self.MARKER, self.marker_value)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class TrainingLaunch:
+    """One run of a training command line (`python -m <module> <argv>`) in its own process group,
+    with its own private Ray directory, logging to `log_file`; `kill`/`cleanup` end exactly this
+    run's processes (its Ray daemons found by the directory in their environment)."""
+
+    def __init__(self, argv: Sequence[str], log_file: Path, module: str = "openrlhf.cli.train_tsdkd",
+                 env: dict[str, str] | None = None, prefix: str = "tsdkd_run_"):  # fmt: skip
+        import sys
+        import tempfile
+
+        self.ray_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # Ray socket paths must stay short
+        child_env = {**os.environ, "TSDKD_RAY_TMPDIR": self.ray_dir, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+        child_env.pop("TSDKD_FAULT_INJECT", None)  # faults are injected only where a test asks for them
+        child_env.update(env or {})
+        self.log_file = log_file
+        self._log = open(log_file, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *argv],
+            env=child_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; past `timeout` the run is killed and TimeoutExpired raised."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL the process group, then every process that carries this run's Ray directory."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        kill_processes_with_env("TSDKD_RAY_TMPDIR", self.ray_dir)
+
+    def cleanup(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.kill()
+        self._log.close()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
+
+    def text(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def tail(self, lines: int = 60) -> str:
+        return log_tail(self.log_file, lines)
+
+    def wait_for_checkpoint(self, ckpt_dir: Path, tag: str, timeout: float) -> None:
+        """Return once DeepSpeed's `latest` in ckpt_dir names `tag`; fail if the run ends first."""
+        import time
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            latest = ckpt_dir / "latest"
+            if latest.exists() and latest.read_text().strip() == tag:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (exit {self.proc.returncode}) before {tag}:\n{self.tail()}")
+            time.sleep(0.2)
+        raise AssertionError(f"no {tag} checkpoint within {timeout}s:\n{self.tail()}")
 
 
 def ray_job_actor_nodes(address: str, submission_id: str) -> dict[str, list[str]]:

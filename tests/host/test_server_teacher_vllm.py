@@ -21,17 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from tsdkd_plugin.testing import TrainingLaunch, cpu_job_flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]  # a vLLM server on loopback, Ray clusters
 
@@ -193,120 +187,19 @@ def command_args(student, teacher, prompts, out_dir):
     """3 steps of 4 prompts x 4 greedy samples (so both runs train on the same responses), every
     term on, a checkpoint each step."""
     return [
-        "--actor.model_name_or_path",
-        str(student),
-        "--teacher.model_name_or_path",
-        str(teacher),
-        "--actor.num_nodes",
-        "1",
-        "--actor.num_gpus_per_node",
-        "1",
-        "--train.colocate_all",
-        "--vllm.num_engines",
-        "1",
-        "--vllm.tensor_parallel_size",
-        "1",
-        "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization",
-        "0.5",
-        "--data.prompt_dataset",
-        str(prompts),
-        "--data.input_key",
-        "prompt",
-        "--data.label_key",
-        "answer",
-        "--data.apply_chat_template",
-        "--data.max_samples",
-        "12",
-        "--data.max_len",
-        str(MAX_LEN),
-        "--rollout.batch_size",
-        "4",
-        "--rollout.n_samples_per_prompt",
-        "4",
-        "--rollout.micro_batch_size",
-        "8",
-        "--rollout.max_new_tokens",
-        "16",
-        "--rollout.temperature",
-        "0",
-        "--train.batch_size",
-        "16",
-        "--train.micro_batch_size",
-        "8",
-        "--train.max_epochs",
-        "1",
-        "--ds.zero_stage",
-        "2",
-        "--ds.param_dtype",
-        "fp32",
-        "--ds.attn_implementation",
-        "sdpa",
-        "--actor.adam.lr",
-        "1e-3",
-        "--actor.lr_warmup_ratio",
-        "0",
-        "--tsdkd.indirect_level",
-        "both",
-        "--teacher.sparse_top_k",
-        str(K),
-        "--ckpt.path",
-        str(out_dir / "ckpt"),
-        "--ckpt.output_dir",
-        str(out_dir / "model"),
-        "--ckpt.save_steps",
-        "1",
-        "--ckpt.load_enable",
-        "--logger.tensorboard_dir",
-        str(out_dir / "tb"),
+        *cpu_job_flags(
+            model=student,
+            prompts=prompts,
+            out_dir=out_dir,
+            max_samples=12,
+            max_len=MAX_LEN,
+            rollout_micro_batch=8,
+            train_micro_batch=8,
+        ),
+        *("--teacher.model_name_or_path", str(teacher), "--rollout.temperature", "0"),
+        *("--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", str(K)),
+        *("--ckpt.save_steps", "1", "--ckpt.load_enable"),
     ]
-
-
-class Launch:
-    """One run of the CLI in its own process group and its own private Ray directory."""
-
-    def __init__(self, argv, log_file: Path):
-        self.ray_dir = tempfile.mkdtemp(prefix="tsdkd_srv_", dir="/tmp")  # Ray socket paths must stay short
-        env = {**os.environ, "TSDKD_RAY_TMPDIR": self.ray_dir, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-        self.log_file, self._log = log_file, open(log_file, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openrlhf.cli.train_tsdkd", *argv],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def cleanup(self) -> None:
-        """Kill what is left of this launch: its process group and its Ray cluster (only this one's)."""
-        from tsdkd_plugin.testing import kill_processes_with_env
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        kill_processes_with_env("TSDKD_RAY_TMPDIR", self.ray_dir, rounds=2)
-        self._log.close()
-        shutil.rmtree(self.ray_dir, ignore_errors=True)
-
-    def text(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
-
-
-def wait_for_latest(ckpt_dir: Path, tag: str, launch: Launch, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (ckpt_dir / "latest").exists() and (ckpt_dir / "latest").read_text().strip() == tag:
-            return
-        if launch.proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {launch.proc.returncode}) before {tag}:\n{launch.tail()}")
-        time.sleep(0.1)
-    raise AssertionError(f"no {tag} checkpoint within {timeout}s:\n{launch.tail()}")
 
 
 @pytest.mark.e2e
@@ -336,10 +229,10 @@ def test_train_tsdkd_against_the_server_matches_the_ray_group_and_stops_when_it_
     ]
     launches = []
     try:
-        run_s = Launch(argv_s, tmp_path / "server.log")
-        run_g = Launch(argv_g, tmp_path / "group.log")
+        run_s = TrainingLaunch(argv_s, tmp_path / "server.log", prefix="tsdkd_srv_")
+        run_g = TrainingLaunch(argv_g, tmp_path / "group.log", prefix="tsdkd_srv_")
         launches += [run_s, run_g]
-        wait_for_latest(dir_s / "ckpt" / "_actor", "global_step2", run_s, RUN_TIMEOUT_S)
+        run_s.wait_for_checkpoint(dir_s / "ckpt" / "_actor", "global_step2", RUN_TIMEOUT_S)
         server.kill()  # mid-run: step 3 is rolling out; its teacher requests find the port closed
         code_s = run_s.wait(RUN_TIMEOUT_S)
         code_g = run_g.wait(RUN_TIMEOUT_S)

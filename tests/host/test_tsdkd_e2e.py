@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tsdkd_plugin.testing import cpu_job_flags
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
 SYNC_TOLERANCE = 1e-3
@@ -49,71 +51,9 @@ TERMS = (
 
 def tsdkd_args(student, teacher, prompts, out_dir, placement):
     return [
-        "--actor.model_name_or_path",
-        str(student),
-        "--teacher.model_name_or_path",
-        str(teacher),
-        "--teacher.placement",
-        placement,
-        "--actor.num_nodes",
-        "1",
-        "--actor.num_gpus_per_node",
-        "1",
-        "--train.colocate_all",
-        "--vllm.num_engines",
-        "1",
-        "--vllm.tensor_parallel_size",
-        "1",
-        "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization",
-        "0.5",
-        "--data.prompt_dataset",
-        str(prompts),
-        "--data.input_key",
-        "prompt",
-        "--data.label_key",
-        "answer",
-        "--data.apply_chat_template",
-        "--data.max_samples",
-        "8",
-        "--data.max_len",
-        "96",
-        "--rollout.batch_size",
-        "4",
-        "--rollout.n_samples_per_prompt",
-        "4",
-        "--rollout.micro_batch_size",
-        "4",
-        "--rollout.max_new_tokens",
-        "16",
-        "--train.batch_size",
-        "16",
-        "--train.micro_batch_size",
-        "4",
-        "--train.max_epochs",
-        "1",
-        "--ds.zero_stage",
-        "2",
-        "--ds.param_dtype",
-        "fp32",
-        "--ds.attn_implementation",
-        "sdpa",
-        "--actor.adam.lr",
-        "1e-3",
-        "--actor.lr_warmup_ratio",
-        "0",
-        "--tsdkd.indirect_level",
-        "both",
-        "--teacher.sparse_top_k",
-        "16",
-        "--ckpt.output_dir",
-        str(out_dir / "model"),
-        "--ckpt.path",
-        str(out_dir / "ckpt"),
-        "--ckpt.save_steps",
-        "1",
-        "--logger.tensorboard_dir",
-        str(out_dir / "tb"),
+        *cpu_job_flags(model=student, prompts=prompts, out_dir=out_dir, max_samples=8),
+        *("--teacher.model_name_or_path", str(teacher), "--teacher.placement", placement),
+        *("--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", "16", "--ckpt.save_steps", "1"),
     ]
 
 

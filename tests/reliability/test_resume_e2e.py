@@ -31,18 +31,12 @@ A and B run at the same time (separate private Ray clusters) to halve the wall t
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tsdkd_plugin.testing import tensorboard_scalars
+from tsdkd_plugin.testing import TrainingLaunch, cpu_job_flags, tensorboard_scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.network]
 
@@ -63,154 +57,20 @@ PROG = "python -m openrlhf.cli.train_tsdkd"
 
 def command_args(student, teacher, prompts, out_dir):
     return [
-        "--actor.model_name_or_path",
-        str(student),
-        "--teacher.model_name_or_path",
-        str(teacher),
-        "--teacher.placement",
-        "separate",
-        "--teacher.timeout_s",
-        "120",
-        "--teacher.max_retries",
-        "1",
-        "--actor.num_nodes",
-        "1",
-        "--actor.num_gpus_per_node",
-        "1",
-        "--train.colocate_all",
-        "--vllm.num_engines",
-        "1",
-        "--vllm.tensor_parallel_size",
-        "1",
-        "--vllm.enforce_eager",
-        "--vllm.gpu_memory_utilization",
-        "0.5",
-        "--data.prompt_dataset",
-        str(prompts),
-        "--data.input_key",
-        "prompt",
-        "--data.label_key",
-        "answer",
-        "--data.apply_chat_template",
-        "--data.max_samples",
-        "16",
-        "--data.max_len",
-        "96",
-        "--rollout.batch_size",
-        "4",
-        "--rollout.n_samples_per_prompt",
-        "4",
-        "--rollout.micro_batch_size",
-        "16",
-        "--rollout.max_new_tokens",
-        "16",
-        "--rollout.temperature",
-        "0",
-        "--train.batch_size",
-        "16",
-        "--train.micro_batch_size",
-        "16",
-        "--train.max_epochs",
-        "1",
-        "--ds.zero_stage",
-        "2",
-        "--ds.param_dtype",
-        "fp32",
-        "--ds.attn_implementation",
-        "sdpa",
-        "--actor.adam.lr",
-        "1e-3",
-        "--actor.lr_warmup_ratio",
-        "0",
-        "--tsdkd.indirect_level",
-        "both",
-        "--teacher.sparse_top_k",
-        "16",
-        "--ckpt.path",
-        str(out_dir / "ckpt"),
-        "--ckpt.output_dir",
-        str(out_dir / "model"),
-        "--ckpt.save_steps",
-        "1",
-        "--ckpt.max_num",
-        "2",
-        "--ckpt.load_enable",
-        "--logger.tensorboard_dir",
-        str(out_dir / "tb"),
-        "--logger.wandb.run_name",
-        "reliability",
+        *cpu_job_flags(
+            model=student,
+            prompts=prompts,
+            out_dir=out_dir,
+            max_samples=16,
+            rollout_micro_batch=16,
+            train_micro_batch=16,
+        ),
+        *("--teacher.model_name_or_path", str(teacher), "--teacher.placement", "separate"),
+        *("--teacher.timeout_s", "120", "--teacher.max_retries", "1", "--rollout.temperature", "0"),
+        *("--tsdkd.indirect_level", "both", "--teacher.sparse_top_k", "16"),
+        *("--ckpt.save_steps", "1", "--ckpt.max_num", "2", "--ckpt.load_enable"),
+        *("--logger.wandb.run_name", "reliability"),
     ]
-
-
-class Launch:
-    """One run of the CLI in its own process group and its own private Ray directory."""
-
-    def __init__(self, argv, log_file: Path, faults: str = ""):
-        self.ray_dir = tempfile.mkdtemp(prefix="tsdkd_rel_", dir="/tmp")  # Ray socket paths must stay short
-        env = {**os.environ, "TSDKD_RAY_TMPDIR": self.ray_dir, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-        env.pop("TSDKD_FAULT_INJECT", None)
-        if faults:
-            env["TSDKD_FAULT_INJECT"] = faults
-        self.log_file = log_file
-        self._log = open(log_file, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "openrlhf.cli.train_tsdkd", *argv],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group, then anything else that carries this run's private Ray
-        directory in its environment (every process of this launch, and only those)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        marker = f"TSDKD_RAY_TMPDIR={self.ray_dir}".encode()
-        for _ in range(3):
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    if marker in (entry / "environ").read_bytes().split(b"\0"):
-                        os.kill(int(entry.name), signal.SIGKILL)
-                except (OSError, ProcessLookupError):
-                    continue
-            time.sleep(0.5)
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-        self._log.close()
-        shutil.rmtree(self.ray_dir, ignore_errors=True)
-
-    def tail(self, lines: int = 60) -> str:
-        from tsdkd_plugin.testing import log_tail
-
-        return log_tail(self.log_file, lines)
-
-
-def wait_for_latest(ckpt_dir: Path, tag: str, launch: Launch, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (ckpt_dir / "latest").exists() and (ckpt_dir / "latest").read_text().strip() == tag:
-            return
-        if launch.proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {launch.proc.returncode}) before {tag}:\n{launch.tail()}")
-        time.sleep(0.2)
-    raise AssertionError(f"no {tag} checkpoint within {timeout}s:\n{launch.tail()}")
 
 
 def model_weights(tag_dir: Path):
@@ -237,18 +97,25 @@ def test_kill_resume_teacher_failure_and_nan_steps(tmp_path, toy_student_dir, to
     argv_b = command_args(toy_student_dir, toy_teacher_dir, prompts, dir_b) + SAMPLED_MICRO_BATCHES
     launches = []
     try:
-        run_a = Launch(argv_a, tmp_path / "a.log", faults="teacher_exit_at_call=7")
-        run_b = Launch(argv_b, tmp_path / "b.log")
+        run_a = TrainingLaunch(
+            argv_a, tmp_path / "a.log", env={"TSDKD_FAULT_INJECT": "teacher_exit_at_call=7"}, prefix="tsdkd_rel_"
+        )
+        run_b = TrainingLaunch(argv_b, tmp_path / "b.log", prefix="tsdkd_rel_")
         launches += [run_a, run_b]
 
-        wait_for_latest(dir_b / "ckpt" / "_actor", "global_step1", run_b, RUN_TIMEOUT_S)
+        run_b.wait_for_checkpoint(dir_b / "ckpt" / "_actor", "global_step1", RUN_TIMEOUT_S)
         run_b.kill()  # SIGKILL mid-training: step 2 is under way
         # A kill during an upstream-style save of step 2: a tag directory with a truncated file, no `latest` update.
         planted = dir_b / "ckpt" / "_actor" / "global_step2"
         planted.mkdir()
         (planted / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 truncated")
 
-        run_resumed = Launch(argv_b, tmp_path / "b_resumed.log", faults="nonfinite_teacher_at_call=9")
+        run_resumed = TrainingLaunch(
+            argv_b,
+            tmp_path / "b_resumed.log",
+            env={"TSDKD_FAULT_INJECT": "nonfinite_teacher_at_call=9"},
+            prefix="tsdkd_rel_",
+        )
         launches.append(run_resumed)
         code_a = run_a.wait(RUN_TIMEOUT_S)
         code_resumed = run_resumed.wait(RUN_TIMEOUT_S)
@@ -345,11 +212,15 @@ def test_hung_teacher_repeated_nan_steps_and_a_model_vllm_cannot_load(
     argv_e = command_args(unknown_to_vllm, toy_teacher_dir, prompts, dir_e)
     launches = []
     try:
-        run_c = Launch(argv_c, tmp_path / "c.log", faults="teacher_hang_at_call=2")
+        run_c = TrainingLaunch(
+            argv_c, tmp_path / "c.log", env={"TSDKD_FAULT_INJECT": "teacher_hang_at_call=2"}, prefix="tsdkd_rel_"
+        )
         launches.append(run_c)
-        run_d = Launch(argv_d, tmp_path / "d.log", faults="nonfinite_teacher_from_call=2")
+        run_d = TrainingLaunch(
+            argv_d, tmp_path / "d.log", env={"TSDKD_FAULT_INJECT": "nonfinite_teacher_from_call=2"}, prefix="tsdkd_rel_"
+        )
         launches.append(run_d)
-        run_e = Launch(argv_e, tmp_path / "e.log")
+        run_e = TrainingLaunch(argv_e, tmp_path / "e.log", prefix="tsdkd_rel_")
         launches.append(run_e)
         code_e = run_e.wait(RUN_TIMEOUT_S)
         code_c, code_d = run_c.wait(RUN_TIMEOUT_S), run_d.wait(RUN_TIMEOUT_S)
