@@ -5,9 +5,12 @@ import json
 
 import pytest
 
-from tsdkd_plugin.toy import compare
-from tsdkd_plugin.toy.compare import METHODS, parse_methods, ranked_pairs, teacher_scores
-from tsdkd_plugin.toy.default_job import BUDGETS, JobError, distill_flags, tsdkd_flags
+from tsdkd_plugin.experiments import compare
+from tsdkd_plugin.experiments.budgets import BUDGETS
+from tsdkd_plugin.experiments.evaluate import teacher_scores
+from tsdkd_plugin.experiments.flags import GRPO_FLAGS, distill_flags, tsdkd_flags
+from tsdkd_plugin.experiments.methods import METHODS, parse_methods, ranked_pairs
+from tsdkd_plugin.experiments.runner import JobError
 
 
 def test_method_groups_and_unknown_names():
@@ -52,7 +55,7 @@ def test_grpo_flags_parse_with_upstream_train_ppo_ray(tmp_path, toy_student_dir,
     budget = BUDGETS["default"].distill
     flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
                           output_dir=tmp_path / "m", seed=0)
-    flags += ["--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0"]
+    flags += list(GRPO_FLAGS)
     args = upstream.finalize(upstream.build_parser().parse_args(flags))
     assert args.algo.advantage.estimator == "group_norm" and args.algo.kl.init_coef == 0
 
@@ -68,7 +71,7 @@ def test_ranked_pairs_best_against_worst():
 def test_teacher_scores_are_mean_response_log_likelihoods(toy_teacher_dir):
     import torch
 
-    from tsdkd_plugin.toy.evaluate import load_model_for_eval, render_prompt
+    from tsdkd_plugin.experiments.evaluate import load_model_for_eval, render_prompt
 
     rows = [{"prompt": [{"role": "user", "content": "Q: 1+2=?"}]}, {"prompt": [{"role": "user", "content": "Q: 9-4=?"}]}]
     responses = [["1+2=3. #### 3", "#### 4"], ["9-4=5. #### 5", "9-4=5. #### 5 and more words"]]
@@ -90,7 +93,8 @@ def _fake_run(method, seed, accuracy):
         "evaluation": {"accuracy": accuracy, "n": 100, "correct": int(100 * accuracy),
                        "by_num_ops": {"2": {"n": 40, "correct": 20, "accuracy": 0.5},
                                       "3": {"n": 60, "correct": 10, "accuracy": accuracy / 2}}},
-        "seconds": 120.0, "optimizer_steps": 32,
+        "seconds": 120.0, "optimizer_steps": 32, "rollouts_planned": 8, "rollouts": 8,
+        "samples_planned": 2048, "samples": 2048,
     }
 
 
@@ -113,17 +117,20 @@ def test_report_from_finished_runs_lists_what_is_missing(tmp_path):
     markdown = written["markdown"].read_text()
     assert "| TSD-KD | **32.0 ± 2.0** | 30.0, 34.0, 32.0 |" in markdown
     assert "gkd seed 1: boom" in markdown and "gkd seed 2: not run yet" in markdown
-    assert "python -m tsdkd_plugin.toy.compare --seeds 3 --methods tsdkd,gkd" in markdown
+    assert "python -m tsdkd_plugin.experiments.compare --seeds 3 --methods tsdkd,gkd" in markdown
     assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(written["json"].read_text())["summary"]
     assert list(summary) == ["gkd", "tsdkd"]
     assert summary["tsdkd"]["mean"] == pytest.approx(0.32)
 
 
-def test_a_run_that_missed_its_step_budget_is_redone():
-    assert compare.budget_shortfall({"optimizer_steps_planned": 32, "optimizer_steps": 8}) == (
-        "it took 8 of its 32 optimizer steps"
+def test_a_run_that_missed_its_budget_is_redone():
+    assert compare.budget_shortfall({"rollouts_planned": 8, "rollouts": 2, "samples_planned": 2048, "samples": 512}) == (
+        "it logged 2 of its 8 rollouts"
     )
-    assert compare.budget_shortfall({"optimizer_steps_planned": 32, "optimizer_steps": 32}) is None
+    assert compare.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048,
+                                     "samples": 1024}) == "it logged 1024 of its 2048 samples"
+    assert compare.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048,
+                                     "samples": 2048}) is None
     # SFT and DPO runs plan no Ray rollouts: their steps are what their data gives.
     assert compare.budget_shortfall({"optimizer_steps": 30}) is None

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tsdkd_plugin.toy.arith_task import generate_splits, prompt_row
-from tsdkd_plugin.toy.evaluate import (
+from tsdkd_plugin.experiments.evaluate import (
     evaluate_model,
     generate_greedy,
     load_model_for_eval,
@@ -86,7 +86,7 @@ def test_load_prompt_rows_names_a_missing_file(tmp_path):
 
 def test_cli_refuses_a_directory_without_a_model(tmp_path, arith_data_dir):
     completed = subprocess.run(
-        [sys.executable, "-m", "tsdkd_plugin.toy.evaluate", "--model", str(tmp_path),
+        [sys.executable, "-m", "tsdkd_plugin.experiments.evaluate", "--model", str(tmp_path),
          "--prompts", str(arith_data_dir / "prompts_test.jsonl")],
         capture_output=True, text=True, timeout=120,
     )

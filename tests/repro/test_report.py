@@ -3,9 +3,9 @@
 import json
 from dataclasses import asdict
 
-from tsdkd_plugin.toy.default_job import BUDGETS
-from tsdkd_plugin.toy.report import main as report_main
-from tsdkd_plugin.toy.report import write_job_report
+from tsdkd_plugin.experiments.budgets import BUDGETS
+from tsdkd_plugin.experiments.report import main as report_main
+from tsdkd_plugin.experiments.report import write_job_report
 
 
 def _evaluation(accuracy):
@@ -15,7 +15,7 @@ def _evaluation(accuracy):
 
 def _results():
     return {
-        "command": ["python -m tsdkd_plugin.toy.default_job", "--budget", "smoke"],
+        "command": ["python -m tsdkd_plugin.experiments.main_job", "--budget", "smoke"],
         "budget": asdict(BUDGETS["smoke"]),
         "options": {"difficulty": "easy", "seed": 0},
         "machine": {"cpu": "AMD EPYC", "cpu_count": 2, "device": "cpu", "torch": "2.13.0+cpu", "python": "3.11",

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -152,24 +151,6 @@ def toy_model_dir(recipe, cache_dir: str | os.PathLike | None = None) -> Path:
         build_toy_model(recipe, tokenizer_dir, out)
 
     return cached_build(f"toy-{recipe.name}", full_recipe, build, cache_dir, _MODEL_LIBS)
-
-
-@dataclass(frozen=True)
-class ToyFixtureDirs:
-    tokenizer: Path
-    teacher: Path
-    student: Path
-
-
-def toy_fixture_dirs(cache_dir: str | os.PathLike | None = None) -> ToyFixtureDirs:
-    """Tokenizer, teacher and student directories, built on first use."""
-    from tsdkd_plugin.toy.models import STUDENT_RECIPE, TEACHER_RECIPE
-
-    return ToyFixtureDirs(
-        tokenizer=toy_tokenizer_dir(cache_dir),
-        teacher=toy_model_dir(TEACHER_RECIPE, cache_dir),
-        student=toy_model_dir(STUDENT_RECIPE, cache_dir),
-    )
 
 
 def qwen_vocab_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:

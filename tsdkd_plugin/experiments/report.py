@@ -1,21 +1,22 @@
 """Markdown, PNG and JSON reports of the main job and of the baseline comparison.
 
 Plots use matplotlib's Agg backend (no display needed). Every writer takes the
-results as plain dicts (what default_job / compare put in their JSON), so a
+results as plain dicts (what main_job / compare put in their JSON), so a
 report can be regenerated from a results.json alone:
 
-    python -m tsdkd_plugin.toy.report runs/default/results.json
+    python -m tsdkd_plugin.experiments.report runs/default/results.json
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from tsdkd_plugin.experiments.runner import write_json_atomic, write_text_atomic
 
 
 def _pyplot():
@@ -31,13 +32,6 @@ def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
     return path
 
 
@@ -178,12 +172,12 @@ def write_job_report(results: Mapping, run_dir: Path) -> dict[str, Path]:
     """report.md, accuracy.png, training.png (when logged) and results.json in run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    json_path = _write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    json_path = write_json_atomic(run_dir / "results.json", results)
     title = (f"TSD-KD toy job ({results['budget']['name']} budget, {results['options']['difficulty']}): "
              f"greedy test accuracy")
     plot = plot_job_accuracy(results["evaluations"], run_dir / "accuracy.png", title)
     curve = plot_training_curve(results.get("training_curve") or [], run_dir / "training.png", "TSD-KD training")
-    markdown = _write_text_atomic(
+    markdown = write_text_atomic(
         run_dir / "report.md", job_markdown(results, plot.name, curve.name if curve else None)
     )
     return {"markdown": markdown, "plot": plot, "json": json_path, "training_plot": curve}
@@ -296,18 +290,18 @@ def write_comparison_report(comparison: Mapping, out_dir: Path, stem: str = "com
     summary = summarize_runs(comparison["runs"])
     ordered = {m: summary[m] for m in comparison.get("method_order", summary) if m in summary}
     data = {**comparison, "summary": ordered}
-    json_path = _write_text_atomic(out_dir / f"{stem}.json", json.dumps(data, indent=2, default=str) + "\n")
+    json_path = write_json_atomic(out_dir / f"{stem}.json", data)
     title = (f"Toy arithmetic ({comparison['difficulty']}), equal budget, "
              f"{len(comparison['seeds'])} seeds: greedy test accuracy")
     plot = plot_comparison(ordered, comparison["references"], out_dir / f"{stem}.png", title)
-    markdown = _write_text_atomic(out_dir / f"{stem}.md", comparison_markdown(comparison, ordered, plot.name))
+    markdown = write_text_atomic(out_dir / f"{stem}.md", comparison_markdown(comparison, ordered, plot.name))
     return {"markdown": markdown, "plot": plot, "json": json_path}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m tsdkd_plugin.toy.report RESULTS.json (a job's results.json or a comparison.json)",
+        print("usage: python -m tsdkd_plugin.experiments.report RESULTS.json (a job's results.json or a comparison.json)",
               file=sys.stderr)
         return 2
     path = Path(args[0])

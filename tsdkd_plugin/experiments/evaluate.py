@@ -1,6 +1,7 @@
-"""Greedy evaluation of a saved HF model directory on a split of the arithmetic task.
+"""The toy task's one evaluator: greedy accuracy of a saved HF model directory on a split of the
+arithmetic task; and the sampling and teacher scoring the SeqKD and DPO baselines build their data with.
 
-    python -m tsdkd_plugin.toy.evaluate --model DIR --prompts data/prompts_test.jsonl [--json OUT]
+    python -m tsdkd_plugin.experiments.evaluate --model DIR --prompts data/prompts_test.jsonl [--json OUT]
 
 Accuracy is what the task's verifier says (the integer after `####` equals the
 label), overall and by number of operations. Prompts are rendered exactly as
@@ -25,10 +26,7 @@ from typing import Mapping, Sequence
 
 from tsdkd_plugin.toy.arith_task import LABEL_KEY, PROMPT_KEY, extract_final_answer, verify
 
-# Longest worked solution per difficulty is 44 / 52 / 95 tokens (docs/toy_task.md);
-# the margin lets a model that rambles past the answer still be read correctly.
-MAX_NEW_TOKENS_BY_DIFFICULTY = {"easy": 64, "medium": 72, "hard": 128}
-DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 64  # budgets.MAX_NEW_TOKENS_BY_DIFFICULTY["easy"]
 DEFAULT_BATCH_SIZE = 256
 NUM_EXAMPLES_KEPT = 8
 
@@ -246,9 +244,72 @@ def evaluate_model(
     )
 
 
+def evaluate_models(models: Mapping[str, Path], prompts_path: str | Path, *, max_new_tokens: int,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, dict]:
+    """{name: result dict with the model's directory} for several models on one split, one line printed each."""
+    results = {}
+    for name, model_dir in models.items():
+        result = evaluate_model(model_dir, prompts_path, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                desc=f"evaluating {name}")
+        print("  " + format_result_line(name, result), flush=True)
+        results[name] = {**result.to_dict(), "dir": str(model_dir)}
+    return results
+
+
 def format_result_line(name: str, result: EvalResult) -> str:
     by_ops = " ".join(f"{ops}ops {b.accuracy:6.1%}" for ops, b in sorted(result.by_num_ops.items()))
     return f"{name:<18} {result.accuracy:6.1%}  ({result.correct}/{result.n})  {by_ops}"
+
+
+# --------------------------------------------------------------------------- sampling and scoring
+
+
+def sample_responses(model_dir: Path, prompt_rows: Sequence[Mapping], n: int, seed: int, max_new_tokens: int,
+                     desc: str) -> list[list[str]]:
+    """n sampled responses (temperature 1, like the rollouts) per prompt row."""
+    import torch
+
+    model, tokenizer = load_model_for_eval(model_dir)
+    texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in prompt_rows]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flat = generate_greedy(model, tokenizer, texts, max_new_tokens=max_new_tokens, do_sample=True,
+                               num_return_sequences=n, temperature=1.0, desc=desc)
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompt_rows))]
+
+
+def teacher_scores(teacher_dir: Path, prompt_rows: Sequence[Mapping], responses: Sequence[Sequence[str]],
+                   batch_size: int = 64) -> list[list[float]]:
+    """The teacher's length-normalized log-likelihood of each response (end-of-turn token included):
+    the same sequence score the sequence-level TSD-KD ranking uses by default."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model, tokenizer = load_model_for_eval(teacher_dir)
+    tokenizer.padding_side = "right"
+    end = tokenizer.eos_token
+    pairs = [(render_prompt(tokenizer, row[PROMPT_KEY]), response + end)
+             for row, group in zip(prompt_rows, responses) for response in group]
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(pairs), batch_size), desc="teacher scoring", leave=False):
+            batch = pairs[start : start + batch_size]
+            prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in batch]
+            full_ids = [tokenizer(p + r, add_special_tokens=False)["input_ids"] for p, r in batch]
+            width = max(len(ids) for ids in full_ids)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(full_ids):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention[i, : len(ids)] = 1
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1, : len(tokenizer)]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            for i, (p_ids, ids) in enumerate(zip(prompt_ids, full_ids)):
+                # Response tokens are positions len(prompt)..len(full)-1; their log-probs sit one earlier.
+                span = logprobs[i, len(p_ids) - 1 : len(ids) - 1]
+                scores.append(float(span.mean()))
+    n = len(responses[0]) if responses else 0
+    return [scores[i * n : (i + 1) * n] for i in range(len(responses))]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -256,7 +317,7 @@ def format_result_line(name: str, result: EvalResult) -> str:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tsdkd_plugin.toy.evaluate",
+        prog="python -m tsdkd_plugin.experiments.evaluate",
         description="Greedy accuracy of a saved HF model on a prompts_*.jsonl split of the arithmetic task.",
     )
     parser.add_argument("--model", required=True, help="HF model directory (config.json, weights, tokenizer)")

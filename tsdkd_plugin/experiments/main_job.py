@@ -1,0 +1,159 @@
+"""The main job: tiny teacher and student on the built-in task, TSD-KD through the real CLI, evaluation, report.
+
+    python -m tsdkd_plugin.experiments.main_job [--budget smoke|default|full] [--run-dir runs/default]
+                                                [--seed 0] [--difficulty easy]
+
+(`bash scripts/run_default.sh` sets up the environment and runs exactly this.)
+
+Stages, each announced with a banner and a progress bar:
+
+1. task data    arithmetic problems written as OpenRLHF JSONL files into <run-dir>/data
+2. teacher      the toy teacher trained by OpenRLHF `train_sft` on the worked solutions (cached)
+3. student      the toy student after a short `train_sft` on the same kind of data (cached)
+4. tsdkd        `python -m openrlhf.cli.train_tsdkd` distils the teacher into the student (subprocess)
+5. evaluation   greedy accuracy of teacher, initial student and distilled student on the held-out test split
+6. report       <run-dir>/report.md, accuracy.png, training.png and results.json, and a summary on the console
+
+Teacher and student are built once per recipe into the fixture cache
+(`tsdkd_plugin.experiments.trained_models`), so a rerun skips stages 2 and 3. Budgets are fixed in
+optimizer steps (`tsdkd_plugin.experiments.budgets`). `--seed` seeds the distillation stage (vLLM
+sampling, data order); teacher, student and the task splits use fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from tsdkd_plugin.experiments.budgets import write_task_data
+from tsdkd_plugin.experiments.evaluate import evaluate_models
+from tsdkd_plugin.experiments.flags import tsdkd_flags
+from tsdkd_plugin.experiments.methods import run_on_policy
+from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, resolve_budget
+from tsdkd_plugin.experiments.runner import banner, fresh_stage_dir, machine_info, run_entry_point
+from tsdkd_plugin.experiments.trained_models import trained_model_dir
+
+PROG = "python -m tsdkd_plugin.experiments.main_job"
+# The teacher must beat the initial student by at least this much for the setting to make sense.
+MIN_TEACHER_MARGIN = 0.10
+
+
+@dataclass
+class StageRecord:
+    seconds: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def run_job(options: argparse.Namespace) -> dict:
+    job_started = time.time()
+    budget = resolve_budget(options)
+    run_dir = Path(options.run_dir).resolve()
+    cache_dir = cache_dir_of(options)
+    timeout_s = budget.stage_timeout_s
+
+    banner(f"TSD-KD toy job: budget {budget.name}, difficulty {options.difficulty}, seed {options.seed}")
+    print(f"  {budget.summary()}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        print(f"  {run_dir} exists: its previous results are replaced (pass --run-dir to keep them)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, StageRecord] = {}
+    load_at_start = machine_info()["load_average_1_5_15"]
+
+    banner("1/6 task data")
+    started = time.time()
+    data_dir = fresh_stage_dir(run_dir / "data")
+    files = write_task_data(data_dir, options.difficulty, budget.distill.n_prompts, budget.n_val, budget.n_test)
+    stages["task_data"] = StageRecord(time.time() - started, f"{data_dir}")
+    print(f"  {budget.distill.n_prompts} train prompts, {budget.n_val} val, {budget.n_test} test -> {data_dir}")
+
+    models: dict[str, Path] = {}
+    for number, role, recipe in ((2, "teacher", budget.teacher), (3, "student", budget.student)):
+        banner(f"{number}/6 {role}: OpenRLHF train_sft on worked solutions ({recipe.steps} steps, cached)")
+        started = time.time()
+        path, built = trained_model_dir(
+            recipe, options.difficulty, cache_dir, work_dir=run_dir / "logs", timeout_s=timeout_s,
+            verbose=options.verbose,
+        )
+        models[role] = path
+        note = "trained now" if built else "reused from the cache"
+        stages[role] = StageRecord(time.time() - started, note, {"dir": str(path), "steps": recipe.steps})
+        print(f"  {role}: {path} ({note}, {time.time() - started:.0f} s)")
+
+    banner(f"4/6 TSD-KD: python -m openrlhf.cli.train_tsdkd ({budget.distill.optimizer_steps} optimizer steps)")
+    started = time.time()
+    distilled_dir, result, notes = run_on_policy(
+        budget.distill, trainer="tsdkd", method_flags=tsdkd_flags({}, teacher_dir=models["teacher"]),
+        student_dir=models["student"], prompts_file=files["prompts_train"],
+        stage_dir=fresh_stage_dir(run_dir / "tsdkd"), seed=options.seed, timeout_s=timeout_s,
+        verbose=options.verbose, desc="train_tsdkd",
+    )
+    curve = notes.pop("training_curve")
+    stages["tsdkd"] = StageRecord(
+        time.time() - started,
+        f"{notes['rollouts']} rollouts, {notes['samples']} samples trained on (from its TensorBoard events)",
+        {"command": result.command, "log": result.log, **notes},
+    )
+    print(f"  distilled student: {distilled_dir} ({result.seconds:.0f} s)")
+
+    banner(f"5/6 evaluation: greedy accuracy on the held-out test split ({budget.n_test} problems)")
+    started = time.time()
+    evaluations = evaluate_models(
+        {"teacher": models["teacher"], "student (initial)": models["student"], "student (TSD-KD)": distilled_dir},
+        files["prompts_test"], max_new_tokens=budget.distill.max_new_tokens, batch_size=budget.eval_batch_size,
+    )
+    stages["evaluation"] = StageRecord(time.time() - started)
+
+    banner("6/6 report")
+    from tsdkd_plugin.experiments.report import write_job_report
+
+    results = {
+        "command": [PROG, *options.argv],
+        "budget": asdict(budget),
+        "options": {k: v for k, v in vars(options).items() if k != "argv"},
+        "machine": {**machine_info(), "load_average_at_start": load_at_start},
+        "stages": {name: asdict(record) for name, record in stages.items()},
+        "evaluations": evaluations,
+        "training_curve": curve,
+        "teacher_margin_ok": evaluations["teacher"]["accuracy"] - evaluations["student (initial)"]["accuracy"]
+        >= MIN_TEACHER_MARGIN,
+        "wall_seconds": time.time() - job_started,
+    }
+    paths = write_job_report(results, run_dir)
+    print(f"  report: {paths['markdown']}\n  plot:   {paths['plot']}\n  json:   {paths['json']}")
+    print_summary(results)
+    return results
+
+
+def print_summary(results: Mapping) -> None:
+    evaluations = results["evaluations"]
+    banner("summary")
+    for name, evaluation in evaluations.items():
+        print(f"  {name:<20} {evaluation['accuracy']:6.1%}  ({evaluation['correct']}/{evaluation['n']})")
+    initial, distilled = evaluations["student (initial)"]["accuracy"], evaluations["student (TSD-KD)"]["accuracy"]
+    print(f"  TSD-KD changed the student's accuracy by {100 * (distilled - initial):+.1f} points")
+    if not results["teacher_margin_ok"]:
+        print(f"  note: the teacher is less than {MIN_TEACHER_MARGIN:.0%} ahead of the initial student at this budget")
+    print(f"  wall time {results['wall_seconds'] / 60:.1f} min")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tiny teacher and student on the built-in arithmetic task, TSD-KD through "
+                    "`python -m openrlhf.cli.train_tsdkd`, evaluation on the held-out test split and a report.",
+    )
+    add_common_arguments(parser, default_run_dir="runs/default")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the distillation stage (sampling, data order)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(PROG, build_arg_parser().parse_args, run_job, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
