@@ -26,11 +26,17 @@ def test_every_budget_fills_its_batches(name):
     assert budget.teacher.steps >= 1 and budget.student.steps >= 1
 
 
-def test_default_budget_teacher_outtrains_student():
-    budget = BUDGETS["default"]
-    # The calibration's teacher needs ~1,700 steps of batch 32 to reach ~75%; the student gets a short SFT.
-    assert budget.teacher.steps >= 1700
-    assert budget.student.steps < budget.teacher.steps
+def test_the_two_regimes_differ_only_in_the_initial_student():
+    from tsdkd_plugin.toy.models import get_model_recipe
+
+    paper, weak = BUDGETS["paper-like"], BUDGETS["weak-student"]
+    assert paper.teacher == weak.teacher and paper.distill == weak.distill
+    assert (paper.n_val, paper.n_test, paper.difficulty) == (weak.n_val, weak.n_test, weak.difficulty)
+    assert paper.student != weak.student
+    assert main_job.build_arg_parser().parse_args([]).budget == "paper-like"
+    for budget in (paper, weak):
+        teacher, student = get_model_recipe(budget.teacher.model), get_model_recipe(budget.student.model)
+        assert student.hidden_size * student.num_hidden_layers < teacher.hidden_size * teacher.num_hidden_layers
 
 
 @pytest.mark.parametrize(
@@ -38,7 +44,7 @@ def test_default_budget_teacher_outtrains_student():
     [
         (["--task", "sudoku"], "unknown task 'sudoku'; valid tasks: arith"),
         (["--difficulty", "extreme"], "unknown difficulty 'extreme'; valid difficulties: easy, medium, hard"),
-        (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, default, full"),
+        (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, paper-like, weak-student"),
         (["--n-prompts", "4"], "has 4 rows, fewer than the batch size 8"),
         (["--n-test", "0"], "--n-test must be a positive integer"),
     ],
@@ -60,7 +66,7 @@ def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_pat
     entry = sft_cache_path(recipe, "easy", cache_dir)
     kind, key = entry.name.rsplit("-", 1)
     # A complete-looking cache entry (marker and all) whose tokenizer maps two tokens differently.
-    base = base_model_dir("teacher", cache_dir)
+    base = base_model_dir(recipe.model, cache_dir)
     shutil.copytree(base, entry)
     (entry / MARKER_FILE).write_text(json.dumps({"kind": kind, "key": key}))
     tokenizer_json = entry / "tokenizer.json"
@@ -81,7 +87,7 @@ def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_pat
 def test_tsdkd_flags_parse_with_the_real_cli(tmp_path, toy_teacher_dir, toy_student_dir, arith_data_dir):
     from tsdkd_plugin.cli.train_tsdkd import parse_args
 
-    budget = BUDGETS["default"].distill
+    budget = BUDGETS["paper-like"].distill
     flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
                           output_dir=tmp_path / "model", seed=3)
     flags += tsdkd_flags({"gate": "hard", "indirect_level": "both", "entropy_weight": 0.0},

@@ -25,7 +25,8 @@ MAX_NEW_TOKENS_BY_DIFFICULTY = {"easy": 64, "medium": 72, "hard": 128}
 class SFTRecipe:
     """One `openrlhf.cli.train_sft` run on the task's worked solutions (teacher or initial student)."""
 
-    role: str  # "teacher" or "student": which untrained toy model (tsdkd_plugin.toy.models) it starts from
+    role: str  # "teacher" or "student": what the trained model is for (names its cache entry)
+    model: str  # the untrained toy model it starts from (tsdkd_plugin.toy.models.MODEL_RECIPES)
     n_train: int  # distinct training problems (rows of sft_train.jsonl)
     epochs: int
     batch_size: int  # sequences per optimizer step (micro batch = batch: no accumulation)
@@ -35,6 +36,9 @@ class SFTRecipe:
     min_lr_ratio: float = 0.1
     seed: int = 0
     max_len: int = 128
+    # Intra-op threads of the training process on CPU, fixed whatever the machine's core count:
+    # float sums are split by thread, so another count gives other weights (runner.TRAINING_THREADS).
+    threads: int = 2
 
     @property
     def steps(self) -> int:
@@ -81,6 +85,7 @@ class Budget:
     distill: DistillBudget
     n_test: int
     n_val: int = 64
+    difficulty: str = "easy"  # of the task (tsdkd_plugin.toy.arith_task.DIFFICULTIES)
     eval_batch_size: int = 256
     # A stage that runs longer than this is stopped (a hung Ray job must not block forever).
     stage_timeout_s: int = 3600
@@ -90,16 +95,20 @@ class Budget:
         return (
             f"teacher SFT {self.teacher.steps} steps, student SFT {self.student.steps} steps, "
             f"distillation {d.n_prompts} prompts x {d.samples_per_prompt} samples = {d.optimizer_steps} "
-            f"optimizer steps, test split {self.n_test} problems"
+            f"optimizer steps, difficulty {self.difficulty}, test split {self.n_test} problems"
         )
 
 
-# Calibration (docs/toy_task.md, /work/shared/notes/toy-calibration.md): the teacher reaches
-# ~76% on `easy` after ~1,700 steps of batch 32 at lr 2e-3; the student ~15-35% after a few
-# hundred steps at 3e-3. The distillation budget is what the comparison gives every method.
-_DEFAULT_TEACHER = SFTRecipe(role="teacher", n_train=16000, epochs=4, batch_size=32, lr=2e-3, seed=1)
-_DEFAULT_STUDENT = SFTRecipe(role="student", n_train=48000, epochs=1, batch_size=32, lr=3e-3, seed=2)
-_DEFAULT_DISTILL = DistillBudget(
+# Sizes, SFT budgets and difficulty come from the calibration in docs/reproduction.md
+# ("Calibration"; python -m tsdkd_plugin.experiments.calibrate). The teacher and the distillation
+# budget are shared by both regimes; only the initial student differs.
+_TEACHER = SFTRecipe(role="teacher", model="teacher", n_train=16000, epochs=4, batch_size=32, lr=2e-3, seed=1)
+# Paper-like: a student at 0.55-0.8 of its teacher's accuracy that finishes its answers.
+_PAPER_LIKE_STUDENT = SFTRecipe(role="student", model="student-medium", n_train=48000, epochs=1, batch_size=32,
+                                lr=3e-3, seed=2)
+# Weak student: the earlier default, far below its teacher (most of its own samples are wrong).
+_WEAK_STUDENT = SFTRecipe(role="student", model="student", n_train=48000, epochs=1, batch_size=32, lr=3e-3, seed=2)
+_DISTILL = DistillBudget(
     n_prompts=512, samples_per_prompt=4, rollout_batch_size=64, train_batch_size=64, micro_batch_size=16, lr=1e-4
 )
 
@@ -108,8 +117,8 @@ BUDGETS: dict[str, Budget] = {
     # the plumbing (every stage, the real CLIs, the cache, the report), not the method.
     "smoke": Budget(
         name="smoke",
-        teacher=SFTRecipe(role="teacher", n_train=256, epochs=1, batch_size=32, lr=2e-3, seed=1),
-        student=SFTRecipe(role="student", n_train=128, epochs=1, batch_size=32, lr=3e-3, seed=2),
+        teacher=SFTRecipe(role="teacher", model="teacher", n_train=256, epochs=1, batch_size=32, lr=2e-3, seed=1),
+        student=SFTRecipe(role="student", model="student", n_train=128, epochs=1, batch_size=32, lr=3e-3, seed=2),
         distill=DistillBudget(
             n_prompts=16, samples_per_prompt=2, rollout_batch_size=8, train_batch_size=16, micro_batch_size=8,
             lr=1e-3,
@@ -118,17 +127,12 @@ BUDGETS: dict[str, Budget] = {
         n_val=16,
         stage_timeout_s=900,
     ),
-    "default": Budget(name="default", teacher=_DEFAULT_TEACHER, student=_DEFAULT_STUDENT,
-                      distill=_DEFAULT_DISTILL, n_test=500),
-    "full": Budget(
-        name="full",
-        teacher=replace(_DEFAULT_TEACHER, n_train=32000, epochs=4),
-        student=_DEFAULT_STUDENT,
-        distill=replace(_DEFAULT_DISTILL, n_prompts=2048),
-        n_test=1000,
-        stage_timeout_s=3 * 3600,
-    ),
+    "paper-like": Budget(name="paper-like", teacher=_TEACHER, student=_PAPER_LIKE_STUDENT, distill=_DISTILL,
+                         n_val=500, n_test=500),
+    "weak-student": Budget(name="weak-student", teacher=_TEACHER, student=_WEAK_STUDENT, distill=_DISTILL,
+                           n_val=500, n_test=500),
 }
+DEFAULT_BUDGET = "paper-like"
 
 
 def check_budget(budget: Budget) -> None:
@@ -151,10 +155,12 @@ def check_budget(budget: Budget) -> None:
 
 
 def with_difficulty_lengths(budget: Budget, difficulty: str) -> Budget:
-    """Generation and sequence lengths that fit the difficulty's longest problems (docs/toy_task.md)."""
+    """The budget on `difficulty`, with generation and sequence lengths that fit its longest problems
+    (docs/toy_task.md)."""
     max_len = 192 if difficulty == "hard" else 128
     return replace(
         budget,
+        difficulty=difficulty,
         teacher=replace(budget.teacher, max_len=max_len),
         student=replace(budget.student, max_len=max_len),
         distill=replace(budget.distill, max_new_tokens=MAX_NEW_TOKENS_BY_DIFFICULTY[difficulty], max_len=max_len),

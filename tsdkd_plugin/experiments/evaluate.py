@@ -17,6 +17,7 @@ free of engine start-up time and of Ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from tsdkd_plugin.experiments.runner import TRAINING_THREADS
 from tsdkd_plugin.toy.arith_task import LABEL_KEY, PROMPT_KEY, extract_final_answer, verify
 
 DEFAULT_MAX_NEW_TOKENS = 64  # budgets.MAX_NEW_TOKENS_BY_DIFFICULTY["easy"]
@@ -53,6 +55,7 @@ class EvalResult:
     by_num_ops: dict[int, OpsBucket]
     seconds: float
     examples: list[dict] = field(default_factory=list)
+    decoding: str = "greedy"  # or "sampled": one sample per prompt at temperature 1, as in the rollouts
 
     @property
     def accuracy(self) -> float:
@@ -68,6 +71,20 @@ class EvalResult:
             for ops, b in sorted(self.by_num_ops.items())
         }
         return data
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int = TRAINING_THREADS):
+    """torch's intra-op threads set to `threads` inside the block (restored after it), so generation
+    and scoring give the same numbers on machines with other core counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_prompt_rows(path: str | Path) -> list[dict]:
@@ -209,23 +226,28 @@ def evaluate_model(
     limit: int | None = None,
     progress: bool = True,
     desc: str | None = None,
+    sampled: bool = False,
+    seed: int = 0,
 ) -> EvalResult:
-    """Greedy accuracy of the model in model_dir on the prompts file (optionally its first `limit` rows)."""
+    """Accuracy of the model in model_dir on the prompts file (optionally its first `limit` rows):
+    greedy, or with `sampled` one sample per prompt at temperature 1 (seeded), which is what the
+    on-policy methods train on. The same machine and libraries give the same result: the thread
+    count is fixed (runner.TRAINING_THREADS)."""
+    import torch
+
     rows = load_prompt_rows(prompts_path)
     if limit is not None:
         rows = rows[:limit]
     started = time.time()
-    model, tokenizer = load_model_for_eval(model_dir)
-    texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in rows]
-    responses = generate_greedy(
-        model,
-        tokenizer,
-        texts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        desc=desc or f"evaluating {Path(model_dir).name}",
-    )
+    with fixed_threads():
+        model, tokenizer = load_model_for_eval(model_dir)
+        texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in rows]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            responses = generate_greedy(
+                model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+                desc=desc or f"evaluating {Path(model_dir).name}", do_sample=sampled,
+            )
     correct, answered, buckets = score_responses(rows, responses)
     examples = [
         {"prompt": texts[i], "response": responses[i], "label": rows[i][LABEL_KEY],
@@ -241,6 +263,7 @@ def evaluate_model(
         by_num_ops=buckets,
         seconds=time.time() - started,
         examples=examples,
+        decoding="sampled" if sampled else "greedy",
     )
 
 
@@ -265,16 +288,17 @@ def format_result_line(name: str, result: EvalResult) -> str:
 
 
 def sample_responses(model_dir: Path, prompt_rows: Sequence[Mapping], n: int, seed: int, max_new_tokens: int,
-                     desc: str) -> list[list[str]]:
-    """n sampled responses (temperature 1, like the rollouts) per prompt row."""
+                     desc: str, temperature: float = 1.0) -> list[list[str]]:
+    """n sampled responses per prompt row (temperature 1 by default, like the rollouts)."""
     import torch
 
-    model, tokenizer = load_model_for_eval(model_dir)
-    texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in prompt_rows]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        flat = generate_greedy(model, tokenizer, texts, max_new_tokens=max_new_tokens, do_sample=True,
-                               num_return_sequences=n, temperature=1.0, desc=desc)
+    with fixed_threads():
+        model, tokenizer = load_model_for_eval(model_dir)
+        texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in prompt_rows]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flat = generate_greedy(model, tokenizer, texts, max_new_tokens=max_new_tokens, do_sample=True,
+                                   num_return_sequences=n, temperature=temperature, desc=desc)
     return [flat[i * n : (i + 1) * n] for i in range(len(prompt_rows))]
 
 
@@ -282,6 +306,11 @@ def teacher_scores(teacher_dir: Path, prompt_rows: Sequence[Mapping], responses:
                    batch_size: int = 64) -> list[list[float]]:
     """The teacher's length-normalized log-likelihood of each response (end-of-turn token included):
     the same sequence score the sequence-level TSD-KD ranking uses by default."""
+    with fixed_threads():
+        return _teacher_scores(teacher_dir, prompt_rows, responses, batch_size)
+
+
+def _teacher_scores(teacher_dir, prompt_rows, responses, batch_size):
     import torch
     from tqdm.auto import tqdm
 

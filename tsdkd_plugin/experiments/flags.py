@@ -106,9 +106,11 @@ def tsdkd_flags(objective: Mapping[str, object], *, teacher_dir: Path, placement
         flags += [f"--tsdkd.{name}", str(value)]
     return flags
 
-# GRPO through upstream train_ppo_ray: group-normalized advantages from the verifier reward (which
-# distill_flags adds), no KL term (--algo.kl.init_coef 0: no reference model).
-GRPO_FLAGS = ("--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0")
+def grpo_flags(estimator: str = "group_norm") -> list[str]:
+    """GRPO through upstream train_ppo_ray: group-normalized advantages (or another critic-free
+    estimator) from the verifier reward, which distill_flags adds; no KL term (--algo.kl.init_coef 0:
+    no reference model)."""
+    return ["--algo.advantage.estimator", estimator, "--algo.kl.init_coef", "0"]
 
 
 def dpo_flags(budget: DistillBudget, *, student_dir: Path, data_file: Path, output_dir: Path, ds_ckpt_dir: Path,

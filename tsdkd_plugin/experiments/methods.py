@@ -14,22 +14,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from tsdkd_plugin.experiments.budgets import Budget, DistillBudget, SFTRecipe
 from tsdkd_plugin.experiments.evaluate import sample_responses, teacher_scores
 from tsdkd_plugin.experiments.flags import (
-    GRPO_FLAGS,
     distill_flags,
     dpo_flags,
     dpo_pair_batch,
+    grpo_flags,
     sft_flags,
     tsdkd_flags,
 )
 from tsdkd_plugin.experiments.metrics import logged_rollouts, logged_samples, training_curve
 from tsdkd_plugin.experiments.runner import (
+    RAY_WORKER_THREADS,
+    TRAINING_THREADS,
     CommandResult,
     JobError,
     StageFailed,
@@ -44,70 +46,99 @@ from tsdkd_plugin.experiments.runner import (
 from tsdkd_plugin.toy import arith_task
 
 DPO_BETA = 0.1  # OpenRLHF's default
+GRPO_ESTIMATOR = "group_norm"
+TEACHER_TEMPERATURE = 1.0  # SeqKD's teacher samples, like the students' rollouts
+
+# The settings every method's run takes besides the TSD-KD objective's own (--tsdkd.<name>).
+RUN_SETTINGS = ("lr", "teacher_temperature", "estimator", "dpo_beta")
 
 
 @dataclass(frozen=True)
 class Method:
+    """One compared method. A run of it is (method, settings, seed): `settings` holds "lr" and any
+    of the method's own knobs (`grid`), on top of `objective` (fixed --tsdkd.* overrides)."""
+
     name: str
     label: str
-    group: str  # "baseline", "tsdkd" or "ablation": the colour in the plot
+    group: str  # "baseline", "tsdkd", "ablation" or "remedy": its colour in the plots
     runner: str  # "tsdkd", "grpo", "seqkd" or "dpo"
     doc: str
-    objective: Mapping[str, object] = field(default_factory=dict)  # --tsdkd.* overrides
+    objective: Mapping[str, object] = field(default_factory=dict)  # --tsdkd.* overrides, fixed
+    # Tuned on validation after the learning rate, one trial per entry (the default is not repeated).
+    grid: tuple[Mapping[str, object], ...] = ()
+    # Ablations and remedies take the settings chosen for this method and change only `objective`.
+    derived_from: str | None = None
 
+    def objective_for(self, settings: Mapping[str, object]) -> dict:
+        """--tsdkd.* values of a run: the method's fixed overrides, then the tuned ones; for an ablation
+        or remedy, its parent's fixed overrides, the tuned ones, then its own change on top."""
+        tuned = {k: v for k, v in settings.items() if k not in RUN_SETTINGS}
+        if self.derived_from:
+            return {**METHODS[self.derived_from].objective, **tuned, **self.objective}
+        return {**self.objective, **tuned}
+
+
+_GKD_OBJECTIVE = {"gate": "none", "indirect_weight": 0.0, "entropy_weight": 0.0}
+# TSD-KD's weights, one at a time: the ranking term 10x weaker, the entropy term 10x weaker, fewer
+# ranked candidates (the toy student's top-10 tail is mostly implausible tokens).
+_TSDKD_GRID = ({"indirect_weight": 0.01}, {"entropy_weight": 0.1}, {"num_candidates": 5})
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("seqkd", "SeqKD", "baseline", "seqkd",
-               "OpenRLHF `train_sft` on responses the teacher samples (temperature 1) for the train prompts, "
-               "as many as the student samples in the on-policy methods"),
+               "OpenRLHF `train_sft` on responses the teacher samples for the train prompts, as many as the "
+               "student samples in the on-policy methods; tuned: the teacher's sampling temperature",
+               grid=({"teacher_temperature": 0.7}, {"teacher_temperature": 0.5}, {"teacher_temperature": 0.3})),
         Method("gkd", "GKD (JSD, all tokens)", "baseline", "tsdkd",
-               "on-policy generalized JSD (beta 0.9) on every response token: `train_tsdkd` with --tsdkd.gate none, "
-               "--tsdkd.indirect_weight 0, --tsdkd.entropy_weight 0",
-               {"gate": "none", "indirect_weight": 0.0, "entropy_weight": 0.0}),
+               "on-policy generalized JSD on every response token: `train_tsdkd` with --tsdkd.gate none, "
+               "--tsdkd.indirect_weight 0, --tsdkd.entropy_weight 0; tuned: beta (0 forward KL, 1 reverse KL, "
+               "default 0.9)",
+               _GKD_OBJECTIVE, grid=({"beta": 0.0}, {"beta": 0.5}, {"beta": 1.0})),
         Method("grpo", "GRPO (verifier)", "baseline", "grpo",
-               "OpenRLHF `train_ppo_ray --algo.advantage.estimator group_norm` with the task's verifier "
-               "(`reward_func.py`), no KL term (--algo.kl.init_coef 0: no reference model)"),
+               "OpenRLHF `train_ppo_ray` with the task's verifier (`reward_func.py`) as reward, no KL term "
+               "(--algo.kl.init_coef 0); tuned: the advantage estimator (default group_norm)",
+               grid=({"estimator": "dr_grpo"}, {"estimator": "rloo"}, {"estimator": "reinforce_baseline"})),
         Method("dpo", "DPO (teacher-ranked)", "baseline", "dpo",
-               f"OpenRLHF `train_dpo` (beta {DPO_BETA}) on pairs of the initial student's own samples: the teacher "
-               "ranks each prompt's samples by length-normalized log-likelihood, best vs worst, second vs "
-               "second-worst"),
-        Method("tsdkd", "TSD-KD", "tsdkd", "tsdkd",
-               "`train_tsdkd` with the default objective: soft-gated JSD + token-level ListMLE (suffix) + entropy term"),
-        Method("tsdkd-no-direct", "– direct", "ablation", "tsdkd", "TSD-KD without the gated JSD (--tsdkd.direct_weight 0)",
-               {"direct_weight": 0.0}),
-        Method("tsdkd-no-indirect", "– indirect", "ablation", "tsdkd", "TSD-KD without ListMLE (--tsdkd.indirect_weight 0)",
-               {"indirect_weight": 0.0}),
-        Method("tsdkd-no-entropy", "– entropy", "ablation", "tsdkd",
-               "TSD-KD without the entropy term (--tsdkd.entropy_weight 0)", {"entropy_weight": 0.0}),
-        Method("tsdkd-hard-gate", "hard gate", "ablation", "tsdkd",
-               "TSD-KD with the hard gate 1[H_S - H_T > 0] instead of the sigmoid (--tsdkd.gate hard)", {"gate": "hard"}),
-        Method("tsdkd-sequence", "sequence ranking", "ablation", "tsdkd",
-               "TSD-KD with sequence-level instead of token-level ListMLE (--tsdkd.indirect_level sequence)",
-               {"indirect_level": "sequence"}),
-        Method("tsdkd-both", "token + sequence", "ablation", "tsdkd",
-               "TSD-KD with both ListMLE levels (--tsdkd.indirect_level both)", {"indirect_level": "both"}),
+               "OpenRLHF `train_dpo` on pairs of the initial student's own samples: the teacher ranks each "
+               "prompt's samples by length-normalized log-likelihood, best vs worst, second vs second-worst; "
+               f"tuned: beta (default {DPO_BETA})",
+               grid=({"dpo_beta": 0.03}, {"dpo_beta": 0.3}, {"dpo_beta": 1.0})),
+        Method("tsdkd-paper", "TSD-KD (paper preset)", "tsdkd", "tsdkd",
+               "`train_tsdkd --tsdkd.preset paper`: soft-gated JSD averaged per response, token-level ListMLE, "
+               "entropy term on each response's top 10% most uncertain tokens; tuned: alpha, lambda_ent, k",
+               {"preset": "paper"}, grid=_TSDKD_GRID),
+        Method("tsdkd-reference", "TSD-KD (reference preset)", "tsdkd", "tsdkd",
+               "`train_tsdkd --tsdkd.preset reference`: the authors' code's choices (token means over the "
+               "micro-batch, entropy term on the top 90%); tuned: alpha, lambda_ent, k",
+               {"preset": "reference"}, grid=_TSDKD_GRID),
+        # The paper's ablation ladder, at the settings tuned for the paper preset.
         Method("tsdkd-gated-jsd-only", "gated JSD only", "ablation", "tsdkd",
-               "only TSD-KD's direct term, the soft-gated JSD (--tsdkd.indirect_weight 0 --tsdkd.entropy_weight 0): "
-               "GKD with the entropy-gap gate, which isolates the gate", {"indirect_weight": 0.0, "entropy_weight": 0.0}),
-        Method("tsdkd-entropy-top10", "entropy on top 10%", "ablation", "tsdkd",
-               "TSD-KD with the entropy term on the 10% most uncertain tokens, the reviewers' reading, instead of "
-               "the reference code's 90% (--tsdkd.entropy_top_fraction 0.1)", {"entropy_top_fraction": 0.1}),
-        Method("tsdkd-balanced", "terms rescaled (α 0.001, entropy 0.1)", "ablation", "tsdkd",
-               "TSD-KD with the indirect and entropy weights scaled down so that each term is about as large as "
-               "the gated JSD at the start of training (logged: L_dir ~0.02, L_ind ~15, L_ent ~0.25 at the "
-               "defaults) (--tsdkd.indirect_weight 0.001 --tsdkd.entropy_weight 0.1)",
-               {"indirect_weight": 0.001, "entropy_weight": 0.1}),
+               "only TSD-KD's direct term: GKD with the entropy-gap gate (indirect and entropy weights 0)",
+               {"indirect_weight": 0.0, "entropy_weight": 0.0}, derived_from="tsdkd-paper"),
+        Method("tsdkd-no-entropy", "gate + indirect", "ablation", "tsdkd",
+               "TSD-KD without the entropy term (--tsdkd.entropy_weight 0)", {"entropy_weight": 0.0},
+               derived_from="tsdkd-paper"),
+        Method("tsdkd-no-indirect", "gate + entropy", "ablation", "tsdkd",
+               "TSD-KD without ListMLE (--tsdkd.indirect_weight 0)", {"indirect_weight": 0.0},
+               derived_from="tsdkd-paper"),
         Method("tsdkd-prefix", "prefix ListMLE (ref. code)", "ablation", "tsdkd",
                "TSD-KD with the reference code's prefix log-cumsum-exp ListMLE, which rewards the reversed order "
-               "(--tsdkd.listmle_form prefix)", {"listmle_form": "prefix"}),
+               "(--tsdkd.listmle_form prefix)", {"listmle_form": "prefix"}, derived_from="tsdkd-paper"),
+        Method("tsdkd-hard-gate", "hard gate", "ablation", "tsdkd",
+               "TSD-KD with the hard gate 1[H_S - H_T > 0] instead of the sigmoid (--tsdkd.gate hard)",
+               {"gate": "hard"}, derived_from="tsdkd-paper"),
+        Method("tsdkd-sequence", "sequence ranking", "ablation", "tsdkd",
+               "TSD-KD with sequence-level instead of token-level ListMLE (--tsdkd.indirect_level sequence)",
+               {"indirect_level": "sequence"}, derived_from="tsdkd-paper"),
     )
 }
+TUNED_METHODS = [name for name, m in METHODS.items() if m.group in ("baseline", "tsdkd")]
 METHOD_GROUPS = {
     "all": list(METHODS),
-    "baselines": ["seqkd", "gkd", "grpo", "dpo", "tsdkd"],
-    "ablations": ["tsdkd"] + [name for name, m in METHODS.items() if m.group == "ablation"],
+    "tuned": TUNED_METHODS,
+    "baselines": [name for name, m in METHODS.items() if m.group == "baseline"],
+    "ablations": ["tsdkd-gated-jsd-only", "tsdkd-no-entropy", "tsdkd-no-indirect", "tsdkd-prefix"],
 }
 
 
@@ -173,7 +204,7 @@ def run_on_policy(
     result = run_logged(
         command, stage_dir / "train.log",
         desc=f"{desc} ({budget.rollouts} rollouts, {budget.optimizer_steps} optimizer steps)",
-        progress=StepProgress(budget.rollouts, "global_step"), env=child_env(stage_dir), cwd=stage_dir,
+        progress=StepProgress(budget.rollouts, "global_step"), env=child_env(stage_dir, threads=RAY_WORKER_THREADS), cwd=stage_dir,
         timeout_s=timeout_s, verbose=verbose,
     )
     require_saved_model(output_dir, desc)
@@ -187,6 +218,22 @@ def run_on_policy(
     }
 
 
+def checkpoint_flags(ckpt_dir: Path, every: int) -> list[str]:
+    """Save an HF copy of the model every `every` steps (rollouts for the Ray trainers, optimizer steps
+    for train_sft/train_dpo) into ckpt_dir/global_step<N>_hf, no DeepSpeed state."""
+    return ["--ckpt.path", str(ckpt_dir), "--ckpt.save_hf", "--ckpt.disable_ds", "--ckpt.save_steps", str(every)]
+
+
+def saved_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
+    """{step: HF directory} of the copies `checkpoint_flags` made."""
+    found = {}
+    for path in Path(ckpt_dir).glob("global_step*_hf"):
+        step = path.name[len("global_step"):-len("_hf")]
+        if step.isdigit() and (path / "config.json").is_file():
+            found[int(step)] = path
+    return dict(sorted(found.items()))
+
+
 @dataclass
 class RunContext:
     budget: Budget
@@ -194,34 +241,58 @@ class RunContext:
     student_dir: Path
     prompts_file: Path
     prompt_rows: list[dict]
-    runs_dir: Path
     timeout_s: float
     verbose: bool
 
 
-def run_method(method: Method, seed: int, ctx: RunContext) -> tuple[Path, CommandResult, dict]:
-    """Train the initial student with `method`; returns (saved model dir, command result, notes)."""
-    stage_dir = fresh_stage_dir(ctx.runs_dir / f"{method.name}-seed{seed}")
-    d = ctx.budget.distill
-    on_policy = dict(student_dir=ctx.student_dir, prompts_file=ctx.prompts_file, stage_dir=stage_dir, seed=seed,
-                     timeout_s=ctx.timeout_s, verbose=ctx.verbose, desc=f"{method.name} seed {seed}")
-    if method.runner == "tsdkd":
-        return run_on_policy(d, trainer="tsdkd", method_flags=tsdkd_flags(method.objective, teacher_dir=ctx.teacher_dir),
-                             **on_policy)
-    if method.runner == "grpo":
-        return run_on_policy(d, trainer="grpo", method_flags=GRPO_FLAGS, **on_policy)
-    if method.runner == "seqkd":
-        return run_seqkd(seed, ctx, stage_dir)
-    if method.runner == "dpo":
-        return run_dpo(seed, ctx, stage_dir)
-    raise ValueError(f"unknown runner {method.runner!r}")
+def run_method(method: Method, settings: Mapping[str, object], seed: int, ctx: RunContext, stage_dir: Path, *,
+               checkpoints: int = 0, extra_objective: Mapping[str, object] | None = None
+               ) -> tuple[Path, CommandResult, dict]:
+    """Train the initial student with `method` at `settings` (lr and the method's knobs) and `seed`
+    in stage_dir (emptied first). With `checkpoints` > 0, that many evenly spaced HF copies are kept;
+    notes["checkpoints"] maps the samples trained on so far to each. Returns (saved model dir,
+    command result, notes)."""
+    fresh_stage_dir(stage_dir)
+    budget = replace(ctx.budget.distill, lr=float(settings["lr"]))
+    desc = f"{method.name} seed {seed}"
+    if method.runner in ("tsdkd", "grpo"):
+        every = max(1, budget.rollouts // checkpoints) if checkpoints else 0
+        if method.runner == "tsdkd":
+            objective = {**method.objective_for(settings), **(extra_objective or {})}
+            flags = tsdkd_flags(objective, teacher_dir=ctx.teacher_dir)
+        else:
+            flags = grpo_flags(str(settings.get("estimator", GRPO_ESTIMATOR)))
+        if every:
+            flags += checkpoint_flags(stage_dir / "checkpoints", every)
+        model_dir, result, notes = run_on_policy(
+            budget, trainer=method.runner, method_flags=flags, student_dir=ctx.student_dir,
+            prompts_file=ctx.prompts_file, stage_dir=stage_dir, seed=seed, timeout_s=ctx.timeout_s,
+            verbose=ctx.verbose, desc=desc)
+        samples_per_save_step = budget.rollout_batch_size * budget.samples_per_prompt
+    elif method.runner == "seqkd":
+        model_dir, result, notes, samples_per_save_step = run_seqkd(
+            budget, float(settings.get("teacher_temperature", TEACHER_TEMPERATURE)), seed, ctx, stage_dir, checkpoints,
+            desc)
+    elif method.runner == "dpo":
+        model_dir, result, notes, samples_per_save_step = run_dpo(
+            budget, float(settings.get("dpo_beta", DPO_BETA)), seed, ctx, stage_dir, checkpoints, desc)
+    else:
+        raise ValueError(f"unknown runner {method.runner!r}")
+    # Sequences trained on: logged by the Ray trainers; optimizer steps x sequences per step otherwise.
+    # (A save step is a rollout for the Ray trainers, an optimizer step for train_sft and train_dpo.)
+    notes["samples_trained"] = notes.get("samples", notes.get("optimizer_steps", 0) * samples_per_save_step)
+    if checkpoints:
+        notes["checkpoints"] = {step * samples_per_save_step: path
+                                for step, path in saved_checkpoints(stage_dir / "checkpoints").items()}
+    return model_dir, result, notes
 
 
-def _distill_sft_recipe(ctx: RunContext, n_rows: int, batch_size: int, seed: int) -> SFTRecipe:
+def _distill_sft_recipe(ctx: RunContext, budget: DistillBudget, n_rows: int, batch_size: int,
+                        seed: int) -> SFTRecipe:
     """train_sft settings matching the on-policy runs: same lr and schedule, one epoch."""
-    d = ctx.budget.distill
-    return SFTRecipe(role="student", n_train=n_rows, epochs=1, batch_size=batch_size, lr=d.lr,
-                     lr_scheduler=d.lr_scheduler, warmup_ratio=d.warmup_ratio, seed=seed, max_len=d.max_len)
+    return SFTRecipe(role="student", model=ctx.budget.student.model, n_train=n_rows, epochs=1, batch_size=batch_size,
+                     lr=budget.lr, lr_scheduler=budget.lr_scheduler, warmup_ratio=budget.warmup_ratio, seed=seed,
+                     max_len=budget.max_len)
 
 
 def _run_offline_trainer(module: str, args: list[str], steps: int, stage_dir: Path, ctx: RunContext,
@@ -231,34 +302,36 @@ def _run_offline_trainer(module: str, args: list[str], steps: int, stage_dir: Pa
     result = run_logged(
         upstream_command(module, [*args, "--logger.tensorboard_dir", str(tensorboard_dir)], ray_job=False),
         stage_dir / "train.log", desc=f"{desc} ({steps} steps)", progress=StepProgress(steps, "epoch_bar"),
-        env=child_env(stage_dir), cwd=stage_dir, timeout_s=ctx.timeout_s, verbose=ctx.verbose,
+        env=child_env(stage_dir, threads=TRAINING_THREADS), cwd=stage_dir, timeout_s=ctx.timeout_s,
+        verbose=ctx.verbose,
     )
     output_dir = stage_dir / "model"
     require_saved_model(output_dir, module.rsplit(".", 1)[-1])
     return output_dir, result, {"optimizer_steps": steps, "training_curve": training_curve(tensorboard_dir)}
 
 
-def run_seqkd(seed: int, ctx: RunContext, stage_dir: Path) -> tuple[Path, CommandResult, dict]:
-    d = ctx.budget.distill
-    rows = ctx.prompt_rows[: d.n_prompts]
-    responses = sample_responses(ctx.teacher_dir, rows, d.samples_per_prompt, seed, d.max_new_tokens,
-                                 desc=f"seqkd seed {seed}: teacher sampling")
+def run_seqkd(budget: DistillBudget, temperature: float, seed: int, ctx: RunContext, stage_dir: Path,
+              checkpoints: int, desc: str) -> tuple[Path, CommandResult, dict, int]:
+    rows = ctx.prompt_rows[: budget.n_prompts]
+    responses = sample_responses(ctx.teacher_dir, rows, budget.samples_per_prompt, seed, budget.max_new_tokens,
+                                 desc=f"{desc}: teacher sampling", temperature=temperature)
     data = [{arith_task.PROMPT_KEY: row[arith_task.PROMPT_KEY], arith_task.SFT_OUTPUT_KEY: _assistant(text)}
             for row, group in zip(rows, responses) for text in group]
     data_file = arith_task.write_jsonl(stage_dir / "seqkd_sft.jsonl", data)
-    recipe = _distill_sft_recipe(ctx, len(data), d.train_batch_size, seed)
+    recipe = _distill_sft_recipe(ctx, budget, len(data), budget.train_batch_size, seed)
     args = sft_flags(recipe, ctx.student_dir, data_file, stage_dir / "model", stage_dir / "ds-ckpt")
-    model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_sft", args, recipe.steps, stage_dir, ctx,
-                                                    f"seqkd seed {seed}")
+    if checkpoints:
+        args += checkpoint_flags(stage_dir / "checkpoints", max(1, recipe.steps // checkpoints))
+    model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_sft", args, recipe.steps, stage_dir, ctx, desc)
     correct = sum(arith_task.verify(text, row[arith_task.LABEL_KEY]) for row, group in zip(rows, responses) for text in group)
-    return model_dir, result, {**notes, "teacher_sample_accuracy": correct / max(1, len(data))}
+    return model_dir, result, {**notes, "teacher_sample_accuracy": correct / max(1, len(data))}, recipe.batch_size
 
 
-def run_dpo(seed: int, ctx: RunContext, stage_dir: Path) -> tuple[Path, CommandResult, dict]:
-    d = ctx.budget.distill
-    rows = ctx.prompt_rows[: d.n_prompts]
-    responses = sample_responses(ctx.student_dir, rows, d.samples_per_prompt, seed, d.max_new_tokens,
-                                 desc=f"dpo seed {seed}: student sampling")
+def run_dpo(budget: DistillBudget, beta: float, seed: int, ctx: RunContext, stage_dir: Path, checkpoints: int,
+            desc: str) -> tuple[Path, CommandResult, dict, int]:
+    rows = ctx.prompt_rows[: budget.n_prompts]
+    responses = sample_responses(ctx.student_dir, rows, budget.samples_per_prompt, seed, budget.max_new_tokens,
+                                 desc=f"{desc}: student sampling")
     scores = teacher_scores(ctx.teacher_dir, rows, responses)
     data, chosen_correct, rejected_correct = [], 0, 0
     for row, group, group_scores in zip(rows, responses, scores):
@@ -267,16 +340,18 @@ def run_dpo(seed: int, ctx: RunContext, stage_dir: Path) -> tuple[Path, CommandR
                          arith_task.REJECTED_KEY: _assistant(rejected)})
             chosen_correct += arith_task.verify(chosen, row[arith_task.LABEL_KEY])
             rejected_correct += arith_task.verify(rejected, row[arith_task.LABEL_KEY])
-    pair_batch = dpo_pair_batch(d)
+    pair_batch = dpo_pair_batch(budget)
     if len(data) < pair_batch:
-        raise StageFailed(f"dpo seed {seed}: only {len(data)} distinct pairs, fewer than one batch of {pair_batch}")
+        raise StageFailed(f"{desc}: only {len(data)} distinct pairs, fewer than one batch of {pair_batch}")
     data_file = arith_task.write_jsonl(stage_dir / "dpo_pairs.jsonl", data)
-    args = dpo_flags(d, student_dir=ctx.student_dir, data_file=data_file, output_dir=stage_dir / "model",
-                     ds_ckpt_dir=stage_dir / "ds-ckpt", beta=DPO_BETA, seed=seed)
-    model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_dpo", args, len(data) // pair_batch,
-                                                    stage_dir, ctx, f"dpo seed {seed}")
+    steps = len(data) // pair_batch
+    args = dpo_flags(budget, student_dir=ctx.student_dir, data_file=data_file, output_dir=stage_dir / "model",
+                     ds_ckpt_dir=stage_dir / "ds-ckpt", beta=beta, seed=seed)
+    if checkpoints:
+        args += checkpoint_flags(stage_dir / "checkpoints", max(1, steps // checkpoints))
+    model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_dpo", args, steps, stage_dir, ctx, desc)
     n_pairs = max(1, len(data))
     return model_dir, result, {
         **notes, "pairs": len(data),
         "chosen_accuracy": chosen_correct / n_pairs, "rejected_accuracy": rejected_correct / n_pairs,
-    }
+    }, 2 * pair_batch

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from tsdkd_plugin.experiments.budgets import BUDGETS, Budget, check_budget, with_difficulty_lengths
+from tsdkd_plugin.experiments.budgets import BUDGETS, DEFAULT_BUDGET, Budget, check_budget, with_difficulty_lengths
 from tsdkd_plugin.experiments.runner import JobError
 from tsdkd_plugin.toy import arith_task
 
@@ -22,9 +22,10 @@ _DISTILL_OVERRIDES = {"n_prompts": "n_prompts", "rollout_batch_size": "rollout_b
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_run_dir: str) -> None:
-    parser.add_argument("--budget", default="default", help=f"one of {', '.join(BUDGETS)} (default: default)")
+    parser.add_argument("--budget", default=DEFAULT_BUDGET, help=f"one of {', '.join(BUDGETS)} (default: {DEFAULT_BUDGET})")
     parser.add_argument("--task", default="arith", help=f"built-in task: {', '.join(arith_task.TASK_NAMES)}")
-    parser.add_argument("--difficulty", default="easy", help=f"one of {', '.join(arith_task.DIFFICULTIES)}")
+    parser.add_argument("--difficulty", default=None,
+                        help=f"one of {', '.join(arith_task.DIFFICULTIES)} (default: the budget's)")
     parser.add_argument("--run-dir", default=default_run_dir, help="where data, logs, models and results go")
     parser.add_argument("--cache-dir", default=None,
                         help="fixture cache root (default: $TSDKD_CACHE or ~/.cache/tsdkd_plugin)")
@@ -39,13 +40,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_run_dir: st
 def resolve_budget(options: argparse.Namespace) -> Budget:
     """The named budget with the command line's overrides and the difficulty's sequence lengths;
     raises JobError with one sentence for anything that cannot run."""
+    if options.budget not in BUDGETS:
+        raise JobError(f"unknown budget {options.budget!r}; valid budgets: {', '.join(BUDGETS)}")
+    options.difficulty = options.difficulty or BUDGETS[options.budget].difficulty
     try:
         arith_task.check_task_name(options.task)
         arith_task.get_difficulty(options.difficulty)
     except ValueError as error:
         raise JobError(str(error)) from None
-    if options.budget not in BUDGETS:
-        raise JobError(f"unknown budget {options.budget!r}; valid budgets: {', '.join(BUDGETS)}")
     for name in (*_DISTILL_OVERRIDES, "n_test"):
         value = getattr(options, name)
         if value is not None and value <= 0:

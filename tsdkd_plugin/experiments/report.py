@@ -185,117 +185,249 @@ def write_job_report(results: Mapping, run_dir: Path) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- the comparison
 
+_COLORS = {"baseline": "#8c8c8c", "tsdkd": "#1f77b4", "ablation": "#9ecae1", "remedy": "#2ca02c"}
+# Per-step diagnostics plotted for the TSD-KD-family runs (logged with --tsdkd.diagnostics).
+DIAGNOSTIC_PREFIX = "tsdkd/diag_"
 
-def summarize_runs(runs: Sequence[Mapping]) -> dict[str, dict]:
-    """Per method: accuracies over seeds, mean, sample standard deviation, mean by number of ops."""
-    by_method: dict[str, list[Mapping]] = {}
+
+def _settings_text(settings: Mapping) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
+
+
+def summarize_test_runs(runs: Sequence[Mapping], reference_method: str) -> dict[str, dict]:
+    """Per method: accuracies by seed, mean with 95% CI, and the per-seed difference against the
+    reference method (same seeds) with its 95% CI."""
+    from tsdkd_plugin.experiments.protocol import mean_ci, paired_difference
+
+    by_method: dict[str, dict[int, Mapping]] = {}
     for run in runs:
-        by_method.setdefault(run["method"], []).append(run)
+        by_method.setdefault(run["method"], {})[run["seed"]] = run
+    reference = {seed: r["evaluation"]["accuracy"] for seed, r in by_method.get(reference_method, {}).items()}
     summary = {}
-    for method, method_runs in by_method.items():
-        accuracies = [r["evaluation"]["accuracy"] for r in method_runs]
-        ops = sorted({o for r in method_runs for o in r["evaluation"]["by_num_ops"]}, key=int)
+    for method, seeds in by_method.items():
+        accuracies = {seed: run["evaluation"]["accuracy"] for seed, run in sorted(seeds.items())}
+        first = next(iter(seeds.values()))
         summary[method] = {
-            "label": method_runs[0].get("label", method),
-            "group": method_runs[0].get("group", ""),
-            "seeds": [r["seed"] for r in method_runs],
-            "accuracies": accuracies,
-            "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "by_num_ops_mean": {
-                o: statistics.fmean(r["evaluation"]["by_num_ops"][o]["accuracy"]
-                                    for r in method_runs if o in r["evaluation"]["by_num_ops"])
-                for o in ops
-            },
-            "seconds_mean": statistics.fmean(r.get("seconds", float("nan")) for r in method_runs),
-            # Distinct step counts over seeds, as counted in the training logs.
-            "optimizer_steps": sorted({r.get("optimizer_steps") for r in method_runs}, key=lambda x: (x is None, x)),
+            "label": first.get("label", method), "group": first.get("group", ""), "settings": first["settings"],
+            "extra_objective": first.get("extra_objective", {}),
+            "accuracies": accuracies, **mean_ci(list(accuracies.values())),
+            "difference": None if method == reference_method else paired_difference(accuracies, reference),
+            "result_files": [seeds[s].get("result_file") for s in sorted(seeds)],
+            "optimizer_steps": sorted({r.get("optimizer_steps") for r in seeds.values()}, key=lambda x: (x is None, x)),
+            "seconds_mean": statistics.fmean(r.get("seconds", float("nan")) for r in seeds.values()),
         }
     return summary
 
 
-def plot_comparison(summary: Mapping[str, Mapping], references: Mapping[str, float], path: Path, title: str) -> Path:
-    """One bar per method (mean over seeds, error bar = sample std), seeds as dots, references as lines."""
+def plot_test_accuracy(summary: Mapping[str, Mapping], references: Mapping[str, float], path: Path, title: str) -> Path:
+    """One bar per method (mean over seeds, error bar = 95% CI), seeds as dots, references as lines."""
     plt = _pyplot()
     methods = list(summary)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(methods) + 2), 4.6))
-    colors = {"baseline": "#8c8c8c", "tsdkd": "#1f77b4", "ablation": "#9ecae1"}
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.8 * len(methods) + 2), 4.6))
     for x, method in enumerate(methods):
         entry = summary[method]
-        ax.bar(x, 100 * entry["mean"], 0.7, yerr=100 * entry["std"], capsize=4,
-               color=colors.get(entry.get("group"), "#1f77b4"), edgecolor="black", linewidth=0.5)
-        ax.scatter([x] * len(entry["accuracies"]), [100 * a for a in entry["accuracies"]], s=10, color="black", zorder=3)
-        ax.text(x, 100 * (entry["mean"] + entry["std"]) + 1.5, f"{100 * entry['mean']:.1f}", ha="center", fontsize=7)
-    styles = ["--", ":", "-."]
-    for (name, value), style in zip(references.items(), styles):
+        half = entry["half_width"] if not math.isnan(entry["half_width"]) else 0.0
+        ax.bar(x, 100 * entry["mean"], 0.7, yerr=100 * half, capsize=4, color=_COLORS.get(entry["group"], "#1f77b4"),
+               edgecolor="black", linewidth=0.5)
+        values = list(entry["accuracies"].values())
+        ax.scatter([x] * len(values), [100 * a for a in values], s=10, color="black", zorder=3)
+        ax.text(x, 100 * (entry["mean"] + half) + 1.0, f"{100 * entry['mean']:.1f}", ha="center", fontsize=7)
+    for (name, value), style in zip(references.items(), ["--", ":", "-."]):
         ax.axhline(100 * value, linestyle=style, color="darkred", linewidth=1, label=f"{name} ({100 * value:.1f}%)")
     ax.set_xticks(range(len(methods)), [summary[m]["label"] for m in methods], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    top = max([100 * (e["mean"] + e["std"]) for e in summary.values()] + [100 * v for v in references.values()] + [10])
+    ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
+    top = max([100 * (e["mean"] + (0 if math.isnan(e["half_width"]) else e["half_width"])) for e in summary.values()]
+              + [100 * v for v in references.values()] + [10])
     ax.set_ylim(0, min(105, top + 10))
     ax.set_title(title, fontsize=10)
     if references:
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     return _save(plt, fig, path)
 
 
-def comparison_markdown(comparison: Mapping, summary: Mapping[str, Mapping], plot_name: str) -> str:
-    references = comparison["references"]
-    ops = sorted({o for entry in summary.values() for o in entry["by_num_ops_mean"]}, key=int)
-    budget = comparison["budget"]["distill"]
-    lines = [
-        "# Toy-scale comparison: TSD-KD against baselines and its own ablations",
+def plot_validation_curves(curves: Mapping[str, Sequence[Mapping]], initial: float | None, path: Path,
+                           title: str) -> Path | None:
+    """Validation accuracy against samples trained on, one line per method (its chosen settings)."""
+    if not any(curves.values()):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for method, curve in curves.items():
+        points = [(0, initial)] if initial is not None else []
+        points += [(p["samples"], p["accuracy"]) for p in curve]
+        ax.plot([x for x, _ in points], [100 * y for _, y in points], marker="o", markersize=3, label=method)
+    ax.set_xlabel("samples trained on")
+    ax.set_ylabel("validation accuracy (%), greedy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_diagnostics(curves: Mapping[str, Sequence[Mapping]], path: Path, title: str) -> Path | None:
+    """Every logged diagnostic (and sample accuracy) per rollout, one line per method."""
+    keys = sorted({k for curve in curves.values() for point in curve for k in point if k.startswith(DIAGNOSTIC_PREFIX)})
+    keys = ["reward", "tsdkd/entropy_student_mean"] + keys
+    keys = [k for k in keys if any(k in p for curve in curves.values() for p in curve)]
+    if not keys:
+        return None
+    plt = _pyplot()
+    columns = 4
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for method, curve in curves.items():
+            points = [(p["global_step"], p[key]) for p in curve if key in p]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], label=method, linewidth=1)
+        ax.set_title("sample accuracy" if key == "reward" else key.replace("tsdkd/", ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _ci_text(entry: Mapping | None) -> str:
+    if not entry:
+        return "–"
+    if math.isnan(entry["half_width"]):
+        return f"{100 * entry['mean']:+.1f}"
+    return f"{100 * entry['mean']:+.1f} [{100 * entry['low']:+.1f}, {100 * entry['high']:+.1f}]"
+
+
+def regime_markdown(name: str, regime: Mapping, summary: Mapping[str, Mapping], data: Mapping,
+                    plots: Mapping[str, Path | None]) -> list[str]:
+    budget = regime["budget"]
+    d = budget["distill"]
+    refs = regime.get("references", {})
+    lines = [f"## Regime: {name}", "", f"{regime['doc'].capitalize()}.", ""]
+    if refs:
+        lines += ["| model | val (greedy) | test (greedy) | val, one sample at T=1 | samples with a `#### n` answer |",
+                  "|---|---|---|---|---|"]
+        for role, label in (("teacher", "teacher"), ("student", "initial student")):
+            def acc(key):
+                return _pct(refs.get(key, {}).get("accuracy"))
+            lines.append(f"| {label} | {acc(f'{role} val greedy')} | {acc(f'{role} test greedy')} | "
+                         f"{acc(f'{role} val sampled')} | {_pct(refs.get(f'{role} val sampled', {}).get('answered'))} |")
+        teacher, student = refs.get("teacher test greedy"), refs.get("student test greedy")
+        if teacher and student and teacher["accuracy"]:
+            lines += ["", f"Initial student / teacher on test: **{student['accuracy'] / teacher['accuracy']:.2f}**."]
+    lines += [
         "",
-        f"Command: `{' '.join(comparison['command'])}`  ",
-        f"Machine: {_machine_line(comparison['machine'])}  ",
-        f"Difficulty: {comparison['difficulty']}; seeds: {', '.join(str(s) for s in comparison['seeds'])}; "
-        f"time of the {len(comparison['runs'])} runs (training + evaluation, summed over resumed invocations): "
-        f"{sum(r.get('seconds', 0.0) for r in comparison['runs']) / 60:.0f} min",
+        f"Budget of every method: {d['n_prompts']} train prompts x {d['samples_per_prompt']} samples = "
+        f"{d['n_prompts'] * d['samples_per_prompt']} sequences, {d['n_prompts'] * d['samples_per_prompt'] // d['train_batch_size']} "
+        f"optimizer steps of {d['train_batch_size']}, constant learning rate after a {d['warmup_ratio']:.0%} warm-up. "
+        f"Teacher: {budget['teacher']['model']}, {budget['teacher']['n_train'] // budget['teacher']['batch_size'] * budget['teacher']['epochs']} "
+        f"SFT steps; student: {budget['student']['model']}, "
+        f"{budget['student']['n_train'] // budget['student']['batch_size'] * budget['student']['epochs']} SFT steps; "
+        f"difficulty {budget['difficulty']}; validation {budget['n_val']}, test {budget['n_test']} problems.",
         "",
-        f"Equal budget for every method: the same initial student, the same {budget['n_prompts']} train prompts, "
-        f"{budget['n_prompts'] * budget['samples_per_prompt']} sampled responses "
-        f"({budget['samples_per_prompt']} per prompt), "
-        f"{budget['n_prompts'] * budget['samples_per_prompt'] // budget['train_batch_size']} optimizer steps of "
-        f"{budget['train_batch_size']} sequences, lr {budget['lr']}. Test split: {comparison['n_test']} held-out "
-        f"problems, greedy decoding. Mean ± sample standard deviation over seeds.",
-        "",
-        "| method | accuracy (mean ± std) | per seed | " + " | ".join(f"{o} ops" for o in ops)
-        + " | optimizer steps taken | s / run |",
-        "|---|---|---|" + "---|" * len(ops) + "---|---|",
     ]
-    for name, value in references.items():
-        lines.append(f"| *{name}* | {_pct(value)} | | " + " | " * len(ops) + " | |")
-    for method, entry in summary.items():
-        per_seed = ", ".join(f"{100 * a:.1f}" for a in entry["accuracies"])
-        by_ops = " | ".join(_pct(entry["by_num_ops_mean"].get(o)) for o in ops)
-        steps = "/".join(str(s) for s in entry["optimizer_steps"])
-        lines.append(
-            f"| {entry['label']} | **{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}** | {per_seed} | {by_ops} | "
-            f"{steps} | {entry['seconds_mean']:.0f} |"
-        )
-    lines += ["", f"![comparison]({plot_name})", ""]
-    if comparison.get("methods_doc"):
-        lines += ["## Methods", ""] + [f"- **{label}**: {doc}" for label, doc in comparison["methods_doc"]] + [""]
-    missing = comparison.get("missing") or []
-    if missing:
-        lines += ["## Runs that did not finish", ""] + [f"- {m}" for m in missing] + [""]
-    return "\n".join(lines)
+    tuning = regime.get("tuning", {})
+    if tuning:
+        what = ("the learning rate, then the method's own grid at the best one" if regime["tune"] == "full" else
+                f"the learning rate only; other settings as chosen in the {regime['inherit_from']} regime")
+        lines += [f"### Tuning on the validation split (seed {data['tuning_seed']}; {what})", "",
+                  "| method | trials | chosen | val accuracy | every trial |", "|---|---|---|---|---|"]
+        for method, entry in tuning.items():
+            label = data["methods_doc"].get(method, {}).get("label", method)
+            trials = "; ".join(f"{_settings_text(t['settings'])}: "
+                               f"{'failed' if t['failed'] else _pct(t['val_accuracy'])}" for t in entry["trials"])
+            lines.append(f"| {label} | {len(entry['trials'])} | {_settings_text(entry['chosen'])} | "
+                         f"{_pct(entry['chosen_val_accuracy'])} | {trials} |")
+        lines.append("")
+    if plots.get("curves"):
+        lines += ["Validation accuracy during each method's chosen tuning run (is the budget long enough?):", "",
+                  f"![validation curves]({plots['curves'].name})", ""]
+    if summary:
+        n_seeds = max(len(e["accuracies"]) for e in summary.values())
+        ref = data["reference_method"]
+        lines += [f"### Test split ({n_seeds} seeds, greedy)", "",
+                  f"| method | settings | accuracy, mean [95% CI] | per seed | difference vs {ref}, mean [95% CI] | "
+                  "per-seed difference | optimizer steps | s / run |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method, entry in summary.items():
+            per_seed = ", ".join(f"{100 * a:.1f}" for a in entry["accuracies"].values())
+            diff = entry["difference"]
+            per_diff = ", ".join(f"{100 * v:+.1f}" for v in diff["per_seed"].values()) if diff else "–"
+            ci = (f"**{100 * entry['mean']:.1f}** [{100 * entry['low']:.1f}, {100 * entry['high']:.1f}]"
+                  if not math.isnan(entry["half_width"]) else f"**{100 * entry['mean']:.1f}**")
+            steps = "/".join(str(s) for s in entry["optimizer_steps"])
+            lines.append(f"| {entry['label']} | {_settings_text(entry['settings'])} | {ci} | {per_seed} | "
+                         f"{_ci_text(diff)} | {per_diff} | {steps} | {entry['seconds_mean']:.0f} |")
+        lines += ["", f"![test accuracy]({plots['test'].name})", ""]
+    if plots.get("diagnostics"):
+        lines += ["### Diagnostics (seed 0, per rollout)", "", f"![diagnostics]({plots['diagnostics'].name})", ""]
+    return lines
 
 
-def write_comparison_report(comparison: Mapping, out_dir: Path, stem: str = "comparison") -> dict[str, Path]:
-    """<stem>.md, <stem>.png and <stem>.json in out_dir."""
+def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "comparison") -> dict[str, Path]:
+    """<stem>.md and <stem>.json, and per regime <stem>-<regime>.png (test accuracy),
+    <stem>-<regime>-curves.png (validation curves), <stem>-<regime>-diagnostics.png, in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize_runs(comparison["runs"])
-    ordered = {m: summary[m] for m in comparison.get("method_order", summary) if m in summary}
-    data = {**comparison, "summary": ordered}
-    json_path = write_json_atomic(out_dir / f"{stem}.json", data)
-    title = (f"Toy arithmetic ({comparison['difficulty']}), equal budget, "
-             f"{len(comparison['seeds'])} seeds: greedy test accuracy")
-    plot = plot_comparison(ordered, comparison["references"], out_dir / f"{stem}.png", title)
-    markdown = write_text_atomic(out_dir / f"{stem}.md", comparison_markdown(comparison, ordered, plot.name))
-    return {"markdown": markdown, "plot": plot, "json": json_path}
+    lines = [
+        "# Does TSD-KD work? Toy-scale comparison",
+        "",
+        f"Command: `{' '.join(data['command'])}`  ",
+        f"Machine: {_machine_line(data['machine'])}  ",
+        f"Test seeds: {', '.join(str(s) for s in data['seeds'])}; learning-rate grid: "
+        f"{', '.join(f'{lr:g}' for lr in data['lr_grid'])}.",
+        "",
+    ]
+    summaries = {}
+    written: dict[str, Path] = {}
+    for name, regime in data["regimes"].items():
+        summary = summarize_test_runs(regime["test_runs"], data["reference_method"])
+        order = [m for m in data["methods_doc"] if m in summary]
+        summary = {m: summary[m] for m in order}
+        summaries[name] = summary
+        refs = regime.get("references", {})
+        ref_lines = {label: refs[key]["accuracy"] for label, key in (("teacher", "teacher test greedy"),
+                                                                    ("initial student", "student test greedy"))
+                     if key in refs}
+        plots: dict[str, Path | None] = {}
+        if summary:
+            plots["test"] = plot_test_accuracy(summary, ref_lines, out_dir / f"{stem}-{name}.png",
+                                               f"{name} regime: greedy test accuracy")
+        curves = {}
+        for run in regime.get("tuning_runs", []):
+            chosen = regime.get("tuning", {}).get(run["method"], {}).get("chosen")
+            if chosen == run["settings"] and run.get("validation_curve"):
+                curves[data["methods_doc"].get(run["method"], {}).get("label", run["method"])] = \
+                    run["validation_curve"] + [{"samples": run["samples_trained"], "accuracy": run["evaluation"]["accuracy"]}]
+        initial = refs.get("student val greedy", {}).get("accuracy")
+        plots["curves"] = plot_validation_curves(curves, initial, out_dir / f"{stem}-{name}-curves.png",
+                                                 f"{name} regime: validation accuracy of the chosen settings")
+        diag_curves = {summary[m]["label"]: run.get("training_curve", []) for m in summary
+                       for run in regime["test_runs"] if run["method"] == m and run["seed"] == min(data["seeds"])
+                       and _logged_tsdkd_terms(run)}
+        plots["diagnostics"] = plot_diagnostics(diag_curves, out_dir / f"{stem}-{name}-diagnostics.png",
+                                                f"{name} regime: per-rollout diagnostics, seed {min(data['seeds'])}")
+        written.update({f"{name} {k}": v for k, v in plots.items() if v})
+        lines += regime_markdown(name, regime, summary, data, plots)
+        failed = regime.get("failed") or []
+        if failed:
+            lines += ["### Runs that failed", ""] + [
+                f"- {f['method']} {_settings_text(f['settings'])} seed {f['seed']}: {f['error'].splitlines()[0]}"
+                for f in failed] + [""]
+        if regime.get("missing"):
+            lines += ["### Test runs not made yet", "", ", ".join(regime["missing"]), ""]
+    lines += ["## Methods", ""] + [f"- **{m['label']}** (`{name}`): {m['doc']}" for name, m in data["methods_doc"].items()]
+    lines.append("")
+    json_data = {**data, "summaries": summaries}
+    written["json"] = write_json_atomic(out_dir / f"{stem}.json", json_data)
+    written["markdown"] = write_text_atomic(out_dir / f"{stem}.md", "\n".join(lines))
+    return written
+
+
+def _logged_tsdkd_terms(run: Mapping) -> bool:
+    """Runs of train_tsdkd log the TSD-KD terms (and the diagnostics, when on)."""
+    return any(k.startswith("tsdkd/") for point in run.get("training_curve", [])[:1] for k in point)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     path = Path(args[0])
     data = json.loads(path.read_text(encoding="utf-8"))
-    if "runs" in data:
+    if "regimes" in data:
         written = write_comparison_report(data, path.parent, path.stem)
     else:
         written = write_job_report(data, path.parent)

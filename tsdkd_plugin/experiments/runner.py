@@ -25,6 +25,13 @@ from typing import Mapping, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 25
 
+# Intra-op threads on CPU, fixed whatever the machine's core count, so that the same command gives
+# the same weights on any machine with the same CPU kind and libraries: float sums are split by
+# thread, so another count gives other roundings and, after hundreds of steps, another model.
+# 2 = the cores of the machines these budgets were sized on.
+TRAINING_THREADS = 2  # single-process DeepSpeed jobs (train_sft, train_dpo) and in-process evaluation
+RAY_WORKER_THREADS = 1  # each process of a Ray job (trainer, policy actor with its colocated teacher, vLLM engine)
+
 
 class JobError(Exception):
     """Bad input: main() prints the message (one sentence, no traceback) and exits with status 2."""
@@ -39,9 +46,10 @@ class StageFailed(JobError):
     exit_status = 1
 
 
-def child_env(run_dir: Path) -> dict[str, str]:
+def child_env(run_dir: Path, *, threads: int) -> dict[str, str]:
     """Environment of every subprocess: offline, unbuffered, no wandb, datasets cache in the run dir
-    (concurrent runs then never share half-written Arrow files)."""
+    (concurrent runs then never share half-written Arrow files), `threads` OpenMP threads per
+    process whatever the caller's environment says (see TRAINING_THREADS)."""
     env = dict(os.environ)
     env.update(
         PYTHONUNBUFFERED="1",
@@ -51,6 +59,10 @@ def child_env(run_dir: Path) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         WANDB_MODE="disabled",
         HF_DATASETS_CACHE=str(run_dir / ".hf_datasets_cache"),
+        OMP_NUM_THREADS=str(threads),
+        # Never fewer threads than asked (the runtime may otherwise pick a count by itself).
+        OMP_DYNAMIC="FALSE",
+        MKL_DYNAMIC="FALSE",
     )
     # OpenMP threads that wait by spinning make a shared or oversubscribed CPU crawl: measured here,
     # train_sft took 4.8 s per step with spinning threads and 0.33 s with passive waiting (load ~5
@@ -67,16 +79,16 @@ def on_cpu() -> bool:
     return cpu_mode()
 
 
-def upstream_command(module: str, args: Sequence[str], *, ray_job: bool) -> list[str]:
+def upstream_command(module: str, args: Sequence[str], *, ray_job: bool, threads: int = TRAINING_THREADS) -> list[str]:
     """The command line that runs an unmodified upstream OpenRLHF CLI here.
 
     On CPU: through tsdkd_plugin.host.cpu_launch (local Ray with logical GPUs for Ray jobs, a
     world of one for DeepSpeed ones). On GPUs: the module itself (Ray jobs) or under torchrun.
     """
     if on_cpu():
-        # A single-process DeepSpeed job may use every core; Ray jobs share them between processes.
-        threads = [] if ray_job else ["--threads", str(os.cpu_count() or 1)]
-        return [sys.executable, "-m", "tsdkd_plugin.host.cpu_launch", *threads, module, *args]
+        # Ray jobs take their threads per process from OMP_NUM_THREADS (child_env).
+        thread_flags = [] if ray_job else ["--threads", str(threads)]
+        return [sys.executable, "-m", "tsdkd_plugin.host.cpu_launch", *thread_flags, module, *args]
     if ray_job:
         return [sys.executable, "-m", module, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", module, *args]

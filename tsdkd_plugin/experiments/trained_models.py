@@ -15,29 +15,35 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 from tsdkd_plugin.experiments.budgets import TASK_DATA_SEED, SFTRecipe, write_task_data
 from tsdkd_plugin.experiments.flags import sft_flags
-from tsdkd_plugin.experiments.runner import JobError, StepProgress, child_env, run_logged, upstream_command
+from tsdkd_plugin.experiments.runner import (
+    CommandResult,
+    JobError,
+    StepProgress,
+    child_env,
+    run_logged,
+    upstream_command,
+)
 
 # Libraries whose versions decide what a training run produces from the same recipe.
 _SFT_LIBRARIES = ("torch", "transformers", "deepspeed", "openrlhf", "tokenizers")
 SFT_CACHE_FORMAT = 1
 
 
-def base_model_dir(role: str, cache_dir: Path | None) -> Path:
+def base_model_dir(model: str, cache_dir: Path | None) -> Path:
+    """The untrained toy model named `model` (tsdkd_plugin.toy.models.MODEL_RECIPES), built on first use."""
     from tsdkd_plugin.toy.cache import toy_model_dir
-    from tsdkd_plugin.toy.models import STUDENT_RECIPE, TEACHER_RECIPE
+    from tsdkd_plugin.toy.models import get_model_recipe
 
-    recipes = {"teacher": TEACHER_RECIPE, "student": STUDENT_RECIPE}
-    if role not in recipes:
-        raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(recipes)}")
-    return toy_model_dir(recipes[role], cache_dir)
+    return toy_model_dir(get_model_recipe(model), cache_dir)
 
 
 def sft_cache_entry(recipe: SFTRecipe, difficulty: str, cache_dir: Path | None) -> tuple[str, dict]:
     """(cache kind, full recipe) of a trained model; the cache key hashes exactly this dict."""
-    base = base_model_dir(recipe.role, cache_dir)
+    base = base_model_dir(recipe.model, cache_dir)
     full_recipe = {
         # The base directory's name is its own recipe key (architecture, init seed, tokenizer).
         "base_model": base.name,
@@ -92,7 +98,7 @@ def trained_model_dir(
     from tsdkd_plugin.toy.cache import cached_build, toy_tokenizer_dir
 
     kind, full_recipe = sft_cache_entry(recipe, difficulty, cache_dir)
-    base = base_model_dir(recipe.role, cache_dir)
+    base = base_model_dir(recipe.model, cache_dir)
     built = False
 
     def build(out: Path) -> None:
@@ -100,16 +106,8 @@ def trained_model_dir(
         data_dir = out / "sft_data"
         # Only sft_train.jsonl is used; the other splits must merely be non-empty.
         write_task_data(data_dir, difficulty, recipe.n_train, 16, 16)
-        command = upstream_command(
-            "openrlhf.cli.train_sft", sft_flags(recipe, base, data_dir / "sft_train.jsonl", out, work_dir / f"{recipe.role}-ds-ckpt"),
-            ray_job=False,
-        )
-        result = run_logged(
-            command, work_dir / f"train_sft_{recipe.role}.log",
-            desc=f"train_sft {recipe.role} ({recipe.steps} steps)",
-            progress=StepProgress(recipe.steps, "epoch_bar", recipe.epochs),
-            env=child_env(work_dir), cwd=work_dir, timeout_s=timeout_s, verbose=verbose,
-        )
+        result = run_sft(recipe, base, data_dir / "sft_train.jsonl", out, work_dir=work_dir, timeout_s=timeout_s,
+                         verbose=verbose)
         shutil.rmtree(data_dir)
         shutil.copyfile(result.log, out / "train_sft.log")
         (out / "tsdkd_sft_run.json").write_text(
@@ -120,3 +118,17 @@ def trained_model_dir(
     path = cached_build(kind, full_recipe, build, cache_dir, _SFT_LIBRARIES)
     check_model_tokenizer(path, toy_tokenizer_dir(cache_dir), recipe.role)
     return path, built
+
+
+def run_sft(recipe: SFTRecipe, base_dir: Path, data_file: Path, output_dir: Path, *, work_dir: Path,
+            timeout_s: float, verbose: bool = False, extra_flags: Sequence[str] = ()) -> CommandResult:
+    """One `train_sft` run of `recipe` from `base_dir` on `data_file` into `output_dir` (HF directory),
+    with its TensorBoard events in output_dir/tensorboard and its log in work_dir."""
+    flags = sft_flags(recipe, base_dir, data_file, output_dir, work_dir / f"{recipe.role}-ds-ckpt")
+    flags += ["--logger.tensorboard_dir", str(output_dir / "tensorboard"), *extra_flags]
+    return run_logged(
+        upstream_command("openrlhf.cli.train_sft", flags, ray_job=False, threads=recipe.threads),
+        work_dir / f"train_sft_{recipe.role}.log", desc=f"train_sft {recipe.role} ({recipe.steps} steps)",
+        progress=StepProgress(recipe.steps, "epoch_bar", recipe.epochs),
+        env=child_env(work_dir, threads=recipe.threads), cwd=work_dir, timeout_s=timeout_s, verbose=verbose,
+    )

@@ -44,6 +44,22 @@ TEACHER_RECIPE = ToyModelRecipe("teacher", hidden_size=128, num_attention_heads=
                                 vocab_pad_multiple=128, seed=1)
 STUDENT_RECIPE = ToyModelRecipe("student", hidden_size=64, num_attention_heads=1, num_hidden_layers=2,
                                 vocab_pad_multiple=64, seed=2)
+# Calibration candidates for the paper-like regime's student (docs/reproduction.md, "Calibration").
+STUDENT_MEDIUM_RECIPE = ToyModelRecipe("student-medium", hidden_size=128, num_attention_heads=2,
+                                       num_hidden_layers=2, vocab_pad_multiple=64, seed=2)
+STUDENT_DEEP_RECIPE = ToyModelRecipe("student-deep", hidden_size=64, num_attention_heads=1,
+                                     num_hidden_layers=4, vocab_pad_multiple=64, seed=2)
+STUDENT_3LAYER_RECIPE = ToyModelRecipe("student-3layer", hidden_size=128, num_attention_heads=2,
+                                       num_hidden_layers=3, vocab_pad_multiple=64, seed=2)
+MODEL_RECIPES = {recipe.name: recipe for recipe in (TEACHER_RECIPE, STUDENT_RECIPE, STUDENT_MEDIUM_RECIPE,
+                                                    STUDENT_DEEP_RECIPE, STUDENT_3LAYER_RECIPE)}
+
+
+def get_model_recipe(name: str) -> ToyModelRecipe:
+    try:
+        return MODEL_RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown toy model {name!r}; valid models: {', '.join(MODEL_RECIPES)}") from None
 
 
 def padded_vocab_size(num_tokens: int, multiple: int) -> int:

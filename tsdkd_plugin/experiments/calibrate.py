@@ -1,0 +1,112 @@
+"""Accuracy against SFT steps for one toy model: what the regimes' teachers and students are sized from.
+
+    python -m tsdkd_plugin.experiments.calibrate --model student-medium --role student --n-train 48000 \
+        --epochs 1 --lr 3e-3 --seed 2 --every 250 --out runs/calibration/student-medium
+
+One OpenRLHF `train_sft` run (the same command, flags and thread count as a cached teacher or
+student build) that also saves an HF copy of the model every `--every` steps; each copy is then
+evaluated on the validation split, greedy and with one temperature-1 sample per problem (the
+on-policy methods train on such samples, so how often they end in a well-formed `#### n` matters).
+Note that a checkpoint at step s of an n-step cosine schedule is not the model an s-step run would
+give. The curve goes to <out>/curve.json (rewritten after every checkpoint: a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from tsdkd_plugin.experiments.budgets import MAX_NEW_TOKENS_BY_DIFFICULTY, SFTRecipe, write_task_data
+from tsdkd_plugin.experiments.evaluate import evaluate_model
+from tsdkd_plugin.experiments.runner import banner, machine_info, run_entry_point, write_json_atomic
+from tsdkd_plugin.experiments.trained_models import base_model_dir, run_sft
+
+PROG = "python -m tsdkd_plugin.experiments.calibrate"
+
+
+def checkpoint_dirs(ckpt_dir: Path) -> dict[int, Path]:
+    """{optimizer step: HF directory} of the `global_step<N>_hf` copies OpenRLHF saved (--ckpt.save_hf)."""
+    found = {}
+    for path in Path(ckpt_dir).glob("global_step*_hf"):
+        match = re.fullmatch(r"global_step(\d+)_hf", path.name)
+        if match and (path / "config.json").is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def evaluate_checkpoints(models: dict[int, Path], prompts_file: Path, max_new_tokens: int,
+                         curve_file: Path, header: dict) -> list[dict]:
+    """Greedy and sampled accuracy and answered rate of every model; resumes from curve_file."""
+    done = {}
+    if curve_file.is_file():
+        done = {point["step"]: point for point in json.loads(curve_file.read_text())["curve"]}
+    for step, model_dir in models.items():
+        if step in done:
+            continue
+        greedy = evaluate_model(model_dir, prompts_file, max_new_tokens=max_new_tokens, desc=f"step {step} greedy")
+        sampled = evaluate_model(model_dir, prompts_file, max_new_tokens=max_new_tokens, sampled=True, seed=0,
+                                 desc=f"step {step} sampled")
+        done[step] = {
+            "step": step, "model": str(model_dir),
+            "greedy_accuracy": greedy.accuracy, "greedy_answered": greedy.answered / greedy.n,
+            "sampled_accuracy": sampled.accuracy, "sampled_answered": sampled.answered / sampled.n,
+            "greedy_by_num_ops": greedy.to_dict()["by_num_ops"],
+        }
+        print(f"  step {step:5d}: greedy {greedy.accuracy:6.1%} (answered {greedy.answered / greedy.n:6.1%}), "
+              f"sampled {sampled.accuracy:6.1%} (answered {sampled.answered / sampled.n:6.1%})", flush=True)
+        write_json_atomic(curve_file, {**header, "curve": [done[s] for s in sorted(done)]})
+    return [done[s] for s in sorted(done)]
+
+
+def run_calibration(options: argparse.Namespace) -> int:
+    out = Path(options.out).resolve()
+    recipe = SFTRecipe(role=options.role, model=options.model, n_train=options.n_train, epochs=options.epochs,
+                       batch_size=options.batch_size, lr=options.lr, seed=options.seed,
+                       warmup_ratio=options.warmup_ratio, lr_scheduler=options.lr_scheduler)
+    banner(f"calibration: {options.model} on {options.difficulty}, {recipe.steps} SFT steps, lr {recipe.lr}")
+    files = write_task_data(out / "data", options.difficulty, options.n_train, options.n_val, 16)
+    model_dir, ckpt_dir = out / "model", out / "checkpoints"
+    if not (model_dir / "config.json").is_file():
+        run_sft(recipe, base_model_dir(options.model, options.cache_dir), files["sft_train"], model_dir,
+                work_dir=out, timeout_s=6 * 3600, verbose=options.verbose,
+                extra_flags=["--ckpt.path", str(ckpt_dir), "--ckpt.save_hf", "--ckpt.disable_ds",
+                             "--ckpt.save_steps", str(options.every)])
+    models = {**checkpoint_dirs(ckpt_dir), recipe.steps: model_dir}
+    header = {"command": [PROG, *options.argv], "difficulty": options.difficulty, "recipe": asdict(recipe),
+              "steps": recipe.steps, "n_val": options.n_val, "machine": machine_info()}
+    evaluate_checkpoints(models, files["prompts_val"], MAX_NEW_TOKENS_BY_DIFFICULTY[options.difficulty],
+                         out / "curve.json", header)
+    return 0
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="toy model name (tsdkd_plugin.toy.models.MODEL_RECIPES)")
+    parser.add_argument("--role", default="student", help="teacher or student (names the logs)")
+    parser.add_argument("--difficulty", default="easy")
+    parser.add_argument("--n-train", type=int, required=True)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--lr-scheduler", default="cosine_with_min_lr")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every", type=int, default=250, help="save and evaluate a checkpoint every N steps")
+    parser.add_argument("--n-val", type=int, default=500)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(PROG, build_arg_parser().parse_args, run_calibration, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
