@@ -23,22 +23,30 @@ sampling, data order); teacher, student and the task splits use fixed seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from tsdkd_plugin.experiments.budgets import write_task_data
+from tsdkd_plugin.experiments.budgets import Budget, write_task_data
 from tsdkd_plugin.experiments.evaluate import evaluate_models
 from tsdkd_plugin.experiments.flags import tsdkd_flags
-from tsdkd_plugin.experiments.methods import run_on_policy
+from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
 from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, resolve_budget
-from tsdkd_plugin.experiments.runner import banner, fresh_stage_dir, machine_info, run_entry_point
+from tsdkd_plugin.experiments.runner import REPO_ROOT, banner, fresh_stage_dir, machine_info, run_entry_point
 from tsdkd_plugin.experiments.trained_models import trained_model_dir
 
 PROG = "python -m tsdkd_plugin.experiments.main_job"
 # The teacher must beat the initial student by at least this much for the setting to make sense.
 MIN_TEACHER_MARGIN = 0.10
+# What the main job distils with: the paper preset at the settings the comparison chose for it on
+# the validation split of the paper-like regime (benchmarks/toy_results/comparison.md; the learning
+# rate is the budget's), so that the job's result sits beside the comparison's GKD and TSD-KD runs
+# of the same budget.
+MAIN_JOB_METHOD = "tsdkd-paper"
+MAIN_JOB_KNOBS: dict = {}
+COMPARISON_JSON = REPO_ROOT / "benchmarks" / "toy_results" / "comparison.json"
 
 
 @dataclass
@@ -85,8 +93,11 @@ def run_job(options: argparse.Namespace) -> dict:
 
     banner(f"4/6 TSD-KD: python -m openrlhf.cli.train_tsdkd ({budget.distill.optimizer_steps} optimizer steps)")
     started = time.time()
+    method = METHODS[MAIN_JOB_METHOD]
+    settings = {"lr": budget.distill.lr, **MAIN_JOB_KNOBS}
     distilled_dir, result, notes = run_on_policy(
-        budget.distill, trainer="tsdkd", method_flags=tsdkd_flags({}, teacher_dir=models["teacher"]),
+        budget.distill, trainer="tsdkd",
+        method_flags=tsdkd_flags(method.objective_for(settings), teacher_dir=models["teacher"]),
         student_dir=models["student"], prompts_file=files["prompts_train"],
         stage_dir=fresh_stage_dir(run_dir / "tsdkd"), seed=options.seed, timeout_s=timeout_s,
         verbose=options.verbose, desc="train_tsdkd",
@@ -95,7 +106,7 @@ def run_job(options: argparse.Namespace) -> dict:
     stages["tsdkd"] = StageRecord(
         time.time() - started,
         f"{notes['rollouts']} rollouts, {notes['samples']} samples trained on (from its TensorBoard events)",
-        {"command": result.command, "log": result.log, **notes},
+        {"command": result.command, "log": result.log, "method": MAIN_JOB_METHOD, "settings": settings, **notes},
     )
     print(f"  distilled student: {distilled_dir} ({result.seconds:.0f} s)")
 
@@ -120,12 +131,57 @@ def run_job(options: argparse.Namespace) -> dict:
         "training_curve": curve,
         "teacher_margin_ok": evaluations["teacher"]["accuracy"] - evaluations["student (initial)"]["accuracy"]
         >= MIN_TEACHER_MARGIN,
-        "wall_seconds": time.time() - job_started,
     }
+    results["verdict"] = verdict_sentence(results, settings, budget, COMPARISON_JSON)
+    results["wall_seconds"] = time.time() - job_started
     paths = write_job_report(results, run_dir)
     print(f"  report: {paths['markdown']}\n  plot:   {paths['plot']}\n  json:   {paths['json']}")
     print_summary(results)
     return results
+
+
+def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, comparison_json: Path) -> str:
+    """One sentence: what TSD-KD did to the student here, and how GKD did on the same budget in the
+    comparison (its regime of this name, when teacher, student and distillation budget are this job's)."""
+    evaluations = results["evaluations"]
+    initial, distilled = evaluations["student (initial)"]["accuracy"], evaluations["student (TSD-KD)"]["accuracy"]
+    teacher = evaluations["teacher"]["accuracy"]
+    gap = teacher - initial
+    closed = f", closing {100 * (distilled - initial) / gap:.0f}% of its gap to the teacher" if gap > 0 else ""
+    sentence = (f"TSD-KD took the student from {100 * initial:.1f}% to {100 * distilled:.1f}% "
+                f"({100 * (distilled - initial):+.1f} points{closed})")
+    regime = _comparison_regime(comparison_json, budget)
+    summaries = (regime or {}).get("summary", {})
+    gkd, tsdkd = summaries.get("gkd"), summaries.get(MAIN_JOB_METHOD)
+    if not gkd:
+        return sentence + "; the comparison has no GKD result for this budget (python -m tsdkd_plugin.experiments.compare)."
+    n = len(gkd["accuracies"])
+    sentence += (f"; on the same budget GKD reaches {100 * gkd['mean']:.1f}% "
+                 f"[95% CI {100 * gkd['low']:.1f}, {100 * gkd['high']:.1f}] over {n} seeds in the comparison")
+    if tsdkd and tsdkd.get("difference") and dict(tsdkd["settings"]) == dict(settings):
+        diff = tsdkd["difference"]
+        sentence += (f", where TSD-KD at these settings gets {100 * tsdkd['mean']:.1f}% and differs from GKD by "
+                     f"{100 * diff['mean']:+.1f} points [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}] "
+                     f"seed for seed")
+    return sentence + "."
+
+
+def _comparison_regime(comparison_json: Path, budget: Budget) -> dict | None:
+    """The comparison's regime named like this budget, with its per-method summary, if it used this
+    very teacher, student and distillation budget; else None."""
+    if not comparison_json.is_file():
+        return None
+    data = json.loads(comparison_json.read_text(encoding="utf-8"))
+    regime = data.get("regimes", {}).get(budget.name)
+    if not regime:
+        return None
+    used = regime["budget"]
+    same = all(used.get(part) == asdict(budget)[part] for part in ("teacher", "student", "difficulty"))
+    used_distill = {k: v for k, v in used["distill"].items() if k != "lr"}
+    this_distill = {k: v for k, v in asdict(budget.distill).items() if k != "lr"}
+    if not same or used_distill != this_distill:
+        return None
+    return {**regime, "summary": data.get("summaries", {}).get(budget.name, {})}
 
 
 def print_summary(results: Mapping) -> None:
@@ -133,8 +189,7 @@ def print_summary(results: Mapping) -> None:
     banner("summary")
     for name, evaluation in evaluations.items():
         print(f"  {name:<20} {evaluation['accuracy']:6.1%}  ({evaluation['correct']}/{evaluation['n']})")
-    initial, distilled = evaluations["student (initial)"]["accuracy"], evaluations["student (TSD-KD)"]["accuracy"]
-    print(f"  TSD-KD changed the student's accuracy by {100 * (distilled - initial):+.1f} points")
+    print(f"  {results['verdict']}")
     if not results["teacher_margin_ok"]:
         print(f"  note: the teacher is less than {MIN_TEACHER_MARGIN:.0%} ahead of the initial student at this budget")
     print(f"  wall time {results['wall_seconds'] / 60:.1f} min")

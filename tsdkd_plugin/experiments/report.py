@@ -128,12 +128,14 @@ def job_markdown(results: Mapping, plot_name: str, curve_name: str | None) -> st
     initial = evaluations.get("student (initial)", {}).get("accuracy")
     distilled = evaluations.get("student (TSD-KD)", {}).get("accuracy")
     lines += ["", f"![accuracy]({plot_name})", ""]
-    if initial is not None and distilled is not None:
+    if results.get("verdict"):
+        lines.append(f"**{results['verdict']}**")
+    elif initial is not None and distilled is not None:
         lines.append(f"TSD-KD changed the student's accuracy by **{100 * (distilled - initial):+.1f} points**.")
     if not results.get("teacher_margin_ok", True):
         lines.append(
             "Note: at this budget the teacher is not clearly better than the initial student, so the run "
-            "tests the plumbing, not the method (use `--budget default`)."
+            "tests the plumbing, not the method (use `--budget paper-like`)."
         )
     lines += [
         "",
@@ -299,6 +301,17 @@ def _ci_text(entry: Mapping | None) -> str:
     return f"{100 * entry['mean']:+.1f} [{100 * entry['low']:+.1f}, {100 * entry['high']:+.1f}]"
 
 
+def paper_like_check(refs: Mapping) -> str:
+    """Whether the references meet the paper-like regime's definition (issue 13): student at
+    0.55-0.8 of the teacher's accuracy, teacher at >= 80%, >= 95% of the student's samples answered."""
+    teacher, student = refs["teacher test greedy"]["accuracy"], refs["student test greedy"]["accuracy"]
+    answered = refs.get("student val sampled", {}).get("answered", float("nan"))
+    checks = [(0.55 <= student / teacher <= 0.8, f"student/teacher {student / teacher:.2f} in [0.55, 0.80]"),
+              (teacher >= 0.8, f"teacher {100 * teacher:.1f}% >= 80%"),
+              (answered >= 0.95, f"{100 * answered:.1f}% of the student's samples end in `#### n` (>= 95%)")]
+    return "Paper-like regime's definition: " + "; ".join(f"{text} {'yes' if ok else '**no**'}" for ok, text in checks) + "."
+
+
 def regime_markdown(name: str, regime: Mapping, summary: Mapping[str, Mapping], data: Mapping,
                     plots: Mapping[str, Path | None]) -> list[str]:
     budget = regime["budget"]
@@ -316,6 +329,8 @@ def regime_markdown(name: str, regime: Mapping, summary: Mapping[str, Mapping], 
         teacher, student = refs.get("teacher test greedy"), refs.get("student test greedy")
         if teacher and student and teacher["accuracy"]:
             lines += ["", f"Initial student / teacher on test: **{student['accuracy'] / teacher['accuracy']:.2f}**."]
+            if name == "paper-like":
+                lines.append(paper_like_check(refs))
     lines += [
         "",
         f"Budget of every method: {d['n_prompts']} train prompts x {d['samples_per_prompt']} samples = "
