@@ -20,6 +20,12 @@ DIR/gpu_check.json and DIR/gpu_check.md. Sections:
    model_io.response_hidden_states + teacher_signals_from_hidden, against the
    same weights in fp32 and against the HF model's own logits; sequence-score
    ranking agreement; tokens/s.
+5. the LoRA merge for the vLLM sync in bf16, against PEFT's merge_and_unload.
+6. Gemma-2's output head (final-logit softcapping, cap 30) in bf16 at Gemma-2's 256,000-token
+   vocabulary: the plugin's teacher path (hidden states -> fp32 logits -> softcap) against HF's
+   own fp32 forward().logits, beside HF's bf16 logits and the identity head (no softcap).
+
+    python3 benchmarks/gpu_check.py --out DIR --sections gemma2_softcap   # one section only
 """
 
 from __future__ import annotations
@@ -282,6 +288,24 @@ def memory_time(device, vocab, hidden, sizes, repeats):
 # ----------------------------------------------------------------------------- 4. teacher scoring
 
 
+def bf16_twin(model32, config, attn, device):
+    """The same weights in bf16 (built in bf16, not cast: the model class keeps its own buffers' dtypes)."""
+    model16 = type(model32)._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    model16.load_state_dict({k: v.bfloat16() for k, v in model32.state_dict().items()})
+    return model16.to(device).eval()
+
+
+def left_padded_sequences(generator, vocab, batch, prompt_len, response_len, device):
+    """Random token ids and an attention mask with left padding of different lengths per row,
+    as OpenRLHF's batches have."""
+    total = prompt_len + response_len
+    sequences = torch.randint(0, vocab, (batch, total), generator=generator).to(device)
+    attention_mask = torch.ones(batch, total, dtype=torch.long, device=device)
+    for row in range(batch):
+        attention_mask[row, : (row * 7) % (prompt_len // 2)] = 0
+    return sequences, attention_mask
+
+
 def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_len, group):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -303,17 +327,11 @@ def teacher_scoring(device, vocab, hidden, layers, batch, prompt_len, response_l
     model32 = Qwen2ForCausalLM(config).to(device).eval()
     with torch.no_grad():  # make the distributions peaked enough to be LM-like (random init is near-uniform)
         model32.lm_head.weight.mul_(40.0)
-    model16 = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
-    model16.load_state_dict({k: v.bfloat16() for k, v in model32.state_dict().items()})
-    model16 = model16.to(device).eval()
+    model16 = bf16_twin(model32, config, attn, device)
 
     generator = torch.Generator().manual_seed(5)
     total = prompt_len + response_len
-    sequences = torch.randint(0, vocab, (batch, total), generator=generator).to(device)
-    attention_mask = torch.ones(batch, total, dtype=torch.long, device=device)
-    # left padding of different lengths, as OpenRLHF's batches have
-    for row in range(batch):
-        attention_mask[row, : (row * 7) % (prompt_len // 2)] = 0
+    sequences, attention_mask = left_padded_sequences(generator, vocab, batch, prompt_len, response_len, device)
     mask = torch.ones(batch, response_len, dtype=torch.bool, device=device)
     # ragged responses: the tail of some rows is padding
     for row in range(batch):
@@ -413,12 +431,107 @@ def lora_merge(device):
     }
 
 
+# ----------------------------------------------------------------------------- 6. Gemma-2 softcap
+
+
+def gemma2_softcap(device, vocab, hidden, layers, batch, prompt_len, response_len, logit_gain):
+    """Gemma-2's output head in the plugin's teacher path, in bf16 on the device at Gemma-2's vocabulary:
+    model_io.response_hidden_states + HiddenRows with output_head_for_config (cap * tanh(z / cap), cap 30),
+    fp32 logits from bf16 operands, against HF's own fp32 forward().logits; HF's own bf16 logits beside
+    it (what bf16 costs anyway), and the identity head (what the plugin computed before the fix).
+    Signals (entropy, top-K ids, candidate order) are compared with those built from HF's fp32 logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tsdkd_plugin.host.model_io import output_head_for_config
+    from tsdkd_plugin.objective import IDENTITY_HEAD, teacher_signals_from_logits
+
+    cfg = TSDKDConfig()
+    heads = max(1, hidden // 128)
+    config = Gemma2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads,
+        query_pre_attn_scalar=hidden // heads, max_position_embeddings=8192, tie_word_embeddings=True,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=4096,
+    )  # fmt: skip
+    head = output_head_for_config(config)
+    torch.manual_seed(0)
+    model32 = Gemma2ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():  # random init gives |logits| << 30; LM-like peaks reach the cap's bend
+        model32.lm_head.weight.mul_(logit_gain)  # tied: the input embedding is scaled too (normed away)
+    model32 = model32.to(device).eval()
+    model16 = bf16_twin(model32, config, "eager", device)
+
+    generator = torch.Generator().manual_seed(6)
+    total = prompt_len + response_len
+    sequences, attention_mask = left_padded_sequences(generator, vocab, batch, prompt_len, response_len, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    mask = torch.ones(batch, response_len, dtype=torch.bool, device=device)
+    candidates = torch.randint(0, vocab, (batch, response_len, cfg.num_candidates), generator=generator).to(device)
+    sampled = sequences[:, -response_len:]
+
+    def hf_logits(model):
+        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits[:, :-1][:, -response_len:]
+
+    def plugin_max_abs_diff(model, output_head, reference, chunk=1024):
+        """max |plugin logits - reference| over the response tokens, made chunk by chunk as the objective does."""
+        rows = response_hidden_states(model, sequences, attention_mask, response_len).reshape(-1, hidden)
+        weight, ref, worst = model.lm_head.weight, reference.reshape(-1, vocab), 0.0
+        for start in range(0, rows.shape[0], chunk):
+            part = torch.empty(min(chunk, rows.shape[0] - start), vocab, device=device)
+            chunking.HiddenRows(rows[start : start + chunk], weight, vocab, output_head).fill(slice(None), part)
+            worst = max(worst, float((part - ref[start : start + chunk].float()).abs().max()))
+        return worst
+
+    out = {"vocab": vocab, "hidden": hidden, "layers": layers, "tokens": batch * total, "softcap": head.softcap}
+    with torch.no_grad():
+        reference = hf_logits(model32).float()
+        raw = response_hidden_states(model32, sequences, attention_mask, response_len) @ model32.lm_head.weight.t()
+        out["raw_logit_abs_max"] = float(raw.abs().max())
+        out["raw_logit_fraction_above_15"] = float((raw.abs() > 15).float().mean())
+        del raw
+        out["hf_fp32_vs_plugin_fp32_max_abs_diff"] = plugin_max_abs_diff(model32, head, reference)
+        out["hf_fp32_vs_plugin_fp32_identity_head_max_abs_diff"] = plugin_max_abs_diff(model32, IDENTITY_HEAD, reference)
+        out["hf_fp32_vs_hf_bf16_max_abs_diff"] = float((hf_logits(model16).float() - reference).abs().max())
+        out["hf_fp32_vs_plugin_bf16_max_abs_diff"] = plugin_max_abs_diff(model16, head, reference)
+
+        want = teacher_signals_from_logits(reference, cfg, mask=mask, shared_vocab_size=vocab,
+                                           candidate_ids=candidates, sampled_ids=sampled).tensors()  # fmt: skip
+        del reference
+        for label, output_head in (("plugin_bf16", head), ("plugin_bf16_identity_head", IDENTITY_HEAD)):
+            hid = response_hidden_states(model16, sequences, attention_mask, response_len)
+            got = teacher_signals_from_hidden(hid, model16.lm_head.weight, cfg, mask=mask, shared_vocab_size=vocab,
+                                              candidate_ids=candidates, sampled_ids=sampled,
+                                              output_head=output_head).tensors()  # fmt: skip
+            out[f"{label}_entropy_mean_abs_diff"] = float((got["entropy"] - want["entropy"]).float().abs().mean())
+            out[f"{label}_sequence_score_max_abs_diff"] = float(
+                (got["sequence_scores"] - want["sequence_scores"]).float().abs().max()
+            )
+            same_top1 = got["topk_ids"][..., 0] == want["topk_ids"][..., 0]
+            out[f"{label}_top1_id_identical_fraction"] = float(same_top1.float().mean())
+            same_order = (got["candidate_logprobs"].argsort(-1) == want["candidate_logprobs"].argsort(-1)).all(-1)
+            out[f"{label}_candidate_order_identical_fraction"] = float(same_order.float().mean())
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def markdown(report):
     lines = ["# GPU check", "", f"Command: `{report['command']}`  ", f"Device: {report['device']}  ",
              f"Software: {report['software']}", ""]  # fmt: skip
+    if "accuracy" in report:  # a --sections run may leave sections 1-5 out
+        lines += markdown_sections_1_to_5(report)
+    g2 = report.get("gemma2_softcap")
+    if g2:
+        lines += ["", f"## 6. Gemma-2 output head (softcap {g2['softcap']:g}) in bf16: HF fp32 logits vs the plugin's "
+                  f"teacher path (V={g2['vocab']}, H={g2['hidden']}, {g2['layers']} layers, {g2['tokens']} tokens)", ""]
+        lines += [f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in g2.items()]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_sections_1_to_5(report):
+    lines = []
     acc = report["accuracy"][0]
     lines += [f"## 1. Loss accuracy vs naive float64 ({acc['tokens']} tokens, V={acc['vocab']}, H={acc['hidden']})", "",
               "fp32 rows are compared with the float64 objective of the same inputs, bf16 rows with the float64 "
@@ -456,14 +569,23 @@ def markdown(report):
     if lora:
         lines += ["", "## 5. LoRA merge for the vLLM sync (Qwen2 architecture, 4 layers, rank 64, all linear, bf16)", ""]
         lines += [f"- {key}: {value:.6g}" if isinstance(value, float) else f"- {key}: {value}" for key, value in lora.items()]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+SECTIONS = ["accuracy", "gradcheck", "memory_time", "teacher_scoring", "lora_merge", "gemma2_softcap"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device (to try the script on CPU)")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated sections to run (default: all): {', '.join(SECTIONS)}")
     args = parser.parse_args()
+    sections = SECTIONS if args.sections is None else [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -471,9 +593,11 @@ def main():
         sys.exit("gpu_check.py: no CUDA device; use --smoke to try the script on CPU")
     if args.smoke:
         vocab, hidden, acc_tokens, sizes, t_hidden, t_layers, t_batch, t_prompt, t_resp = 2048, 64, 512, [512], 64, 2, 8, 32, 64
+        g2_sizes = (2048, 128, 2, 2, 16, 32, 40.0)  # vocab, hidden, layers, batch, prompt, response, logit gain
     else:
         vocab, hidden, acc_tokens, sizes = 151936, 1536, 1024, [4096, 16384]
         t_hidden, t_layers, t_batch, t_prompt, t_resp = 1024, 8, 16, 256, 1024
+        g2_sizes = (256000, 1024, 4, 4, 256, 1024, 16.0)  # Gemma-2's vocabulary; logits ~ N(0, 10)
     import transformers
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
@@ -489,8 +613,12 @@ def main():
         ("memory_time", lambda: memory_time(device, vocab, hidden, sizes, repeats=3)),
         ("teacher_scoring", lambda: teacher_scoring(device, vocab, t_hidden, t_layers, t_batch, t_prompt, t_resp, 4)),
         ("lora_merge", lambda: lora_merge(device)),
+        ("gemma2_softcap", lambda: gemma2_softcap(device, *g2_sizes)),
     ]
+    assert [key for key, _ in steps] == SECTIONS
     for key, step in steps:
+        if key not in sections:
+            continue
         start = time.perf_counter()
         print(f"== {key}", flush=True)
         report[key] = step()

@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/loss_bench.py                       # V=151,936, H=1536, N in {1024, 4096}
     .venv/bin/python benchmarks/loss_bench.py --write-results       # ... and update benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/loss_bench.py --baseline-root /tmp/before --tokens 1024 --repeats 2
+        # before/after: each configuration from this checkout and from another one (e.g.
+        # `git archive <commit> | tar -x -C /tmp/before`), alternated, side by side
 
 Compared, each in a fresh subprocess (peak = ru_maxrss of that process, which
 includes the Python/torch runtime and both models' lm_head weights; the
@@ -13,9 +16,10 @@ includes the Python/torch runtime and both models' lm_head weights; the
   plain         the same full logits, then tsdkd_loss (this package's plain entry point).
   fused dense   tsdkd_loss_fused with TeacherSignals(hidden, lm_head_weight): both
                 models' logits exist chunk_size tokens at a time.
-  fused sparse  tsdkd_loss_fused with the sparse transport (K=64), built beforehand by
-                teacher_signals_from_hidden in another process and loaded from disk
-                (the teacher's weight is not in the student's process).
+  fused sparse  tsdkd_loss_fused with the sparse transport (--sparse-k, default the config's K),
+                built beforehand by teacher_signals_from_hidden in another process, saved in
+                its wire format (TeacherSignals.to_wire) and loaded from disk (the teacher's
+                weight is not in the student's process).
   fused JSD     tsdkd_loss_fused, JSD only (gate none, other terms off): the same
                 work as Liger's loss, for an apples-to-apples comparison.
   liger JSD     liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (torch chunked
@@ -51,7 +55,7 @@ CONFIG_LABELS = {
     "naive": "naive (full logits + autograd)",
     "plain": "plain (full logits + tsdkd_loss)",
     "fused_dense": "fused dense (tsdkd_loss_fused, teacher hidden+W)",
-    "fused_sparse": "fused sparse (tsdkd_loss_fused, K=64)",
+    "fused_sparse": "fused sparse (tsdkd_loss_fused, sparse wire)",
     "fused_jsd": "fused, JSD only (same work as Liger)",
     "liger_jsd": "Liger chunked JSD (torch, compiled=False)",
 }
@@ -154,7 +158,9 @@ def worker(name: str, num_tokens: int, vocab: int, hidden: int, cap_gib: float, 
     teacher = None
     if name == "fused_sparse":
         fields = torch.load(sparse_path)
-        teacher = TeacherSignals(**fields)
+        temperature = fields.pop("temperature")
+        teacher = TeacherSignals.from_wire(fields, temperature) if hasattr(TeacherSignals, "from_wire") else (
+            TeacherSignals(**fields, temperature=temperature))  # a baseline checkout without the wire format
     setup_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if name in ("naive", "plain"):
@@ -215,10 +221,10 @@ def prepare_sparse(num_tokens: int, vocab: int, hidden: int, top_k: int, path: s
         inputs["teacher_hidden"], inputs["teacher_weight"], cfg, mask=inputs["mask"], shared_vocab_size=vocab,
         candidate_ids=candidates.view(*inputs["mask"].shape, -1),
     )  # fmt: skip
-    fields = {name: getattr(signals, name) for name in signals.tensors()}
-    fields["temperature"] = signals.temperature
-    torch.save(fields, path)
-    return {"bytes_per_token": signals.nbytes() / num_tokens}
+    fields = signals.to_wire() if hasattr(signals, "to_wire") else signals.tensors()
+    nbytes = sum(t.numel() * t.element_size() for t in fields.values())
+    torch.save({**fields, "temperature": signals.temperature}, path)
+    return {"bytes_per_token": nbytes / num_tokens}
 
 
 # ----------------------------------------------------------------------------- sparse accuracy
@@ -270,13 +276,15 @@ def sparse_error(vocab: int, num_tokens: int, ks: list[int]) -> list[dict]:
             signals = teacher_signals_from_logits(
                 teacher, cfg_k, mask=mask, shared_vocab_size=vocab, candidate_ids=candidates
             )
-            sparse, sparse_metrics = tsdkd_loss(student, signals, mask, cfg_k, shared_vocab_size=vocab)
+            wire = signals.to_wire()  # what the actor receives
+            received = TeacherSignals.from_wire(wire, signals.temperature)
+            sparse, sparse_metrics = tsdkd_loss(student, received, mask, cfg_k, shared_vocab_size=vocab)
             tail = signals.tail_logprob.exp().mean().item()
             rows.append(
                 {
                     "distribution": label,
                     "K": k,
-                    "bytes_per_token": signals.nbytes() / num_tokens,
+                    "bytes_per_token": sum(t.numel() * t.element_size() for t in wire.values()) / num_tokens,
                     "teacher_entropy": dense_metrics["entropy_teacher_mean"],
                     "tail_mass": tail,
                     "rel_err_direct": abs(sparse_metrics["loss_direct"] - dense_metrics["loss_direct"])
@@ -290,10 +298,13 @@ def sparse_error(vocab: int, num_tokens: int, ks: list[int]) -> list[dict]:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_child(args, *child_args, timeout=1800) -> dict | None:
-    command = [sys.executable, __file__, *child_args, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
+def run_child(args, *child_args, timeout=1800, root: Path = ROOT) -> dict | None:
+    """Run this script's worker in a fresh process, from the checkout at `root` (its own package)."""
+    script = root / "benchmarks" / "loss_bench.py"
+    command = [sys.executable, str(script), *child_args, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     command += ["--cap-gib", str(args.cap_gib)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(result.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -326,21 +337,42 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--naive-sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--cap-gib", type=float, default=11.5, help="resident-memory cap per configuration")
-    parser.add_argument("--sparse-k", type=int, default=64)
-    parser.add_argument("--error-ks", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--sparse-k", type=int, default=None, help="K of the fused sparse run (default: the config's)")
+    parser.add_argument("--error-ks", type=int, nargs="+", default=[8, 16, 24, 32, 64, 256])
     parser.add_argument("--error-tokens", type=int, default=256)
     parser.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
+    parser.add_argument("--baseline-root", help="before/after mode: also run each configuration from this checkout")
+    parser.add_argument("--configs", nargs="+", default=list(COMPARED), choices=list(CONFIG_LABELS),
+                        help="configurations of the before/after mode (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="before/after mode: runs per configuration (min time)")
+    parser.add_argument("--sparse-error-only", action="store_true",
+                        help="only the sparse-vs-dense accuracy table (its own section of RESULTS.md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--prepare-sparse", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--sparse-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sparse_k is None:
+        from tsdkd_plugin.objective import TSDKDConfig
+
+        args.sparse_k = TSDKDConfig().sparse_top_k
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.n, args.vocab, args.hidden, args.cap_gib, args.sparse_path)))
         return
     if args.prepare_sparse:
         print(json.dumps(prepare_sparse(args.n, args.vocab, args.hidden, args.sparse_k, args.prepare_sparse)))
+        return
+    if args.baseline_root:
+        print(compare_with_baseline(args, Path(args.baseline_root).resolve()))
+        return
+    if args.sparse_error_only:
+        report = f"Command: `python benchmarks/loss_bench.py {' '.join(sys.argv[1:])}`  \n"
+        report += f"Machine: {machine_description()}\n\n"
+        report += render_sparse_error(args, sparse_error(args.vocab, args.error_tokens, args.error_ks))
+        print(report)
+        if args.write_results:
+            write_results(report, "loss_bench_sparse", "Sparse transport on the wire: size and accuracy")
         return
 
     results: dict[tuple[str, int], dict | None] = {}
@@ -385,6 +417,52 @@ def main() -> None:
     print(report)
     if args.write_results:
         write_results(report)
+
+
+COMPARED = ("plain", "fused_dense", "fused_sparse", "fused_jsd")
+
+
+def compare_with_baseline(args, baseline: Path) -> str:
+    """Each configuration from the baseline checkout and from this one, alternated in one run."""
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    runs: dict[tuple[str, int, str], list[dict]] = {}
+    for n in args.tokens:
+        for name in args.configs:
+            for repeat in range(args.repeats):
+                for label, root in (("baseline", baseline), ("this", ROOT)):
+                    extra = []
+                    if name == "fused_sparse":  # each checkout builds its own signals (its wire format)
+                        path = f"/tmp/tsdkd_bench_sparse_{label}_{n}_{args.vocab}.pt"
+                        run_child(args, "--prepare-sparse", path, "--n", str(n), "--sparse-k", str(args.sparse_k),
+                                  root=root)
+                        extra = ["--sparse-path", path]
+                    log(f"{label} {name} N={n} repeat {repeat + 1} ...")
+                    res = run_child(args, "--worker", name, "--n", str(n), *extra, root=root)
+                    log(f"  {res}")
+                    if res is not None:
+                        runs.setdefault((name, n, label), []).append(res)
+    lines = [
+        f"Command: `python benchmarks/loss_bench.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Baseline: {baseline}; V = {args.vocab:,}, hidden = {args.hidden}; time = min over {args.repeats} "
+        "run(s), each in a fresh process, baseline and this checkout alternated.\n",
+        "| configuration | N | baseline s | this s | this / baseline | baseline peak GiB | this peak GiB | "
+        "baseline loss | this loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in args.tokens:
+        for name in args.configs:
+            before, after = runs.get((name, n, "baseline")), runs.get((name, n, "this"))
+            if not before or not after:
+                lines.append(f"| {CONFIG_LABELS[name]} | {n} | did not run | | | | | | |")
+                continue
+            t0, t1 = min(r["seconds"] for r in before), min(r["seconds"] for r in after)
+            lines.append(
+                f"| {CONFIG_LABELS[name]} | {n} | {t0:.1f} | {t1:.1f} | {t1 / t0:.2f} | "
+                f"{max(r['peak_gib'] for r in before):.2f} | {max(r['peak_gib'] for r in after):.2f} | "
+                f"{before[0]['loss']:.6f} | {after[0]['loss']:.6f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _extrapolate(runs: list[tuple[int, float]], n: int) -> float:
@@ -452,11 +530,17 @@ def render(args, results, naive_runs, sparse_bytes, errors) -> str:
         "i.e. what the loss itself adds.\n"
     )
     lines.append(f"Sparse transport, K = {args.sparse_k}: {next(iter(sparse_bytes.values())):.0f} bytes/token on the wire "
-                 f"(dense bf16 logits: {2 * args.vocab:,} bytes/token).\n")
+                 f"(TeacherSignals.to_wire; dense bf16 logits: {2 * args.vocab:,} bytes/token).\n")
+    lines.append(render_sparse_error(args, errors))
+    return "\n".join(lines) + "\n"
+
+
+def render_sparse_error(args, errors) -> str:
+    lines = []
     lines.append(
         f"**Sparse vs dense loss** (default config, {args.error_tokens} tokens, V = {args.vocab:,}, Zipf-like logits "
         "z = -a*log(rank) with a random ranking per token; the student's ranking is the teacher's log-rank plus "
-        "N(0,1) noise, with its own exponent a):\n"
+        "N(0,1) noise, with its own exponent a; sparse signals decoded from their wire format):\n"
     )
     lines.append("| distribution | K | bytes/token | mean H_T (nats) | mean teacher tail mass | rel. err. L_dir | rel. err. total |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
@@ -468,10 +552,10 @@ def render(args, results, naive_runs, sparse_bytes, errors) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(report: str) -> None:
+def write_results(report: str, name: str = "loss_bench", title: str = "Loss benchmark") -> None:
     path = ROOT / "benchmarks" / "RESULTS.md"
-    begin, end = "<!-- loss_bench:begin -->", "<!-- loss_bench:end -->"
-    section = f"{begin}\n## Loss benchmark (`benchmarks/loss_bench.py`)\n\n{report}{end}\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n## {title} (`benchmarks/loss_bench.py`)\n\n{report}{end}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     if begin in text and end in text:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end) + 1 :]

@@ -11,9 +11,14 @@
 #   prompts (prepare_data prints it); the default is 3 x 80,000.
 #   lr 1e-6 (GRPO on 1-2B models diverges at TSD-KD's 5e-6); KL to the start model as a k3 loss.
 #
-# Data: prompts with verifiable answers (GRPO needs labels):
-#   python -m tsdkd_plugin.recipes_tools.prepare_data prompts --label-from-response --require-label \
-#       --out data/grpo_prompts.jsonl
+# Data: the TSD-KD prompts with a reference answer that is not the student's own: ground truth
+# from UltraInteract-SFT (the prompts' source, verified responses joined by instruction), else the
+# teacher's greedy final answer; prompts with neither are left out (docs/recipes.md, "Data"):
+#   python -m tsdkd_plugin.recipes_tools.sampling --model Qwen/Qwen2.5-14B-Instruct --gpus 8 \
+#       --prompts data/tsdkd_prompts.jsonl --num-samples 1 --temperature 0 --out gen/teacher_answers.jsonl
+#   python -m tsdkd_plugin.recipes_tools.prepare_data labels --prompts data/tsdkd_prompts.jsonl \
+#       --ground-truth openbmb/UltraInteract_sft --teacher-answers gen/teacher_answers.jsonl \
+#       --require-label --out data/grpo_prompts.jsonl
 # Run: bash recipes/cluster/ray_up.sh head && bash recipes/baselines/grpo.1node.sh
 # Other pairs: STUDENT_MODEL=google/gemma-2-2b-it or Qwen/Qwen3-1.7B (with MAX_NEW_TOKENS=2048).
 #
@@ -63,7 +68,7 @@ ARGS=(
   --train.seed 42
 
   --ckpt.output_dir "$OUTPUT_DIR/final" --ckpt.path "$OUTPUT_DIR/checkpoints"
-  --ckpt.save_steps 200 --ckpt.save_hf --ckpt.max_num 3
+  --ckpt.save_steps 200 --ckpt.save_hf --ckpt.max_num 3 --ckpt.load_enable
   --logger.logging_steps 1 "${LOGGER_ARGS[@]}"
 )
 

@@ -11,16 +11,17 @@
 #
 # Environment (defaults in brackets): RUNS (required: space-separated name=model pairs, a model
 # being a HF name or a HF-format checkpoint directory), RESULTS_DIR [results], BASELINE [student],
-# BENCHMARKS [the evaluate command's default list], TP [1: GPUs per model; 4 or 8 for 14B teachers
-# to go faster], MAX_GEN_TOKS [1024; 2048+ for Qwen3 thinking], EXTRA_ARGS [passed to evaluate,
-# e.g. "--disable-thinking"], PYTHON [python3].
+# BENCHMARKS [the evaluate command's default list: the paper's ten], TP [1: GPUs per model; 4 or 8
+# for 14B teachers to go faster], MAX_GEN_TOKS [1024; 2048+ for Qwen3 thinking],
+# TSDKD_RECIPE_EXTRA_ARGS [more evaluate options, appended last so they win, e.g. "--disable-thinking";
+# at toy scale "--backend hf --device cpu --include-path tasks/"], PYTHON [python3].
 source "$(dirname "$0")/../lib/common.sh"
 
 require_env RUNS "space-separated name=model pairs, e.g. RUNS=\"student=Qwen/Qwen2.5-1.5B-Instruct tsdkd=ckpt/x/final\""
 RESULTS_DIR="${RESULTS_DIR:-results}"
 BASELINE="${BASELINE:-student}"
 read -r -a runs <<< "$RUNS"
-read -r -a extra <<< "${EXTRA_ARGS:-}"
+read -r -a extra <<< "${TSDKD_RECIPE_EXTRA_ARGS:-}"
 benchmark_args=()
 [ -n "${BENCHMARKS:-}" ] && benchmark_args=(--benchmarks "$BENCHMARKS")
 

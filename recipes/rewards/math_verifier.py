@@ -1,9 +1,10 @@
 """Verifier reward for the GRPO baseline: 1.0 when the response's final answer equals the label.
 
 Pass it as `--reward.remote_url /abs/path/recipes/rewards/math_verifier.py` with
-`--data.label_key label` (prompt files from `prepare_data prompts --label-from-response` or
-`--label-key`). OpenRLHF 0.11 (utils/agent.py, SingleTurnAgentExecutor) loads this file by path
-and calls, in a worker thread of each vLLM actor, once per generated sample:
+`--data.label_key label` (prompt files from `prepare_data prompts` with a label source: ground
+truth, or the teacher's final answer; never the student's own responses). OpenRLHF 0.11
+(utils/agent.py, SingleTurnAgentExecutor) loads this file by path and calls, in a worker thread of
+each vLLM actor, once per generated sample:
 
     reward_func(queries=[query], prompts=[prompt], labels=[label])
 
@@ -11,9 +12,12 @@ query: prompt + response decoded with special tokens kept; prompt: the chat-rend
 label: the row's label. It reads `rewards` (advantages), `scores` (dynamic filtering) and
 `extra_logs` (logged per sample); each is a 1-D tensor with one entry per query.
 
-Answers are compared as GSM8K/MATH graders do (tsdkd_plugin/recipes_tools/math_answers.py):
-\\boxed{...}, `#### n`, "the answer is ...", else the last number; numbers compared exactly
-(1,234 = 1234, 1/2 = 0.5 = \\frac{1}{2}), other answers after LaTeX normalization.
+Correctness (tsdkd_plugin/recipes_tools/math_answers.py): math-verify (installed by the `gpu`
+extra) extracts the response's final answer and compares it with the label mathematically; where
+it gives no verdict, GSM8K/MATH-style regexes do (\\boxed{...}, `#### n`, "the answer is ...",
+else the last number; numbers compared exactly, other answers after LaTeX normalization). From
+these worker threads math-verify runs in a helper process under a timeout (its own timeouts need
+the main thread).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ ARGS=(
   --tsdkd.beta 0.9 --tsdkd.temperature 1.0 --tsdkd.gate soft --tsdkd.indirect_level token
 
   --ckpt.output_dir "$OUTPUT_DIR/final" --ckpt.path "$OUTPUT_DIR/checkpoints"
-  --ckpt.save_steps 200 --ckpt.save_hf --ckpt.max_num 3
+  --ckpt.save_steps 200 --ckpt.save_hf --ckpt.max_num 3 --ckpt.load_enable
   --logger.logging_steps 1 "${LOGGER_ARGS[@]}"
 )
 

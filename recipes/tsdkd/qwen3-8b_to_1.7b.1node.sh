@@ -74,9 +74,11 @@ ARGS=(
   # ListMLE on the student's top-k candidates ranked by the teacher (token level), entropy term.
   --tsdkd.beta 0.9 --tsdkd.temperature 1.0 --tsdkd.gate soft --tsdkd.indirect_level token
 
-  # Checkpoints: DeepSpeed state for resuming plus HF weights for evaluation.
+  # Checkpoints: DeepSpeed state (weights, optimizer, scheduler, data position) every 200 steps,
+  # the 3 newest kept, plus HF weights for evaluation. --ckpt.load_enable: a rerun of this
+  # command (same OUTPUT_DIR) continues from the newest checkpoint instead of starting over.
   --ckpt.output_dir "$OUTPUT_DIR/final" --ckpt.path "$OUTPUT_DIR/checkpoints"
-  --ckpt.save_steps 200 --ckpt.save_hf --ckpt.max_num 3
+  --ckpt.save_steps 200 --ckpt.save_hf --ckpt.max_num 3 --ckpt.load_enable
   --logger.logging_steps 1 "${LOGGER_ARGS[@]}"
 )
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from tsdkd_plugin.cli.train_tsdkd import main
+from tsdkd_plugin.objective import TSDKDConfig
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def launch_argv(toy_student_dir, toy_teacher_dir, arith_data_dir):
             "--data.prompt_dataset", str(prompts or arith_data_dir / "prompts_train.jsonl"),
             "--data.input_key", "prompt", "--data.label_key", "answer", "--data.apply_chat_template",
             "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "4",
-            "--train.micro_batch_size", "4", "--tsdkd.dry_run",
+            "--train.micro_batch_size", "4", "--data.max_len", "256", "--tsdkd.dry_run",
         ]
         return argv + list(extra)
 
@@ -42,7 +43,8 @@ def test_dry_run_prints_the_plan(launch_argv, capsys):
     main(launch_argv("--tsdkd.indirect_level", "both"))
     out = capsys.readouterr().out  # libraries may log to stdout before the plan
     plan = json.loads(out[out.index("\n{") + 1 :] if not out.startswith("{") else out)
-    assert plan["teacher"]["transport"] == "sparse top-64" and plan["shared_vocab_size"] == 400
+    default_k = TSDKDConfig().sparse_top_k  # --teacher.sparse_top_k defaults to the config's K
+    assert plan["teacher"]["transport"] == f"sparse top-{default_k}" and plan["shared_vocab_size"] == 400
     assert plan["gpus"] == {"actor": 8, "teacher": 1, "vllm": 1, "total": 10}  # upstream: 8 GPUs per node
 
 

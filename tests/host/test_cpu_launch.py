@@ -36,6 +36,40 @@ def test_cpu_mode_env_keeps_values_the_user_set(monkeypatch):
     assert env["OPENRLHF_DEVICE"] == env["TSDKD_DEVICE"] == env["DS_ACCELERATOR"] == "cpu"
 
 
+def test_engine_dtype_follows_param_dtype(monkeypatch):
+    """Stock create_vllm_engines has no dtype parameter; in CPU mode the engines' dtype travels in
+    an environment variable (read by the CPU patch only), set from --ds.param_dtype."""
+    monkeypatch.delenv(device.CPU_VLLM_DTYPE_VAR, raising=False)
+    assert device.CPU_VLLM_DTYPE_VAR not in device.cpu_mode_env()
+    assert device.cpu_mode_env(param_dtype="fp32")[device.CPU_VLLM_DTYPE_VAR] == "float32"
+    assert device.cpu_mode_env(param_dtype="bf16")[device.CPU_VLLM_DTYPE_VAR] == "bfloat16"
+    monkeypatch.setenv(device.CPU_VLLM_DTYPE_VAR, "bfloat16")
+    assert device.cpu_mode_env()[device.CPU_VLLM_DTYPE_VAR] == "bfloat16"  # kept without a flag
+    assert device.cpu_mode_env(param_dtype="fp32")[device.CPU_VLLM_DTYPE_VAR] == "float32"  # the flag wins
+    with pytest.raises(ValueError, match="--ds.param_dtype 'fp8'"):
+        device.cpu_mode_env(param_dtype="fp8")
+
+
+def test_cpu_launch_sets_the_engine_dtype_before_the_module_runs(tmp_path, monkeypatch):
+    names = [*device.CPU_MODE_ENV_DEFAULTS, "OMP_NUM_THREADS", device.CPU_VLLM_DTYPE_VAR,
+             "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"]  # fmt: skip
+    for name in names:  # restored after the test: cpu_launch writes os.environ directly
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TSDKD_DEVICE", "cpu")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    seen = tmp_path / "seen.txt"
+    (tmp_path / "tsdkd_env_probe.py").write_text(
+        f"import os\nopen({str(seen)!r}, 'w').write(os.environ.get({device.CPU_VLLM_DTYPE_VAR!r}, 'unset'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cpu_launch.main(["--no-ray", "tsdkd_env_probe", "--ds.param_dtype", "fp32"])
+    assert seen.read_text() == "float32"
+    monkeypatch.delenv(device.CPU_VLLM_DTYPE_VAR)
+    cpu_launch.main(["--no-ray", "tsdkd_env_probe", "--ds.param_dtype", "not-a-dtype"])  # the module's parser rejects it
+    assert seen.read_text() == "unset"
+
+
 def test_single_process_dist_env_fills_only_missing_values(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         # setenv first so monkeypatch restores each variable's original state (often: unset)

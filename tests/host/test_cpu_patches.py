@@ -85,6 +85,35 @@ def test_patch_applies_to_pristine_release_idempotently_and_reverts(pristine_sit
     assert tree_digest(pristine_site / "openrlhf") == pristine
 
 
+def test_an_older_applied_patch_is_replaced_by_this_one(pristine_site, tmp_path):
+    """A venv patched by an earlier version of this patch is upgraded in place: the copy kept in the
+    dist-info is reversed first, then this patch is applied (same result as on a pristine tree)."""
+    expected_site = tmp_path / "expected"
+    shutil.copytree(pristine_site, expected_site)
+    assert run_apply("--site-packages", str(expected_site)).returncode == 0
+    # An "older release" of the patch: the same hunks with one created line worded differently.
+    text = PATCH.read_text()
+    marker = '+    """True when training runs on the CPU (no CUDA, or OPENRLHF_DEVICE=cpu)."""'
+    assert marker in text
+    old_root = tmp_path / "old_checkout"
+    (old_root / "scripts").mkdir(parents=True)
+    (old_root / "patches").mkdir()
+    shutil.copy(APPLY, old_root / "scripts" / APPLY.name)
+    (old_root / "patches" / PATCH.name).write_text(text.replace(marker, '+    """Older wording."""'))
+    old = subprocess.run(["bash", str(old_root / "scripts" / APPLY.name), "--site-packages", str(pristine_site)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert "Older wording" in (pristine_site / "openrlhf" / "utils" / "device.py").read_text()
+    assert run_apply("--site-packages", str(pristine_site), "--check").returncode == 1
+
+    upgrade = run_apply("--site-packages", str(pristine_site))
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "reverted the previously applied version" in upgrade.stdout
+    assert tree_digest(pristine_site / "openrlhf") == tree_digest(expected_site / "openrlhf")
+    applied_copy = pristine_site / "openrlhf-0.11.2.dist-info" / "TSDKD_CPU_PATCH"
+    assert applied_copy.read_text() == PATCH.read_text()
+
+
 def test_patch_refuses_another_openrlhf_release(pristine_site):
     (pristine_site / "openrlhf-0.11.2.dist-info").rename(pristine_site / "openrlhf-0.11.3.dist-info")
     result = run_apply("--site-packages", str(pristine_site))
@@ -131,6 +160,10 @@ def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
     device.set_device(1)
     assert calls == ["synchronize", ("set_device", 1)]
 
+    # The engines' dtype is upstream's bfloat16 on GPUs, whatever the CPU-mode variable says.
+    monkeypatch.setenv("OPENRLHF_CPU_VLLM_DTYPE", "float32")
+    assert device.vllm_engine_dtype() == "bfloat16"
+
     # OPENRLHF_DEVICE=cpu forces the CPU even with CUDA.
     monkeypatch.setenv("OPENRLHF_DEVICE", "cpu")
     calls.clear()
@@ -138,6 +171,12 @@ def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
     device.synchronize()
     device.set_device(0)
     assert calls == []
+    assert device.vllm_engine_dtype() == "float32"
+    monkeypatch.delenv("OPENRLHF_CPU_VLLM_DTYPE")
+    assert device.vllm_engine_dtype() == "bfloat16"
+    monkeypatch.setenv("OPENRLHF_CPU_VLLM_DTYPE", "fp32")
+    with pytest.raises(ValueError, match="OPENRLHF_CPU_VLLM_DTYPE='fp32'"):
+        device.vllm_engine_dtype()
 
 
 def test_installed_openrlhf_is_the_patched_release(pristine_site):

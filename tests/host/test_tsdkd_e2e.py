@@ -86,7 +86,7 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     from tsdkd_plugin.testing import engine_prompt_logprobs, hf_prompt_logprobs, probe_token_ids
 
     args, config = cli.parse_args(argv)
-    shared_vocab_size = cli.preflight(args, config)
+    shared_vocab_size = cli.preflight(args, config).shared_vocab_size
     cli.init_ray(args)
     job = launch(args, config, shared_vocab_size)
     ray.get(job.trainer.fit.remote())

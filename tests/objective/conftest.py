@@ -95,12 +95,20 @@ class NaiveReference:
             return (zero, terms) if return_terms else zero
         jsd = cls.jsd(logp, p, logq, q, cfg.beta)
         w = cls.gate(h_s, h_t, cfg.gate, cfg.gate_margin)
-        terms["direct"] = (w * jsd)[valid].sum() / n
+        responses = [b for b in range(mask.shape[0]) if valid[b].any()]
+        if cfg.direct_reduction == "response":  # each response's token mean, then the mean over responses
+            terms["direct"] = torch.stack([(w * jsd)[b][valid[b]].mean() for b in responses]).mean()
+        else:
+            terms["direct"] = (w * jsd)[valid].sum() / n
 
-        h_valid = h_s[valid]
-        threshold = torch.quantile(h_valid.detach(), 1.0 - cfg.entropy_top_fraction)
-        chosen = h_valid.detach() >= threshold
-        terms["entropy"] = h_valid[chosen].mean()
+        def top_entropy_mean(h_valid):
+            threshold = torch.quantile(h_valid.detach(), 1.0 - cfg.entropy_top_fraction)
+            return h_valid[h_valid.detach() >= threshold].mean()
+
+        if cfg.entropy_reduction == "response":  # the top fraction of each response
+            terms["entropy"] = torch.stack([top_entropy_mean(h_s[b][valid[b]]) for b in responses]).mean()
+        else:
+            terms["entropy"] = top_entropy_mean(h_s[valid])
 
         rows = range(mask.shape[0])
         opener_losses = []
@@ -200,3 +208,21 @@ def assert_close():
         assert err <= bound and math.isfinite(err), f"{what}: max abs err {err:.3e} > {bound:.3e}"
 
     return check
+
+
+@pytest.fixture
+def plain_loss():
+    """plain_loss(batch, cfg, group_size=None) -> (loss, metrics, gradient w.r.t. the student's logits)
+    of tsdkd_loss on a make_batch batch with its dense teacher logits (the code under test)."""
+    from tsdkd_plugin.objective import TeacherSignals, tsdkd_loss
+
+    def run(batch, cfg, *, group_size=None):
+        student = batch["student"].clone().requires_grad_(True)
+        loss, metrics = tsdkd_loss(
+            student, TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg,
+            shared_vocab_size=batch["shared"], sampled_ids=batch["sampled"], group_size=group_size,
+        )  # fmt: skip
+        loss.backward()
+        return loss.detach(), metrics, student.grad
+
+    return run

@@ -173,3 +173,83 @@ def test_shared_vocab_size_exceeding_teacher_rows(make_batch):
         tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], TSDKDConfig(num_candidates=3), shared_vocab_size=34)
     with pytest.raises(ValueError, match="teacher's 33 logit rows"):
         teacher_signals_from_logits(batch["teacher"], TSDKDConfig(), mask=batch["mask"], shared_vocab_size=34)
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def sparse_signals(batch, cfg, *, scale=1.0):
+    candidates = torch.topk(batch["student"][..., : batch["shared"]], cfg.num_candidates).indices
+    return teacher_signals_from_logits(
+        batch["teacher"] * scale, cfg, mask=batch["mask"], shared_vocab_size=batch["shared"],
+        candidate_ids=candidates, sampled_ids=batch["sampled"],
+    )  # fmt: skip
+
+
+def test_wire_round_trip_dtypes_and_size(make_batch):
+    batch = make_batch(3, 6, 40, seed=8)
+    cfg = TSDKDConfig(num_candidates=5, sparse_top_k=9, indirect_level="both")
+    signals = sparse_signals(batch, cfg)
+    wire = signals.to_wire()
+    assert set(wire) == set(signals.tensors())  # same field names: the replay buffer needs no change
+    dtypes = {name: tensor.dtype for name, tensor in wire.items()}
+    assert dtypes == {
+        "topk_logprobs": torch.float16, "topk_ids": torch.int32, "tail_logprob": torch.float16,
+        "entropy": torch.float32, "candidate_ids": torch.int32, "candidate_logprobs": torch.float16,
+        "sequence_scores": torch.float32,
+    }  # fmt: skip
+    nbytes = sum(t.numel() * t.element_size() for t in wire.values())
+    assert nbytes == 18 * (6 * 9 + 6 * 5 + 6) + 3 * 4  # 6K + 6k + 6 per token, 4 per response
+    decoded = TeacherSignals.from_wire(wire, temperature=cfg.temperature)
+    assert decoded.kind == "sparse" and decoded.temperature == cfg.temperature
+    assert decoded.topk_logprobs.dtype == torch.float32 and torch.equal(decoded.topk_ids, signals.topk_ids)
+    # The candidates arrive in the teacher's order, with their log-probs: the same set per token.
+    order = torch.sort(signals.candidate_logprobs, dim=-1, descending=True, stable=True).indices
+    assert torch.equal(decoded.candidate_ids, signals.candidate_ids.gather(-1, order))
+    assert (decoded.candidate_logprobs.diff(dim=-1) <= 0).all()
+    assert_rounded = lambda a, b: torch.allclose(a, b.float(), rtol=1e-3, atol=1e-3)  # noqa: E731
+    assert assert_rounded(decoded.topk_logprobs, signals.topk_logprobs)
+    assert assert_rounded(decoded.candidate_logprobs, signals.candidate_logprobs.gather(-1, order))
+    assert torch.equal(decoded.entropy, signals.entropy) and torch.equal(decoded.sequence_scores, signals.sequence_scores)
+
+
+def test_wire_keeps_the_loss_and_the_teachers_ranking(make_batch, assert_close):
+    batch = make_batch(4, 6, 30, seed=9)
+    cfg = TSDKDConfig(num_candidates=4, sparse_top_k=8, indirect_level="both", chunk_size=5)
+    signals = sparse_signals(batch, cfg)
+    # Candidates 0.0002 apart in log-prob: equal after float16 rounding, so only the order they are
+    # sent in can keep the teacher's ranking (the loss sorts stably).
+    base = -2.0 - 0.0002 * torch.arange(cfg.num_candidates, dtype=torch.float32).flip(0)  # ascending in position
+    signals.candidate_logprobs = base.expand_as(signals.candidate_logprobs).clone()
+    decoded = TeacherSignals.from_wire(signals.to_wire(), temperature=cfg.temperature)
+    assert (decoded.candidate_logprobs == decoded.candidate_logprobs[..., :1]).all()  # all tied on the wire
+    kwargs = dict(sampled_ids=batch["sampled"], group_size=2)
+    exact = run(batch["student"], signals, batch, cfg, **kwargs)
+    shipped = run(batch["student"], decoded, batch, cfg, **kwargs)
+    assert shipped[1]["loss_indirect_token"] == pytest.approx(exact[1]["loss_indirect_token"], rel=1e-12)
+    assert_close(shipped[0], exact[0], rtol=2e-3, what="loss")
+    assert_close(shipped[2], exact[2], rtol=2e-3, atol=1e-6, what="grad")
+
+
+def test_wire_keeps_an_empty_tail_and_saturates_tiny_logprobs(make_batch):
+    batch = make_batch(2, 5, 12, seed=10)
+    cfg = TSDKDConfig(num_candidates=3, sparse_top_k=12)
+    full = sparse_signals(batch, cfg, scale=1e5)  # K = V: empty tail; log-probs far below float16's range
+    wire = full.to_wire()
+    valid = batch["mask"].bool()
+    assert torch.isneginf(wire["tail_logprob"][valid]).all()
+    assert torch.isfinite(wire["topk_logprobs"][valid]).all()
+    assert float(wire["topk_logprobs"][valid].min()) == float(torch.finfo(torch.float16).min)
+    loss, _ = tsdkd_loss(
+        batch["student"], TeacherSignals.from_wire(wire, 1.0), batch["mask"], cfg, shared_vocab_size=12
+    )
+    assert torch.isfinite(loss)
+
+
+def test_wire_errors(make_batch):
+    batch = make_batch(2, 4, 10, seed=11)
+    with pytest.raises(ValueError, match="only the sparse transport is shipped"):
+        TeacherSignals(logits=batch["teacher"]).to_wire()
+    wire = sparse_signals(batch, TSDKDConfig(num_candidates=2, sparse_top_k=3)).to_wire()
+    with pytest.raises(ValueError, match=r"unknown fields \['group_ids'\]"):
+        TeacherSignals.from_wire({**wire, "group_ids": torch.zeros(2)}, temperature=1.0)

@@ -48,6 +48,6 @@ def clean_env():
     """The environment a user would launch from: no recipe variables set, repo's venv on PATH."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("RAY_", "TSDKD_RECIPE_", "WANDB_")) and key not in (
-               "STUDENT_MODEL", "TEACHER_MODEL", "PROMPT_DATA", "OUTPUT_DIR", "SHARED_DIR", "NUM_GPUS", "HOSTFILE",
+               "STUDENT_MODEL", "TEACHER_MODEL", "PROMPT_DATA", "OUTPUT_DIR", "SHARED_DIR", "NUM_GPUS", "WORK_DIR",
                "DPO_PAIRS", "REWARD_FUNC")}
     return env

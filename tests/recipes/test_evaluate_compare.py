@@ -1,5 +1,7 @@
 """Evaluation through lm-evaluation-harness on CPU (HF backend; the vLLM-CPU engine in the slow
-test) with the tiny toy student and local task files, then the comparison table and plot."""
+test) with the tiny toy student and local task files, then the comparison table and plot.
+recipes/eval/evaluate_runs.sh itself runs in test_recipes_on_a_ray_cluster.py, on the models the
+recipes trained there."""
 
 from __future__ import annotations
 
@@ -23,11 +25,22 @@ QUIZ = [
 ]
 
 
+def write_arith_task(out: Path, num_problems: int) -> None:
+    """The toy arithmetic task's test split as a local generation task, the way the docs do it:
+    the task files' chat prompts, the user turn's text as the question."""
+    from tsdkd_plugin.toy.arith_task import write_task_files
+
+    files = write_task_files(out / "arith", n_train=1, n_val=1, n_test=num_problems)
+    assert local_tasks.main(["generation", "--name", "tsdkd_arith", "--data", str(files["prompts_test"]),
+                             "--question-key", "prompt", "--prompt-template", "{{prompt[0].content}}",
+                             "--max-gen-toks", "96", "--out-dir", str(out)]) == 0
+
+
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """A local generation task (the toy arithmetic test split) and a local multiple-choice task."""
     out = tmp_path_factory.mktemp("tasks")
-    local_tasks.write_arith_task(out, num_problems=4)
+    write_arith_task(out, num_problems=4)
     quiz = out / "quiz.jsonl"
     quiz.write_text("".join(json.dumps(row) + "\n" for row in QUIZ), encoding="utf-8")
     assert local_tasks.main(["multiple-choice", "--name", "tiny_quiz", "--data", str(quiz), "--out-dir", str(out)]) == 0
@@ -39,13 +52,20 @@ def task_manager(task_dir):
     return evaluate.task_manager_for(str(task_dir))  # the same cached index the command uses
 
 
-def test_every_default_benchmark_is_an_lm_eval_task(task_manager):
+def test_the_papers_ten_benchmarks_are_lm_eval_tasks_with_its_settings(task_manager):
     resolved = evaluate.resolve_benchmarks(list(evaluate.DEFAULT_BENCHMARKS), task_manager)
     assert {name: b.task for name, b in resolved.items()} == {
         "gsm8k": "gsm8k", "gsm_plus": "gsm_plus", "math": "minerva_math", "mbpp": "mbpp", "sciq": "sciq",
-        "mmlu_stem": "mmlu_stem", "mmlu_pro_math": "mmlu_pro_math", "bbh_cot": "bbh_cot_fewshot"}
+        "mmlu_stem": "mmlu_stem", "mmlu_pro_math": "mmlu_pro_math", "bbh_cot": "bbh_cot_fewshot",
+        "ifeval": "ifeval", "musr": "leaderboard_musr"}
+    # each is a task or a group of tasks (not a tag, which lm_eval would expand differently)
+    for benchmark in resolved.values():
+        assert benchmark.task in task_manager.all_subtasks or benchmark.task in task_manager.all_groups, benchmark.task
     assert resolved["math"].num_fewshot == 4 and resolved["mbpp"].num_fewshot == 3
     assert resolved["mmlu_stem"].num_fewshot == 5
+    assert resolved["ifeval"].num_fewshot == 0 and resolved["musr"].num_fewshot == 0
+    # IFEval's own generation budget (long-answer instructions) is kept when --max-gen-toks is lower
+    assert resolved["ifeval"].min_gen_toks == 1280
     # Local task files are found through --include-path, like any lm_eval task name.
     assert evaluate.resolve_benchmarks(["tsdkd_arith", "tiny_quiz"], task_manager)["tiny_quiz"].task == "tiny_quiz"
     with pytest.raises(evaluate.EvaluationError, match="unknown benchmark.*gsm9k.*--include-path"):
@@ -163,23 +183,3 @@ def test_compare_rejects_foreign_or_duplicate_results(tmp_path, capsys):
     assert "is not an evaluation result" in capsys.readouterr().err
     assert compare.main([str(one), "--baseline", "nobody"]) == 2
     assert "--baseline 'nobody' is none of the runs" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_evaluate_runs_script_evaluates_each_checkpoint_then_compares(toy_student_dir, toy_teacher_dir, task_dir,
-                                                                       tmp_path):
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "recipes" / "eval" / "evaluate_runs.sh"
-    env = dict(os.environ, PYTHON=sys.executable, RESULTS_DIR=str(tmp_path / "results"), BASELINE="student",
-               RUNS=f"student={toy_student_dir} teacher={toy_teacher_dir}", BENCHMARKS="tsdkd_arith,tiny_quiz",
-               # The GPU script's vLLM backend, swapped for the HF one on CPU (later flags win in argparse).
-               EXTRA_ARGS=f"--backend hf --device cpu --dtype float32 --batch-size 4 --max-gen-toks 16 "
-                          f"--include-path {task_dir}")
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "results" / "student.json").is_file() and (tmp_path / "results" / "teacher.json").is_file()
-    table = (tmp_path / "results" / "comparison.md").read_text()
-    assert "| student |" in table and "| teacher |" in table and "change against student" in table
-    assert (tmp_path / "results" / "comparison.png").stat().st_size > 10_000

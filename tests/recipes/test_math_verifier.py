@@ -63,3 +63,38 @@ def test_openrlhf_agent_executor_loads_and_calls_the_verifier():
     prompt = "<|im_start|>user\nHalf of 1?<|im_end|>\n<|im_start|>assistant\n"
     results = asyncio.run(executor._fetch_rewards_via_func([prompt + "\\boxed{1/2}"], [prompt], ["0.5"]))
     assert results[0]["rewards"].tolist() == [1.0]
+
+
+# --------------------------------------------------------------------------- math-verify decides
+
+
+def test_math_verify_decides_and_the_regexes_are_the_fallback(monkeypatch):
+    from tsdkd_plugin.recipes_tools import math_answers
+
+    # Equal as expressions, different as strings: only math-verify can say so.
+    assert is_correct("so \\boxed{x^2+1}", "1+x^2") is True
+    assert math_answers.math_verify_check("so \\boxed{x^2+1}", "1+x^2") is True
+    # math-verify finds no answer in a truncated box: the regexes read the last number.
+    assert math_answers.math_verify_check("\\boxed{3", "3") is None and is_correct("\\boxed{3", "3") is True
+
+    monkeypatch.setitem(__import__("sys").modules, "math_verify", None)  # not installed
+    assert math_answers.math_verify_check("so \\boxed{x^2+1}", "1+x^2") is None
+    assert is_correct("so \\boxed{x^2+1}", "1+x^2") is False  # the regexes compare strings
+    assert is_correct("48/2 = 24 so 48+24 = 72.\n#### 72", "72") is True
+
+
+def test_off_the_main_thread_math_verify_runs_in_a_helper_process_under_a_timeout():
+    """OpenRLHF calls reward_func from worker threads, where math-verify's SIGALRM timeouts cannot
+    work: the check goes to a helper process, and one that takes too long is killed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tsdkd_plugin.recipes_tools import math_answers
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(is_correct, "so \\boxed{x^2+1}", "1+x^2").result() is True  # math-verify's verdict
+        assert pool.submit(is_correct, "#### 71", "72").result() is False
+    server = math_answers._server
+    assert server is not None and server.alive
+
+    slow = math_answers._MathVerifyServer()  # a fresh helper cannot even import math-verify in 1 ms
+    assert slow.check("\\boxed{1}", "1", timeout=0.001) is None and not slow.alive

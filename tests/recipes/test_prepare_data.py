@@ -50,6 +50,55 @@ def test_grpo_prompt_file_keeps_rows_with_a_verifiable_answer(tmp_path):
     rows = read_jsonl(out)
     # The haiku has no final answer: dropped; the others carry the answer the verifier checks.
     assert [row["label"] for row in rows] == ["72", "\\frac{1}{2}"]
+    assert {row["label_source"] for row in rows} == {"ground_truth"}
+
+
+def test_grpo_labels_come_from_ground_truth_joined_by_instruction_then_from_the_teacher(tmp_path, capsys):
+    """The reference set's own responses (the student's) are never used: labels come from a
+    ground-truth dataset joined by instruction (UltraInteract-SFT's layout), and where it has none,
+    from the teacher's final answer; each row says which, and the summary counts them."""
+    student_written = write_jsonl(tmp_path / "gen.jsonl", [
+        {"instruction": "What is 6 * 7?", "response": "student says #### 41"},
+        {"instruction": "Sum 2 and  3.", "response": "student says #### 6"},
+        {"instruction": "Halve 9.", "response": "student says #### 4"},
+        {"instruction": "Write a loop.", "response": "for i in range(10): print(i)"},
+        {"instruction": "What is 8 - 5?", "response": "#### 3"},
+    ])
+    ground_truth = write_jsonl(tmp_path / "ultrainteract.jsonl", [
+        {"task": "Math_CoT", "instruction": "What is 6 * 7?", "response": "Step 1: 6 * 7 = 42.\nAnswer:\n\\boxed{42}"},
+        {"task": "Math_CoT", "instruction": "What is 6 * 7?", "response": "So the answer is 42."},  # agrees
+        {"task": "Math_CoT", "instruction": "Sum 2 and 3.", "response": "2 + 3 = 5\nAnswer:\n\\boxed{5}"},  # whitespace
+        {"task": "Coding", "instruction": "Write a loop.", "response": "for i in range(10):\n    print(i)"},  # no answer
+        {"task": "Math_CoT", "instruction": "What is 8 - 5?", "response": "\\boxed{3}"},
+        {"task": "Math_CoT", "instruction": "What is 8 - 5?", "response": "\\boxed{4}"},  # conflict: no label
+    ])
+    prompts_out = tmp_path / "prompts.jsonl"
+    assert main(["prompts", "--dataset", str(student_written), "--out", str(prompts_out)]) == 0
+    teacher = write_jsonl(tmp_path / "teacher.jsonl", [
+        {"prompt": row["prompt"], "responses": [answer]} for row, answer in zip(read_jsonl(prompts_out), [
+            "\\boxed{40}", "\\boxed{50}", "Half of 9 is 4.5, so the answer is 4.5.", "I would use 10 iterations", "#### 3"])
+    ])
+    out = tmp_path / "grpo.jsonl"
+    capsys.readouterr()
+    assert main(["prompts", "--dataset", str(student_written), "--ground-truth", str(ground_truth),
+                 "--teacher-answers", str(teacher), "--require-label", "--out", str(out)]) == 0
+    rows = {row["prompt"][0]["content"]: row for row in read_jsonl(out)}
+    assert {k: (r["label"], r["label_source"]) for k, r in rows.items()} == {
+        "What is 6 * 7?": ("42", "ground_truth"),
+        "Sum 2 and  3.": ("5", "ground_truth"),
+        "Halve 9.": ("4.5", "teacher"),  # no ground truth for it
+        "What is 8 - 5?": ("3", "teacher"),  # ground truth ambiguous: the teacher decides
+    }  # "Write a loop.": no stated answer anywhere (a stray number is no label): dropped
+    summary = capsys.readouterr().err
+    assert f"labels: 2 from ground truth ({ground_truth}), 2 from teacher answers ({teacher})" in summary
+    assert "1 rows without a label" in summary and "1 ground-truth instructions with conflicting answers" in summary
+
+    # The documented path: label the TSD-KD prompt file itself (the same prompts for both runs).
+    labelled = tmp_path / "grpo_from_prompts.jsonl"
+    assert main(["labels", "--prompts", str(prompts_out), "--ground-truth", str(ground_truth),
+                 "--teacher-answers", str(teacher), "--require-label", "--out", str(labelled)]) == 0
+    assert read_jsonl(labelled) == read_jsonl(out)
+    assert f"labels: 2 from ground truth ({ground_truth}), 2 from teacher answers ({teacher})" in capsys.readouterr().err
 
 
 def test_custom_columns_system_prompt_suffix_and_held_out_split(tmp_path, capsys):
@@ -81,7 +130,9 @@ def test_local_parquet_goes_through_datasets(tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--instruction-key", "question"], "no key 'question' (--instruction-key); available keys: ['instruction', 'response']"),
-    (["--label-key", "answer", "--label-from-response"], "alternatives"),
+    (["--label-from-response", "--dataset", "Minsang/TSD-KD-Qwen2.5-1.5B-Instruct-Gen"],
+     "would reward agreement with the student's own answers"),
+    (["--require-label"], "--require-label needs a label source"),
     (["--eval-rows", "3"], "leaves no training rows"),
     (["--label-from-response", "--response-key", ""], "set --response-key"),
 ])

@@ -141,6 +141,86 @@ def test_baselines_share_prompts_and_budget_with_tsdkd(parsed_recipes):
     assert dpo.model.model_name_or_path == dpo.ref.model_name_or_path == reference.actor.model_name_or_path
 
 
+# --------------------------------------------------------------------------- resuming a killed run
+
+
+def test_every_training_recipe_resumes_from_its_own_checkpoints(parsed_recipes, tmp_path):
+    """A rerun of a recipe continues its run: --ckpt.load_enable, checkpoints saved on a schedule
+    and kept in twos or more, under OUTPUT_DIR at a path that depends on nothing but OUTPUT_DIR
+    (so the rerun finds them), apart from the final model, and never shared by two recipes."""
+    paths = {}
+    for name, parsed in parsed_recipes.items():
+        ckpt = parsed.args.ckpt
+        assert ckpt.load_enable, f"{name}: a rerun would start over (no --ckpt.load_enable)"
+        assert ckpt.save_steps > 0 and ckpt.max_num >= 2, f"{name}: nothing to resume from, or one save to lose"
+        assert Path(ckpt.path).is_absolute() and Path(ckpt.path) != Path(ckpt.output_dir), name
+        paths[name] = ckpt.path
+    assert len(set(paths.values())) == len(paths), f"two recipes share a checkpoint directory: {paths}"
+
+    for path in RECIPES.rglob("*.sh"):
+        if path.name not in parsed_recipes:
+            continue
+        env = {"RAY_HEAD_ADDRESS": "h", "SHARED_DIR": "/shared", "OUTPUT_DIR": str(tmp_path / "run")}
+        command = recipe_command(path, env=env)
+        assert command.flag_value("--ckpt.path") == str(tmp_path / "run" / "checkpoints"), path.name
+        assert recipe_command(path, env=env).argv == command.argv, f"{path.name}: not the same command twice"
+
+
+def test_the_recipe_says_whether_it_resumes(tmp_path):
+    """What a recipe prints before submitting (recipes/lib/common.sh, report_resume_point)."""
+    def report(module: str) -> str:
+        script = (f'source "{RECIPES}/lib/common.sh"; RECIPE_ARGS=(--ckpt.path "{tmp_path}" --ckpt.load_enable); '
+                  f"report_resume_point {module}")
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        return result.stderr.strip()
+
+    assert "no checkpoint in" in report(TSDKD_MODULE) and "starting at step 0" in report(TSDKD_MODULE)
+    (tmp_path / "_actor").mkdir()
+    (tmp_path / "_actor" / "latest").write_text("global_step400")
+    assert f"resuming from global_step400 in {tmp_path / '_actor'}" in report(TSDKD_MODULE)
+    (tmp_path / "latest").write_text("global_step7")  # train_dpo keeps its tags at the top level
+    assert f"resuming from global_step7 in {tmp_path}" in report(DPO_MODULE)
+
+
+# --------------------------------------------------------------------------- overrides (toy scale)
+
+
+def test_overrides_are_appended_last_and_switches_can_be_dropped(clean_env):
+    grpo = RECIPES / "baselines" / "grpo.1node.sh"
+    env = {"TSDKD_RECIPE_EXTRA_ARGS": "--actor.num_gpus_per_node 1 --vllm.num_engines 1",
+           "TSDKD_RECIPE_DROP_FLAGS": "--vllm.enable_sleep --ds.enable_sleep --no.such.switch"}
+    command = recipe_command(grpo, env=env)
+    assert list(command.argv[-4:]) == ["--actor.num_gpus_per_node", "1", "--vllm.num_engines", "1"]
+    assert "--vllm.enable_sleep" not in command.argv and "--ds.enable_sleep" not in command.argv
+    args, _, _ = parse_command(command.module, command.argv)
+    assert args.actor.num_gpus_per_node == 1 and args.vllm.num_engines == 1 and not args.vllm.enable_sleep
+    assert args.ref.num_gpus_per_node == 8  # untouched
+
+    # An option that takes a value cannot be dropped (its value would be left behind).
+    result = run_recipe(grpo, dict(clean_env, TSDKD_RECIPE_PRINT_ARGS="1", TSDKD_RECIPE_DROP_FLAGS="--ds.zero_stage"))
+    assert result.returncode == 2
+    assert "TSDKD_RECIPE_DROP_FLAGS names --ds.zero_stage, which takes a value" in error_line(result)
+
+
+@pytest.mark.parametrize("script, toy, gpus", [
+    ("tsdkd/qwen2.5-14b_to_1.5b.1node.sh", "tsdkd", 3), ("tsdkd/qwen2.5-14b_to_1.5b.2nodes.sh", "tsdkd_2nodes", 4),
+    ("baselines/grpo.1node.sh", "grpo", 1), ("baselines/dpo.1node.sh", "dpo", 1),
+])
+def test_toy_scale_overrides_pass_the_real_parsers(script, toy, gpus):
+    """The overrides the Ray-cluster test runs (tsdkd_plugin.testing), checked in seconds."""
+    from tsdkd_plugin.testing import TOY_DROP_FLAGS, TOY_RECIPE_ARGS
+
+    env = {"TSDKD_RECIPE_EXTRA_ARGS": TOY_RECIPE_ARGS[toy], "TSDKD_RECIPE_DROP_FLAGS": TOY_DROP_FLAGS,
+           "RAY_HEAD_ADDRESS": "127.0.0.1", "SHARED_DIR": "/shared", "NUM_GPUS": "1"}
+    command = recipe_command(RECIPES / script, env=env)
+    args, config, _ = parse_command(command.module, command.argv, where=script)
+    plan = resolved_plan(command.module, args, config, command.deepspeed_gpus)
+    assert plan["gpus"]["total"] == gpus, plan["gpus"]
+    if toy == "grpo":
+        assert not args.vllm.enable_sleep and not args.ds.enable_sleep
+
+
 # --------------------------------------------------------------------------- stale flags cannot land
 
 

@@ -8,6 +8,7 @@ plan and exit 0 instead of 2 — the test would fail, nothing would start."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -130,7 +131,9 @@ def test_prompt_longer_than_max_len_allows(launch, tmp_path, capsys):
 def test_rows_past_max_samples_are_not_used(launch, tmp_path, capsys):
     """Only the first --data.max_samples rows reach training: a bad row after them is not an error."""
     rows = [GOOD] * 3 + [{"prompt": "", "answer": "1"}]
-    main(launch("--data.max_samples", "3", prompts=write_rows(tmp_path / "p.jsonl", rows)))
+    argv = launch("--data.max_samples", "3", "--actor.num_gpus_per_node", "1", "--train.batch_size", "12",
+                  prompts=write_rows(tmp_path / "p.jsonl", rows))  # 3 prompts x 4 samples fill one step
+    main(argv)
     assert '"shared_vocab_size"' in capsys.readouterr().out
 
 
@@ -236,3 +239,281 @@ def test_load_enable_without_a_checkpoint_starts_fresh(launch, tmp_path, capsys)
     (tmp_path / "ckpt" / "_actor" / "global_step1.partial").mkdir(parents=True)  # killed during the first save
     main(launch("--ckpt.load_enable", "--ckpt.path", str(tmp_path / "ckpt")))
     assert '"shared_vocab_size"' in capsys.readouterr().out
+
+
+# ============================================================================= issue 16: every flag, checked before Ray
+# One change at a time to the baseline launch, as a careless user would make it; each is refused in the
+# preflight with one sentence naming the flag (and file) and what would be valid (docs/reliability.md §1).
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        # OpenRLHF's own numeric flags (upstream: ZeroDivisionError, DeepSpeed's or vLLM's assertion in a worker)
+        (["--rollout.micro_batch_size", "0"], "--rollout.micro_batch_size must be >= 1, got 0"),
+        (["--ds.tensor_parallel_size", "0"], "--ds.tensor_parallel_size must be >= 1, got 0"),
+        (["--train.batch_size", "6"], "--train.batch_size (6) must be a multiple of --train.micro_batch_size (4) x 8"),
+        (["--rollout.top_p", "0"], "--rollout.top_p must be in (0, 1], got 0.0"),
+        (["--rollout.batch_size", "1", "--rollout.n_samples_per_prompt", "4"], "fewer than the 8 policy ranks"),
+        (["--vllm.tensor_parallel_size", "0"], "--vllm.tensor_parallel_size must be >= 1"),
+        (["--vllm.gpu_memory_utilization", "1.5"], "--vllm.gpu_memory_utilization must be in (0, 1]"),
+        (["--train.seed", "-1"], "--train.seed must be in [0, 4294967295], got -1"),
+        (["--ds.zero_stage", "4"], "--ds.zero_stage must be in [0, 3], got 4"),
+        (["--actor.adam.lr", "0"], "--actor.adam.lr must be > 0"),
+        (["--actor.adam.betas", "0.9", "1.5"], "--actor.adam.betas values must each be in [0, 1), got 0.9 1.5"),
+        (["--actor.lr_warmup_ratio", "2"], "--actor.lr_warmup_ratio must be in [0, 1]"),
+        (["--train.num_episodes", "0"], "--train.num_episodes must be >= 1"),
+        (["--train.max_epochs", "0"], "--train.max_epochs must be >= 1"),
+        (["--logger.logging_steps", "0"], "--logger.logging_steps must be >= 1"),
+        (["--eval.steps", "0"], "--eval.steps must be >= 1 (evaluate every N steps) or -1"),
+        (["--ckpt.max_mem", "0"], "--ckpt.max_mem must be > 0"),
+        (["--train.enable_ema", "--train.ema_beta", "1"], "--train.ema_beta must be in (0, 1)"),
+        (["--teacher.num_gpus_per_node", "0"], "--teacher.num_gpus_per_node must be >= 1"),
+        (["--rollout.temperature", "nan"], "--rollout.temperature must be 0 (greedy) or >= 0.01, got nan"),
+        (["--train.colocate_all", "--vllm.num_engines", "2"], "--vllm.num_engines x --vllm.tensor_parallel_size (2) must equal"),
+        (["--rollout.vllm_generate_batch_size", "2048"], "--rollout.vllm_generate_batch_size (2048) > --rollout.batch_size"),
+        # names checked against the library that reads them
+        (["--actor.lr_scheduler", "cosin"], "--actor.lr_scheduler 'cosin' is not a transformers scheduler"),
+        (["--ds.attn_implementation", "sdpa2"], "--ds.attn_implementation 'sdpa2' is not an attention implementation"),
+        (["--ds.grad_accum_dtype", "fp8"], "--ds.grad_accum_dtype 'fp8' is not a DeepSpeed dtype"),
+        # upstream features and options that TSD-KD does not use: refused instead of silently ignored
+        (["--train.async_enable"], "--train.async_enable is not supported by TSD-KD"),
+        (["--ds.ring_attn_size", "2"], "--ds.ring_attn_size 2 needs --ds.packing_samples"),
+        (["--ds.load_in_4bit"], "--ds.load_in_4bit quantizes the student"),
+        (["--data.max_images_per_prompt", "1"], "(vision-language prompts) is not supported by TSD-KD"),
+        (["--algo.advantage.estimator", "gae"], "--algo.advantage.estimator gae is not for TSD-KD"),
+        (["--algo.kl.init_coef", "0.01"], "--algo.kl.init_coef 0.01 is not for TSD-KD"),
+        (["--actor.entropy_coef", "0.01"], "--actor.entropy_coef 0.01 is not for TSD-KD: TSD-KD's entropy term is --tsdkd.entropy_weight"),
+        (["--critic.freezing_steps", "5"], "--critic.freezing_steps 5 is not for TSD-KD"),
+        (["--reward.model_name_or_path", "some/rm"], "a verifier reward comes from --reward.remote_url"),
+        # --tsdkd.* settings that would train nothing
+        (["--tsdkd.num_candidates", "1"], "--tsdkd.num_candidates 1: the token-level ranking orders the student's k"),
+        (["--tsdkd.direct_weight", "0", "--tsdkd.entropy_weight", "0", "--tsdkd.indirect_weight", "0"],
+         "every term of the TSD-KD loss is off"),
+        # data flags
+        (["--data.max_samples", "0"], "--data.max_samples must be >= 1, got 0"),
+        (["--data.prompt_probs", "0.5"], "--data.prompt_probs '0.5' must be probabilities in [0, 1] that sum to 1"),
+        (["--data.prompt_probs", "abc"], "--data.prompt_probs 'abc' must be comma-separated numbers"),
+        (["--eval.dataset", "x.jsonl"], "--eval.dataset scores its samples with a verifier"),
+        # packages a flag needs
+        (["--ds.use_liger_kernel"], None),  # refused only where liger-kernel is not installed
+    ],
+)
+def test_flags_are_checked_before_anything_starts(launch, capsys, flags, expected):
+    import importlib.util
+
+    if expected is None:
+        if importlib.util.find_spec("liger_kernel") is not None:
+            pytest.skip("liger-kernel is installed here")
+        expected = "--ds.use_liger_kernel needs the Python package 'liger-kernel'"
+    line = refused(launch(*flags), capsys)
+    assert expected in line, line
+
+
+def test_all_linear_typed_on_the_command_line_reaches_peft_as_its_shorthand(launch):
+    """nargs="*" makes `--ds.lora.target_modules all-linear` the list ["all-linear"], which PEFT takes
+    for a module name and fails on in the policy actor; the CLI passes PEFT the string."""
+    from tsdkd_plugin.cli.train_tsdkd import parse_args
+
+    args, _ = parse_args(launch("--ds.lora.rank", "8", "--ds.lora.target_modules", "all-linear"))
+    assert args.ds.lora.target_modules == "all-linear"
+    args, _ = parse_args(launch("--ds.lora.rank", "8", "--ds.lora.target_modules", "q_proj", "v_proj"))
+    assert args.ds.lora.target_modules == ["q_proj", "v_proj"]
+
+
+# ----------------------------------------------------------------------------- model directories broken beyond "missing"
+
+
+def _edit_config(model_dir, **changes):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _shard_index(model_dir, shards):
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+
+
+MODEL_DAMAGE = {
+    "truncated_safetensors": (lambda d: _truncate(d / "model.safetensors"),
+                              "model.safetensors is truncated: "),
+    "config_without_weights": (lambda d: (d / "model.safetensors").unlink(),
+                               "has a config.json but no weights"),
+    "more_layers_than_weights": (lambda d: _edit_config(d, num_hidden_layers=8, layer_types=["full_attention"] * 8),
+                                 "config.json declares 8 layers (num_hidden_layers) but model.safetensors holds weights for 4"),
+    "config_not_an_object": (lambda d: (d / "config.json").write_text("[1, 2]"),
+                             "config.json holds a JSON list, not an object"),
+    "config_not_json": (lambda d: (d / "config.json").write_text('{"model_type": "qwen2",'),
+                        "config.json is not valid JSON"),
+    "truncated_tokenizer_json": (lambda d: _truncate(d / "tokenizer.json"),
+                                 "tokenizer.json is not valid JSON"),
+    "no_tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith("tokenizer")],
+                     "has no tokenizer (tokenizer.json"),
+    "vocab_size_not_the_weights": (lambda d: _edit_config(d, vocab_size=600),
+                                   "config.json says vocab_size 600 but model.embed_tokens.weight in model.safetensors has 512 rows"),
+    "hidden_size_not_the_weights": (lambda d: _edit_config(d, hidden_size=64),
+                                    "config.json says hidden_size 64 but model.embed_tokens.weight"),
+    "index_names_a_missing_shard": (lambda d: _shard_index(d, {"lm_head.weight": "model-00002-of-00002.safetensors"}),
+                                    "maps tensors to 1 shard(s) that are not there (model-00002-of-00002.safetensors)"),
+    "index_and_shard_disagree": (lambda d: _shard_index(d, {"model.norm.weight": "model.safetensors",
+                                                           "lm_head.bias": "model.safetensors"}),
+                                 "model.safetensors lacks 1 tensor(s) that model.safetensors.index.json places there"),
+    "broken_generation_config": (lambda d: (d / "generation_config.json").write_text("{"),
+                                 "generation_config.json is not valid JSON"),
+    "unknown_model_type": (lambda d: _edit_config(d, model_type="no-such-type"),
+                           "cannot be loaded (ValueError"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MODEL_DAMAGE))
+def test_model_directories_are_checked_for_real(launch, toy_teacher_dir, tmp_path, capsys, damage):
+    """The teacher copied and damaged one way; the sentence names the flag, the directory and the file."""
+    broken = tmp_path / f"teacher-{damage}"
+    shutil.copytree(toy_teacher_dir, broken)
+    make_damage, expected = MODEL_DAMAGE[damage]
+    make_damage(broken)
+    line = refused(launch(teacher=broken), capsys)
+    assert f"--teacher.model_name_or_path {str(broken)!r}" in line and expected in line, line
+
+
+# ----------------------------------------------------------------------------- ranges that depend on the models
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--tsdkd.num_candidates", "500"], "--tsdkd.num_candidates (500) must be <= the 400 tokens of the shared vocabulary"),
+        (["--teacher.sparse_top_k", "401"], "--teacher.sparse_top_k (401) must be <= the 400 tokens of the shared vocabulary"),
+        (["--data.max_len", "4096"], "--data.max_len (4096) exceeds the position limit of --actor.model_name_or_path"),
+        (["--vllm.tensor_parallel_size", "2", "--vllm.num_engines", "1"], "--vllm.tensor_parallel_size (2) must divide the 1 attention heads"),
+        (["--ds.lora.rank", "8", "--ds.lora.target_modules", "q_prj"], "--ds.lora.target_modules q_prj names no module of --actor.model_name_or_path"),
+    ],
+)
+def test_ranges_that_depend_on_the_models(launch, capsys, flags, expected):
+    line = refused(launch(*flags), capsys)
+    assert expected in line, line
+
+
+# ----------------------------------------------------------------------------- data options
+
+
+def test_a_split_a_local_file_does_not_have(launch, capsys):
+    line = refused(launch("--data.prompt_split", "test"), capsys)
+    assert "--data.prompt_split 'test'" in line and "whose only split is 'train'" in line
+
+
+def test_a_dataset_smaller_than_one_optimizer_step(launch, tmp_path, capsys):
+    line = refused(launch("--data.max_samples", "8"), capsys)  # 8 prompts x 4 samples < --train.batch_size 128
+    assert "gives 8 prompt(s)" in line and "fewer than --train.batch_size 128: no optimizer step would run" in line
+
+
+def test_reference_responses_must_be_text_for_off_policy_steps(launch, tmp_path, capsys):
+    rows = [GOOD, {"prompt": [{"role": "user", "content": "Q: 2+2=?"}], "answer": 4}]
+    line = refused(launch("--tsdkd.on_policy_fraction", "0.5", prompts=write_rows(tmp_path / "p.jsonl", rows)), capsys)
+    assert "line 2 has a 'answer' (--data.label_key) of type int, which is not a reference response" in line
+
+
+def test_the_evaluation_dataset_is_checked_like_the_prompts(launch, tmp_path, capsys):
+    reward = tmp_path / "reward.py"
+    reward.write_text("def reward_func(queries, prompts, labels):\n    return [0.0] * len(queries)\n")
+    line = refused(launch("--reward.remote_url", str(reward), "--eval.dataset", str(tmp_path / "eval.jsonl")), capsys)
+    assert line.endswith(f"--eval.dataset {str(tmp_path / 'eval.jsonl')!r} does not exist; check the path")
+
+
+# ----------------------------------------------------------------------------- paths and scripts
+
+
+def test_checkpoint_path_that_is_a_file_with_saving_on(launch, tmp_path, capsys):
+    (tmp_path / "ckpt").write_text("not a directory")
+    line = refused(launch("--ckpt.save_steps", "1", "--ckpt.path", str(tmp_path / "ckpt")), capsys)
+    assert f"--ckpt.path {str(tmp_path / 'ckpt')!r} is a file, not a checkpoint directory" in line
+
+
+@pytest.mark.parametrize("flag", ["--ckpt.output_dir", "--ckpt.path", "--logger.tensorboard_dir"])
+def test_output_directories_that_cannot_be_created(launch, tmp_path, capsys, flag):
+    """Found now, not at the first save or, for --ckpt.output_dir, after the whole run (the final save)."""
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "out"
+    line = refused(launch(flag, str(target), "--ckpt.save_steps", "1"), capsys)
+    assert f"{flag} {str(target)!r} cannot be created: {tmp_path / 'a-file'} is a file" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def test_an_output_directory_without_write_permission(launch, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        line = refused(launch("--ckpt.output_dir", str(locked / "model")), capsys)
+    finally:
+        locked.chmod(0o755)
+    assert f"--ckpt.output_dir {str(locked / 'model')!r} is not writable" in line
+
+
+def test_a_valid_launch_leaves_nothing_behind(launch, tmp_path, capsys):
+    """The probes are made and removed; the run's directories are created by the run, not the preflight."""
+    main(launch("--ckpt.save_steps", "1", "--ckpt.path", str(tmp_path / "ckpt"),
+                "--ckpt.output_dir", str(tmp_path / "model"), "--logger.tensorboard_dir", str(tmp_path / "tb")))
+    assert '"shared_vocab_size": 400' in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "script, flag, expected",
+    [
+        (None, "--reward.remote_url", "does not exist; point it at a Python file that defines reward_func"),
+        ("def reward(q, p, l):\n    return q\n", "--reward.remote_url", "does not define reward_func(queries, prompts, labels)"),
+        ("def reward_func(q, p, l)\n", "--reward.remote_url", "has a syntax error (line 1"),
+        (None, "--train.agent_func_path", "does not exist; point it at a Python file that defines class AgentExecutor"),
+    ],
+)
+def test_reward_and_agent_scripts(launch, tmp_path, capsys, script, flag, expected):
+    path = tmp_path / "script.py"
+    if script is not None:
+        path.write_text(script)
+    line = refused(launch(flag, str(path)), capsys)
+    assert f"{flag} {str(path)!r}" in line and expected in line, line
+
+
+def test_a_reward_url_without_a_scheme(launch, capsys):
+    line = refused(launch("--reward.remote_url", "localhost:5000/get_reward"), capsys)
+    assert "--reward.remote_url 'localhost:5000/get_reward' is neither an http(s):// URL" in line
+
+
+# ----------------------------------------------------------------------------- checkpoints on resume
+
+
+def test_a_checkpoint_that_is_not_deepspeeds(launch, tmp_path, capsys):
+    """A valid archive without DeepSpeed's 'module' entry (upstream: KeyError: 'module' in the policy actor)."""
+    tag_dir = tmp_path / "ckpt" / "_actor" / "global_step1"
+    tag_dir.mkdir(parents=True)
+    torch.save({"state_dict": {}}, tag_dir / "mp_rank_00_model_states.pt")
+    (tmp_path / "ckpt" / "_actor" / "latest").write_text("global_step1")
+    line = refused(launch("--ckpt.load_enable", "--ckpt.path", str(tmp_path / "ckpt")), capsys)
+    assert "mp_rank_00_model_states.pt is not a DeepSpeed model-states file (it has no 'module' entry)" in line
+
+
+@pytest.mark.parametrize(
+    "files, flags, expected",
+    [
+        ({"mp_rank_00_model_states.pt": {"module": {"model.model.embed_tokens.weight": torch.zeros(10, 3)}}}, [],
+         "was saved from another model (model.embed_tokens.weight is [10, 3] there, [448, 64] in --actor.model_name_or_path"),
+        ({"mp_rank_00_model_states.pt": {"module": {}}, "zero_pp_rank_0_mp_rank_00_optim_states.pt": {},
+          "zero_pp_rank_1_mp_rank_00_optim_states.pt": {}}, [],
+         "was saved by 2 data-parallel rank(s), this launch has 8"),
+        ({"mp_rank_00_model_states.pt": {"module": {}}}, ["--ds.zero_stage", "3"],
+         "was saved with --ds.zero_stage 0, 1 or 2, this launch uses --ds.zero_stage 3"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_the_launch(launch, tmp_path, capsys, files, flags, expected):
+    tag_dir = tmp_path / "ckpt" / "_actor" / "global_step1"
+    tag_dir.mkdir(parents=True)
+    for name, content in files.items():
+        torch.save(content, tag_dir / name)
+    (tmp_path / "ckpt" / "_actor" / "latest").write_text("global_step1")
+    line = refused(launch("--ckpt.load_enable", "--ckpt.path", str(tmp_path / "ckpt"), *flags), capsys)
+    assert line.startswith("python -m openrlhf.cli.train_tsdkd: error: --ckpt.load_enable: ") and expected in line, line

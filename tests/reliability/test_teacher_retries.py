@@ -4,6 +4,8 @@ switch. The end-to-end teacher death is run A of test_resume_e2e.py."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import ray
 
@@ -73,3 +75,53 @@ def test_fault_injection_is_off_by_default_and_rejects_typos(monkeypatch):
     monkeypatch.setenv("TSDKD_FAULT_INJECT", "teacher_exit_at_cal=3")
     with pytest.raises(ValueError, match="unknown fault"):
         injected_faults()
+
+
+def test_a_deterministic_teacher_error_is_not_retried():
+    """An exception raised by the teacher's own code comes back as RayTaskError(cause): a retry would
+    raise it again, so it is raised at once; a lost connection inside the teacher is retried."""
+    from tsdkd_plugin.host.faults import worker_error_line
+
+    bug = ray.exceptions.RayTaskError("forward", "Traceback ...", ValueError("teacher logits have the wrong shape"))
+    teacher = FlakyTeacher(1, bug.as_instanceof_cause())
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        get_with_retries(teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get,
+                         sleep=lambda s: None)
+    assert teacher.calls == 1
+    assert worker_error_line(raised.value) == "ValueError: teacher logits have the wrong shape"
+
+    lost = ray.exceptions.RayTaskError("forward", "Traceback ...", ConnectionError("connection reset by peer"))
+    teacher = FlakyTeacher(1, lost.as_instanceof_cause())
+    assert get_with_retries(teacher.submit, timeout_s=1, max_retries=3, what="teacher", get=teacher.get,
+                            sleep=lambda s: None) == [["signals"]]
+    assert teacher.calls == 2
+
+
+def test_the_experience_maker_reports_a_teacher_error_at_once(monkeypatch):
+    """TeacherRankedExperienceMaker._teacher_signals turns it into the run's one-sentence stop, with the
+    teacher's own message and how to resume."""
+    from types import SimpleNamespace
+
+    import tsdkd_plugin.host.trainer as trainer
+    from tsdkd_plugin.host.trainer import TeacherFailedError, TeacherRankedExperienceMaker
+
+    calls = []
+
+    def failing_get(refs, timeout):
+        calls.append(timeout)
+        raise ray.exceptions.RayTaskError("forward", "tb", ValueError("bad candidate ids")).as_instanceof_cause()
+
+    monkeypatch.setattr(trainer.ray, "get", failing_get)
+    monkeypatch.setattr(trainer, "get_with_retries", functools.partial(get_with_retries, get=failing_get))
+    maker = TeacherRankedExperienceMaker.__new__(TeacherRankedExperienceMaker)
+    maker.args = SimpleNamespace(
+        teacher=SimpleNamespace(model_name_or_path="/models/teacher", timeout_s=30.0, max_retries=2),
+        ckpt=SimpleNamespace(path="/nonexistent/ckpt"),
+    )
+    maker.teacher_model_group = SimpleNamespace(async_run_method_batch=lambda **kwargs: [])
+    with pytest.raises(TeacherFailedError) as stopped:
+        maker._teacher_signals([], {})
+    message = str(stopped.value)
+    assert len(calls) == 1, calls
+    assert "--teacher.model_name_or_path /models/teacher" in message and "ValueError: bad candidate ids" in message
+    assert "not retried" in message and message.startswith("TSD-KD stopped:") and stop_reason(stopped.value)

@@ -33,21 +33,20 @@ def build_parser():
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    """Parse and run every check that needs no file, model or cluster: upstream's own
-    validations, the objective's config, and flag combinations. Returns (args, config).
-    Used by the recipe checks, which must not touch the hub."""
-    from tsdkd_plugin.host.args import ArgumentError, loss_config_from_args
-    from tsdkd_plugin.host.preflight import check_objective_vs_rollout, require_option
+    """Parse and run every check that needs no file, model or cluster: ours first (on the flags as
+    typed: upstream's post-parse code divides by some of them), then upstream's own validations.
+    Returns (args, config). Used by the recipe checks, which must not touch the hub."""
+    from openrlhf.utils.config import hierarchize
+
+    from tsdkd_plugin.host.args import ArgumentError
+    from tsdkd_plugin.host.preflight.options import check_options, normalize_options
 
     parser, upstream = build_parser()
     flat_args = parser.parse_args(argv)
+    defaults = {action.dest: parser.get_default(action.dest) for action in parser._actions if action.option_strings}
     try:
-        require_option("--actor.model_name_or_path", getattr(flat_args, "actor.model_name_or_path"))
-        require_option("--teacher.model_name_or_path", getattr(flat_args, "teacher.model_name_or_path"))
-        require_option("--data.prompt_dataset", getattr(flat_args, "data.prompt_dataset"))
-        args = upstream.finalize(flat_args)
-        config = loss_config_from_args(args)
-        check_objective_vs_rollout(args, config)
+        config = check_options(hierarchize(flat_args), defaults)
+        args = normalize_options(upstream.finalize(flat_args))
     except ArgumentError as error:
         parser.exit(2, f"{PROG}: error: {error}\n")
     except AssertionError as error:  # upstream's own validations are asserts
@@ -55,25 +54,14 @@ def parse_args(argv: Optional[List[str]] = None):
     return args, config
 
 
-def preflight(args, config) -> int:
-    """Checks that read models and data (still before any Ray worker). Returns the shared
-    vocabulary size. Exits with status 2 and one sentence on bad input."""
+def preflight(args, config):
+    """Checks that read files, models and data (still before any Ray worker): one call that returns
+    the resolved plan (host/preflight). Exits with status 2 and one sentence on bad input."""
     from tsdkd_plugin.host.args import ArgumentError
-    from tsdkd_plugin.host.preflight import (
-        check_model_path,
-        check_prompt_dataset,
-        check_resume_checkpoint,
-        check_run_flags,
-        shared_vocabulary_size,
-    )
+    from tsdkd_plugin.host.preflight import preflight as check_launch
 
     try:
-        check_run_flags(args)
-        check_model_path("--actor.model_name_or_path", args.actor.model_name_or_path)
-        check_model_path("--teacher.model_name_or_path", args.teacher.model_name_or_path)
-        check_prompt_dataset(args)
-        check_resume_checkpoint(args)
-        return shared_vocabulary_size(args.actor.model_name_or_path, args.teacher.model_name_or_path)
+        return check_launch(args, config)
     except ArgumentError as error:
         sys.stderr.write(f"{PROG}: error: {error}\n")
         sys.exit(2)
@@ -82,13 +70,16 @@ def preflight(args, config) -> int:
 def init_ray(args) -> None:
     import ray
 
-    from tsdkd_plugin.host.device import cpu_mode, init_local_ray_cluster
-    from tsdkd_plugin.host.preflight import required_gpus
+    from tsdkd_plugin.host.device import apply_cpu_mode_env, cpu_mode, init_local_ray_cluster
+    from tsdkd_plugin.host.preflight.plan import required_gpus
 
+    if cpu_mode():
+        # The vLLM engines are created in this process; in CPU mode their dtype follows the actor's.
+        apply_cpu_mode_env(param_dtype=args.ds.param_dtype)
     if ray.is_initialized():
         return
     if cpu_mode() and not os.environ.get("RAY_ADDRESS"):
-        init_local_ray_cluster(num_gpus=required_gpus(args)["total"])
+        init_local_ray_cluster(num_gpus=required_gpus(args)["total"], param_dtype=args.ds.param_dtype)
         return
     ray.init(
         runtime_env={
@@ -103,36 +94,39 @@ def init_ray(args) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args, config = parse_args(argv)
-    shared_vocab_size = preflight(args, config)
-
-    from tsdkd_plugin.host.args import ArgumentError
-    from tsdkd_plugin.host.preflight import check_cluster_capacity, resolved_plan
-
-    plan = resolved_plan(args, config, shared_vocab_size)
+    plan = preflight(args, config)
     if args.tsdkd.dry_run:
-        print(json.dumps(plan, indent=2, default=str))
+        print(json.dumps(plan.as_dict(), indent=2, default=str))
         return
 
     import ray
+
+    from tsdkd_plugin.host.args import ArgumentError
+    from tsdkd_plugin.host.preflight import check_cluster_capacity
 
     init_ray(args)
     try:
         check_cluster_capacity(args, ray.cluster_resources().get("GPU", 0))
     except ArgumentError as error:
         sys.exit(f"{PROG}: error: {error}")
-    from tsdkd_plugin.host.faults import stop_reason
+    from tsdkd_plugin.host.faults import stop_reason, worker_failure_report
     from tsdkd_plugin.host.launch import train
 
     try:
-        train(args, config, shared_vocab_size)
+        train(args, config, plan.shared_vocab_size)
     except Exception as error:
-        # A stopped run (teacher unavailable, repeated non-finite losses: docs/reliability.md)
-        # ends with its one-sentence reason, not Ray's nested worker tracebacks.
+        # A stopped run (teacher unavailable, repeated non-finite losses) ends with its one-sentence
+        # reason; a worker that failed on an input (a model vLLM cannot load after all, a checkpoint
+        # DeepSpeed cannot read) with one sentence naming the flag and file, and the worker's last
+        # error line beneath it: not Ray's nested cross-process tracebacks (docs/reliability.md).
         stopped = stop_reason(error)
-        if stopped is None:
+        failure = None if stopped is not None else worker_failure_report(error, args)
+        if stopped is None and failure is None:
             raise
+        if failure is not None and failure.input_flag is None:
+            sys.stderr.write(f"{error}\n")  # not caused by one input: keep the whole trace for debugging
         ray.shutdown()  # flush the workers' forwarded logs first, so the reason is the last line
-        sys.exit(f"{PROG}: error: {stopped}")
+        sys.exit(f"{PROG}: error: {stopped if stopped is not None else failure.message}")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
 from tsdkd_plugin.host.checkpoint import (
     actor_checkpoint_dir,
     fresh_checkpoint_states,
+    restore_rank_rng_state,
     resume_hint,
     save_checkpoint_atomically,
+    save_rank_rng_state,
 )
 from tsdkd_plugin.host.device import current_device, ema_device
 from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
-from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
 from tsdkd_plugin.host.teacher import (
     action_logits,
     in_vocab_action_mask,
@@ -95,7 +97,7 @@ class MergedLoRAView:
 def sparse_teacher_signals(signals: Dict[str, torch.Tensor], config: TSDKDConfig) -> TeacherSignals:
     """Rebuild the objective's `TeacherSignals` from the wire dict of a separate teacher group."""
     fields = {k: v for k, v in signals.items() if k != "group_ids"}
-    return TeacherSignals(**fields, temperature=config.temperature)
+    return TeacherSignals.from_wire(fields, temperature=config.temperature)
 
 
 class TSDKDActorTrainer(ActorPPOTrainer):
@@ -185,7 +187,8 @@ class TSDKDActorTrainer(ActorPPOTrainer):
                 if poison_teacher:
                     hidden = torch.full_like(hidden, float("nan"))
                 with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
-                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight)
+                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight,
+                                             output_head=output_head_of(self.colocated_teacher))
                     loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
             else:
                 teacher = sparse_teacher_signals(poison_with_nan(signals) if poison_teacher else signals,
@@ -249,6 +252,11 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         }
 
 
+def actor_trainer_factory(tsdkd_options: Dict):
+    """What upstream's `init_model_from_pretrained` calls in place of `ActorPPOTrainer(...)`."""
+    return functools.partial(TSDKDActorTrainer, tsdkd_options=tsdkd_options)
+
+
 class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
     """Policy actor with the TSD-KD trainer, student candidates, and an optional in-process teacher."""
 
@@ -258,8 +266,7 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
         self.tsdkd_options = dict(tsdkd_options)
         self.colocated_teacher = None
         teacher_path = self.tsdkd_options.get("colocated_teacher_path")
-        factory = functools.partial(TSDKDActorTrainer, tsdkd_options=self.tsdkd_options)
-        with _actor_trainer_class(factory):
+        with _actor_trainer_class(actor_trainer_factory(self.tsdkd_options)):
             super().init_model_from_pretrained(strategy, pretrain, max_steps=max_steps, vllm_engines=vllm_engines)
         if teacher_path:
             # The dense transport: the teacher lives beside the student and its full logits
@@ -268,6 +275,15 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
                 strategy, teacher_path, offload=strategy.args.teacher.offload
             )
             self.trainer.colocated_teacher = self.colocated_teacher
+        self.restore_rng_state()
+
+    def restore_rng_state(self) -> None:
+        """After a resume (upstream loaded the checkpoint `latest` names), this rank's RNGs continue
+        where the saved run left them, so the next step shuffles its replay buffer the same way.
+        Called last, after everything that initialising consumes random numbers for."""
+        if self.checkpoint_states:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            restore_rank_rng_state(actor_checkpoint_dir(self.strategy.args.ckpt.path), rank)
 
     def placement(self) -> Dict:
         return where_am_i()
@@ -288,6 +304,9 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
                 is_rank_0=self.strategy.is_rank_0(),
                 barrier=torch_dist_barrier_and_cuda_sync,
                 write_metric=lambda tag_dir: self.strategy._write_ckpt_metric(tag_dir, metric_value, metric_key),
+                write_rank_files=functools.partial(
+                    save_rank_rng_state, rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                ),
             )
         if self.save_hf_ckpt:
             model = self.ema_model if args.train.enable_ema else self.actor

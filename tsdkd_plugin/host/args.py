@@ -18,10 +18,13 @@ from types import SimpleNamespace
 from typing import Any, Dict
 
 from tsdkd_plugin.host.numerics import DEFAULT_MAX_NONFINITE_STEPS
-from tsdkd_plugin.objective import TSDKDConfig
-from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_FORMS
+from tsdkd_plugin.objective import PRESETS, TSDKDConfig
+from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_FORMS, REDUCTIONS
 
-CONFIG_FIELD_CHOICES = {"gate": GATE_KINDS, "indirect_level": INDIRECT_LEVELS, "listmle_form": LISTMLE_FORMS}
+CONFIG_FIELD_CHOICES = {
+    "gate": GATE_KINDS, "indirect_level": INDIRECT_LEVELS, "listmle_form": LISTMLE_FORMS,
+    "direct_reduction": REDUCTIONS, "entropy_reduction": REDUCTIONS,
+}
 
 TEACHER_PLACEMENTS = ("separate", "colocate")
 DEFAULT_TEACHER_TIMEOUT_S = 1800.0
@@ -120,8 +123,9 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
     teacher.add_argument("--teacher.placement", type=str, default="separate", choices=TEACHER_PLACEMENTS,
                          help="separate: own GPUs, sparse top-K transport through Ray; "
                               "colocate: loaded inside each policy actor, dense logits, no transport")
-    teacher.add_argument("--teacher.sparse_top_k", type=int, default=64,
-                         help="K of the sparse transport: teacher top-K log-probs per token (+ one tail bucket)")
+    teacher.add_argument("--teacher.sparse_top_k", type=int, default=TSDKDConfig.sparse_top_k,
+                         help="K of the sparse transport: teacher top-K log-probs per token (+ one tail bucket) "
+                              "(default: %(default)s)")
     teacher.add_argument("--teacher.offload", action="store_true", default=False,
                          help="offload teacher weights to CPU between forwards (DeepSpeed)")
     # Reliability (docs/reliability.md): a dead or hung teacher stops the run in bounded time.
@@ -134,13 +138,22 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
                               "latest checkpoint intact (default: %(default)s)")
 
     objective = parser.add_argument_group("TSD-KD objective (--tsdkd.*): see docs/objective.md")
+    objective.add_argument("--tsdkd.preset", type=str, choices=tuple(PRESETS), default=None,
+                           help="start from a named set of objective values: 'reference' (the authors' code: "
+                                "micro-batch means, entropy over the top 90%% of tokens; the defaults) or 'paper' "
+                                "(per-response means, entropy over the top 10%% of each response). A --tsdkd.* "
+                                "flag given explicitly always overrides the preset")
     for field in dataclasses.fields(TSDKDConfig):
         if field.name in FIELDS_SET_ELSEWHERE:
             continue
         arg_type, choices = _field_type(field)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        objective.add_argument(f"--tsdkd.{field.name}", type=arg_type, choices=choices, default=default,
-                               help=f"{_field_help(field)} (default: {default})")
+        in_presets = "; ".join(f"--tsdkd.preset {name}: {values[field.name]}"
+                               for name, values in PRESETS.items() if field.name in values)
+        # default None = "not given": the preset (or the config's default) applies; see loss_config_from_args.
+        switch = {"nargs": "?", "const": True} if arg_type is _str2bool else {}  # a bare --tsdkd.diagnostics is true
+        objective.add_argument(f"--tsdkd.{field.name}", type=arg_type, choices=choices, default=None, **switch,
+                               help=f"{_field_help(field)} (default: {default}{'; ' + in_presets if in_presets else ''})")
     objective.add_argument("--tsdkd.on_policy_fraction", type=float, default=1.0,
                            help="lambda: probability that a step trains on the student's own samples; other steps "
                                 "use the dataset's reference responses from --data.label_key (GKD-style mixing). "
@@ -158,8 +171,11 @@ def add_tsdkd_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def loss_config_from_args(args: SimpleNamespace) -> TSDKDConfig:
-    values = {f.name: getattr(args.tsdkd, f.name) for f in dataclasses.fields(TSDKDConfig)
-              if f.name not in FIELDS_SET_ELSEWHERE}
+    """The objective's config: --tsdkd.preset's values (if any), then every --tsdkd.* flag the user
+    gave (an explicit flag always wins, even when it repeats the default), then the config's defaults."""
+    given = {f.name: getattr(args.tsdkd, f.name) for f in dataclasses.fields(TSDKDConfig)
+             if f.name not in FIELDS_SET_ELSEWHERE and getattr(args.tsdkd, f.name) is not None}
+    values = {**(PRESETS[args.tsdkd.preset] if args.tsdkd.preset else {}), **given}
     values["sparse_top_k"] = args.teacher.sparse_top_k
     try:
         return TSDKDConfig(**values)

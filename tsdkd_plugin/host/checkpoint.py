@@ -114,10 +114,12 @@ def save_checkpoint_atomically(
     is_rank_0: bool,
     barrier: Callable[[], None],
     write_metric: Optional[Callable[[str], None]] = None,
+    write_rank_files: Optional[Callable[[str], None]] = None,
 ) -> None:
     """Save `engine` (a DeepSpeedEngine) as `tag` in the steps of the module docstring.
 
-    Collective: every rank calls it. `write_metric(tag_dir)` writes upstream's metric.json."""
+    Collective: every rank calls it. `write_metric(tag_dir)` writes upstream's metric.json;
+    `write_rank_files(tag_dir)`, called on every rank, adds that rank's own files (its RNG state)."""
     staging_tag = tag + STAGING_SUFFIX
     staging_dir, final_dir = os.path.join(ckpt_dir, staging_tag), os.path.join(ckpt_dir, tag)
     if is_rank_0:
@@ -125,6 +127,8 @@ def save_checkpoint_atomically(
         shutil.rmtree(staging_dir, ignore_errors=True)  # files of an earlier interrupted save of this tag
     barrier()
     engine.save_checkpoint(ckpt_dir, tag=staging_tag, client_state=client_state, save_latest=False)
+    if write_rank_files is not None:
+        write_rank_files(staging_dir)
     barrier()
     if is_rank_0:
         if write_metric is not None:
@@ -149,6 +153,21 @@ def _complete_torch_file(path: str) -> bool:
         return False
 
 
+def _load_model_states(path: str):
+    """A DeepSpeed model-states file with its tensors memory-mapped, not read (data.pkl only)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _first_model_states(files: List[str]) -> Optional[str]:
+    """The data-parallel rank-0 model-states file (ZeRO 0-2: mp_rank_00_…; ZeRO-3: zero_pp_rank_0_…)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if name in files:
+            return name
+    return next((f for f in files if f.endswith("model_states.pt")), None)
+
+
 def tag_problem(ckpt_dir: str, tag: str) -> Optional[str]:
     """Why `<ckpt_dir>/<tag>` is not a complete DeepSpeed checkpoint, or None."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -158,12 +177,36 @@ def tag_problem(ckpt_dir: str, tag: str) -> Optional[str]:
         files = sorted(os.listdir(tag_dir))
     except OSError as error:
         return f"{tag_dir} cannot be listed ({error.strerror})"
-    if not any(f.endswith("model_states.pt") for f in files):
+    model_states = _first_model_states(files)
+    if model_states is None:
         return f"{tag_dir} has no DeepSpeed model states file (*model_states.pt)"
     for name in files:
         if name.endswith(".pt") and not _complete_torch_file(os.path.join(tag_dir, name)):
             return f"{os.path.join(tag_dir, name)} is truncated or corrupt"
+    path = os.path.join(tag_dir, model_states)
+    try:
+        states = _load_model_states(path)
+    except Exception as error:  # a complete archive whose pickle cannot be read
+        return f"{path} cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]})"
+    if not isinstance(states, dict) or "module" not in states:
+        return f"{path} is not a DeepSpeed model-states file (it has no 'module' entry)"
     return None
+
+
+def checkpoint_parameter_shapes(tag_dir: str) -> Dict[str, tuple]:
+    """{parameter name: shape} recorded in a tag's model-states file (the module's state dict, or
+    DeepSpeed's param_shapes under ZeRO-3), without reading the tensors."""
+    name = _first_model_states(sorted(os.listdir(tag_dir)))
+    if name is None:
+        return {}
+    states = _load_model_states(os.path.join(tag_dir, name))
+    module = states.get("module") if isinstance(states, dict) else None
+    if isinstance(module, dict) and module:
+        return {k: tuple(v.shape) for k, v in module.items() if hasattr(v, "shape")}
+    shapes = {}
+    for group in (states.get("param_shapes") or []) if isinstance(states, dict) else []:
+        shapes.update({k: tuple(v) for k, v in dict(group).items()})
+    return shapes
 
 
 def complete_tags(ckpt_dir: str, exclude: Iterable[str] = ()) -> List[str]:
@@ -200,6 +243,66 @@ def checkpoint_problem(ckpt_dir: str) -> Optional[str]:
     fix = (f"write the name of a complete earlier tag ({', '.join(earlier[:3])}) into {latest_path}"
            if earlier else "no complete tag is left")
     return f"the checkpoint to resume from is unusable: {problem}; {fix}, or move {ckpt_dir} away to start from step 0"
+
+
+# ----------------------------------------------------------------------------- random number generators
+# What decides a resumed step besides weights, optimizer and data position: the RNG states of the
+# driver (saved in the client states) and of every policy rank (its replay buffer's shuffle, dropout;
+# one file per rank in the tag directory, since DeepSpeed keeps only rank 0's client states).
+
+DRIVER_RNG_KEY = "tsdkd_driver_rng_state"
+
+
+def rank_rng_file(tag_dir: str, rank: int) -> str:
+    return os.path.join(tag_dir, f"tsdkd_rng_state_rank{rank}.pt")
+
+
+def capture_rng_state() -> Dict:
+    """Python's, numpy's and torch's (CPU and CUDA) global RNG states of this process."""
+    import random
+
+    import numpy
+    import torch
+
+    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Optional[Dict]) -> bool:
+    """Set this process's RNGs back to a `capture_rng_state()`; False when there is none to restore."""
+    if not state:
+        return False
+    import random
+
+    import numpy
+    import torch
+
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def save_rank_rng_state(tag_dir: str, rank: int) -> None:
+    import torch
+
+    torch.save(capture_rng_state(), rank_rng_file(tag_dir, rank))
+
+
+def restore_rank_rng_state(ckpt_dir: str, rank: int) -> bool:
+    """Restore this rank's RNGs from the tag `latest` names (the one a resume just loaded); False for
+    checkpoints written before RNG states were saved."""
+    import torch
+
+    tag = read_latest(ckpt_dir)
+    path = rank_rng_file(os.path.join(ckpt_dir, tag), rank) if tag else None
+    if path is None or not os.path.isfile(path):
+        return False
+    return restore_rng_state(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def resume_hint(ckpt_path: str) -> str:

@@ -10,7 +10,7 @@ Examples:
 
 What it does before running MODULE as `__main__` (runpy, same process):
 - sets the CPU-mode environment (device.cpu_mode_env: OPENRLHF_DEVICE=cpu, DS_ACCELERATOR=cpu,
-  vLLM-CPU KV cache size, thread limits);
+  vLLM-CPU KV cache size, thread limits, and the engines' dtype from --ds.param_dtype);
 - Ray modules (train_ppo_ray; or --ray): starts a private local Ray cluster with logical GPUs,
   enough for the placement groups the given arguments ask for (or --num-gpus), unless Ray is
   already initialized or RAY_ADDRESS names a cluster to join. Upstream train_ppo_ray only calls
@@ -155,7 +155,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.stderr.write(f"{PROG}: error: {problem}\n")
         sys.exit(2)
 
-    device.apply_cpu_mode_env(options.threads)
+    # The engines' dtype follows --ds.param_dtype (stock create_vllm_engines has no dtype parameter);
+    # a value that is no dtype is left to the module's own parser to reject.
+    param_dtype = _flag_value(module_args, "--ds.param_dtype")
+    device.apply_cpu_mode_env(
+        options.threads, param_dtype=param_dtype if param_dtype in device.VLLM_DTYPE_OF_PARAM_DTYPE else None
+    )
     use_ray = options.ray if options.ray is not None else module in RAY_MODULES
 
     started_ray = False

@@ -41,6 +41,13 @@ CPU_MODE_ENV_DEFAULTS: Dict[str, str] = {
     "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
 }
 
+# The vLLM engines' dtype in CPU mode. Stock OpenRLHF creates its engines in bfloat16, with no
+# parameter to change that; the CPU patch's `openrlhf.utils.device.vllm_engine_dtype()` reads this
+# variable, on the CPU only (on GPUs it is ignored, so GPU launches never depend on it). Weights are
+# synced into the engines as the actor holds them, so it must follow --ds.param_dtype.
+CPU_VLLM_DTYPE_VAR = "OPENRLHF_CPU_VLLM_DTYPE"
+VLLM_DTYPE_OF_PARAM_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
 # Ray's default object store takes 30% of RAM; CPU-mode runs move tiny models and rollouts.
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30
 
@@ -73,8 +80,9 @@ def default_threads_per_process() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def cpu_mode_env(threads_per_process: Optional[int] = None) -> Dict[str, str]:
-    """The environment CPU-mode processes need; values already set in os.environ win.
+def cpu_mode_env(threads_per_process: Optional[int] = None, param_dtype: Optional[str] = None) -> Dict[str, str]:
+    """The environment CPU-mode processes need; values already set in os.environ win, except
+    the engines' dtype, which follows `param_dtype` (the run's --ds.param_dtype) when given.
 
     OMP_NUM_THREADS is included because Ray otherwise sets it per worker from the
     actor's logical CPU share, which says nothing about the real cores.
@@ -84,12 +92,20 @@ def cpu_mode_env(threads_per_process: Optional[int] = None) -> Dict[str, str]:
     for name in list(env):
         if name in os.environ:
             env[name] = os.environ[name]
+    if param_dtype is not None:
+        if param_dtype not in VLLM_DTYPE_OF_PARAM_DTYPE:
+            raise ValueError(
+                f"--ds.param_dtype {param_dtype!r} has no vLLM dtype; use one of {', '.join(VLLM_DTYPE_OF_PARAM_DTYPE)}"
+            )
+        env[CPU_VLLM_DTYPE_VAR] = VLLM_DTYPE_OF_PARAM_DTYPE[param_dtype]
+    elif CPU_VLLM_DTYPE_VAR in os.environ:
+        env[CPU_VLLM_DTYPE_VAR] = os.environ[CPU_VLLM_DTYPE_VAR]
     return env
 
 
-def apply_cpu_mode_env(threads_per_process: Optional[int] = None) -> Dict[str, str]:
-    """Set the CPU-mode environment in this process (existing values are kept) and return it."""
-    env = cpu_mode_env(threads_per_process)
+def apply_cpu_mode_env(threads_per_process: Optional[int] = None, param_dtype: Optional[str] = None) -> Dict[str, str]:
+    """Set the CPU-mode environment in this process (see cpu_mode_env) and return it."""
+    env = cpu_mode_env(threads_per_process, param_dtype)
     os.environ.update(env)
     return env
 
@@ -125,6 +141,7 @@ def init_local_ray_cluster(
     num_gpus: int = 1,
     *,
     threads_per_process: Optional[int] = None,
+    param_dtype: Optional[str] = None,
     temp_dir: Optional[str] = None,
     object_store_memory: Optional[int] = DEFAULT_OBJECT_STORE_BYTES,
     **ray_init_kwargs: Any,
@@ -136,6 +153,7 @@ def init_local_ray_cluster(
     - num_cpus: logical CPUs (default 2 * num_gpus + 4): each bundle takes one and every
       un-pinned Ray actor needs one to be scheduled. They are not real cores.
     - threads_per_process: OMP_NUM_THREADS for the workers (default: half the cores).
+    - param_dtype: the run's --ds.param_dtype; the vLLM engines are created in the matching dtype.
     - temp_dir: Ray's session directory root (default $TSDKD_RAY_TMPDIR, else Ray's /tmp/ray).
     - other keyword arguments go to ray.init.
 
@@ -155,7 +173,7 @@ def init_local_ray_cluster(
         )
     if num_gpus < 1:
         raise ValueError(f"num_gpus must be at least 1 (OpenRLHF places every model on a GPU bundle), got {num_gpus}.")
-    env = apply_cpu_mode_env(threads_per_process)
+    env = apply_cpu_mode_env(threads_per_process, param_dtype)
     runtime_env = dict(ray_init_kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
     temp_dir = temp_dir or os.environ.get("TSDKD_RAY_TMPDIR") or None

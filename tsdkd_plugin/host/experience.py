@@ -31,16 +31,16 @@ from openrlhf.trainer.ppo_utils.experience import (
 )
 from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
 
-# The wire format is `TeacherSignals.tensors()` (tsdkd_plugin.objective.transport) plus
+# The wire format is `TeacherSignals.to_wire()` (tsdkd_plugin.objective.transport) plus
 # `group_ids`. Per-token tensors are [B, A, ...] aligned with `action_mask` (position t
 # holds the distribution that predicts response token t); per-sample tensors are [B].
 PER_TOKEN_SIGNALS = (
-    "topk_logprobs",  # [B, A, K] teacher log-probs at its top-K ids (sparse transport)
-    "topk_ids",  # [B, A, K]
-    "tail_logprob",  # [B, A] log of the teacher's mass outside its top-K
-    "entropy",  # [B, A] teacher entropy over the full shared vocabulary
-    "candidate_ids",  # [B, A, k] the student's top-k candidates at experience time
-    "candidate_logprobs",  # [B, A, k] teacher log-probs at those candidates
+    "topk_logprobs",  # [B, A, K] float16 teacher log-probs at its top-K ids (sparse transport)
+    "topk_ids",  # [B, A, K] int32
+    "tail_logprob",  # [B, A] float16 log of the teacher's mass outside its top-K
+    "entropy",  # [B, A] float32 teacher entropy over the full shared vocabulary
+    "candidate_ids",  # [B, A, k] int32 the student's top-k candidates at experience time, in the teacher's order
+    "candidate_logprobs",  # [B, A, k] float16 teacher log-probs at those candidates
 )
 PER_SAMPLE_SIGNALS = (
     "sequence_scores",  # [B] length-normalized teacher log-likelihood of the response

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import ray
 from ray.util.placement_group import placement_group
@@ -36,75 +36,122 @@ class TSDKDJob:
     vllm_engines: List[Any]
 
 
-def launch(args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int) -> TSDKDJob:
-    """Create the vLLM engines and the policy/teacher groups, load the models."""
-    strategy = get_strategy(args)
-    strategy.print(args)
+# Each upstream call below takes its arguments from one small builder, by keyword: the same
+# builders feed tests/host/test_stock_contract.py, which binds them to the PRISTINE openrlhf
+# 0.11.2 signatures (the CPU patch must not be what makes a GPU launch work).
 
-    ring_tp = args.ds.ring_attn_size * args.ds.tensor_parallel_size
-    shared_pg = None
-    if args.train.colocate_all:
-        bundles = [{"GPU": 1, "CPU": 1} for _ in range(args.actor.num_nodes * args.actor.num_gpus_per_node)]
-        shared_pg = placement_group(bundles, strategy="PACK")
-        ray.get(shared_pg.ready())
 
-    vllm_engines = create_vllm_engines(
-        args.vllm.num_engines,
-        args.vllm.tensor_parallel_size,
-        args.actor.model_name_or_path,
-        args.train.seed,
-        args.train.full_determinism_enable,
-        args.vllm.enable_prefix_caching,
-        args.vllm.enforce_eager,
-        args.data.max_len,
-        shared_pg,
-        args.vllm.gpu_memory_utilization,
-        args.vllm.enable_sleep,
-        None,
+def vllm_engine_arguments(args: SimpleNamespace, shared_pg) -> Dict[str, Any]:
+    """Keyword arguments of upstream `create_vllm_engines` for the student's rollout engines."""
+    return dict(
+        num_engines=args.vllm.num_engines,
+        tensor_parallel_size=args.vllm.tensor_parallel_size,
+        pretrain=args.actor.model_name_or_path,
+        seed=args.train.seed,
+        full_determinism=args.train.full_determinism_enable,
+        enable_prefix_caching=args.vllm.enable_prefix_caching,
+        enforce_eager=args.vllm.enforce_eager,
+        max_model_len=args.data.max_len,
+        shared_pg=shared_pg,
+        gpu_memory_utilization=args.vllm.gpu_memory_utilization,
+        vllm_enable_sleep=args.vllm.enable_sleep,
+        logprobs_mode=None,
         agent_func_path=args.train.agent_func_path,
         remote_rm_url=args.reward.remote_url,
-        # The engine samples from the same numerics the actor trains in (fp32 on CPU runs).
-        dtype="float32" if args.ds.param_dtype == "fp32" else "bfloat16",
+        # No dtype: stock OpenRLHF creates its engines in bf16. In CPU mode the engines follow
+        # --ds.param_dtype through the environment (host/device.py, CPU_VLLM_DTYPE_VAR).
     )
 
-    actor_group = RayActorGroup(
-        args.actor.num_nodes,
-        args.actor.num_gpus_per_node,
-        TSDKDPolicyActor,
+
+def policy_group_arguments(args: SimpleNamespace, shared_pg) -> Dict[str, Any]:
+    """Keyword arguments of upstream `RayActorGroup` for the student (policy) group."""
+    return dict(
+        num_nodes=args.actor.num_nodes,
+        num_gpus_per_node=args.actor.num_gpus_per_node,
+        ray_actor_type=TSDKDPolicyActor,
         pg=shared_pg,
         num_gpus_per_actor=0.2 if shared_pg else 1,
-        duplicate_actors=ring_tp,
+        duplicate_actors=args.ds.ring_attn_size * args.ds.tensor_parallel_size,
     )
-    teacher_group = None
-    if args.teacher.placement == "separate":
-        teacher_group = RayActorGroup(
-            args.teacher.num_nodes, args.teacher.num_gpus_per_node, TeacherModelActor, pg=None, num_gpus_per_actor=1
-        )
 
-    trainer = TSDKDTrainer.remote(
-        args.actor.model_name_or_path,
-        strategy,
-        actor_group,
-        teacher_group,
-        vllm_engines,
+
+def teacher_group_arguments(args: SimpleNamespace) -> Dict[str, Any]:
+    """Keyword arguments of upstream `RayActorGroup` for a separate teacher group (own GPUs)."""
+    return dict(
+        num_nodes=args.teacher.num_nodes,
+        num_gpus_per_node=args.teacher.num_gpus_per_node,
+        ray_actor_type=TeacherModelActor,
+        pg=None,
+        num_gpus_per_actor=1,
+    )
+
+
+def trainer_arguments(args: SimpleNamespace, strategy, actor_group, teacher_group, vllm_engines) -> Dict[str, Any]:
+    """Keyword arguments of `TSDKDTrainer` (upstream `PPOTrainer` underneath)."""
+    return dict(
+        pretrain=args.actor.model_name_or_path,
+        strategy=strategy,
+        actor_model_group=actor_group,
+        teacher_model_group=teacher_group,
+        vllm_engines=vllm_engines,
         do_sample=True,
         max_len=args.data.max_len,
         max_new_tokens=args.rollout.max_new_tokens,
         temperature=args.rollout.temperature,
         top_p=args.rollout.top_p,
     )
+
+
+def policy_init_arguments(
+    args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int, strategy, max_steps: int, vllm_engines
+) -> Dict[str, Any]:
+    """Keyword arguments of each policy actor's `init_model_from_pretrained`."""
+    return dict(
+        strategy=strategy,
+        pretrain=args.actor.model_name_or_path,
+        max_steps=max_steps,
+        vllm_engines=vllm_engines,
+        tsdkd_options=tsdkd_options(args, config, shared_vocab_size),
+    )
+
+
+def teacher_init_arguments(
+    args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int, strategy
+) -> Dict[str, Any]:
+    """Keyword arguments of each teacher actor's `init_model_from_pretrained`."""
+    return dict(
+        strategy=strategy,
+        pretrain=args.teacher.model_name_or_path,
+        signal_options=teacher_signal_options(args, config, shared_vocab_size),
+    )
+
+
+def launch(args: SimpleNamespace, config: TSDKDConfig, shared_vocab_size: int) -> TSDKDJob:
+    """Create the vLLM engines and the policy/teacher groups, load the models."""
+    strategy = get_strategy(args)
+    strategy.print(args)
+
+    shared_pg = None
+    if args.train.colocate_all:
+        bundles = [{"GPU": 1, "CPU": 1} for _ in range(args.actor.num_nodes * args.actor.num_gpus_per_node)]
+        shared_pg = placement_group(bundles, strategy="PACK")
+        ray.get(shared_pg.ready())
+
+    vllm_engines = create_vllm_engines(**vllm_engine_arguments(args, shared_pg))
+    actor_group = RayActorGroup(**policy_group_arguments(args, shared_pg))
+    teacher_group = None
+    if args.teacher.placement == "separate":
+        teacher_group = RayActorGroup(**teacher_group_arguments(args))
+
+    trainer = TSDKDTrainer.remote(**trainer_arguments(args, strategy, actor_group, teacher_group, vllm_engines))
     max_steps = ray.get(trainer.get_max_steps.remote())
 
     refs = actor_group.async_init_model_from_pretrained(
-        strategy,
-        args.actor.model_name_or_path,
-        max_steps,
-        vllm_engines,
-        tsdkd_options=tsdkd_options(args, config, shared_vocab_size),
+        **policy_init_arguments(args, config, shared_vocab_size, strategy, max_steps, vllm_engines)
     )
     if teacher_group is not None:
         refs += teacher_group.async_init_model_from_pretrained(
-            strategy, args.teacher.model_name_or_path, teacher_signal_options(args, config, shared_vocab_size)
+            **teacher_init_arguments(args, config, shared_vocab_size, strategy)
         )
     ray.get(refs)
     return TSDKDJob(trainer, actor_group, teacher_group, vllm_engines)

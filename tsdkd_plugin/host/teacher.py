@@ -23,8 +23,8 @@ from openrlhf.utils.deepspeed import DeepspeedStrategy
 
 from tsdkd_plugin.host.device import current_device
 from tsdkd_plugin.host.faults import inject_teacher_forward_fault
-from tsdkd_plugin.host.model_io import output_embedding, response_hidden_states
-from tsdkd_plugin.objective import TSDKDConfig, teacher_signals_from_hidden
+from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
+from tsdkd_plugin.objective import TSDKDConfig, TeacherSignals, teacher_signals_from_hidden
 
 
 def action_logits(output_logits: torch.Tensor, num_actions: int) -> torch.Tensor:
@@ -48,12 +48,13 @@ def in_vocab_action_mask(sequences: torch.Tensor, action_mask: torch.Tensor, sha
     return action_mask.bool() & (sampled < shared_vocab_size)
 
 
-def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Actor:
-    """An OpenRLHF `Actor` in eval mode under DeepSpeed's inference config (temperature 1:
-    the TSD-KD temperature is applied by the objective, on raw logits)."""
+def scoring_model_arguments(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Dict:
+    """Keyword arguments of upstream `Actor` for a model that only scores (the teacher): DeepSpeed's
+    inference config, temperature 1 (the TSD-KD temperature is applied by the objective, on raw
+    logits). Also bound to the pristine `Actor` signature by tests/host/test_stock_contract.py."""
     args = strategy.args
-    model = Actor(
-        pretrain,
+    return dict(
+        pretrain_or_model=pretrain,
         attn_implementation=args.ds.attn_implementation,
         experts_implementation=args.ds.experts_implementation,
         param_dtype=args.ds.param_dtype,
@@ -62,6 +63,11 @@ def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offlo
         packing_samples=False,
         temperature=1.0,
     )
+
+
+def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offload: bool) -> Actor:
+    """An OpenRLHF `Actor` in eval mode under DeepSpeed's inference config."""
+    model = Actor(**scoring_model_arguments(strategy, pretrain, offload))
     if offload:
         model._offload = True
     model = strategy.prepare(model)
@@ -70,6 +76,35 @@ def load_causal_lm_for_scoring(strategy: DeepspeedStrategy, pretrain: str, offlo
 
 
 @torch.no_grad()
+def sparse_signals_for_samples(
+    model: Actor,
+    zero_stage: int,
+    config: TSDKDConfig,
+    shared_vocab_size: int,
+    sequences: torch.Tensor,
+    action_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    candidate_ids: Optional[torch.Tensor],
+) -> TeacherSignals:
+    """Sparse teacher signals (float32, on the model's device) for a micro-batch of student samples."""
+    device = current_device()
+    sequences, attention_mask = sequences.to(device), attention_mask.to(device)
+    num_actions = action_mask.shape[1]
+    mask = in_vocab_action_mask(sequences, action_mask.to(device), shared_vocab_size)
+    hidden = response_hidden_states(model, sequences, attention_mask, num_actions)
+    with output_embedding(model, zero_stage) as lm_head_weight:
+        return teacher_signals_from_hidden(
+            hidden,
+            lm_head_weight,
+            config,
+            mask=mask,
+            shared_vocab_size=shared_vocab_size,
+            candidate_ids=None if candidate_ids is None else candidate_ids.to(device),
+            sampled_ids=sequences[:, -num_actions:].masked_fill(~mask, 0),
+            output_head=output_head_of(model),  # e.g. Gemma-2's logit softcapping
+        )
+
+
 def score_samples(
     model: Actor,
     zero_stage: int,
@@ -80,23 +115,12 @@ def score_samples(
     attention_mask: torch.Tensor,
     candidate_ids: Optional[torch.Tensor],
 ) -> Dict[str, torch.Tensor]:
-    """Sparse teacher signals for a micro-batch of student samples, as a dict of CPU tensors."""
-    device = current_device()
-    sequences, attention_mask = sequences.to(device), attention_mask.to(device)
-    num_actions = action_mask.shape[1]
-    mask = in_vocab_action_mask(sequences, action_mask.to(device), shared_vocab_size)
-    hidden = response_hidden_states(model, sequences, attention_mask, num_actions)
-    with output_embedding(model, zero_stage) as lm_head_weight:
-        signals = teacher_signals_from_hidden(
-            hidden,
-            lm_head_weight,
-            config,
-            mask=mask,
-            shared_vocab_size=shared_vocab_size,
-            candidate_ids=None if candidate_ids is None else candidate_ids.to(device),
-            sampled_ids=sequences[:, -num_actions:].masked_fill(~mask, 0),
-        )
-    return {name: tensor.to("cpu") for name, tensor in signals.tensors().items()}
+    """`sparse_signals_for_samples` as a dict of CPU tensors in the wire format
+    (`TeacherSignals.to_wire`: float16 log-probs, int32 ids)."""
+    signals = sparse_signals_for_samples(
+        model, zero_stage, config, shared_vocab_size, sequences, action_mask, attention_mask, candidate_ids
+    )
+    return {name: tensor.to("cpu") for name, tensor in signals.to_wire().items()}
 
 
 def where_am_i() -> Dict:

@@ -20,13 +20,15 @@ import torch
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 from openrlhf.utils.logging_utils import init_logger
 
 from tsdkd_plugin.host.args import DEFAULT_TEACHER_MAX_RETRIES, DEFAULT_TEACHER_TIMEOUT_S
-from tsdkd_plugin.host.checkpoint import resume_hint
+from tsdkd_plugin.host.checkpoint import DRIVER_RNG_KEY, capture_rng_state, restore_rng_state, resume_hint
 from tsdkd_plugin.host.experience import group_ids_from_rollout_index
-from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason
+from tsdkd_plugin.host.faults import TrainingStoppedError, stop_reason, worker_error_line
 from tsdkd_plugin.host.off_policy import is_off_policy_step, replace_with_reference_responses
+from tsdkd_plugin.host.seeded_sampling import SeededDispatch
 
 logger = init_logger(__name__)
 
@@ -37,6 +39,10 @@ TEACHER_RETRY_PAUSE_S = 2.0
 
 class TeacherUnavailableError(TrainingStoppedError):
     """The teacher group failed, or did not answer in time, on every attempt."""
+
+
+class TeacherFailedError(TrainingStoppedError):
+    """The teacher raised an error that a retry would raise again."""
 
 
 class RetriesExhausted(Exception):
@@ -54,6 +60,15 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_transient(error: BaseException) -> bool:
+    """Can the same call succeed when tried again? Yes for what happens to a process, a node or a
+    connection (a dead or restarting actor, a timeout, a lost object or connection); no for an
+    exception the teacher's own code raised (a ValueError stays a ValueError on the same batch)."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return isinstance(error.cause, (ConnectionError, TimeoutError))
+    return isinstance(error, (ray.exceptions.RayError, TimeoutError))
+
+
 def get_with_retries(
     submit: Callable[[], List[Any]],
     *,
@@ -63,14 +78,17 @@ def get_with_retries(
     get: Callable = ray.get,
     sleep: Callable[[float], None] = time.sleep,
 ) -> List[Any]:
-    """get(submit(), timeout=timeout_s), re-submitting after a Ray error or a timeout, at most
-    max_retries times; then RetriesExhausted. Total time <= (max_retries + 1) x (timeout_s + pause)."""
+    """get(submit(), timeout=timeout_s), re-submitting after a transient failure (`is_transient`),
+    at most max_retries times; then RetriesExhausted. Any other error is raised at once.
+    Total time <= (max_retries + 1) x (timeout_s + pause)."""
     last_error = None
     for attempt in range(1, max_retries + 2):
         refs = submit()
         try:
             return get(refs, timeout=timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as error:
+            if not is_transient(error):
+                raise
             last_error = error
             for ref in refs:  # best effort: drop queued work of a hung attempt
                 try:
@@ -160,6 +178,12 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
 
         try:
             results = get_with_retries(submit, timeout_s=timeout_s, max_retries=max_retries, what="teacher forward")
+        except ray.exceptions.RayTaskError as error:  # raised by the teacher's code: reported at once
+            raise TeacherFailedError(
+                f"TSD-KD stopped: the teacher group (--teacher.model_name_or_path {teacher.model_name_or_path}) "
+                f"raised {worker_error_line(error)}; a retry would raise it again, so it was not retried; fix the "
+                f"cause, then {resume_hint(self.args.ckpt.path)}"
+            ) from None
         except RetriesExhausted as exhausted:
             raise TeacherUnavailableError(
                 f"TSD-KD stopped: the teacher group (--teacher.model_name_or_path {teacher.model_name_or_path}) "
@@ -169,6 +193,11 @@ class TeacherRankedExperienceMaker(RemoteExperienceMaker):
             ) from None
         teacher_duplicates = 1  # the teacher group runs without ring attention / TP
         return [signals for chunk in results[::teacher_duplicates] for signals in chunk]
+
+
+class SeededSamplesGenerator(SeededDispatch, SamplesGenerator):
+    """Upstream's sample generator with a seed per sample and a content-fixed rollout order
+    (host/seeded_sampling.py), so a resumed run samples what the uninterrupted one did."""
 
 
 class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
@@ -183,6 +212,27 @@ class TSDKDTrainerImpl(PPOTrainer.__ray_actor_class__):
         self.experience_maker = TeacherRankedExperienceMaker(
             actor_model_group, teacher_model_group, self.kl_ctl, strategy, self.tokenizer
         )
+        self.samples_generator = SeededSamplesGenerator(
+            strategy=strategy,
+            prompts_dataloader=self.prompts_dataloader,
+            eval_dataloader=self.eval_dataloader,
+            tokenizer=self.tokenizer,
+            vllm_engines=vllm_engines,
+        )
+        self.samples_generator.sampling_seed = strategy.args.train.seed
+
+    def init_checkpoint_states(self) -> dict:
+        """Upstream's resume states (step, episode, consumed prompts, prompt loader); on a resume also
+        this process's RNG states and the sample seeds' position in the prompt stream."""
+        states = super().init_checkpoint_states()
+        self.samples_generator.prompts_dispatched = states.get("total_consumed_prompts", 0)
+        restore_rng_state(states.get(DRIVER_RNG_KEY))
+        return states
+
+    def save_logs_and_checkpoints(self, global_step: int, logs_dict=None, client_states=None) -> None:
+        if client_states is not None:  # saved with the checkpoint (DeepSpeed client states) when one is due
+            client_states[DRIVER_RNG_KEY] = capture_rng_state()
+        super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
 
     def fit(self, global_step: int = 0) -> None:
         try:

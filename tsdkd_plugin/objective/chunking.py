@@ -65,8 +65,39 @@ class OutputHead:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
+    def raw_grad_from_logits_(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """dL/d(hidden @ W.T) from dL/dlogits, written into `logits` (the head's outputs, overwritten).
+
+        d logits / d raw = scale * (1 - tanh^2) = scale * (1 - (logits / cap)^2) with a softcap.
+        """
+        if self.softcap is None:
+            return torch.mul(grad, self.scale, out=logits)
+        logits.div_(self.softcap).square_().neg_().add_(1.0).mul_(grad)
+        return logits.mul_(self.scale) if self.scale != 1.0 else logits
+
+    def raw_grad_from_raw(self, grad: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """dL/d raw from dL/dlogits at a few entries whose raw `hidden @ W.T` values are known:
+        scale / cosh^2(scale * raw / cap) with a softcap (exact even where tanh saturates)."""
+        if self.softcap is None:
+            return grad * self.scale
+        return grad * (self.scale / torch.cosh(raw * (self.scale / self.softcap)).square())
+
 
 IDENTITY_HEAD = OutputHead()
+
+
+@dataclass
+class ChunkRows:
+    """A chunk's student rows as the engine holds them when it hands their gradient over.
+
+    logprobs: [C, V] log-softmax of logits / tau (in place of the logits); lse: [C, 1] the
+    log-sum-exp it subtracted, so logits = tau * (logprobs + lse); scratch: a free [C, V] buffer.
+    """
+
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+    tau: float
+    scratch: torch.Tensor
 
 
 class LogitsRows:
@@ -138,7 +169,8 @@ class StudentLogits(LogitsRows):
     def wants_grad(self) -> bool:
         return self.grad is not None
 
-    def add_grad(self, index: Index, grad_rows: torch.Tensor) -> None:
+    def add_grad(self, index: Index, grad_rows: torch.Tensor, chunk: ChunkRows) -> None:
+        """Store the chunk's logit gradient (`chunk` is unused: these rows are the logits)."""
         if isinstance(index, slice):
             self.grad[index].add_(grad_rows)
         else:
@@ -151,7 +183,12 @@ class StudentLogits(LogitsRows):
 
 
 class StudentHidden(HiddenRows):
-    """Student rows from hidden states and lm_head weight; gradients for both, accumulated per chunk."""
+    """Student rows from hidden states and lm_head weight; gradients for both, accumulated per chunk.
+
+    With an output head (scale, softcap) the gradients go through it: the main-pass rows'
+    logits are rebuilt from their log-probs (logits = tau * (logprobs + lse)) in a scratch
+    buffer, so no [tokens x V] and no extra [chunk x V] buffer is kept for the head.
+    """
 
     def __init__(
         self,
@@ -162,8 +199,9 @@ class StudentHidden(HiddenRows):
         *,
         need_hidden_grad: bool = True,
         need_weight_grad: bool = True,
+        head: OutputHead = IDENTITY_HEAD,
     ) -> None:
-        super().__init__(hidden_rows, weight, shared)
+        super().__init__(hidden_rows, weight, shared, head)
         device = hidden_rows.device
         self.grad_hidden = (
             torch.zeros(hidden_rows.shape, dtype=compute_dtype, device=device) if need_hidden_grad else None
@@ -175,7 +213,12 @@ class StudentHidden(HiddenRows):
     def wants_grad(self) -> bool:
         return self.grad_hidden is not None or self.grad_weight is not None
 
-    def add_grad(self, index: Index, grad_rows: torch.Tensor) -> None:
+    def add_grad(self, index: Index, grad_rows: torch.Tensor, chunk: ChunkRows) -> None:
+        if not self.head.is_identity:
+            logits = chunk.scratch
+            if self.head.softcap is not None:
+                torch.add(chunk.logprobs, chunk.lse, out=logits).mul_(chunk.tau)
+            grad_rows = self.head.raw_grad_from_logits_(grad_rows, logits)
         grad_mm = grad_rows if grad_rows.dtype == self.weight.dtype else grad_rows.to(self.weight.dtype)
         if self.grad_hidden is not None:
             part = grad_mm @ self.weight
@@ -195,10 +238,12 @@ class StudentHidden(HiddenRows):
         """The gradient with values[i, j] at logit (index[i], columns[i, j]): a few rows of W each."""
         dtype = self.grad_weight.dtype if self.grad_weight is not None else self.grad_hidden.dtype
         values = values.to(dtype)
-        if self.grad_hidden is not None:
-            picked = self.weight[columns].to(dtype)  # [n, k, H]
+        rows = self.hidden[index].to(dtype)  # [n, H]
+        picked = self.weight[columns].to(dtype) if self.grad_hidden is not None or not self.head.is_identity else None
+        if not self.head.is_identity:  # through the head, at these entries' raw hidden @ W.T
+            values = self.head.raw_grad_from_raw(values, torch.einsum("nh,nkh->nk", rows, picked))
+        if self.grad_hidden is not None:  # [n, k, H] rows of W
             self.grad_hidden.index_add_(0, index, torch.einsum("nk,nkh->nh", values, picked))
         if self.grad_weight is not None:
-            rows = self.hidden[index].to(dtype)  # [n, H]
             contrib = values.unsqueeze(2) * rows.unsqueeze(1)  # [n, k, H]
             self.grad_weight.index_add_(0, columns.reshape(-1), contrib.reshape(-1, rows.shape[1]))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 GATE_KINDS = ("soft", "hard", "none")
 INDIRECT_LEVELS = ("token", "sequence", "both")
 LISTMLE_FORMS = ("suffix", "prefix")
+REDUCTIONS = ("micro_batch", "response")
 
 
 def _is_int(value) -> bool:
@@ -35,6 +36,11 @@ class TSDKDConfig:
     # ---- direct distillation: token-selective generalized JSD ----------------
     direct_weight: float = 1.0
     """Weight of L_dir (1.0 in the paper's formula; 0 switches the direct term off)."""
+
+    direct_reduction: str = "micro_batch"
+    """How L_dir averages its per-token values: "micro_batch": the mean over all response tokens
+    of the micro-batch (reference code, TRL's batchmean); "response": each response's own token
+    mean, then the mean over responses (the paper's (1/L) sum_t, per response)."""
 
     beta: float = 0.9
     """Generalized-JSD interpolation beta in [0, 1], TRL's convention:
@@ -87,17 +93,30 @@ class TSDKDConfig:
     entropy_top_fraction: float = 0.9
     """Fraction in (0, 1] of valid completion tokens (highest student entropy) that
     L_ent averages over: tokens at or above the (1 - fraction)-quantile of H_S.
-    0.9 reproduces the reference code (0.1-quantile threshold); the reviewers'
-    reading "top 10% most uncertain tokens" is 0.1."""
+    0.9 reproduces the reference code (0.1-quantile threshold); the paper's
+    "top 10% most uncertain tokens" is 0.1."""
+
+    entropy_reduction: str = "micro_batch"
+    """Where L_ent selects and averages: "micro_batch": the quantile and the mean over all
+    response tokens of the micro-batch (reference code); "response": within each response,
+    then the mean over responses (the paper: the top fraction of each response)."""
 
     # ---- computation -----------------------------------------------------------
     chunk_size: int = 256
     """Tokens per chunk (>= 1) when logits are computed or processed chunk by chunk;
     work memory is about 6 * chunk_size * vocab * 4 bytes (0.9 GB at 256 x 151,936)."""
 
-    sparse_top_k: int = 64
+    diagnostics: bool = False
+    """Also return per-term gradient diagnostics in the metrics (DIAGNOSTIC_KEYS): each term's
+    gradient norm at the student logits, its cosine with the direct term's, and the teacher's
+    mass on the student's candidates at opener tokens. Costs one more pass over the student's
+    (and a dense teacher's) logits; off in production."""
+
+    sparse_top_k: int = 24
     """K >= 1: teacher top-K log-probs per token carried by the sparse transport
-    (the rest of the teacher's mass is kept as one tail bucket)."""
+    (the rest of the teacher's mass is kept as one tail bucket). 24 ships about 210 bytes per
+    response token (TeacherSignals.to_wire) with L_dir within 1.5% of the dense value on peaked
+    teachers; flat teachers need the dense transport or K >= 256 (docs/objective.md)."""
 
     def __post_init__(self) -> None:
         for name in ("direct_weight", "indirect_weight", "sequence_weight", "entropy_weight"):
@@ -120,8 +139,13 @@ class TSDKDConfig:
             value = getattr(self, name)
             if not _is_real(value) or not 0.0 < value <= 1.0:
                 raise ValueError(f"TSDKDConfig.{name} must be in (0, 1], got {value!r}")
+        for name in ("direct_reduction", "entropy_reduction"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise ValueError(f"TSDKDConfig.{name} must be one of {REDUCTIONS}, got {getattr(self, name)!r}")
         if self.listmle_form not in LISTMLE_FORMS:
             raise ValueError(f"TSDKDConfig.listmle_form must be one of {LISTMLE_FORMS}, got {self.listmle_form!r}")
+        if not isinstance(self.diagnostics, bool):
+            raise ValueError(f"TSDKDConfig.diagnostics must be True or False, got {self.diagnostics!r}")
         for name in ("num_candidates", "chunk_size", "sparse_top_k"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -146,3 +170,20 @@ class TSDKDConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> TSDKDConfig:
+        """The named preset (PRESETS) with `overrides` on top: an explicit value always wins."""
+        if preset not in PRESETS:
+            raise ValueError(f"TSD-KD preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        return cls(**{**PRESETS[preset], **overrides})
+
+
+# Where the paper (its method section, read from a secondary copy; see docs/objective.md) and the
+# authors' reference code differ in what the terms average over. Everything not listed is shared
+# (beta 0.9, tau 1, c 0.1, k 10, lambda_ent 1, alpha 0.1, the soft gate) and the reference code's
+# bugs are fixed in both (suffix ListMLE, per-sequence opener, padding never counted).
+PRESETS = {
+    "reference": {"direct_reduction": "micro_batch", "entropy_reduction": "micro_batch", "entropy_top_fraction": 0.9},
+    "paper": {"direct_reduction": "response", "entropy_reduction": "response", "entropy_top_fraction": 0.1},
+}

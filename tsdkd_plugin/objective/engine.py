@@ -11,13 +11,15 @@ Three parts of the objective need the whole batch before a token's gradient is
 known: the entropy-quantile selection (L_ent), the per-sequence opener (L_ind)
 and the sequence-level ListMLE (L_seq). Doing a no-grad pass first to find them
 would cost one more student matmul over all tokens (~25% of the time at 150k
-vocabularies). Instead:
+vocabularies). Instead each term (terms.py) gives what it can in the main pass,
+finishes after it, and names the tokens whose gradient is still missing or wrong;
+a correction pass recomputes only those tokens' logits:
 
 - L_ent: the main pass weights every token by 1/n_sel with n_sel the count the
-  quantile will keep (known from the token count alone unless entropies tie);
-  afterwards a correction pass recomputes the logits of the tokens whose weight
-  was wrong -- the (1 - fraction) least uncertain ones, or all on a tie -- and
-  adds the difference. Exact, and ~10% of the tokens at the default.
+  quantile will keep (known from the token counts alone unless entropies tie), or
+  by 0 when fewer than half are kept; afterwards the correction pass recomputes
+  the tokens whose weight was wrong -- about min(f, 1 - f) of them, or all on a
+  tie -- and adds the difference. Exact, and ~10% of the tokens in both presets.
 - L_ind: its gradient lives on the k candidate logits only, so the main pass keeps
   each token's candidate ids and scores ([N, k]); once the openers are known the
   ListMLE gradient is applied as k rows of W per opener token.
@@ -25,7 +27,10 @@ vocabularies). Instead:
   the gradient of L_seq w.r.t. them is taken on a [B] tensor, and the correction
   pass adds coef_t * d log q_t(y_t) / dz_t (the surrogate coef_t * log q_t(y_t)).
 
-All math is in float32 (float64 if the inputs are float64), whatever the input dtype.
+This module keeps only what is common: the valid tokens, each chunk's student and
+teacher rows, the chunk loop, the per-sequence opener, the correction pass and the
+metrics that belong to no term. All math is in float32 (float64 if the inputs are
+float64), whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunking import ChunkRows
 from .config import TSDKDConfig
-from .entropy import add_entropy_grad_, entropy_from_logprobs, entropy_selection, expected_selected_count
+from .entropy import entropy_from_logprobs
 from .errors import NonFiniteInputError
-from .listmle import add_logprob_grad_, listmle_value_and_grad, opener_mask, sequence_listmle
-from .selective_jsd import entropy_gate, gate_selected, generalized_jsd_dense, generalized_jsd_partition
+from .listmle import opener_mask
+from .terms import TERM_ORDER, Term, active_terms
 
 METRIC_KEYS = (
     "loss",
@@ -58,6 +64,20 @@ METRIC_KEYS = (
     "entropy_threshold",
     "num_tokens",
     "correction_token_fraction",
+)
+
+# Returned besides METRIC_KEYS only with TSDKDConfig.diagnostics (a term that is off gives 0).
+# Gradients are of each weighted term (as it enters L) w.r.t. the student's logits over the
+# shared vocabulary at the response tokens; cosines are with the direct term's gradient.
+DIAGNOSTIC_KEYS = (
+    "diag_grad_norm_direct",
+    "diag_grad_norm_entropy",
+    "diag_grad_norm_indirect_token",
+    "diag_grad_norm_indirect_sequence",
+    "diag_grad_cos_entropy_direct",
+    "diag_grad_cos_indirect_token_direct",
+    "diag_grad_cos_indirect_sequence_direct",
+    "diag_teacher_mass_on_candidates",
 )
 
 
@@ -112,144 +132,173 @@ class _Workspace:
         return self._buffers[name][:rows]
 
 
-def _log_softmax_rows_(rows: torch.Tensor, tau: float) -> None:
-    """rows <- log_softmax(rows / tau) in place."""
+@dataclass
+class Batch:
+    """The micro-batch as every term sees it: valid tokens, teacher, settings, whole-batch values."""
+
+    tokens: Tokens
+    teacher: TeacherView
+    config: TSDKDConfig
+    sampled_ids: torch.Tensor | None  # [N] int64, for the sequence level
+    group_size: int | None
+    dtype: torch.dtype  # compute dtype
+    need_grad: bool
+    chunk_size: int
+    student_entropy: torch.Tensor | None = None  # [N], filled by the main pass
+    teacher_entropy: torch.Tensor | None = None  # [N], when known
+    opener: torch.Tensor | None = None  # [N] bool, set after the main pass
+
+    @property
+    def num(self) -> int:
+        return self.tokens.num
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.positions.device
+
+    @property
+    def tau(self) -> float:
+        return float(self.config.temperature)
+
+    @property
+    def dense(self) -> bool:
+        return self.teacher.rows is not None
+
+    @property
+    def zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.dtype, device=self.device)
+
+    def per_token(self) -> torch.Tensor:
+        return torch.zeros(self.num, dtype=self.dtype, device=self.device)
+
+    def chunks(self, num: int):
+        """Slices of `num` rows, chunk_size at a time."""
+        for start in range(0, num, self.chunk_size):
+            yield slice(start, min(start + self.chunk_size, num))
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] response tokens per sequence (int64)."""
+        return self.tokens.mask.sum(1)
+
+    def grid(self, token_values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[N] per-token values laid out as [B, T], `fill` at prompt and padding positions."""
+        out = torch.full(self.tokens.mask.shape, fill, dtype=token_values.dtype, device=self.device)
+        out.view(-1)[self.tokens.positions] = token_values
+        return out
+
+    def response_token_weights(self) -> torch.Tensor:
+        """[N] 1 / (length of the token's response * number of non-empty responses): summing
+        values times these is the mean over responses of each response's token mean."""
+        lengths = self.lengths.to(self.dtype)
+        num_responses = int((lengths > 0).sum())
+        return (1.0 / (lengths.clamp_min(1) * num_responses))[self.tokens.sequence]
+
+    def per_sequence_mean(self, token_values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean of per-token values over each sequence's valid tokens ([B]; 0 for empty sequences)."""
+        sums = torch.zeros(self.tokens.batch_size, dtype=token_values.dtype, device=token_values.device)
+        sums.index_add_(0, self.tokens.sequence, token_values)
+        return sums / lengths.clamp_min(1).to(token_values.dtype)
+
+
+@dataclass
+class Chunk:
+    """One chunk of tokens in a pass: the student's (and the teacher's) log-probs over the shared
+    vocabulary, and the chunk's gradient buffer (None when no dense gradient is wanted).
+
+    The first term with a dense gradient writes the buffer (`grad_to_write`), later ones add to it
+    (`grad_to_add`, which zeroes it if nobody wrote yet)."""
+
+    index: slice | torch.Tensor
+    rows: int
+    logq: torch.Tensor
+    q: torch.Tensor
+    lse: torch.Tensor  # [C, 1] log-sum-exp subtracted by the log-softmax
+    scratch: torch.Tensor
+    grad: torch.Tensor | None
+    entropy: torch.Tensor | None = None  # [C] H_S
+    logp: torch.Tensor | None = None  # dense teacher rows, when a term needs them
+    p: torch.Tensor | None = None
+    teacher_entropy: torch.Tensor | None = None  # [C] H_T, when known
+    grad_written: bool = False
+
+    def grad_to_write(self) -> torch.Tensor | None:
+        self.grad_written = self.grad is not None
+        return self.grad
+
+    def grad_to_add(self) -> torch.Tensor | None:
+        if self.grad is not None and not self.grad_written:
+            self.grad.zero_()
+            self.grad_written = True
+        return self.grad
+
+    def student_rows(self, tau: float) -> ChunkRows:
+        return ChunkRows(self.logq, self.lse, tau, self.scratch)
+
+
+def _log_softmax_rows_(rows: torch.Tensor, tau: float) -> torch.Tensor:
+    """rows <- log_softmax(rows / tau) in place; returns the [C, 1] log-sum-exp it subtracted."""
     if tau != 1.0:
         rows.div_(tau)
-    rows.sub_(torch.logsumexp(rows, dim=1, keepdim=True))
+    lse = torch.logsumexp(rows, dim=1, keepdim=True)
+    rows.sub_(lse)
+    return lse
 
 
-def _chunks(num: int, size: int):
-    for start in range(0, num, size):
-        yield slice(start, min(start + size, num))
+def _student_chunk(student, index, rows: int, work: _Workspace, tau: float, with_grad: bool) -> Chunk:
+    logq = work.get("logq", rows)
+    student.fill(index, logq)
+    lse = _log_softmax_rows_(logq, tau)
+    q = torch.exp(logq, out=work.get("q", rows))
+    grad = work.get("grad", rows) if with_grad else None
+    return Chunk(index, rows, logq, q, lse, work.get("scratch", rows), grad)
 
 
-def run_objective(
-    student,
-    teacher: TeacherView,
-    tokens: Tokens,
-    config: TSDKDConfig,
-    *,
-    shared: int,
-    sampled_ids: torch.Tensor | None,
-    group_size: int | None,
-    compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def _teacher_chunk(chunk: Chunk, teacher: TeacherView, work: _Workspace, tau: float) -> torch.Tensor:
+    """Fill the chunk's dense teacher log-probs and probs; returns the teacher's entropies [C]."""
+    chunk.logp = work.get("logp", chunk.rows)
+    teacher.rows.fill(chunk.index, chunk.logp)
+    _log_softmax_rows_(chunk.logp, tau)
+    chunk.p = torch.exp(chunk.logp, out=work.get("p", chunk.rows))
+    return entropy_from_logprobs(chunk.logp, chunk.p, scratch=chunk.scratch)
+
+
+def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Value of the objective; its gradient is accumulated into `student` as a side effect.
 
-    student: StudentLogits or StudentHidden; sampled_ids: [N] int64 (needed for the
-    sequence level). Returns (loss 0-dim tensor, metrics).
-    """
-    device = tokens.positions.device
-    num = tokens.num
-    zero = torch.zeros((), dtype=compute_dtype, device=device)
+    student: StudentLogits or StudentHidden. Returns (loss 0-dim tensor, metrics)."""
+    num, dtype, tau, device = batch.num, batch.dtype, batch.tau, batch.device
+    config, teacher = batch.config, batch.teacher
+    keys = METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
     if num == 0:
-        return zero, dict.fromkeys(METRIC_KEYS, 0.0)
-
-    tau = float(config.temperature)
-    chunk = min(config.chunk_size, num)
-    work = _Workspace(chunk, shared, compute_dtype, device)
-    dense_teacher = teacher.rows is not None
-    need_grad = student.wants_grad
-    # Only L_dir and L_ent put a dense gradient on every token in the main pass.
-    main_pass_grad = need_grad and (config.direct_on or config.entropy_on)
-    token_on, seq_on = config.token_level_on, config.sequence_level_on
-    need_teacher_rows = dense_teacher and (
-        config.direct_on
-        or (token_on and teacher.candidate_scores is None)
-        or (seq_on and teacher.sequence_scores is None)
-    )
-    need_teacher_token_logprob = dense_teacher and seq_on and teacher.sequence_scores is None
-
-    def per_token():
-        return torch.zeros(num, dtype=compute_dtype, device=device)
-
-    student_entropy = per_token()
-    have_teacher_entropy = need_teacher_rows or not dense_teacher
-    teacher_entropy = per_token() if need_teacher_rows else (teacher.entropy if not dense_teacher else None)
-    jsd = per_token() if config.direct_on else None
-    gate = per_token() if config.direct_on else None
-    k = config.num_candidates
-    if token_on:
-        cand_ids = torch.zeros(num, k, dtype=torch.long, device=device)
-        cand_student = torch.zeros(num, k, dtype=compute_dtype, device=device)
-        cand_teacher = torch.zeros(num, k, dtype=compute_dtype, device=device)
-    if seq_on:
-        student_token_logprob = per_token()
-        teacher_token_logprob = per_token() if need_teacher_token_logprob else None
-
-    # Every token's L_ent weight before the selection is known (see module docstring).
-    n_sel_guess = expected_selected_count(num, config.entropy_top_fraction) if config.entropy_on else 0
-    entropy_coef_guess = config.entropy_weight / n_sel_guess / tau if config.entropy_on else 0.0
-    direct_coef = config.direct_weight / num / tau
+        return batch.zero, dict.fromkeys(keys, 0.0)
+    terms: list[Term] = [term(batch) for term in active_terms(config)]
+    work = _Workspace(batch.chunk_size, shared, dtype, device)
+    need_teacher_rows = batch.dense and any(term.uses_teacher_rows(teacher) for term in terms)
+    main_pass_grad = batch.need_grad and any(term.dense_grad for term in terms)  # decided in their set-up
+    batch.student_entropy = batch.per_token()
+    batch.teacher_entropy = batch.per_token() if need_teacher_rows else (None if batch.dense else teacher.entropy)
     bad_student = torch.zeros((), dtype=torch.bool, device=device)
     bad_teacher = torch.zeros((), dtype=torch.bool, device=device)
 
     # ---------------- main pass ----------------
-    for index in _chunks(num, chunk):
-        c = index.stop - index.start
-        logq = work.get("logq", c)
-        student.fill(index, logq)
-        _log_softmax_rows_(logq, tau)
-        q = torch.exp(logq, out=work.get("q", c))
-        h_s = entropy_from_logprobs(logq, q)
+    for index in batch.chunks(num):
+        chunk = _student_chunk(student, index, index.stop - index.start, work, tau, main_pass_grad)
+        chunk.entropy = entropy_from_logprobs(chunk.logq, chunk.q, scratch=chunk.scratch)
         # A NaN or +-inf anywhere in a row makes its entropy NaN (inf - inf, 0 * -inf):
         # checking [C] entropies replaces a pass over the [C, V] logits.
-        bad_student |= ~torch.isfinite(h_s).all()
-        student_entropy[index] = h_s
-        grad = work.get("grad", c)
-        scratch = work.get("scratch", c)
-
+        bad_student |= ~torch.isfinite(chunk.entropy).all()
+        batch.student_entropy[index] = chunk.entropy
         if need_teacher_rows:
-            logp = work.get("logp", c)
-            teacher.rows.fill(index, logp)
-            _log_softmax_rows_(logp, tau)
-            p = torch.exp(logp, out=work.get("p", c))
-            h_t = entropy_from_logprobs(logp, p)
+            h_t = _teacher_chunk(chunk, teacher, work, tau)
             bad_teacher |= ~torch.isfinite(h_t).all()  # see the student's check above
-            teacher_entropy[index] = h_t
-
-        if config.direct_on:
-            if dense_teacher:
-                jsd[index] = generalized_jsd_dense(
-                    logq, q, logp, p, config.beta, grad_out=grad if main_pass_grad else None, scratch=scratch
-                )
-            else:
-                jsd[index] = generalized_jsd_partition(
-                    logq, q, teacher.topk_ids[index], teacher.topk_logprobs[index],
-                    teacher.tail_logprob[index], config.beta, grad_out=grad if main_pass_grad else None, scratch=scratch,
-                )  # fmt: skip
-            w = entropy_gate(h_s, teacher_entropy[index], config.gate, config.gate_margin)
-            gate[index] = w
-            if main_pass_grad:
-                grad.mul_((w * direct_coef).unsqueeze(1))
-        elif main_pass_grad:
-            grad.zero_()
-
-        if config.entropy_on and main_pass_grad:
-            coef = torch.full((c,), entropy_coef_guess, dtype=compute_dtype, device=device)
-            add_entropy_grad_(grad, logq, q, h_s, coef, scratch=scratch)
-
-        if token_on:
-            if teacher.candidate_ids is not None:
-                ids = teacher.candidate_ids[index]
-            else:
-                ids = torch.topk(logq, k, dim=1).indices
-            cand_ids[index] = ids
-            cand_student[index] = logq.gather(1, ids)
-            if teacher.candidate_scores is not None:
-                cand_teacher[index] = teacher.candidate_scores[index]
-            else:
-                cand_teacher[index] = logp.gather(1, ids)
-
-        if seq_on:
-            sampled = sampled_ids[index].unsqueeze(1)
-            student_token_logprob[index] = logq.gather(1, sampled).squeeze(1)
-            if need_teacher_token_logprob:
-                teacher_token_logprob[index] = logp.gather(1, sampled).squeeze(1)
-
-        if main_pass_grad:
-            student.add_grad(index, grad)
+            batch.teacher_entropy[index] = h_t
+        if batch.teacher_entropy is not None:
+            chunk.teacher_entropy = batch.teacher_entropy[index]
+        for term in terms:
+            term.chunk(chunk)
+        if chunk.grad_written:
+            student.add_grad(index, chunk.grad, chunk.student_rows(tau))
 
     if bool(bad_teacher):
         raise NonFiniteInputError("teacher logits contain NaN or inf; teacher inputs must be finite")
@@ -257,101 +306,39 @@ def run_objective(
         raise NonFiniteInputError("student logits contain NaN or inf")
 
     # ---------------- whole-batch selections ----------------
-    loss_direct = (gate * jsd).sum() / num if config.direct_on else zero
-    loss_entropy, loss_token, loss_sequence = zero, zero, zero
-    correction_coef_entropy = None
-    if config.entropy_on:
-        selected, threshold = entropy_selection(student_entropy, config.entropy_top_fraction)
-        n_sel = int(selected.sum())
-        loss_entropy = (student_entropy * selected).sum() / n_sel
-        true_coef = selected.to(compute_dtype) * (config.entropy_weight / n_sel / tau)
-        correction_coef_entropy = true_coef - entropy_coef_guess
-
-    entropy_grid = torch.zeros(tokens.mask.shape, dtype=compute_dtype, device=device)
-    entropy_grid.view(-1)[tokens.positions] = student_entropy
-    opener = opener_mask(entropy_grid, tokens.mask, config.opener_fraction).view(-1)[tokens.positions]
-    n_open = int(opener.sum())
-    if token_on:
-        open_index = opener.nonzero().squeeze(1)
-        scale = config.indirect_weight / n_open / tau
-        total_pl = zero
-        for part in _chunks(n_open, chunk):
-            rows = open_index[part]
-            pl, pl_grad = listmle_value_and_grad(cand_student[rows], cand_teacher[rows], config.listmle_form)
-            total_pl = total_pl + pl.sum()
-            if need_grad:
-                student.add_sparse_grad(rows, cand_ids[rows], pl_grad * scale)
-        loss_token = total_pl / n_open
-
-    correction_coef_sequence = None
-    if seq_on:
-        lengths = tokens.mask.sum(1)
-        student_scores = _per_sequence_mean(student_token_logprob, tokens, lengths)
-        if teacher.sequence_scores is not None:
-            teacher_scores = teacher.sequence_scores.to(compute_dtype)
-        else:
-            teacher_scores = _per_sequence_mean(teacher_token_logprob, tokens, lengths)
-        loss_sequence, score_grad, _ = sequence_listmle(
-            student_scores, teacher_scores, lengths > 0, group_size, config.listmle_form
-        )
-        per_token_grad = score_grad / lengths.clamp_min(1).to(compute_dtype)
-        correction_coef_sequence = per_token_grad[tokens.sequence] * (config.sequence_weight / tau)
+    entropy_grid = batch.grid(batch.student_entropy)
+    batch.opener = opener_mask(entropy_grid, batch.tokens.mask, config.opener_fraction).view(-1)[batch.tokens.positions]
+    values = {type(term): term.finish(student) for term in terms}
 
     # ---------------- correction pass ----------------
+    corrections = [term for term in terms if term.correction is not None] if batch.need_grad else []
     needs_fix = torch.zeros(num, dtype=torch.bool, device=device)
-    if need_grad and correction_coef_entropy is not None:
-        needs_fix |= correction_coef_entropy != 0
-    if need_grad and correction_coef_sequence is not None:
-        needs_fix |= correction_coef_sequence != 0
+    for term in corrections:
+        needs_fix |= term.correction != 0
     fix_index = needs_fix.nonzero().squeeze(1)
-    for part in _chunks(fix_index.numel(), chunk):
+    for part in batch.chunks(fix_index.numel()):
         rows = fix_index[part]
-        c = rows.numel()
-        logq = work.get("logq", c)
-        student.fill(rows, logq)
-        _log_softmax_rows_(logq, tau)
-        q = torch.exp(logq, out=work.get("q", c))
-        grad = work.get("grad", c).zero_()
-        if correction_coef_entropy is not None:
-            h_s = entropy_from_logprobs(logq, q)
-            add_entropy_grad_(grad, logq, q, h_s, correction_coef_entropy[rows], scratch=work.get("scratch", c))
-        if correction_coef_sequence is not None:
-            add_logprob_grad_(grad, q, sampled_ids[rows], correction_coef_sequence[rows])
-        student.add_grad(rows, grad)
+        chunk = _student_chunk(student, rows, rows.numel(), work, tau, True)
+        for term in corrections:
+            term.correct(chunk, rows)
+        student.add_grad(rows, chunk.grad, chunk.student_rows(tau))
 
-    total = (
-        config.direct_weight * loss_direct
-        + config.entropy_weight * loss_entropy
-        + config.indirect_weight * loss_token
-        + config.sequence_weight * loss_sequence
-    )
+    # L = w_dir*L_dir + lambda_ent*L_ent + alpha*L_ind + alpha_seq*L_seq, in this order (a term
+    # that is off contributes weight * 0).
+    weighted = [getattr(config, term.weight_field) * values.get(term, batch.zero) for term in TERM_ORDER]
+    total = weighted[0] + weighted[1] + weighted[2] + weighted[3]
 
     # ---------------- metrics (one device sync) ----------------
-    lengths_open = torch.zeros(tokens.batch_size, dtype=compute_dtype, device=device)
-    lengths_open.index_add_(0, tokens.sequence, opener.to(compute_dtype))
-    nonempty = tokens.mask.any(1)
-    stats = {
-        "loss": total,
-        "loss_direct": loss_direct,
-        "loss_entropy": loss_entropy,
-        "loss_indirect_token": loss_token,
-        "loss_indirect_sequence": loss_sequence,
-        "jsd_mean": jsd.mean() if config.direct_on else zero,
-        "gate_mean_weight": gate.mean() if config.direct_on else zero,
-        "gate_selected_fraction": gate_selected(gate, config.gate).to(compute_dtype).mean()
-        if config.direct_on
-        else zero,
-        "opener_mean_length": lengths_open[nonempty].mean(),
-        "opener_token_fraction": opener.to(compute_dtype).mean(),
-        "entropy_student_mean": student_entropy.mean(),
-        "entropy_teacher_mean": teacher_entropy.to(compute_dtype).mean() if have_teacher_entropy else zero,
-        "entropy_selected_fraction": selected.to(compute_dtype).mean() if config.entropy_on else zero,
-        "entropy_threshold": threshold.to(compute_dtype) if config.entropy_on else zero,
-        "num_tokens": torch.tensor(float(num), dtype=compute_dtype, device=device),
-        "correction_token_fraction": torch.tensor(fix_index.numel() / num, dtype=compute_dtype, device=device),
-    }
-    values = torch.stack([stats[key].reshape(()).to(compute_dtype) for key in METRIC_KEYS]).tolist()
-    metrics = dict(zip(METRIC_KEYS, (float(v) for v in values)))
+    stats = dict.fromkeys(METRIC_KEYS, batch.zero)
+    for term in terms:
+        stats[term.loss_key] = values[type(term)]
+        stats.update(term.metrics())
+    stats.update(_common_metrics(batch, fix_index.numel()))
+    stats["loss"] = total
+    if config.diagnostics:
+        stats.update(_diagnostics(student, batch, terms, work))
+    packed = torch.stack([stats[key].reshape(()).to(dtype) for key in keys]).tolist()
+    metrics = dict(zip(keys, (float(v) for v in packed)))
     if not math.isfinite(metrics["loss"]):
         raise NonFiniteInputError(
             "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
@@ -360,8 +347,77 @@ def run_objective(
     return total, metrics
 
 
-def _per_sequence_mean(token_values: torch.Tensor, tokens: Tokens, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean of per-token values over each sequence's valid tokens ([B]; 0 for empty sequences)."""
-    sums = torch.zeros(tokens.batch_size, dtype=token_values.dtype, device=token_values.device)
-    sums.index_add_(0, tokens.sequence, token_values)
-    return sums / lengths.clamp_min(1).to(token_values.dtype)
+def _common_metrics(batch: Batch, num_corrected: int) -> dict[str, torch.Tensor]:
+    """Metrics that belong to no term: openers, entropies, token counts."""
+    dtype, device, tokens = batch.dtype, batch.device, batch.tokens
+    lengths_open = torch.zeros(tokens.batch_size, dtype=dtype, device=device)
+    lengths_open.index_add_(0, tokens.sequence, batch.opener.to(dtype))
+    nonempty = tokens.mask.any(1)
+    teacher_entropy = batch.teacher_entropy
+    return {
+        "opener_mean_length": lengths_open[nonempty].mean(),
+        "opener_token_fraction": batch.opener.to(dtype).mean(),
+        "entropy_student_mean": batch.student_entropy.mean(),
+        "entropy_teacher_mean": teacher_entropy.to(dtype).mean() if teacher_entropy is not None else batch.zero,
+        "num_tokens": torch.tensor(float(batch.num), dtype=dtype, device=device),
+        "correction_token_fraction": torch.tensor(num_corrected / batch.num, dtype=dtype, device=device),
+    }
+
+
+def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> dict[str, torch.Tensor]:
+    """One more pass over the student's (and a dense teacher's) rows: every term's exact gradient
+    w.r.t. the logits, chunk by chunk, reduced to norms and dot products with the direct term's;
+    and the teacher's probability mass on the student's top-k candidates at opener tokens."""
+    teacher, tau, config = batch.teacher, batch.tau, batch.config
+    stats = {key: batch.zero for key in DIAGNOSTIC_KEYS}
+    squares = {term.name: batch.zero for term in terms}
+    dots = {term.name: batch.zero for term in terms}
+    direct = next((term for term in terms if term.name == "direct"), None)
+    candidate_mass = batch.zero
+    for index in batch.chunks(batch.num):
+        chunk = _student_chunk(student, index, index.stop - index.start, work, tau, with_grad=False)
+        chunk.entropy = entropy_from_logprobs(chunk.logq, chunk.q, scratch=chunk.scratch)
+        if batch.dense:
+            _teacher_chunk(chunk, teacher, work, tau)
+        if batch.teacher_entropy is not None:
+            chunk.teacher_entropy = batch.teacher_entropy[index]
+        reference = None
+        if direct is not None:
+            reference = work.get("grad", chunk.rows)
+            direct.exact_grad(chunk, reference)
+            squares["direct"] = squares["direct"] + torch.mul(reference, reference, out=chunk.scratch).sum()
+        for term in terms:
+            if term is direct:
+                continue
+            grad = work.get("diagnostic", chunk.rows)
+            term.exact_grad(chunk, grad)
+            squares[term.name] = squares[term.name] + torch.mul(grad, grad, out=chunk.scratch).sum()
+            if reference is not None:
+                dots[term.name] = dots[term.name] + torch.mul(grad, reference, out=chunk.scratch).sum()
+        candidate_mass = candidate_mass + _teacher_candidate_mass(chunk, batch)
+    for term in terms:
+        stats[f"diag_grad_norm_{term.name}"] = squares[term.name].sqrt()
+        if term is not direct and direct is not None:
+            norms = squares[term.name].sqrt() * squares["direct"].sqrt()
+            stats[f"diag_grad_cos_{term.name}_direct"] = torch.where(norms > 0, dots[term.name] / norms, 0.0)
+    num_open = batch.opener.sum()
+    stats["diag_teacher_mass_on_candidates"] = candidate_mass / num_open.clamp_min(1)
+    return stats
+
+
+def _teacher_candidate_mass(chunk: Chunk, batch: Batch) -> torch.Tensor:
+    """Sum over the chunk's opener tokens of the teacher's probability (at tau) on the student's
+    top-k candidates: the fixed candidates and their teacher log-probs when the signals carry
+    them, else the student's current top-k and the dense teacher's log-probs (0 when neither)."""
+    teacher, index = batch.teacher, chunk.index
+    if teacher.candidate_scores is not None:
+        logprobs = teacher.candidate_scores[index]
+    elif chunk.logp is not None:
+        if teacher.candidate_ids is not None:
+            ids = teacher.candidate_ids[index]
+        else:  # k may exceed the vocabulary when the token level is off (it is only checked when on)
+            ids = torch.topk(chunk.logq, min(batch.config.num_candidates, chunk.logq.shape[1]), dim=1).indices
+        logprobs = chunk.logp.gather(1, ids)
+    else:
+        return batch.zero
+    return (logprobs.exp().sum(1) * batch.opener[index].to(batch.dtype)).sum()

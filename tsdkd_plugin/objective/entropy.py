@@ -14,12 +14,14 @@ import math
 
 import torch
 
-from .selective_jsd import rowdot
+from .selective_jsd import rowdot_
 
 
-def entropy_from_logprobs(logq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """H = -sum_v q_v log q_v per row (q = exp(logq); 0 * log 0 never occurs with finite logits)."""
-    return -rowdot(q, logq)
+def entropy_from_logprobs(logq: torch.Tensor, q: torch.Tensor, *, scratch: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v q_v log q_v per row (q = exp(logq); 0 * log 0 never occurs with finite logits).
+
+    scratch: a [C, V] buffer that receives q * log q (it may be q itself if q is not needed after)."""
+    return -rowdot_(q, logq, out=scratch)
 
 
 def add_entropy_grad_(

@@ -1,7 +1,7 @@
 """Public entry points: tsdkd_loss (student logits) and tsdkd_loss_fused (hidden + lm_head).
 
 Both validate their inputs (a ValueError naming the argument and what is allowed),
-then run the same chunked computation (engine.run_objective) inside an
+then run the same chunked computation (engine.evaluate) inside an
 autograd.Function whose forward already produces the gradient and whose backward
 hands it over, scaled by the incoming gradient (first-order only, one backward).
 """
@@ -10,28 +10,31 @@ from __future__ import annotations
 
 import torch
 
-from .chunking import HiddenRows, LogitsRows, StudentHidden, StudentLogits
+from .chunking import IDENTITY_HEAD, HiddenRows, LogitsRows, OutputHead, StudentHidden, StudentLogits
 from .config import TSDKDConfig
-from .engine import TeacherView, Tokens, run_objective
+from .engine import Batch, TeacherView, Tokens, evaluate
 from .errors import NonFiniteInputError
 from .transport import TeacherSignals, check_shared_vocab
 
 
 class _Job:
-    """Everything run_objective needs besides the student tensors; carries metrics back out."""
+    """Everything the engine needs besides the student tensors; carries metrics back out."""
 
-    def __init__(self, teacher, tokens, config, shared, sampled_ids, group_size, compute_dtype) -> None:
+    def __init__(
+        self, teacher, tokens, config, shared, sampled_ids, group_size, compute_dtype, student_head=IDENTITY_HEAD
+    ) -> None:
         self.teacher, self.tokens, self.config = teacher, tokens, config
         self.shared, self.sampled_ids, self.group_size = shared, sampled_ids, group_size
         self.compute_dtype = compute_dtype
+        self.student_head = student_head
         self.metrics: dict[str, float] = {}
 
     def run(self, student) -> torch.Tensor:
-        loss, self.metrics = run_objective(
-            student, self.teacher, self.tokens, self.config,
-            shared=self.shared, sampled_ids=self.sampled_ids,
-            group_size=self.group_size, compute_dtype=self.compute_dtype,
+        batch = Batch(
+            self.tokens, self.teacher, self.config, self.sampled_ids, self.group_size, self.compute_dtype,
+            need_grad=student.wants_grad, chunk_size=min(self.config.chunk_size, max(self.tokens.num, 1)),
         )  # fmt: skip
+        loss, self.metrics = evaluate(student, batch, self.shared)
         return loss
 
 
@@ -63,6 +66,7 @@ class _FusedObjective(torch.autograd.Function):
         student = StudentHidden(
             rows, weight, job.shared, job.compute_dtype,
             need_hidden_grad=ctx.needs_input_grad[0], need_weight_grad=ctx.needs_input_grad[1],
+            head=job.student_head,
         )  # fmt: skip
         loss = job.run(student)
         ctx.grad_hidden_rows, ctx.grad_weight = student.grad_hidden, student.grad_weight
@@ -284,14 +288,17 @@ def tsdkd_loss_fused(
     shared_vocab_size: int,
     sampled_ids: torch.Tensor | None = None,
     group_size: int | None = None,
+    student_head: OutputHead = IDENTITY_HEAD,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """TSD-KD loss from student hidden states [B, T, H] and lm_head weight [Vs, H].
 
-    Same arguments and result as tsdkd_loss, but the student's logits exist only
-    config.chunk_size tokens at a time; gradients w.r.t. hidden states and weight
-    are computed chunk by chunk and equal the unchunked ones. With a dense
-    teacher, pass TeacherSignals(hidden=..., lm_head_weight=...) so the teacher's
-    logits are chunked too.
+    Same arguments and result as tsdkd_loss, but the student's logits
+    student_head(hidden @ W.T) exist only config.chunk_size tokens at a time; gradients
+    w.r.t. hidden states and weight (through the head's scale and softcap) are computed
+    chunk by chunk and equal the unchunked ones. student_head: what the student's model
+    family does after its lm_head (e.g. OutputHead(softcap=30.0) for Gemma-2). With a dense
+    teacher, pass TeacherSignals(hidden=..., lm_head_weight=..., output_head=...) so the
+    teacher's logits are chunked too.
     """
     if not isinstance(student_hidden, torch.Tensor) or student_hidden.dim() != 3:
         raise ValueError("student_hidden must be a [B, T, H] tensor")
@@ -301,6 +308,8 @@ def tsdkd_loss_fused(
     _check_tensor(
         "student_lm_head_weight", student_lm_head_weight, (None, student_hidden.shape[-1]), device, floating=True
     )
+    if not isinstance(student_head, OutputHead):
+        raise ValueError(f"student_head must be an OutputHead (scale, softcap), got {type(student_head).__name__}")
     if student_lm_head_weight.dtype != student_hidden.dtype:
         raise ValueError(
             f"student_hidden ({student_hidden.dtype}) and student_lm_head_weight ({student_lm_head_weight.dtype}) "
@@ -311,6 +320,6 @@ def tsdkd_loss_fused(
         teacher, mask, config, sampled_ids, shared_vocab_size, group_size,
     )  # fmt: skip
     dtype = _compute_dtype(student_hidden.dtype)
-    job = _Job(_cast_view(view, dtype), tokens, config, shared, sampled, group_size, dtype)
+    job = _Job(_cast_view(view, dtype), tokens, config, shared, sampled, group_size, dtype, student_head)
     loss = _FusedObjective.apply(student_hidden, student_lm_head_weight, job)
     return loss, job.metrics

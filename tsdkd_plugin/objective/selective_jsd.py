@@ -17,6 +17,14 @@ For a per-row function J(q) of q = softmax(zs), with h_v = q_v * dJ/dq_v,
     dJ/dzs_v = h_v - q_v * sum_u h_u.
 For the JSD, dJ/dq_v = (1-beta) * log(q_v / M_v) (the M-terms cancel), so
 h = (1-beta) * q * (log q - log M) and sum_u h_u = (1-beta) * KL(q||M).
+
+Written that way the gradient q_v * ((log q_v - log M_v) - KL(q||M)) subtracts two numbers
+near -log(1-beta) wherever the teacher has little mass under the student's (then
+M ~ (1-beta) q): their float32 rounding (~1e-7) swamps the true difference, up to 1e-3 of the
+gradient's scale at V = 32k. With u_v = log(M_v / q_v) - log(1-beta)
+= softplus(log p_v - log q_v + log(beta / (1-beta))), which is small exactly there and
+computed without cancellation, and sum_v q_v = 1:
+    dJSD/dzs_v = (1-beta) * q_v * (sum_u q_u u_u - u_v).
 """
 
 from __future__ import annotations
@@ -28,9 +36,16 @@ import torch
 from .config import GATE_KINDS
 
 
-def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a[c, v] * b[c, v] for each row c, without a [C, V] temporary (batched BLAS dot)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+def rowdot_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum_v a[c, v] * b[c, v] for each row c; the products are written into `out` ([C, V], may be a or b).
+
+    torch's sum reduces each row with cascade (multi-level) summation, so its float32 error stays
+    near eps * log(V) and each row is reduced on its own. A batched BLAS dot (bmm of [C,1,V] x
+    [C,V,1]) writes no products but accumulates 150k float32 terms far worse, and worse as C grows:
+    at V = 151,936 it put the JSD's KL sums off by up to 1e-4 relative, which the JSD gradient
+    q * ((log q - log M) - KL) turns into percent-level errors where q sits where p has no mass.
+    """
+    return torch.mul(a, b, out=out).sum(1)
 
 
 def entropy_gate(student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, kind: str, margin: float) -> torch.Tensor:
@@ -71,15 +86,15 @@ def generalized_jsd_dense(
     work = grad_out if grad_out is not None else torch.empty_like(logq)
     if beta == 0.0:  # forward KL(p || q); gradient q - p
         torch.sub(logp, logq, out=scratch)
-        value = rowdot(p, scratch)
+        value = rowdot_(p, scratch, out=scratch)
         if grad_out is not None:
             torch.sub(q, p, out=grad_out)
         return value
     if beta == 1.0:  # reverse KL(q || p)
         torch.sub(logq, logp, out=work)
-        value = rowdot(q, work)
-        if grad_out is not None:  # h = q (log q - log p), sum h = KL(q||p)
-            grad_out.mul_(q).addcmul_(q, -value.unsqueeze(1))
+        value = rowdot_(q, work, out=work)  # work = h = q (log q - log p), sum h = KL(q||p)
+        if grad_out is not None:
+            grad_out.addcmul_(q, -value.unsqueeze(1))
         return value
     # log M in log space: finite even where both probabilities underflow to 0.
     log_mix = scratch
@@ -87,14 +102,23 @@ def generalized_jsd_dense(
     torch.add(logp, math.log(beta), out=work)
     torch.logaddexp(log_mix, work, out=log_mix)
     torch.sub(logp, log_mix, out=work)
-    kl_teacher = rowdot(p, work)
+    kl_teacher = rowdot_(p, work, out=work)
     torch.sub(logq, log_mix, out=work)
-    kl_student = rowdot(q, work)
+    kl_student = rowdot_(q, work, out=work)
     value = beta * kl_teacher + (1.0 - beta) * kl_student
-    if grad_out is not None:
-        grad_out.mul_(q).mul_(1.0 - beta)
-        grad_out.addcmul_(q, (-(1.0 - beta) * kl_student).unsqueeze(1))
+    if grad_out is not None:  # (1-beta) q (sum q u - u), see the module docstring
+        u = scratch
+        torch.sub(logp, logq, out=u)
+        u.add_(_log_odds(beta))
+        torch.logaddexp(u, u.new_zeros(()), out=u)  # softplus, accurate for very negative arguments
+        mean_u = rowdot_(q, u, out=grad_out)
+        torch.sub((1.0 - beta) * mean_u.unsqueeze(1), u, alpha=1.0 - beta, out=grad_out)
+        grad_out.mul_(q)
     return value
+
+
+def _log_odds(beta: float) -> float:
+    return math.log(beta) - math.log1p(-beta)
 
 
 def log_tail_mass(logq: torch.Tensor, ids: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -155,15 +179,24 @@ def generalized_jsd_partition(
     else:
         log_mix = torch.logaddexp(log_q_part + math.log1p(-beta), log_p_part + math.log(beta))
         kl_teacher = _mass_times_log_ratio(log_p_part, log_mix).sum(1)
-        h_part = (1.0 - beta) * _mass_times_log_ratio(log_q_part, log_mix)
-        value = beta * kl_teacher + h_part.sum(1)
-        g_tail = torch.where(
-            tail_nonempty, (1.0 - beta) * (student_tail - log_mix[:, -1]), torch.zeros_like(student_tail)
-        )
+        value = beta * kl_teacher + (1.0 - beta) * _mass_times_log_ratio(log_q_part, log_mix).sum(1)
+        if grad_out is not None:  # (1-beta) (sum qpart u - u_c), cancellation-free (module docstring)
+            occupied = torch.isfinite(log_q_part)  # an empty bucket (tail when K = V) has no tokens
+            log_ratio = torch.where(occupied, log_p_part - log_q_part, torch.zeros_like(log_q_part))
+            u = torch.where(occupied, torch.nn.functional.softplus(log_ratio + _log_odds(beta)), 0.0)
+            grad_part = (1.0 - beta) * ((log_q_part.exp() * u).sum(1, keepdim=True) - u)
+            top_grad = student_top.exp() * grad_part[:, :-1]
+            _write_partition_grad(grad_out, q, teacher_ids, grad_part[:, -1], top_grad)
+        return value
     if grad_out is not None:
         h_sum = h_part.sum(1, keepdim=True)
         # tail tokens v: q_v * (g_tail - sum h); top-K tokens: h_v - q_v * sum h.
-        torch.mul(q, g_tail.unsqueeze(1) - h_sum, out=grad_out)
         top_grad = h_part[:, :-1] - student_top.exp() * h_sum
-        grad_out.scatter_(1, teacher_ids, top_grad)
+        _write_partition_grad(grad_out, q, teacher_ids, g_tail - h_sum.squeeze(1), top_grad)
     return value
+
+
+def _write_partition_grad(grad_out, q, teacher_ids, tail_factor, top_grad) -> None:
+    """grad_out[v] = q_v * tail_factor for tail tokens v; top_grad at the top-K ids."""
+    torch.mul(q, tail_factor.unsqueeze(1), out=grad_out)
+    grad_out.scatter_(1, teacher_ids, top_grad)

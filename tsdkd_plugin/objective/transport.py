@@ -14,9 +14,10 @@ states [B, T, Ht] with its lm_head weight [Vt, Ht] (logits made chunk by chunk).
 Sparse (teacher elsewhere): per token the teacher's top-K log-probs at tau and
 their ids, the log of its remaining mass (one tail bucket), its exact entropy,
 and its log-probs at the student's k candidate ids (ids fixed at experience time
-and carried along), plus one sequence score per response. About
-8K + 8k + 8 bytes per token instead of 2*V. Built by teacher_signals_from_logits /
-teacher_signals_from_hidden below (the teacher's side of the wire).
+and carried along), plus one sequence score per response. Built by
+teacher_signals_from_logits / teacher_signals_from_hidden below (the teacher's side);
+`to_wire` / `from_wire` are the encoding it travels in: 6K + 6k + 6 bytes per token
+(float16 log-probs, int32 ids) instead of 2*V for bf16 logits.
 """
 
 from __future__ import annotations
@@ -118,8 +119,62 @@ class TeacherSignals:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def nbytes(self) -> int:
-        """Bytes this object carries (the wire size of the sparse transport)."""
+        """Bytes this object's tensors take as they are (see wire_nbytes for the shipped size)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # -- the wire format of the sparse transport ------------------------------------------------
+    def to_wire(self) -> dict[str, torch.Tensor]:
+        """The sparse signals as shipped from the teacher group to the actors (same field names).
+
+        Log-probs (top-K, tail, candidates) travel as float16: rounding a log-prob to 11
+        significant bits changes its probability by at most 0.1% above log-prob -4 (p > 1.8%,
+        where the mass is), 0.8% down to -32, and float16 stays finite down to -65504
+        (bfloat16 keeps 8 bits: up to 0.8% above -4 and 6% near -30).
+        The entropy and the sequence scores stay float32 (the gate and the ranking of a prompt's
+        responses read small differences of them); ids are int32. The student's candidates are
+        sent in the teacher's order (a stable sort of their float32 log-probs), so the rounding
+        can create ties but never reorder them: the ListMLE reads exactly the teacher's ranking.
+        Per response token: 6K + 6k + 6 bytes (k candidates), plus 4 per response.
+        """
+        if self.kind != "sparse":
+            raise ValueError("TeacherSignals.to_wire: only the sparse transport is shipped; dense signals stay local")
+        wire = {
+            "topk_logprobs": _wire_logprob(self.topk_logprobs),
+            "topk_ids": self.topk_ids.to(torch.int32),
+            "tail_logprob": _wire_logprob(self.tail_logprob),
+            "entropy": self.entropy.to(torch.float32),
+        }
+        if self.candidate_ids is not None:
+            if self.candidate_logprobs is None:
+                wire["candidate_ids"] = self.candidate_ids.to(torch.int32)
+            else:
+                order = torch.sort(self.candidate_logprobs.float(), dim=-1, descending=True, stable=True).indices
+                wire["candidate_ids"] = self.candidate_ids.gather(-1, order).to(torch.int32)
+                wire["candidate_logprobs"] = _wire_logprob(self.candidate_logprobs.gather(-1, order))
+        if self.sequence_scores is not None:
+            wire["sequence_scores"] = self.sequence_scores.to(torch.float32)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, torch.Tensor], temperature: float) -> TeacherSignals:
+        """Sparse signals from `to_wire`'s dict (float fields back to float32; ids as sent).
+
+        temperature: the tau the teacher used (the loss checks it against its own)."""
+        unknown = set(wire) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"TeacherSignals.from_wire: unknown fields {sorted(unknown)}")
+        values = {name: (t.float() if t.is_floating_point() else t) for name, t in wire.items()}
+        return cls(**values, temperature=float(temperature))
+
+
+_FLOAT16_LOWEST = float(torch.finfo(torch.float16).min)
+
+
+def _wire_logprob(logprob: torch.Tensor) -> torch.Tensor:
+    """float16 log-probs; finite values below float16's range saturate at its lowest (a probability
+    of exactly 0 either way) instead of becoming -inf, and -inf (an empty tail) stays -inf."""
+    finite_low = logprob.float().clamp_min(_FLOAT16_LOWEST)
+    return torch.where(torch.isneginf(logprob), logprob.float(), finite_low).to(torch.float16)
 
 
 def check_shared_vocab(shared_vocab_size, student_rows: int | None, teacher_rows: int | None) -> int:
@@ -187,7 +242,7 @@ def _teacher_signals(
             buf.div_(tau)
         buf.sub_(torch.logsumexp(buf, dim=1, keepdim=True))
         torch.exp(buf, out=work)
-        entropy = entropy_from_logprobs(buf, work)
+        entropy = entropy_from_logprobs(buf, work, scratch=work)  # work is reused below
         # NaN or +-inf anywhere in a row makes its entropy NaN (inf - inf, 0 * -inf).
         if not bool(torch.isfinite(entropy).all()):
             raise NonFiniteInputError(f"{source_name} contains NaN or inf; teacher inputs must be finite")

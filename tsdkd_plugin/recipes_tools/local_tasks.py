@@ -9,8 +9,11 @@ write such a file next to nothing but your data (no hub access at evaluation tim
     # multiple choice rows: question, list of choices, index of the right one
     python -m tsdkd_plugin.recipes_tools.local_tasks multiple-choice --name my_quiz \\
         --data data/my_quiz.jsonl --out-dir tasks/
-    # the built-in arithmetic task (tsdkd_plugin.toy) as an lm_eval task, held-out split
-    python -m tsdkd_plugin.recipes_tools.local_tasks arith --out-dir tasks/ --num-problems 200
+    # the built-in arithmetic task's test split (python -m tsdkd_plugin.toy.arith_task --out data/arith),
+    # whose prompts are chat messages: the question is the user turn's text
+    python -m tsdkd_plugin.recipes_tools.local_tasks generation --name tsdkd_arith \\
+        --data data/arith/prompts_test.jsonl --question-key prompt --prompt-template '{{prompt[0].content}}' \\
+        --max-gen-toks 96 --out-dir tasks/
 
 then `python -m tsdkd_plugin.recipes_tools.evaluate --include-path tasks/ --benchmarks my_math ...`.
 """
@@ -103,23 +106,6 @@ def multiple_choice_task(name: str, data: Path, question_key: str = "question", 
     }
 
 
-def write_arith_task(out_dir: Path, num_problems: int = 200, difficulty: str = "easy", seed: int = 0,
-                     name: str = "tsdkd_arith") -> Path:
-    """The built-in arithmetic task's test split as JSONL plus a generation task over it.
-
-    The question is the task's own one-line prompt ("Q: 24+72-28-30+18=?"); the model answers
-    with its worked steps and `#### n`, read by the strict filter (flexible: the last number)."""
-    from tsdkd_plugin.toy.arith_task import generate_splits
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    test = generate_splits(difficulty, n_train=1, n_val=1, n_test=num_problems, seed=seed)["test"]
-    data = out_dir / f"{name}.jsonl"
-    with open(data, "w", encoding="utf-8") as handle:
-        for problem in test:
-            handle.write(json.dumps({"question": problem.question, "answer": str(problem.answer)}) + "\n")
-    return _write_task(generation_task(name, data, prompt_template="{{question}}", max_gen_toks=96), out_dir)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.local_tasks",
                                      description=__doc__.split("\n\n")[0])
@@ -127,6 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     generation = commands.add_parser("generation", help="question/answer JSONL, graded like GSM8K")
     generation.add_argument("--question-key", default="question")
     generation.add_argument("--answer-key", default="answer")
+    generation.add_argument("--prompt-template", default=None,
+                            help="Jinja template of the prompt (default: 'Question: {{QUESTION_KEY}}\\nAnswer:')")
+    generation.add_argument("--max-gen-toks", type=int, default=None, help="new tokens per answer (the task's own)")
     choice = commands.add_parser("multiple-choice", help="question/choices/label JSONL, log-likelihood accuracy")
     choice.add_argument("--question-key", default="question")
     choice.add_argument("--choices-key", default="choices")
@@ -134,21 +123,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     for sub in (generation, choice):
         sub.add_argument("--name", required=True, help="task name (what --benchmarks takes)")
         sub.add_argument("--data", required=True, help="local JSONL file")
-    arith = commands.add_parser("arith", help="the built-in arithmetic task's test split")
-    arith.add_argument("--num-problems", type=int, default=200)
-    arith.add_argument("--difficulty", default="easy")
-    arith.add_argument("--seed", type=int, default=0)
-    for sub in (generation, choice, arith):
+    for sub in (generation, choice):
         sub.add_argument("--out-dir", required=True, help="directory to pass to evaluate --include-path")
     options = parser.parse_args(argv)
     out_dir = Path(options.out_dir)
     try:
-        if options.command == "arith":
-            path = write_arith_task(out_dir, options.num_problems, options.difficulty, options.seed)
-        elif options.command == "generation":
+        if options.command == "generation":
             data = Path(options.data)
             _check_rows(data, [options.question_key, options.answer_key])
-            path = _write_task(generation_task(options.name, data, options.question_key, options.answer_key), out_dir)
+            task = generation_task(options.name, data, options.question_key, options.answer_key,
+                                   options.prompt_template, options.max_gen_toks)
+            path = _write_task(task, out_dir)
         else:
             data = Path(options.data)
             _check_rows(data, [options.question_key, options.choices_key, options.label_key])

@@ -1,21 +1,39 @@
 """Final answers of GSM8K/MATH-style responses: extraction and equivalence.
 
-Used by the GRPO baseline's verifier (recipes/rewards/math_verifier.py) and by
-`prepare_data --label-from-response`. Standard library only, so the verifier loads inside
-vLLM/Ray workers of any install; `math_verify` (the `eval` extra) is consulted as a second
-opinion for LaTeX answers when it is importable.
+Used by the GRPO baseline's verifier (recipes/rewards/math_verifier.py) and by `prepare_data`
+(labels from reference or teacher responses). Standard library only at import, so the verifier
+loads inside vLLM/Ray workers of any install.
 
-Where an answer is found, in order of trust:
+Whether a response is correct (is_correct): **math-verify** decides when it is installed (the
+`gpu` and `eval` extras bring it) and finds an answer in both the response and the label: it
+extracts the final answer itself (\\boxed{}, "the answer is", the last expression) and compares
+mathematically (sympy). Otherwise (not installed, nothing extracted, an error, a timeout) the
+regexes below decide: numbers compared exactly, other answers after LaTeX normalization.
+
+Where the regexes find an answer, in order of trust:
   1. the last `\\boxed{...}` (MATH convention; nested braces allowed),
   2. the number after `####` (GSM8K convention),
   3. "the (final) answer is ..." up to the end of the sentence,
-  4. the last number in the text (how lm-eval's "flexible-extract" scores GSM8K).
+  4. the last number in the text (how lm-eval's "flexible-extract" scores GSM8K); not for
+     labels taken from whole responses (`strict=True`), where a stray number is no answer.
+
+math-verify bounds its work with SIGALRM, which works only in a main thread; OpenRLHF calls
+reward functions from worker threads. So off the main thread the check runs in a helper process
+(`python -m tsdkd_plugin.recipes_tools.math_answers --serve`, one per calling process, started
+on first use) under a timeout; a check that times out is killed and the regexes decide.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
 from fractions import Fraction
+from pathlib import Path
 from typing import Optional
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
@@ -53,8 +71,9 @@ def last_boxed(text: str) -> Optional[str]:
     return None  # unbalanced: truncated response
 
 
-def extract_final_answer(text: str) -> Optional[str]:
-    """The final answer a response commits to (see module docstring), or None."""
+def extract_final_answer(text: str, strict: bool = False) -> Optional[str]:
+    """The final answer a response commits to (see module docstring), or None. strict: only an
+    explicit one (\\boxed{}, ####, "the answer is"), never the last number."""
     text = strip_end_markers(text)
     boxed = last_boxed(text)
     if boxed is not None:
@@ -65,6 +84,8 @@ def extract_final_answer(text: str) -> Optional[str]:
     stated = _ANSWER_IS_RE.findall(text)
     if stated:
         return stated[-1].strip()
+    if strict:
+        return None
     numbers = _NUMBER_RE.findall(text)
     return numbers[-1] if numbers else None
 
@@ -122,26 +143,80 @@ def parse_number(answer: str) -> Optional[Fraction]:
     return value / 100 if percent else value
 
 
-# math_verify runs without its SIGALRM timeout here (see below); sympy on a long, adversarial
-# expression could then take unbounded time, so only short answers get the second opinion.
-_MATH_VERIFY_MAX_CHARS = 200
+# --------------------------------------------------------------------------- math-verify
+
+MATH_VERIFY_TIMEOUT_S = 10.0  # per check in the helper process (math-verify's own limit is 5 s per step)
 
 
-def _math_verify_equal(predicted: str, reference: str) -> bool:
-    if max(len(predicted), len(reference)) > _MATH_VERIFY_MAX_CHARS:
-        return False
+def math_verify_check(response: str, reference: str) -> Optional[bool]:
+    """math-verify's verdict on a whole response against a bare reference answer; None when it is
+    not installed, finds no answer on either side, or fails. Call from a main thread only (its
+    timeouts use SIGALRM)."""
     try:
         from math_verify import parse, verify
     except ImportError:
-        return False
+        return None
     try:
-        # Timeouts off: they use SIGALRM, which only works in the main thread, and OpenRLHF calls
-        # reward functions from worker threads.
-        gold = parse(f"${reference}$", parsing_timeout=None)
-        guess = parse(f"${predicted}$", parsing_timeout=None)
-        return bool(gold) and bool(guess) and bool(verify(gold, guess, timeout_seconds=None))
-    except Exception:  # math_verify raises on malformed LaTeX; a malformed answer is just wrong
-        return False
+        gold = parse(f"${reference}$")
+        guess = parse(strip_end_markers(response))
+        if not gold or not guess:
+            return None
+        return bool(verify(gold, guess))
+    except Exception:  # malformed LaTeX, math-verify's TimeoutException: no verdict
+        return None
+
+
+class _MathVerifyServer:
+    """math_verify_check in a helper process (its main thread), one JSON line per check."""
+
+    def __init__(self) -> None:
+        repo_root = str(Path(__file__).resolve().parents[2])  # works from a checkout that is not installed
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tsdkd_plugin.recipes_tools.math_answers", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        )
+
+    def check(self, response: str, reference: str, timeout: float) -> Optional[bool]:
+        """The verdict, or None on a timeout (the process is then killed: `alive` turns False)."""
+        self.process.stdin.write(json.dumps([response, reference]) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            self.process.kill()
+            self.process.wait()
+            return None
+        line = self.process.stdout.readline()
+        return json.loads(line) if line else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+_server: Optional[_MathVerifyServer] = None
+_server_lock = threading.Lock()
+
+
+def math_verify_verdict(response: str, reference: str, timeout: float = MATH_VERIFY_TIMEOUT_S) -> Optional[bool]:
+    """math_verify_check from any thread: directly in a main thread, else through the helper
+    process, serialized, under `timeout` seconds (None when it runs out)."""
+    global _server
+    if threading.current_thread() is threading.main_thread():
+        return math_verify_check(response, reference)
+    with _server_lock:
+        if _server is None or not _server.alive:
+            _server = _MathVerifyServer()
+        try:
+            return _server.check(response, reference, timeout)
+        except (BrokenPipeError, OSError, ValueError):  # the helper died (e.g. math-verify missing)
+            return None
+
+
+def _serve() -> None:
+    for line in sys.stdin:
+        response, reference = json.loads(line)
+        print(json.dumps(math_verify_check(response, reference)), flush=True)
 
 
 def answers_match(predicted: Optional[str], reference: Optional[str]) -> bool:
@@ -151,11 +226,20 @@ def answers_match(predicted: Optional[str], reference: Optional[str]) -> bool:
     predicted_number, reference_number = parse_number(predicted), parse_number(reference)
     if predicted_number is not None and reference_number is not None:
         return predicted_number == reference_number
-    if normalize_answer(predicted) == normalize_answer(reference):
-        return True
-    return _math_verify_equal(predicted, reference)
+    return normalize_answer(predicted) == normalize_answer(reference)
 
 
 def is_correct(response: str, label) -> bool:
-    """Whether a response's final answer equals the label's answer."""
-    return answers_match(extract_final_answer(response), reference_answer(label))
+    """Whether a response's final answer equals the label's answer: math-verify's verdict when it
+    gives one, else the regexes' (module docstring)."""
+    reference = reference_answer(label)
+    if reference is None:
+        return False
+    verdict = math_verify_verdict(response, reference)
+    if verdict is not None:
+        return verdict
+    return answers_match(extract_final_answer(response), reference)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()

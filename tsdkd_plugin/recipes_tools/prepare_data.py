@@ -14,8 +14,31 @@ Prompts (TSD-KD, GRPO) from the reference prompt set or any instruction dataset:
 
   `prompt` is a chat messages list for `--data.input_key prompt --data.apply_chat_template`;
   `response` is the dataset's reference response (the off-policy fraction trains on it);
-  `label` (only with --label-key or --label-from-response) is the final answer that the GRPO
-  verifier checks (`--data.label_key label`). A held-out slice can be written with --eval-out.
+  `label` is the final answer that the GRPO verifier checks (`--data.label_key label`), with
+  `label_source` saying where it came from. A held-out slice can be written with --eval-out.
+
+Labels for GRPO (a reference answer that is not the student's own), on `prompts` or, to label the
+TSD-KD prompt file itself (the same prompts for both runs), on
+
+    python -m tsdkd_plugin.recipes_tools.prepare_data labels --prompts data/tsdkd_prompts.jsonl \\
+        --ground-truth openbmb/UltraInteract_sft --teacher-answers gen/teacher_answers.jsonl \\
+        --require-label --out data/grpo_prompts.jsonl
+
+from the first of these sources that has an answer:
+
+    --label-key COL            ground truth in the dataset itself (GSM8K `answer`, MATH `solution`)
+    --ground-truth DATASET     ground truth joined by instruction (the TSD-KD prompts come from
+                               UltraInteract-SFT: openbmb/UltraInteract_sft, whose responses are
+                               verified; --ground-truth-instruction-key / --ground-truth-response-key)
+    --teacher-answers FILE     the teacher's final answer (a generation file from
+                               `python -m tsdkd_plugin.recipes_tools.sampling --model TEACHER ...`),
+                               joined by prompt, for rows without ground truth
+    --label-from-response      the dataset's own response column, only where it is ground truth:
+                               refused on the reference prompt set, whose responses the student wrote
+
+  Answers are taken from whole responses only when stated (\\boxed{}, `#### n`, "the answer is"),
+  never from a stray last number; ground-truth responses of one instruction that disagree give no
+  label. `label_source` is "ground_truth" or "teacher", and the summary line counts each source.
 
 DPO pairs (DPO baseline), from generation files (JSONL; keys configurable):
 
@@ -62,17 +85,20 @@ class Summary:
     written: int = 0
     held_out: int = 0
     skipped: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)  # label source -> rows labelled from it
 
     def line(self, what: str, out: str) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         held = f" (+{self.held_out} held out)" if self.held_out else ""
-        return f"{what}: read {self.read} rows, wrote {self.written} to {out}{held}" + (f"; skipped {reasons}" if reasons else "")
+        labels = ", ".join(f"{count} from {source}" for source, count in self.labels.most_common())
+        return (f"{what}: read {self.read} rows, wrote {self.written} to {out}{held}"
+                + (f"; labels: {labels}" if labels else "") + (f"; skipped {reasons}" if reasons else ""))
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(source: str, split: str = "train") -> Iterator[dict]:
+def load_rows(source: str, split: str = "train", config: Optional[str] = None) -> Iterator[dict]:
     """Rows of a local file or directory, or of a HF hub dataset (the real loading path)."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -101,7 +127,7 @@ def load_rows(source: str, split: str = "train") -> Iterator[dict]:
     if source.startswith(("/", "./", "../", "~")):
         raise DataError(f"{source} does not exist")
     try:
-        yield from datasets.load_dataset(source, split=split)
+        yield from datasets.load_dataset(source, config, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         raise DataError(f"could not load dataset {source!r} (split {split!r}) from the hub or a local path: {error}") from None
 
@@ -148,22 +174,110 @@ def user_messages(instruction: str, system_prompt: Optional[str] = None, suffix:
     return messages
 
 
+def _instruction_identity(instruction: str) -> str:
+    """Join key of an instruction across datasets: its words, whitespace normalized."""
+    return " ".join(instruction.split())
+
+
+@dataclass
+class LabelSources:
+    """Where prompt_rows takes labels from, in order (the first that has an answer wins)."""
+
+    label_key: Optional[str] = None  # ground-truth column of the dataset itself
+    from_response: bool = False  # the dataset's response column, when it is ground truth
+    ground_truth: Optional[Dict[str, Optional[str]]] = None  # instruction identity -> answer (None: ambiguous)
+    ground_truth_name: str = ""
+    teacher: Optional[Dict[str, str]] = None  # prompt identity -> the teacher's final answer
+    teacher_name: str = ""
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.label_key or self.from_response or self.ground_truth is not None or self.teacher is not None)
+
+    def label(self, row: dict, instruction: str, messages, response) -> tuple:
+        """(answer, "ground_truth" | "teacher", description of the source) or (None, None, None)."""
+        from tsdkd_plugin.recipes_tools.math_answers import extract_final_answer, reference_answer
+
+        candidates = []
+        if self.label_key:
+            candidates.append((lambda: reference_answer(row.get(self.label_key)), "ground_truth",
+                               f"ground truth (column {self.label_key!r})"))
+        if self.from_response:
+            candidates.append((lambda: extract_final_answer(response, strict=True) if isinstance(response, str) else None,
+                               "ground_truth", "ground truth (the dataset's responses)"))
+        if self.ground_truth is not None:
+            candidates.append((lambda: self.ground_truth.get(_instruction_identity(instruction)), "ground_truth",
+                               f"ground truth ({self.ground_truth_name})"))
+        if self.teacher is not None:
+            candidates.append((lambda: self.teacher.get(_prompt_identity(messages)), "teacher",
+                               f"teacher answers ({self.teacher_name})"))
+        for answer_of, kind, description in candidates:
+            answer = answer_of()
+            if answer:
+                return answer, kind, description
+        return None, None, None
+
+
+def ground_truth_answers(rows: Iterable[dict], source: str, instruction_key: str, response_key: str,
+                         summary: Summary) -> Dict[str, Optional[str]]:
+    """instruction identity -> the final answer its ground-truth responses state (None when two of
+    them state different answers: no label rather than a coin toss)."""
+    from tsdkd_plugin.recipes_tools.math_answers import answers_match, extract_final_answer
+
+    answers: Dict[str, Optional[str]] = {}
+    for index, row in enumerate(rows):
+        if index == 0:
+            _require_key(row, instruction_key, source, "--ground-truth-instruction-key")
+            _require_key(row, response_key, source, "--ground-truth-response-key")
+        instruction, response = row.get(instruction_key), row.get(response_key)
+        if not isinstance(instruction, str) or not isinstance(response, str):
+            continue
+        answer = extract_final_answer(response, strict=True)
+        if answer is None:
+            continue
+        key = _instruction_identity(instruction)
+        if key not in answers:
+            answers[key] = answer
+        elif answers[key] is not None and not answers_match(answers[key], answer):
+            answers[key] = None
+    ambiguous = sum(answer is None for answer in answers.values())
+    if ambiguous:
+        summary.skipped[f"ground-truth instructions with conflicting answers in {source}"] += ambiguous
+    return answers
+
+
+def teacher_final_answers(rows: Iterable[dict], source: str, prompt_key: str = "prompt") -> Dict[str, str]:
+    """prompt identity -> the final answer stated in the teacher's (first) response."""
+    from tsdkd_plugin.recipes_tools.math_answers import extract_final_answer
+
+    answers = {}
+    for index, row in enumerate(rows):
+        if index == 0:
+            _require_key(row, prompt_key, source, "the prompt column")
+            if "responses" not in row and "response" not in row:
+                raise DataError(f"{source}: rows have neither 'responses' nor 'response'; available keys: {sorted(row)}")
+        responses = row.get("responses", [row.get("response")])
+        response = responses[0] if isinstance(responses, list) and responses else None
+        answer = extract_final_answer(response, strict=True) if isinstance(response, str) else None
+        if answer:
+            answers[_prompt_identity(_prompt_messages(row[prompt_key], source))] = answer
+    return answers
+
+
 def prompt_rows(
     rows: Iterable[dict],
     source: str,
     summary: Summary,
     instruction_key: str = "instruction",
     response_key: Optional[str] = "response",
-    label_key: Optional[str] = None,
-    label_from_response: bool = False,
+    labels: Optional[LabelSources] = None,
     require_label: bool = False,
     system_prompt: Optional[str] = None,
     instruction_suffix: str = "",
     dedupe: bool = True,
 ) -> Iterator[dict]:
     """OpenRLHF prompt rows; see the module docstring for the format."""
-    from tsdkd_plugin.recipes_tools.math_answers import extract_final_answer, reference_answer
-
+    labels = labels or LabelSources()
     seen = set()
     for row in rows:
         summary.read += 1
@@ -171,8 +285,8 @@ def prompt_rows(
             _require_key(row, instruction_key, source, "--instruction-key")
             if response_key:
                 _require_key(row, response_key, source, "--response-key (pass --response-key '' for none)")
-            if label_key:
-                _require_key(row, label_key, source, "--label-key")
+            if labels.label_key:
+                _require_key(row, labels.label_key, source, "--label-key")
         instruction = row.get(instruction_key)
         if not isinstance(instruction, str) or not instruction.strip():
             summary.skipped["empty instructions"] += 1
@@ -186,16 +300,14 @@ def prompt_rows(
         response = row.get(response_key) if response_key else None
         if response_key:
             out["response"] = response if isinstance(response, str) else ""
-        label = None
-        if label_key:
-            label = reference_answer(row.get(label_key))
-        elif label_from_response and isinstance(response, str):
-            label = extract_final_answer(response)
-        if label_key or label_from_response:
+        if labels.wanted:
+            label, kind, description = labels.label(row, instruction, out["prompt"], response)
             if label is None and require_label:
-                summary.skipped["rows without a final answer"] += 1
+                summary.skipped["rows without a label"] += 1
                 continue
-            out["label"] = label or ""
+            out["label"], out["label_source"] = label or "", kind or ""
+            if description:
+                summary.labels[description] += 1
         summary.written += 1
         yield out
 
@@ -321,6 +433,19 @@ def teacher_ranked_pairs(
 # --------------------------------------------------------------------------- CLI
 
 
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-key", default=None,
+                        help="ground-truth column for the GRPO verifier (a GSM8K/MATH solution or a bare answer)")
+    parser.add_argument("--ground-truth", default=None,
+                        help="dataset with ground-truth responses joined by instruction (e.g. openbmb/UltraInteract_sft)")
+    parser.add_argument("--ground-truth-split", default="train")
+    parser.add_argument("--ground-truth-instruction-key", default="instruction")
+    parser.add_argument("--ground-truth-response-key", default="response")
+    parser.add_argument("--teacher-answers", default=None,
+                        help="generation file of the teacher (sampling --model TEACHER): labels where ground truth is missing")
+    parser.add_argument("--require-label", action="store_true", help="drop rows without a label (the GRPO prompt file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsdkd_plugin.recipes_tools.prepare_data",
                                      description=__doc__.split("\n\n")[0])
@@ -333,12 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--instruction-key", default="instruction", help="column with the instruction (default: instruction)")
     prompts.add_argument("--response-key", default="response",
                          help="column with the reference response, '' for none (default: response)")
-    prompts.add_argument("--label-key", default=None,
-                         help="column with the answer for the GRPO verifier (a GSM8K/MATH solution or a bare answer)")
+    prompts.add_argument("--dataset-config", default=None, help="config name of a hub dataset (GSM8K: main)")
+    add_label_arguments(prompts)
     prompts.add_argument("--label-from-response", action="store_true",
-                         help="take the label from the reference response's final answer (\\boxed{}, ####, 'answer is')")
-    prompts.add_argument("--require-label", action="store_true",
-                         help="drop rows without a label (for the GRPO prompt file)")
+                         help="labels from this dataset's own response column, when it is ground truth "
+                              "(refused on the reference set: its responses are the student's)")
     prompts.add_argument("--system-prompt", default=None, help="a system message before each instruction")
     prompts.add_argument("--instruction-suffix", default="",
                          help="text appended to each instruction (e.g. ' /no_think' for Qwen3 without thinking)")
@@ -348,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--eval-out", default=None, help="where the held-out prompts go (needs --eval-rows)")
     prompts.add_argument("--seed", type=int, default=42)
     prompts.add_argument("--out", required=True, help="output JSONL")
+
+    labels = commands.add_parser("labels", help="labels for an existing prompt file (the TSD-KD prompts -> GRPO prompts)")
+    labels.add_argument("--prompts", required=True, help="prompt JSONL written by `prompts` (chat messages)")
+    labels.add_argument("--input-key", default="prompt", help="chat-message column of --prompts (default: prompt)")
+    labels.add_argument("--instruction-suffix", default="",
+                        help="the suffix `prompts` appended to each instruction, removed before the ground-truth join")
+    add_label_arguments(labels)
+    labels.add_argument("--out", required=True, help="output JSONL (the same rows, with label and label_source)")
 
     pairs = commands.add_parser("dpo-pairs", help="generation files -> DPO preference pairs JSONL")
     pairs.add_argument("--mode", required=True, choices=("teacher-vs-student", "teacher-ranked"))
@@ -366,20 +498,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def label_sources(options, summary: Summary) -> LabelSources:
+    from_response = getattr(options, "label_from_response", False)
+    if from_response:
+        if not options.response_key:
+            raise DataError("--label-from-response reads the reference response: set --response-key")
+        if options.dataset == REFERENCE_PROMPT_SET:
+            raise DataError(
+                f"--label-from-response on {REFERENCE_PROMPT_SET} would reward agreement with the student's own "
+                f"answers (its responses were written by Qwen2.5-1.5B-Instruct); use --ground-truth "
+                f"openbmb/UltraInteract_sft and/or --teacher-answers instead")
+    sources = LabelSources(label_key=options.label_key, from_response=from_response)
+    if options.ground_truth:
+        sources.ground_truth = ground_truth_answers(
+            load_rows(options.ground_truth, options.ground_truth_split), options.ground_truth,
+            options.ground_truth_instruction_key, options.ground_truth_response_key, summary)
+        sources.ground_truth_name = options.ground_truth
+    if options.teacher_answers:
+        sources.teacher = teacher_final_answers(load_rows(options.teacher_answers), options.teacher_answers)
+        sources.teacher_name = options.teacher_answers
+    return sources
+
+
 def run_prompts(options) -> Summary:
-    if options.label_key and options.label_from_response:
-        raise DataError("--label-key and --label-from-response are alternatives; pass one")
     if options.eval_out and options.eval_rows <= 0:
         raise DataError("--eval-out needs --eval-rows N > 0")
-    if options.label_from_response and not options.response_key:
-        raise DataError("--label-from-response reads the reference response: set --response-key")
-    if options.require_label and not (options.label_key or options.label_from_response):
-        raise DataError("--require-label needs --label-key or --label-from-response")
     summary = Summary()
+    labels = label_sources(options, summary)
+    if options.require_label and not labels.wanted:
+        raise DataError("--require-label needs a label source: --label-key, --ground-truth, --teacher-answers "
+                        "or --label-from-response")
     rows = list(prompt_rows(
-        load_rows(options.dataset, options.split), options.dataset, summary,
-        instruction_key=options.instruction_key, response_key=options.response_key or None,
-        label_key=options.label_key, label_from_response=options.label_from_response,
+        load_rows(options.dataset, options.split, options.dataset_config), options.dataset, summary,
+        instruction_key=options.instruction_key, response_key=options.response_key or None, labels=labels,
         require_label=options.require_label, system_prompt=options.system_prompt,
         instruction_suffix=options.instruction_suffix, dedupe=options.dedupe,
     ))
@@ -392,6 +543,35 @@ def run_prompts(options) -> Summary:
     summary.written = write_jsonl(train, options.out)
     if held_out:
         summary.held_out = write_jsonl(held_out, options.eval_out or str(Path(options.out).with_suffix(".eval.jsonl")))
+    return summary
+
+
+def run_labels(options) -> Summary:
+    """The rows of a prompt file with their labels: the same prompts as TSD-KD, for GRPO."""
+    summary = Summary()
+    labels = label_sources(options, summary)
+    if not labels.wanted:
+        raise DataError("labels needs a label source: --ground-truth, --teacher-answers or --label-key")
+    out_rows = []
+    for index, row in enumerate(load_rows(options.prompts)):
+        summary.read += 1
+        if index == 0:
+            _require_key(row, options.input_key, options.prompts, "--input-key")
+        messages = _prompt_messages(row[options.input_key], options.prompts)
+        user_turns = [m["content"] for m in messages if m["role"] == "user"]
+        instruction = user_turns[-1] if user_turns else ""
+        if options.instruction_suffix and instruction.endswith(options.instruction_suffix):
+            instruction = instruction[: -len(options.instruction_suffix)]
+        label, kind, description = labels.label(row, instruction, messages, None)
+        if label is None and options.require_label:
+            summary.skipped["rows without a label"] += 1
+            continue
+        out_rows.append({**row, "label": label or "", "label_source": kind or ""})
+        if description:
+            summary.labels[description] += 1
+    if not out_rows:
+        raise DataError(f"{options.prompts}: no row got a label ({summary.line('labels', options.out)})")
+    summary.written = write_jsonl(out_rows, options.out)
     return summary
 
 
@@ -419,7 +599,8 @@ def run_dpo_pairs(options) -> Summary:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = build_parser().parse_args(argv)
     try:
-        summary = run_prompts(options) if options.command == "prompts" else run_dpo_pairs(options)
+        run = {"prompts": run_prompts, "labels": run_labels, "dpo-pairs": run_dpo_pairs}[options.command]
+        summary = run(options)
     except DataError as error:
         print(f"prepare_data: error: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""Tiny Qwen2 teacher and student built from a config (no hub, no weights download).
+"""Tiny Qwen2 teacher and student built from a config (no hub, no weights download);
+a Gemma-2 pair too (GEMMA2_*_RECIPE: tied embeddings, attention and final-logit softcapping,
+sliding-window layers), for the Gemma-2 end-to-end check.
 
 Both share the toy tokenizer. Their logit rows are the tokenizer size rounded
 up to a multiple (like real Qwen checkpoints, whose embedding matrices have
@@ -35,15 +37,30 @@ class ToyModelRecipe:
     num_key_value_heads: int | None = None  # None: same as attention heads
     intermediate_multiple: int = 4  # MLP width = this x hidden size
     max_position_embeddings: int = 1024
+    family: str = "qwen2"  # a key of FAMILY_CLASSES
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        recipe = asdict(self)
+        if recipe["family"] == "qwen2":  # the field came later: Qwen2 recipes keep their cache keys
+            del recipe["family"]
+        return recipe
 
 
 TEACHER_RECIPE = ToyModelRecipe("teacher", hidden_size=128, num_attention_heads=2, num_hidden_layers=4,
                                 vocab_pad_multiple=128, seed=1)
 STUDENT_RECIPE = ToyModelRecipe("student", hidden_size=64, num_attention_heads=1, num_hidden_layers=2,
                                 vocab_pad_multiple=64, seed=2)
+GEMMA2_TEACHER_RECIPE = ToyModelRecipe("gemma2-teacher", hidden_size=128, num_attention_heads=2, num_hidden_layers=2,
+                                       vocab_pad_multiple=128, seed=3, num_key_value_heads=1, family="gemma2")
+GEMMA2_STUDENT_RECIPE = ToyModelRecipe("gemma2-student", hidden_size=64, num_attention_heads=1, num_hidden_layers=2,
+                                       vocab_pad_multiple=64, seed=4, family="gemma2")
+
+# family -> (transformers config class, model class) names
+FAMILY_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
+# Gemma-2's own settings (as in the released models), at toy scale where a size is involved.
+GEMMA2_EXTRA = dict(final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=HEAD_DIM,
+                    sliding_window=32)  # fmt: skip
+
 # The experiments' models (tsdkd_plugin.experiments.budgets; sizes from the calibration in
 # docs/reproduction.md). Three layers at the fixture teacher's width learn the task faster than its
 # four (94.8% after 2,000 SFT steps against 79.4%), and the narrow variant (half the MLP) is the
@@ -81,15 +98,18 @@ def padded_vocab_size(num_tokens: int, multiple: int) -> int:
 
 
 def make_config(recipe: ToyModelRecipe, tokenizer):
-    from transformers import Qwen2Config
+    import transformers
 
+    if recipe.family not in FAMILY_CLASSES:
+        raise ValueError(f"{recipe.name}: unknown family {recipe.family!r}; known: {', '.join(FAMILY_CLASSES)}")
+    config_class = getattr(transformers, FAMILY_CLASSES[recipe.family][0])
     if recipe.hidden_size != recipe.num_attention_heads * HEAD_DIM:
         raise ValueError(
             f"{recipe.name}: hidden_size {recipe.hidden_size} must be num_attention_heads x {HEAD_DIM} "
             f"(head_dim {HEAD_DIM} is what the vLLM CPU attention kernel accepts)"
         )
     endoftext_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return Qwen2Config(
+    return config_class(
         vocab_size=padded_vocab_size(len(tokenizer), recipe.vocab_pad_multiple),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_multiple * recipe.hidden_size,
@@ -104,11 +124,12 @@ def make_config(recipe: ToyModelRecipe, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
+        **(GEMMA2_EXTRA if recipe.family == "gemma2" else {}),
     )
 
 
 def build_toy_model(recipe: ToyModelRecipe, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike):
-    """Build a seeded, untrained Qwen2ForCausalLM and save it (safetensors) with the tokenizer into out_dir.
+    """Build a seeded, untrained causal LM of the recipe's family and save it (safetensors) with the tokenizer into out_dir.
 
     The tokenizer files are copied byte for byte from tokenizer_dir (a re-save
     of a loaded tokenizer would add load-time keys to tokenizer_config.json).
@@ -118,14 +139,16 @@ def build_toy_model(recipe: ToyModelRecipe, tokenizer_dir: str | os.PathLike, ou
     start, easy to recognise in tests of vocabulary alignment.
     """
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2ForCausalLM
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = make_config(recipe, tokenizer)
+    model_class = getattr(transformers, FAMILY_CLASSES[recipe.family][1])
     # fork_rng: seeding must not disturb the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     with torch.no_grad():
         model.get_input_embeddings().weight[len(tokenizer) :].zero_()
     model.generation_config = GenerationConfig(

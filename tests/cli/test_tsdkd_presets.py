@@ -1,0 +1,51 @@
+"""--tsdkd.preset paper|reference (every explicit --tsdkd.* flag wins over it) and --tsdkd.diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tsdkd_plugin.cli.train_tsdkd import parse_args
+from tsdkd_plugin.objective import PRESETS, TSDKDConfig
+
+BASE = [
+    "--actor.model_name_or_path", "student", "--teacher.model_name_or_path", "teacher",
+    "--data.prompt_dataset", "prompts.jsonl",
+]  # fmt: skip
+
+
+def config(*flags) -> TSDKDConfig:
+    return parse_args(BASE + list(flags))[1]
+
+
+def test_no_preset_is_the_config_defaults():
+    assert config() == TSDKDConfig()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_values(preset):
+    got = config("--tsdkd.preset", preset)
+    assert got == TSDKDConfig.from_preset(preset)
+    for name, value in PRESETS[preset].items():
+        assert getattr(got, name) == value
+
+
+def test_an_explicit_flag_wins_over_the_preset():
+    got = config("--tsdkd.preset", "paper", "--tsdkd.entropy_top_fraction", "0.25", "--tsdkd.beta", "0.5")
+    assert (got.entropy_top_fraction, got.beta) == (0.25, 0.5)
+    assert (got.direct_reduction, got.entropy_reduction) == ("response", "response")  # the rest of the preset
+    # Even a flag that repeats the config's default overrides the preset (it was given).
+    got = config("--tsdkd.entropy_top_fraction", "0.9", "--tsdkd.preset", "paper", "--tsdkd.direct_reduction", "micro_batch")
+    assert (got.entropy_top_fraction, got.direct_reduction, got.entropy_reduction) == (0.9, "micro_batch", "response")
+
+
+def test_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        config("--tsdkd.preset", "mine")
+    assert "invalid choice: 'mine'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--tsdkd.diagnostics"], True),
+                                             (["--tsdkd.diagnostics", "false"], False),
+                                             (["--tsdkd.preset", "paper", "--tsdkd.diagnostics", "true"], True)])
+def test_diagnostics_flag(flags, expected):
+    assert config(*flags).diagnostics is expected
