@@ -15,6 +15,7 @@ from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, parse_metho
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED
 from tsdkd_plugin.experiments.report import write_comparison_report
 from tsdkd_plugin.experiments.runner import JobError
+from tsdkd_plugin.objective import PRESETS
 
 
 def test_method_groups_and_unknown_names():
@@ -52,25 +53,12 @@ def test_every_tuned_method_gets_the_same_number_of_trials():
     assert len(set(counts.values())) == 1, counts
 
 
-def _preset_available() -> bool:
-    from tsdkd_plugin.objective.config import TSDKDConfig
-
-    return "preset" in TSDKDConfig.__dataclass_fields__
-
-
-# --tsdkd.preset comes with the objective's presets (another branch); strict, so this marker must go
-# once they are merged.
-_NEEDS_PRESET = pytest.mark.xfail(not _preset_available(), strict=True, reason="--tsdkd.preset is not merged yet")
-
-
 def _tsdkd_launches():
     for name, method in METHODS.items():
         if method.runner != "tsdkd":
             continue
-        uses_preset = "preset" in METHODS[method.derived_from or name].objective
         for overrides in ({}, *method.grid):
-            yield pytest.param(name, overrides, id=f"{name}-{compare.settings_key(overrides) or 'default'}",
-                               marks=[_NEEDS_PRESET] if uses_preset else [])
+            yield pytest.param(name, overrides, id=f"{name}-{compare.settings_key(overrides) or 'default'}")
 
 
 @pytest.mark.parametrize("name, overrides", list(_tsdkd_launches()))
@@ -84,9 +72,10 @@ def test_every_tsdkd_run_is_a_valid_launch(name, overrides, tmp_path, toy_teache
                           output_dir=tmp_path / "m", seed=0)
     objective = METHODS[name].objective_for({"lr": 1e-4, **overrides})
     _, config = parse_args(flags + tsdkd_flags(objective, teacher_dir=toy_teacher_dir))
-    for field, value in objective.items():
-        if field != "preset":
-            assert getattr(config, field) == value
+    preset = objective.get("preset")
+    expected = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in objective.items() if k != "preset"}}
+    for field, value in expected.items():
+        assert getattr(config, field) == value, field
 
 
 @pytest.mark.parametrize("estimator", ["group_norm"] + [g["estimator"] for g in METHODS["grpo"].grid])

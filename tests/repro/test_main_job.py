@@ -34,9 +34,12 @@ def test_the_two_regimes_differ_only_in_the_initial_student():
     assert (paper.n_val, paper.n_test, paper.difficulty) == (weak.n_val, weak.n_test, weak.difficulty)
     assert paper.student != weak.student
     assert main_job.build_arg_parser().parse_args([]).budget == "paper-like"
-    for budget in (paper, weak):
-        teacher, student = get_model_recipe(budget.teacher.model), get_model_recipe(budget.student.model)
-        assert student.hidden_size * student.num_hidden_layers < teacher.hidden_size * teacher.num_hidden_layers
+    def block_weights(name):  # attention + MLP weights per model, embeddings left out
+        r = get_model_recipe(name)
+        return r.num_hidden_layers * (4 + 3 * r.intermediate_multiple) * r.hidden_size ** 2
+
+    for budget in (paper, weak):  # the student is the smaller model in both
+        assert block_weights(budget.student.model) < block_weights(budget.teacher.model)
 
 
 @pytest.mark.parametrize(

@@ -253,7 +253,11 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
     for seed in options.seed_list:
         for method_name in test_methods:
             base = METHODS[method_name].derived_from or method_name
-            run_and_evaluate(state, ctx, "test", method_name, tuning[base]["chosen"], seed, "test")
+            # The first seed of every train_tsdkd method also logs the per-term gradient diagnostics
+            # (which change no loss or gradient bit; docs/objective.md).
+            diagnostics = {"diagnostics": True} if seed == options.seed_list[0] and METHODS[method_name].runner == "tsdkd" else {}
+            run_and_evaluate(state, ctx, "test", method_name, tuning[base]["chosen"], seed, "test",
+                             extra_objective=diagnostics)
 
 
 def run_comparison(options: argparse.Namespace) -> int:
