@@ -10,8 +10,8 @@ compares the two distributions must align vocabularies, as it must for
 Qwen2.5-0.5B (151,936 rows) against Qwen2.5-7B (152,064 rows).
 
 head_dim is 64 because the vLLM CPU attention kernel rejects 16.
-Sizes follow docs/toy_task.md: a ~1M-parameter teacher learns the easy task
-to ~76% in ~5 CPU minutes; the ~0.13M student reaches ~15-35% in ~2 minutes.
+Sizes and what they learn: docs/toy_task.md ("Tiny models") and the calibration in
+docs/reproduction.md.
 """
 
 from __future__ import annotations
