@@ -244,6 +244,35 @@ def one_step(name, x, vocab, cfg, device):
     return float(loss.detach())
 
 
+def timed_peak(step, device, repeats: int, peak_key: str) -> dict:
+    """`step()` (returns the loss) once to warm up (allocator, kernels), then `repeats` times:
+    {"loss", "seconds_median", peak_key: GiB allocated above what existed before the timed steps
+    (CUDA only)}, or {"error"} when it runs out of memory."""
+    row = {}
+    try:
+        step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            row["loss"] = step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        row["seconds_median"] = sorted(times)[len(times) // 2]
+        if device.type == "cuda":
+            row[peak_key] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    except torch.OutOfMemoryError as error:
+        row["error"] = "out of memory: " + str(error).splitlines()[0][:160]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def memory_time(device, vocab, hidden, sizes, repeats):
     cfg = TSDKDConfig()
     results = []
@@ -258,27 +287,7 @@ def memory_time(device, vocab, hidden, sizes, repeats):
             del h16, w16
         for name in ("naive fp32", "fused bf16 dense", BF16_LOGITS_BEFORE, "fused bf16 sparse"):
             row = {"tokens": n, "path": name}
-            try:
-                one_step(name, x, vocab, cfg, device)  # warm-up (allocator, kernels)
-                sync(device)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                times = []
-                for _ in range(repeats):
-                    sync(device)
-                    start = time.perf_counter()
-                    row["loss"] = one_step(name, x, vocab, cfg, device)
-                    sync(device)
-                    times.append(time.perf_counter() - start)
-                row["seconds_median"] = sorted(times)[len(times) // 2]
-                if device.type == "cuda":
-                    row["peak_gib_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            except torch.OutOfMemoryError as error:
-                row["error"] = "out of memory: " + str(error).splitlines()[0][:160]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            row.update(timed_peak(lambda: one_step(name, x, vocab, cfg, device), device, repeats, "peak_gib_above_inputs"))
             results.append(row)
             print(json.dumps(row), flush=True)
         del x

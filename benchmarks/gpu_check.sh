@@ -13,3 +13,4 @@ OUT=${OUT:-/tmp/tsdkd_gpu_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 PYTHONUNBUFFERED=1 timeout 480 python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/gpu_actor_step.py --out "$OUT" 2>&1 | tee "$OUT/gpu_actor_step.log"

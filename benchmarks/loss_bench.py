@@ -303,7 +303,11 @@ def run_child(args, *child_args, timeout=1800, root: Path = ROOT) -> dict | None
     script = root / "benchmarks" / "loss_bench.py"
     command = [sys.executable, str(script), *child_args, "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     command += ["--cap-gib", str(args.cap_gib)]
-    env = dict(os.environ, PYTHONPATH=str(root))
+    return child_result(command, child_args, timeout, env=dict(os.environ, PYTHONPATH=str(root)))
+
+
+def child_result(command: list, child_args, timeout: float, env: dict | None = None) -> dict | None:
+    """Run a benchmark child process; its result is the last JSON line it prints (None if it failed)."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(result.stdout.splitlines()):
         if line.startswith("{"):

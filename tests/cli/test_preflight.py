@@ -97,7 +97,7 @@ def test_dataset_with_a_broken_line(launch_argv, tmp_path, capsys):
         (["--tsdkd.opener_fraction", "0"], "--tsdkd.opener_fraction must be in (0, 1]"),
         (["--tsdkd.entropy_weight", "-1"], "--tsdkd.entropy_weight must be a finite real >= 0"),
         (["--teacher.sparse_top_k", "0"], "--teacher.sparse_top_k must be an integer >= 1"),
-        (["--tsdkd.gate", "sharp"], "invalid choice: 'sharp'"),
+        (["--tsdkd.gate", "sharp"], "--tsdkd.gate must be one of ('soft', 'hard', 'none'), got 'sharp'"),
         (["--tsdkd.on_policy_fraction", "2"], "--tsdkd.on_policy_fraction must be in [0, 1]"),
         (["--vllm.num_engines", "0"], "--vllm.num_engines must be >= 1"),
         (["--ds.lora.rank", "8", "--ds.tensor_parallel_size", "2"], "with --ds.tensor_parallel_size > 1 is not supported"),

@@ -14,7 +14,7 @@ BASE = [
 
 
 def config(*flags) -> TSDKDConfig:
-    return parse_args(BASE + list(flags))[1]
+    return parse_args(BASE + list(flags))[1].objective
 
 
 def test_no_preset_is_the_config_defaults():
@@ -41,7 +41,7 @@ def test_an_explicit_flag_wins_over_the_preset():
 def test_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         config("--tsdkd.preset", "mine")
-    assert "invalid choice: 'mine'" in capsys.readouterr().err
+    assert "--tsdkd.preset must be one of reference, paper, got 'mine'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, expected", [([], False), (["--tsdkd.diagnostics"], True),

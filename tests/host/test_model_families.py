@@ -10,7 +10,7 @@ OpenRLHF's `Actor` (the real loading path, from a saved directory), in fp32:
   computed from them (`TeacherSignals(hidden=..., lm_head_weight=..., output_head=...)`, the
   colocated teacher's path in host/actor.py);
 - the sparse top-K signals of the separate teacher group (`sparse_signals_for_samples`, shipped by `score_samples`);
-- the student's logits as the loss reads them (upstream `Actor.forward` + `action_logits`);
+- the student's logits as the loss reads them (upstream `Actor.forward` + `action_positions`);
 
 all equal HF's own `forward().logits` (same positions: OpenRLHF's left-padding convention) to
 1e-5. Left-padded prompts and right-padded responses of different lengths are included. A
@@ -33,7 +33,8 @@ from tsdkd_plugin.host.model_io import (
     output_head_of,
     response_hidden_states,
 )
-from tsdkd_plugin.host.teacher import action_logits, score_samples, sparse_signals_for_samples
+from tsdkd_plugin.host.student_step import action_positions
+from tsdkd_plugin.host.teachers.scoring import score_samples, sparse_signals_for_samples
 from tsdkd_plugin.objective import IDENTITY_HEAD, TeacherSignals, TSDKDConfig, teacher_signals_from_logits, tsdkd_loss
 from tsdkd_plugin.objective.chunking import HiddenRows
 
@@ -194,12 +195,12 @@ def test_sparse_teacher_signals_equal_hf(family, reference):
 
 
 def test_student_logits_equal_hf(family, reference):
-    """What the loss reads on the student side: upstream Actor.forward, then action_logits."""
+    """What the loss reads on the student side: upstream Actor.forward, then action_positions."""
     name, actor, _ = family
     expected, (sequences, attention_mask, action_mask) = reference
     with torch.no_grad():
         output = actor(sequences, attention_mask=attention_mask, return_output=True)
-    student = action_logits(output["logits"], RESPONSE)
+    student = action_positions(output["logits"], RESPONSE)
     error = (student - expected)[action_mask].abs().max().item()
     assert error < TOL, f"{name}: student logits differ from HF's by {error}"
 

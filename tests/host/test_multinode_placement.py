@@ -36,7 +36,7 @@ def test_policy_and_teacher_groups_follow_their_node_flags(three_node_cluster):
     from openrlhf.trainer.ray.launcher import RayActorGroup
 
     from tsdkd_plugin.host.actor import TSDKDPolicyActor
-    from tsdkd_plugin.host.teacher import TeacherModelActor
+    from tsdkd_plugin.host.teachers import TeacherModelActor
 
     assert ray.cluster_resources()["GPU"] == 6
     # --actor.num_nodes 2 --actor.num_gpus_per_node 2 ; --teacher.num_nodes 1 --teacher.num_gpus_per_node 1

@@ -12,7 +12,7 @@ One child process (this file run as a script, pristine copy first on sys.path, n
       onto the AST of the pristine and patched sources) and compares `inspect.signature` in
       the pristine and the patched package;
   (b) binds every call the plugin makes into upstream to the PRISTINE signature, with the
-      arguments built by the plugin's own builders (host/launch.py, host/teacher.py,
+      arguments built by the plugin's own builders (host/launch.py, host/teachers/scoring.py,
       host/actor.py) from each TSD-KD recipe's flags parsed by the real parser: engine creation,
       actor groups, the trainer (and its super().__init__ into PPOTrainer), the strategy, the
       teacher's `Actor`, the `ActorPPOTrainer(...)` call of upstream's
@@ -39,7 +39,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 import pytest
 
@@ -53,10 +52,10 @@ CHILD_TIMEOUT_S = 300
 # ----------------------------------------------------------------------------- the patch, read as data
 
 
-def parse_patch(text: str) -> Dict[str, dict]:
+def parse_patch(text: str) -> dict[str, dict]:
     """{path inside site-packages: {"old": changed old line numbers, "new": changed new line
     numbers, "created": bool}} for a `diff -ruN a b` patch (paths stripped of a/ and b/)."""
-    files: Dict[str, dict] = {}
+    files: dict[str, dict] = {}
     current = None
     old_line = new_line = 0
     for line in text.splitlines():
@@ -85,7 +84,7 @@ def parse_patch(text: str) -> Dict[str, dict]:
     return files
 
 
-def top_level_defs(source: str) -> List[Tuple[str, int, int]]:
+def top_level_defs(source: str) -> list[tuple[str, int, int]]:
     """(qualname, first line incl. decorators, last line) of module-level functions and of the
     methods of module-level classes: what `inspect.signature` can be asked about."""
     defs = []
@@ -104,7 +103,7 @@ def top_level_defs(source: str) -> List[Tuple[str, int, int]]:
     return defs
 
 
-def defs_containing(source: str, lines: Set[int]) -> Set[str]:
+def defs_containing(source: str, lines: set[int]) -> set[str]:
     return {name for name, first, last in top_level_defs(source) if any(first <= n <= last for n in lines)}
 
 
@@ -112,7 +111,7 @@ def module_name(path: str) -> str:
     return path[: -len(".py")].replace("/", ".").removesuffix(".__init__")
 
 
-def touched_functions(patch_text: str, pristine_site: Path, patched_site: Path) -> Dict[str, Dict[str, List[str]]]:
+def touched_functions(patch_text: str, pristine_site: Path, patched_site: Path) -> dict[str, dict[str, list[str]]]:
     """{module: {"touched": qualnames in both trees, "added": only in the patched tree,
     "removed": only in the pristine tree}} for every .py file the patch changes."""
     result = {}
@@ -132,7 +131,7 @@ def touched_functions(patch_text: str, pristine_site: Path, patched_site: Path) 
     return result
 
 
-def attributes_assigned_on_self(source: str) -> Set[str]:
+def attributes_assigned_on_self(source: str) -> set[str]:
     return {
         node.attr
         for node in ast.walk(ast.parse(source))
@@ -143,11 +142,11 @@ def attributes_assigned_on_self(source: str) -> Set[str]:
 
 def what_only_the_patch_adds(
     patch_text: str, pristine_site: Path, patched_site: Path
-) -> Tuple[Dict[str, str], Dict[str, Tuple[str, str]]]:
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     """({module: what}, {member name: (module, what)}): modules the patch creates, and the
     functions, methods and `self.` attributes it adds to existing upstream modules."""
-    modules: Dict[str, str] = {}
-    members: Dict[str, Tuple[str, str]] = {}
+    modules: dict[str, str] = {}
+    members: dict[str, tuple[str, str]] = {}
     touched = touched_functions(patch_text, pristine_site, patched_site)
     for path, change in parse_patch(patch_text).items():
         if not path.endswith(".py"):
@@ -164,7 +163,7 @@ def what_only_the_patch_adds(
     return modules, members
 
 
-def uses_of(tree: ast.AST, modules: Dict[str, str], members: Dict[str, Tuple[str, str]]) -> List[Tuple[int, str]]:
+def uses_of(tree: ast.AST, modules: dict[str, str], members: dict[str, tuple[str, str]]) -> list[tuple[int, str]]:
     """(line, what) for each import of an added module or member, and each `x.<added member>`."""
     uses = []
     for node in ast.walk(tree):
@@ -183,7 +182,7 @@ def uses_of(tree: ast.AST, modules: Dict[str, str], members: Dict[str, Tuple[str
     return uses
 
 
-def created_files(patch_text: str) -> List[str]:
+def created_files(patch_text: str) -> list[str]:
     return sorted(path for path, change in parse_patch(patch_text).items() if change["created"])
 
 
@@ -205,7 +204,7 @@ def installed_site() -> Path:
     return Path(spec.origin).parent.parent
 
 
-def wheel_record(dist_info: Path) -> Dict[str, str]:
+def wheel_record(dist_info: Path) -> dict[str, str]:
     """{path: sha256 (urlsafe base64, as in wheels)} of the wheel's openrlhf files, from RECORD."""
     record = {}
     with open(dist_info / "RECORD", newline="") as handle:
@@ -225,7 +224,7 @@ def copy_package(source_site: Path, dest_site: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trees(tmp_path_factory) -> Dict[str, Path]:
+def trees(tmp_path_factory) -> dict[str, Path]:
     """{"pristine": site dir with openrlhf 0.11.2 as the wheel ships it, "patched": the same plus
     this repository's patch}. The pristine tree comes from the installed package with the applied
     patch reversed (the copy scripts/apply_patches.sh recorded in the dist-info, else this one)."""
@@ -405,7 +404,7 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
             obj = getattr(obj, "__ray_actor_class__", obj)  # @ray.remote classes
         return obj
 
-    def signatures(package: str) -> Dict[str, str]:
+    def signatures(package: str) -> dict[str, str]:
         found = {}
         for module_name_, entry in request["touched"].items():
             if not entry["touched"]:
@@ -456,8 +455,9 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
 
     from tsdkd_plugin.host import actor as plugin_actor
     from tsdkd_plugin.host import launch as plugin_launch
-    from tsdkd_plugin.host import teacher as plugin_teacher
     from tsdkd_plugin.host import trainer as plugin_trainer
+    from tsdkd_plugin.host.teachers import ray_group as plugin_teacher_group
+    from tsdkd_plugin.host.teachers import scoring as plugin_scoring
 
     SELF = Placeholder("self")
 
@@ -472,7 +472,7 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
             out["calls_bound"].append(label)
         return bound
 
-    def super_calls(method) -> List[ast.Call]:
+    def super_calls(method) -> list[ast.Call]:
         """The `super().<same name>(...)` calls in a plugin method's source."""
         import textwrap
 
@@ -486,7 +486,7 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
 
     MISSING = object()
 
-    def call_arguments(call: ast.Call, values: Dict):
+    def call_arguments(call: ast.Call, values: dict):
         """(args, kwargs) of an AST call, names resolved from `values` (a bound call of the
         enclosing method) or left as placeholders; MISSING when a *x / **x cannot be resolved."""
 
@@ -562,7 +562,7 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
     for recipe in parsed:
         if recipe.command.module != recipe_check.TSDKD_MODULE:
             continue
-        args, config, where = recipe.args, recipe.config, recipe.command.script
+        args, run, where = recipe.args, recipe.config, recipe.command.script  # config: the typed RunConfig
         out["recipes_bound"].append(Path(where).name)
         bind("get_strategy", where, get_strategy, args)
         strategy = get_strategy(args)
@@ -573,20 +573,20 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
         bind("RayActorGroup(policy)", where, upstream_launcher.RayActorGroup.__init__, SELF,
              **plugin_launch.policy_group_arguments(args, shared_pg))  # fmt: skip
         teacher_group = None
-        if args.teacher.placement == "separate":
+        if run.teacher.has_own_group:
             bind("RayActorGroup(teacher)", where, upstream_launcher.RayActorGroup.__init__, SELF,
-                 **plugin_launch.teacher_group_arguments(args))  # fmt: skip
+                 **plugin_launch.teacher_group_arguments(run))  # fmt: skip
             teacher_group = Placeholder("teacher group")
         # Trainer: the plugin's constructor, then its super().__init__ into pristine PPOTrainer.
         trainer_cls = plugin_trainer.TSDKDTrainerImpl
         bound = bind("TSDKDTrainer", where, trainer_cls.__init__, SELF, **plugin_launch.trainer_arguments(
-            args, strategy, Placeholder("policy group"), teacher_group, engines))  # fmt: skip
+            args, run, strategy, Placeholder("policy group"), teacher_group, engines))  # fmt: skip
         if bound is not None and bind_super_calls(trainer_cls, "__init__", values_of(bound),
                                                   "TSDKDTrainer -> PPOTrainer.__init__"):  # fmt: skip
             covered.add((trainer_cls, "__init__"))
         # Policy actors: the plugin's init_model_from_pretrained, then its super() call.
         policy_cls = plugin_actor.TSDKDPolicyActorImpl
-        init_kwargs = plugin_launch.policy_init_arguments(args, config, shared_vocab_size, strategy, 10, engines)
+        init_kwargs = plugin_launch.policy_init_arguments(args, run, shared_vocab_size, strategy, 10, engines)
         bound = bind("TSDKDPolicyActorImpl.init_model_from_pretrained", where,
                      policy_cls.init_model_from_pretrained, SELF, **init_kwargs)  # fmt: skip
         if bound is not None:
@@ -594,7 +594,7 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
                              "TSDKDPolicyActorImpl.init_model_from_pretrained -> super()")  # fmt: skip
         # Upstream's ActorPPOTrainer(...) call, as upstream writes it, into the swapped-in factory
         # and on through TSDKDActorTrainer.__init__'s super().__init__ into pristine ActorPPOTrainer.
-        factory = plugin_actor.actor_trainer_factory(init_kwargs["tsdkd_options"])
+        factory = plugin_actor.actor_trainer_factory(init_kwargs["run"], init_kwargs["shared_vocab_size"])
         for call in swap_calls:
             swap_args, swap_kwargs = call_arguments(call, {})
             trainer_class = factory.func
@@ -604,12 +604,12 @@ def _child(request_file: str, result_file: str) -> None:  # noqa: C901 (one line
                                                       "ActorPPOTrainer(...) via trainer-class swap"):  # fmt: skip
                 covered.add((trainer_class, "__init__"))
         # The teacher: its Actor (separate group or colocated in the policy actor) and its init.
-        bind("Actor(teacher)", where, Actor.__init__, SELF, **plugin_teacher.scoring_model_arguments(
-            strategy, args.teacher.model_name_or_path, offload=args.teacher.offload))  # fmt: skip
+        bind("Actor(teacher)", where, Actor.__init__, SELF, **plugin_scoring.scoring_model_arguments(
+            strategy, run.teacher.model_name_or_path, offload=run.teacher.offload))  # fmt: skip
         if teacher_group is not None:
             bind("TeacherModelActor.init_model_from_pretrained", where,
-                 plugin_teacher.TeacherModelActor.__ray_actor_class__.init_model_from_pretrained, SELF,
-                 **plugin_launch.teacher_init_arguments(args, config, shared_vocab_size, strategy))  # fmt: skip
+                 plugin_teacher_group.TeacherModelActor.__ray_actor_class__.init_model_from_pretrained, SELF,
+                 **plugin_launch.teacher_init_arguments(run, shared_vocab_size, strategy))  # fmt: skip
 
     # Overrides and super() calls of every plugin class built on an upstream class.
     seen = set()

@@ -85,10 +85,10 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     from tsdkd_plugin.host.launch import launch
     from tsdkd_plugin.testing import engine_prompt_logprobs, hf_prompt_logprobs, probe_token_ids
 
-    args, config = cli.parse_args(argv)
-    shared_vocab_size = cli.preflight(args, config).shared_vocab_size
+    args, run = cli.parse_args(argv)
+    shared_vocab_size = cli.preflight(args, run).shared_vocab_size
     cli.init_ray(args)
-    job = launch(args, config, shared_vocab_size)
+    job = launch(args, run, shared_vocab_size)
     ray.get(job.trainer.fit.remote())
     ray.get(job.actor_group.async_save_model())
 
@@ -149,6 +149,40 @@ def test_tsdkd_trains_on_cpu_and_syncs_vllm(tmp_path, placement, lora, toy_stude
     AutoModelForCausalLM.from_pretrained(str(final_model))
     if lora:
         assert (tmp_path / "model" / "adapter_config.json").is_file()
+
+
+def test_fused_and_full_student_logits_agree_end_to_end(tmp_path, toy_student_dir, toy_teacher_dir, arith_data_dir):
+    """The same one-step CLI run (the configuration above, separate teacher) with the default fused student
+    path and with `--tsdkd.student_logits full`: greedy rollouts, so both runs train on the same responses and
+    teacher signals; every logged loss term of the step agrees within 1e-5. (The in-process DeepSpeed checks of
+    the training step, gradients included, sampling temperature != 1 too, are tests/host/test_fused_step.py.)"""
+    from tsdkd_plugin.testing import log_tail, run_child, tensorboard_scalars
+
+    prompts = arith_data_dir / "prompts_train.jsonl"
+    scalars = {}
+    for mode in ("fused", "full"):
+        out = tmp_path / mode
+        argv = tsdkd_args(toy_student_dir, toy_teacher_dir, prompts, out, "separate")
+        argv += ["--data.max_samples", "4", "--ckpt.save_steps", "-1", "--rollout.temperature", "0",
+                 "--tsdkd.student_logits", mode]
+        log_file = out / "train_tsdkd.log"
+        out.mkdir()
+        ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
+        env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+        try:
+            returncode = run_child([sys.executable, __file__, str(out / "probe.json"), str(toy_student_dir), *argv],
+                                   env, log_file, RUN_TIMEOUT_S)  # fmt: skip
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert returncode == 0, f"{mode}: train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
+        scalars[mode] = tensorboard_scalars(out / "tb")
+
+    assert scalars["fused"]["train/rollout/response_length_mean"] == scalars["full"]["train/rollout/response_length_mean"]
+    terms = [tag for tag in scalars["full"] if tag.startswith("train/tsdkd/loss") or tag == "train/policy_loss"]
+    assert len(terms) >= 5, terms
+    for tag in terms:
+        fused, full = scalars["fused"][tag][1], scalars["full"][tag][1]
+        assert math.isclose(fused, full, rel_tol=1e-5, abs_tol=1e-7), (tag, fused, full)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,10 @@ def toy_runs(tmp_path_factory, toy_student_dir, toy_teacher_dir):
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     for name in ("OUTPUT_DIR", "PROMPT_DATA", "SHARED_DIR", "TSDKD_RECIPE_EXTRA_ARGS", "TSDKD_RECIPE_DROP_FLAGS",
-                 "TSDKD_RECIPE_PRINT_ARGS", "TSDKD_RECIPE_DRY_RUN", "WANDB_API_KEY", "RAY_ADDRESS"):
+                 "TSDKD_RECIPE_PRINT_ARGS", "TSDKD_RECIPE_DRY_RUN", "WANDB_API_KEY", "RAY_ADDRESS",
+                 # A torch.distributed world an earlier in-process test left in this pytest process
+                 # (its port still bound): evaluate's accelerate would try to join it (EADDRINUSE).
+                 "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
 
     # Data, with the documented commands: a reference set in the TSD-KD prompt set's layout

@@ -164,9 +164,13 @@ def test_input_template_that_cannot_format(launch, tmp_path, capsys):
         (["--rollout.temperature", "-1"], "--rollout.temperature must be 0 (greedy) or >= 0.01"),
         (["--ckpt.save_steps", "0"], "--ckpt.save_steps must be >= 1 (save every N steps) or -1"),
         (["--ckpt.save_steps", "1", "--ckpt.max_num", "0"], "--ckpt.max_num must be >= 1"),
-        (["--teacher.timeout_s", "0"], "argument --teacher.timeout_s: must be > 0, got 0"),
-        (["--teacher.max_retries", "-1"], "argument --teacher.max_retries: must be >= 0, got -1"),
-        (["--tsdkd.max_nonfinite_steps", "0"], "argument --tsdkd.max_nonfinite_steps: must be >= 1, got 0"),
+        (["--teacher.timeout_s", "0"], "--teacher.timeout_s must be a finite number of seconds > 0, got 0.0"),
+        (["--teacher.timeout_s", "inf"], "--teacher.timeout_s must be a finite number of seconds > 0, got inf"),
+        (["--teacher.max_retries", "-1"], "--teacher.max_retries must be an integer >= 0, got -1"),
+        (["--tsdkd.max_nonfinite_steps", "0"], "--tsdkd.max_nonfinite_steps must be an integer >= 1, got 0"),
+        (["--teacher.num_gpus_per_node", "0"], "--teacher.num_gpus_per_node must be >= 1, got 0"),
+        (["--teacher.placement", "remote"], "--teacher.placement must be one of separate, colocate, got 'remote'"),
+        (["--tsdkd.student_logits", "chunked"], "--tsdkd.student_logits must be one of fused, full, got 'chunked'"),
     ],
 )
 def test_contradictory_or_out_of_range_flags(launch, capsys, flags, expected):

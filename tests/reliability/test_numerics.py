@@ -105,15 +105,20 @@ def test_single_token_empty_and_extreme_rows_stay_finite(dtype):
 
 
 class TinyStudent(torch.nn.Module):
-    """Stands in for OpenRLHF's Actor: same call signature, logits for every position."""
+    """Stands in for OpenRLHF's Actor: same call signature, logits for every position, and an
+    output layer the fused training step (the default) can find."""
 
     temperature = 1.0
+    config = SimpleNamespace(model_type="llama")  # a family whose logits are plain hidden @ W.T
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(VOCAB + 3, 16)  # 3 padding rows past the tokenizer, as real models have
-        self.head = torch.nn.Linear(16, VOCAB + 3)
+        self.head = torch.nn.Linear(16, VOCAB + 3, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
 
     def forward(self, sequences, attention_mask=None, return_output=False, ring_attn_group=None):
         return {"logits": self.head(torch.tanh(self.embed(sequences)))}
@@ -145,22 +150,26 @@ class PlainStrategy:
 
 def make_trainer(tmp_path, max_nonfinite_steps=3):
     from tsdkd_plugin.host.actor import TSDKDActorTrainer
-    from tsdkd_plugin.host.numerics import NonFiniteGuard
     from tsdkd_plugin.host.checkpoint import resume_hint
+    from tsdkd_plugin.host.numerics import NonFiniteGuard
+    from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
+    from tsdkd_plugin.host.student_step import StudentForward
+    from tsdkd_plugin.host.teachers import ShippedSignals
 
-    args = SimpleNamespace(
-        ds=SimpleNamespace(zero_stage=0), ckpt=SimpleNamespace(path=str(tmp_path / "ckpt")),
-        tsdkd=SimpleNamespace(max_nonfinite_steps=max_nonfinite_steps),
-    )  # fmt: skip
+    args = SimpleNamespace(ds=SimpleNamespace(zero_stage=0), ckpt=SimpleNamespace(path=str(tmp_path / "ckpt")))
+    run = RunConfig(objective=CONFIG, teacher=TeacherConfig("teacher"), ranking_group_size=2,
+                    max_nonfinite_steps=max_nonfinite_steps)
     trainer = TSDKDActorTrainer.__new__(TSDKDActorTrainer)  # no Ray/DeepSpeed: set what training_step reads
     trainer.args, trainer.strategy = args, PlainStrategy(args)
     trainer.actor = TinyStudent()
+    trainer.student = StudentForward(trainer.actor, run.student_logits)  # the default, fused: hidden states + output layer
     trainer.actor_optim = torch.optim.SGD(trainer.actor.parameters(), lr=0.5)
     trainer.actor_scheduler = SimpleNamespace(get_last_lr=lambda: [0.5])
-    trainer.ema_model, trainer.colocated_teacher = None, None
+    trainer.ema_model = None
     trainer.tokenizer = SimpleNamespace(eos_token_id=EOS)
-    trainer.loss_config, trainer.shared_vocab_size, trainer.group_size = CONFIG, VOCAB, 2
-    trainer.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps, lambda: resume_hint(args.ckpt.path))
+    trainer.run, trainer.shared_vocab_size = run, VOCAB
+    trainer.teacher = ShippedSignals(temperature=CONFIG.temperature)  # a separate teacher's signals came with the batch
+    trainer.nonfinite_guard = NonFiniteGuard(run.max_nonfinite_steps, lambda: resume_hint(args.ckpt.path))
     return trainer
 
 
@@ -245,3 +254,26 @@ def test_injected_nonfinite_teacher_is_skipped(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path)
     skipped = [trainer.training_step(make_experience(), 0.0, i)["metrics"]["tsdkd/nonfinite_skipped"] for i in range(3)]
     assert skipped == [0.0, 1.0, 0.0]
+
+
+def test_an_injected_broken_teacher_is_nan_in_either_transport():
+    """The fault hook's poison (host/numerics.py poison_teacher) reaches the teacher's outputs of both
+    transports: the colocated teacher's hidden states (never its weight) and every shipped float."""
+    from tsdkd_plugin.host.numerics import poison_teacher
+    from tsdkd_plugin.objective import TeacherSignals
+
+    weight = torch.randn(VOCAB, 8)
+    dense = poison_teacher(TeacherSignals(hidden=torch.randn(2, 3, 8), lm_head_weight=weight))
+    assert torch.isnan(dense.hidden).all() and dense.lm_head_weight is weight
+    generator = torch.Generator().manual_seed(0)
+    sparse = teacher_signals_from_logits(
+        torch.randn(2, 3, VOCAB, generator=generator), CONFIG, mask=torch.ones(2, 3), shared_vocab_size=VOCAB,
+        candidate_ids=distinct_candidates(2, 3, generator), sampled_ids=torch.zeros(2, 3, dtype=torch.long),
+    )  # fmt: skip
+    poisoned = poison_teacher(sparse)
+    for name, tensor in poisoned.tensors().items():
+        if tensor.is_floating_point():
+            assert torch.isnan(tensor).all(), name
+        else:
+            assert torch.equal(tensor, getattr(sparse, name)), name
+    assert poisoned.temperature == sparse.temperature

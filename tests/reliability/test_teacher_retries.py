@@ -5,12 +5,15 @@ switch. The end-to-end teacher death is run A of test_resume_e2e.py."""
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import ray
+import torch
 
 from tsdkd_plugin.host.faults import TrainingStoppedError, injected_faults, stop_reason
-from tsdkd_plugin.host.trainer import RetriesExhausted, TeacherUnavailableError, first_line, get_with_retries
+from tsdkd_plugin.host.teachers import TeacherUnavailableError
+from tsdkd_plugin.host.teachers.ray_group import RetriesExhausted, first_line, get_with_retries
 
 
 class FlakyTeacher:
@@ -97,13 +100,46 @@ def test_a_deterministic_teacher_error_is_not_retried():
     assert teacher.calls == 2
 
 
-def test_the_experience_maker_reports_a_teacher_error_at_once(monkeypatch):
-    """TeacherRankedExperienceMaker._teacher_signals turns it into the run's one-sentence stop, with the
-    teacher's own message and how to resume."""
-    from types import SimpleNamespace
+def ray_group_teacher(policy_answers, teacher_get, monkeypatch, max_retries=2):
+    """A RayGroupTeacher over stand-in groups: the policy group answers `policy_answers` (per actor), the
+    teacher group's results come from `teacher_get(refs, timeout)`."""
+    from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
+    from tsdkd_plugin.host.teachers import ray_group
+    from tsdkd_plugin.objective import TSDKDConfig
 
-    import tsdkd_plugin.host.trainer as trainer
-    from tsdkd_plugin.host.trainer import TeacherFailedError, TeacherRankedExperienceMaker
+    def get(refs, timeout=None):
+        return policy_answers if refs == ["policy"] else teacher_get(refs, timeout)
+
+    monkeypatch.setattr(ray, "get", get)  # the policy group's answers (teachers.base.run_on_policy_group)
+    monkeypatch.setattr(ray_group, "get_with_retries", functools.partial(get_with_retries, get=get,
+                                                                         sleep=lambda s: None))
+    policy = SimpleNamespace(async_run_method_batch=lambda method_name, **batch: ["policy"])
+    group = SimpleNamespace(async_run_method_batch=lambda method_name, **batch: [])  # no refs: ray.cancel never runs
+    run = RunConfig(objective=TSDKDConfig(),
+                    teacher=TeacherConfig("/models/teacher", timeout_s=30.0, max_retries=max_retries))
+    return ray_group.RayGroupTeacher(policy, group, run, duplicate_factor=1, ckpt_path="/nonexistent/ckpt")
+
+
+def step_samples(micro_batches=2):
+    from tsdkd_plugin.host.teachers import StepSamples
+
+    rows = [torch.ones(2, 5, dtype=torch.long)] * micro_batches
+    return StepSamples(sequences=rows, action_mask=[torch.ones(2, 3)] * micro_batches, attention_mask=rows)
+
+
+def test_the_ray_group_teacher_returns_one_dict_per_micro_batch_and_times_its_phases(monkeypatch):
+    shipped = [{"sequence_scores": torch.tensor([-1.0, -2.0])}, {"sequence_scores": torch.tensor([-3.0, -4.0])}]
+    teacher = ray_group_teacher([[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]],
+                                lambda refs, timeout: [shipped[:1], shipped[1:]], monkeypatch)
+    times = {}
+    assert teacher.signals(step_samples(), times) == shipped
+    assert set(times) == {"tsdkd/time_student_candidates", "tsdkd/time_teacher_scoring"}
+
+
+def test_the_ray_group_teacher_reports_a_teacher_error_at_once(monkeypatch):
+    """An error raised by the teacher's own code becomes the run's one-sentence stop, with the teacher's
+    own message and how to resume, after one attempt."""
+    from tsdkd_plugin.host.teachers import TeacherFailedError
 
     calls = []
 
@@ -111,17 +147,29 @@ def test_the_experience_maker_reports_a_teacher_error_at_once(monkeypatch):
         calls.append(timeout)
         raise ray.exceptions.RayTaskError("forward", "tb", ValueError("bad candidate ids")).as_instanceof_cause()
 
-    monkeypatch.setattr(trainer.ray, "get", failing_get)
-    monkeypatch.setattr(trainer, "get_with_retries", functools.partial(get_with_retries, get=failing_get))
-    maker = TeacherRankedExperienceMaker.__new__(TeacherRankedExperienceMaker)
-    maker.args = SimpleNamespace(
-        teacher=SimpleNamespace(model_name_or_path="/models/teacher", timeout_s=30.0, max_retries=2),
-        ckpt=SimpleNamespace(path="/nonexistent/ckpt"),
-    )
-    maker.teacher_model_group = SimpleNamespace(async_run_method_batch=lambda **kwargs: [])
+    teacher = ray_group_teacher([[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]], failing_get, monkeypatch)
     with pytest.raises(TeacherFailedError) as stopped:
-        maker._teacher_signals([], {})
+        teacher.signals(step_samples(), {})
     message = str(stopped.value)
-    assert len(calls) == 1, calls
+    assert calls == [30.0], calls
     assert "--teacher.model_name_or_path /models/teacher" in message and "ValueError: bad candidate ids" in message
     assert "not retried" in message and message.startswith("TSD-KD stopped:") and stop_reason(stopped.value)
+
+
+def test_the_ray_group_teacher_stops_after_its_retries(monkeypatch):
+    from tsdkd_plugin.host.teachers import TeacherUnavailableError as Unavailable
+
+    calls = []
+
+    def dead_get(refs, timeout):
+        calls.append(timeout)
+        raise ray.exceptions.RayActorError()
+
+    teacher = ray_group_teacher([[torch.zeros(2, 3, 4)], [torch.zeros(2, 3, 4)]], dead_get, monkeypatch,
+                                max_retries=1)
+    with pytest.raises(Unavailable) as stopped:
+        teacher.signals(step_samples(), {})
+    message = str(stopped.value)
+    assert calls == [30.0, 30.0]
+    assert "failed to return its signals 2 times (--teacher.max_retries 1, --teacher.timeout_s 30 each)" in message
+    assert "RayActorError" in message and stop_reason(stopped.value)

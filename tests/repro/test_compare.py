@@ -71,11 +71,11 @@ def test_every_tsdkd_run_is_a_valid_launch(name, overrides, tmp_path, toy_teache
     flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
                           output_dir=tmp_path / "m", seed=0)
     objective = METHODS[name].objective_for({"lr": 1e-4, **overrides})
-    _, config = parse_args(flags + tsdkd_flags(objective, teacher_dir=toy_teacher_dir))
+    _, run = parse_args(flags + tsdkd_flags(objective, teacher_dir=toy_teacher_dir))
     preset = objective.get("preset")
     expected = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in objective.items() if k != "preset"}}
     for field, value in expected.items():
-        assert getattr(config, field) == value, field
+        assert getattr(run.objective, field) == value, field
 
 
 @pytest.mark.parametrize("estimator", ["group_norm"] + [g["estimator"] for g in METHODS["grpo"].grid])

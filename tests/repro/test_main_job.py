@@ -95,7 +95,8 @@ def test_tsdkd_flags_parse_with_the_real_cli(tmp_path, toy_teacher_dir, toy_stud
                           output_dir=tmp_path / "model", seed=3)
     flags += tsdkd_flags({"gate": "hard", "indirect_level": "both", "entropy_weight": 0.0},
                          teacher_dir=toy_teacher_dir)
-    args, config = parse_args(flags)
+    args, run = parse_args(flags)
+    config = run.objective
     assert (config.gate, config.indirect_level, config.entropy_weight) == ("hard", "both", 0.0)
     assert args.rollout.n_samples_per_prompt == budget.samples_per_prompt
     assert args.train.batch_size == budget.train_batch_size and args.train.seed == 3

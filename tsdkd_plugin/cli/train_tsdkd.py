@@ -2,7 +2,8 @@
 
 Thin on purpose (as upstream's cli/train_*.py): parse, validate, wire.
 Arguments: all of upstream `train_ppo_ray`'s (reused from the installed OpenRLHF,
-see tsdkd_plugin/host/upstream_cli.py) plus `--teacher.*` and `--tsdkd.*`.
+see tsdkd_plugin/host/upstream_cli.py) plus `--teacher.*` and `--tsdkd.*`, which become
+the typed run configuration here (host/run_config.py) and travel as it is to every Ray actor.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import List, Optional
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the host modules are imported when used (they load torch)
+    from tsdkd_plugin.host.run_config import RunConfig
 
 PROG = "python -m openrlhf.cli.train_tsdkd"
 DESCRIPTION = (
@@ -32,10 +37,11 @@ def build_parser():
     return parser, upstream
 
 
-def parse_args(argv: Optional[List[str]] = None):
+def parse_args(argv: list[str] | None = None) -> tuple[SimpleNamespace, RunConfig]:
     """Parse and run every check that needs no file, model or cluster: ours first (on the flags as
     typed: upstream's post-parse code divides by some of them), then upstream's own validations.
-    Returns (args, config). Used by the recipe checks, which must not touch the hub."""
+    Returns (upstream's hierarchical args, the typed run configuration). Used by the recipe checks,
+    which must not touch the hub."""
     from openrlhf.utils.config import hierarchize
 
     from tsdkd_plugin.host.args import ArgumentError
@@ -45,29 +51,29 @@ def parse_args(argv: Optional[List[str]] = None):
     flat_args = parser.parse_args(argv)
     defaults = {action.dest: parser.get_default(action.dest) for action in parser._actions if action.option_strings}
     try:
-        config = check_options(hierarchize(flat_args), defaults)
+        run = check_options(hierarchize(flat_args), defaults)
         args = normalize_options(upstream.finalize(flat_args))
     except ArgumentError as error:
         parser.exit(2, f"{PROG}: error: {error}\n")
     except AssertionError as error:  # upstream's own validations are asserts
         parser.exit(2, f"{PROG}: error: invalid arguments (OpenRLHF): {error}\n")
-    return args, config
+    return args, run
 
 
-def preflight(args, config):
+def preflight(args: SimpleNamespace, run: RunConfig):
     """Checks that read files, models and data (still before any Ray worker): one call that returns
     the resolved plan (host/preflight). Exits with status 2 and one sentence on bad input."""
     from tsdkd_plugin.host.args import ArgumentError
     from tsdkd_plugin.host.preflight import preflight as check_launch
 
     try:
-        return check_launch(args, config)
+        return check_launch(args, run)
     except ArgumentError as error:
         sys.stderr.write(f"{PROG}: error: {error}\n")
         sys.exit(2)
 
 
-def init_ray(args) -> None:
+def init_ray(args: SimpleNamespace) -> None:
     import ray
 
     from tsdkd_plugin.host.device import apply_cpu_mode_env, cpu_mode, init_local_ray_cluster
@@ -92,9 +98,9 @@ def init_ray(args) -> None:
     )
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    args, config = parse_args(argv)
-    plan = preflight(args, config)
+def main(argv: list[str] | None = None) -> None:
+    args, run = parse_args(argv)
+    plan = preflight(args, run)
     if args.tsdkd.dry_run:
         print(json.dumps(plan.as_dict(), indent=2, default=str))
         return
@@ -113,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from tsdkd_plugin.host.launch import train
 
     try:
-        train(args, config, plan.shared_vocab_size)
+        train(args, run, plan.shared_vocab_size)
     except Exception as error:
         # A stopped run (teacher unavailable, repeated non-finite losses) ends with its one-sentence
         # reason; a worker that failed on an input (a model vLLM cannot load after all, a checkpoint

@@ -5,7 +5,14 @@ checkpointing, vLLM weight sync) and `ActorPPOTrainer.ppo_train` (epochs,
 gradient-accumulation windows, metric reduction across ranks, progress bar).
 What is replaced: `ActorPPOTrainer.training_step` (the PPO loss becomes the
 TSD-KD objective) and the replay buffer (which must keep teacher signals and
-prompt groups, see `experience.py`).
+prompt groups, see `experience.py`). The student's forward is upstream
+`Actor.forward`; by default its output layer is skipped and the objective gets the
+final hidden states and the output embedding instead of [tokens x vocab] logits
+(`student_step.py`, `--tsdkd.student_logits`).
+
+The teacher is whatever `teachers.actor_teacher` made for this run (`self.teacher`, an
+`ActorTeacher`): the training step asks it for the micro-batch's `TeacherSignals` without knowing
+where the teacher runs (host/teachers/). The run's options arrive typed (`run`, host/run_config.py).
 
 `PolicyModelActor.init_model_from_pretrained` builds `ActorPPOTrainer` inline,
 by module-global name. Instead of copying that ~90-line method we subclass the
@@ -20,7 +27,6 @@ import contextlib
 import functools
 import os
 from types import SimpleNamespace
-from typing import Dict, Optional
 
 import ray
 import torch
@@ -38,27 +44,28 @@ from tsdkd_plugin.host.checkpoint import (
     save_checkpoint_atomically,
     save_rank_rng_state,
 )
-from tsdkd_plugin.host.device import current_device, ema_device
-from tsdkd_plugin.host.experience import PER_SAMPLE_SIGNALS, TeacherSignalReplayBuffer, signals_to_device
-from tsdkd_plugin.host.model_io import output_embedding, output_head_of, response_hidden_states
-from tsdkd_plugin.host.teacher import (
-    action_logits,
-    in_vocab_action_mask,
-    load_causal_lm_for_scoring,
-    score_samples,
-    where_am_i,
-)
+from tsdkd_plugin.host.device import current_device, ema_device, where_am_i
+from tsdkd_plugin.host.experience import TeacherSignalReplayBuffer, signals_to_device
 from tsdkd_plugin.host.faults import inject_nonfinite_teacher
 from tsdkd_plugin.host.lora_sync import is_lora_model, merged_lora_parameters
+from tsdkd_plugin.host.model_io import output_embedding, unwrap_hf_model
 from tsdkd_plugin.host.numerics import (
-    DEFAULT_MAX_NONFINITE_STEPS,
     NonFiniteGuard,
     is_nonfinite_error,
-    poison_with_nan,
+    poison_teacher,
     response_health,
     zero_surrogate,
 )
-from tsdkd_plugin.objective import METRIC_KEYS, TSDKDConfig, TeacherSignals, tsdkd_loss
+from tsdkd_plugin.host.run_config import RunConfig
+from tsdkd_plugin.host.student_step import (
+    StudentForward,
+    StudentOutputs,
+    in_vocab_action_mask,
+    student_objective,
+    student_top_k,
+)
+from tsdkd_plugin.host.teachers import ActorTeacher, MicroBatch, actor_teacher
+from tsdkd_plugin.objective import METRIC_KEYS
 
 
 @contextlib.contextmanager
@@ -94,22 +101,16 @@ class MergedLoRAView:
         return merged_lora_parameters(self._peft_model, self._gather, remove_duplicate=remove_duplicate)
 
 
-def sparse_teacher_signals(signals: Dict[str, torch.Tensor], config: TSDKDConfig) -> TeacherSignals:
-    """Rebuild the objective's `TeacherSignals` from the wire dict of a separate teacher group."""
-    fields = {k: v for k, v in signals.items() if k != "group_ids"}
-    return TeacherSignals.from_wire(fields, temperature=config.temperature)
-
-
 class TSDKDActorTrainer(ActorPPOTrainer):
-    def __init__(self, *args, tsdkd_options: Dict, colocated_teacher=None, **kwargs):
+    def __init__(self, *args, run: RunConfig, shared_vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_config: TSDKDConfig = tsdkd_options["loss_config"]
-        self.shared_vocab_size: int = tsdkd_options["shared_vocab_size"]
-        self.group_size: int = tsdkd_options["group_size"]
-        self.colocated_teacher = colocated_teacher
+        self.run = run
+        self.shared_vocab_size = shared_vocab_size
+        # Set by the policy actor once the teacher is ready (a colocated one loads after this trainer).
+        self.teacher: ActorTeacher | None = None
         self.replay_buffer = TeacherSignalReplayBuffer(
             self.micro_train_batch_size,
-            group_size=self.group_size,
+            group_size=run.ranking_group_size,
             limit=self.replay_buffer.limit,
             cpu_offload=self.replay_buffer.cpu_offload,
         )
@@ -118,10 +119,17 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             # 0.01). Upstream's Actor divides its logits by this temperature (1/0 = NaN); the objective
             # wants raw logits anyway, so the student's forward keeps them raw.
             self.actor.temperature = 1.0
+        if getattr(self.actor, "packing_samples", False):  # upstream's Actor sets it only when it loads the model
+            # The objective and the teacher signals are per padded [B, T] row; upstream's packed
+            # [1, total] layout (and ring attention, which needs it) is refused before launch too.
+            raise ValueError("TSD-KD does not support --ds.packing_samples (or --ds.ring_attn_size > 1, which implies it)")
+        # How the student reaches the objective: hidden states + output embedding, chunked (fused,
+        # the default), or upstream Actor's full logits (host/student_step.py).
+        self.student = StudentForward(unwrap_hf_model(self.actor), run.student_logits)
         # Non-finite micro-batches are skipped and counted; too many in a row stop the run
         # (host/numerics.py). The hint is computed at the stop, when `latest` is final.
         self.nonfinite_guard = NonFiniteGuard(
-            max_consecutive=getattr(self.args.tsdkd, "max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS),
+            max_consecutive=run.max_nonfinite_steps,
             resume_hint=functools.partial(resume_hint, self.args.ckpt.path),
         )
 
@@ -140,60 +148,52 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         finally:
             self.actor = actor
 
-    def _objective(self, student_logits, teacher, loss_mask, sequences, num_actions):
-        return tsdkd_loss(
-            student_logits,
-            teacher,
-            loss_mask,
-            self.loss_config,
-            shared_vocab_size=self.shared_vocab_size,
-            sampled_ids=sequences[:, -num_actions:].masked_fill(~loss_mask, 0),
-            group_size=self.group_size if self.group_size > 1 else None,
-        )
+    def _student_forward(self, sequences, attention_mask, num_actions) -> StudentOutputs:
+        """Upstream Actor.forward on the batch, giving the objective hidden states (fused) or logits (full)."""
+        return self.student(self.actor, sequences, attention_mask, num_actions,
+                            ring_attn_group=self.strategy.ring_attn_group)
+
+    def _output_weight(self):
+        """The student's output embedding for the fused objective (gathered under ZeRO-3), or None."""
+        if not self.student.fused:
+            return contextlib.nullcontext(None)
+        return output_embedding(self.actor, self.args.ds.zero_stage)
+
+    @torch.no_grad()
+    def student_top_k(self, sequences, attention_mask, num_actions) -> torch.Tensor:
+        """[B, A, k]: the student's top-k shared token ids at every response position."""
+        student = self._student_forward(sequences, attention_mask, num_actions)
+        with self._output_weight() as weight:
+            return student_top_k(student, weight, self.shared_vocab_size, self.run.objective.num_candidates,
+                                 self.run.objective.chunk_size)
 
     def training_step(
-        self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: Optional[Dict] = None
-    ) -> Dict:
+        self, experience: Experience, kl_ctl: float, step: int, loss_batch_info: dict | None = None
+    ) -> dict:
         self.actor.train()
         device = current_device()
         action_mask = experience.action_mask
         num_actions = action_mask.shape[1]
         sequences = experience.sequences
-        signals = signals_to_device(experience.tsdkd, device)
+        micro_batch = MicroBatch(sequences, experience.attention_mask, num_actions,
+                                 shipped=signals_to_device(experience.tsdkd, device))
 
-        output = self.actor(
-            sequences,
-            attention_mask=experience.attention_mask,
-            return_output=True,
-            ring_attn_group=self.strategy.ring_attn_group,
-        )
-        student_logits = action_logits(output["logits"], num_actions)
-        if self.actor.temperature != 1.0:
-            # Actor divides by the rollout temperature; the objective applies its own tau to raw logits.
-            student_logits = student_logits * self.actor.temperature
+        student = self._student_forward(sequences, experience.attention_mask, num_actions)
 
         # Positions that sampled a padding row (id >= len(tokenizer)) are not tokens: skipped, counted.
         loss_mask = in_vocab_action_mask(sequences, action_mask, self.shared_vocab_size)
-        poison_teacher = inject_nonfinite_teacher()  # test-only fault hook (host/faults.py); False normally
+        poisoned = inject_nonfinite_teacher()  # test-only fault hook (host/faults.py); False normally
+        group_size = self.run.ranking_group_size
         nonfinite_reason = None
         try:
-            if self.colocated_teacher is not None:
-                # Dense transport: the in-process teacher's hidden states; the objective makes its
-                # logits chunk by chunk (never the full [tokens x vocab] teacher matrix).
-                with torch.no_grad():
-                    hidden = response_hidden_states(
-                        self.colocated_teacher, sequences, experience.attention_mask, num_actions
-                    )
-                if poison_teacher:
-                    hidden = torch.full_like(hidden, float("nan"))
-                with output_embedding(self.colocated_teacher, self.args.ds.zero_stage) as lm_head_weight:
-                    teacher = TeacherSignals(hidden=hidden, lm_head_weight=lm_head_weight,
-                                             output_head=output_head_of(self.colocated_teacher))
-                    loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
-            else:
-                teacher = sparse_teacher_signals(poison_with_nan(signals) if poison_teacher else signals,
-                                                 self.loss_config)
-                loss, terms = self._objective(student_logits, teacher, loss_mask, sequences, num_actions)
+            with self.teacher.signals(micro_batch) as teacher, self._output_weight() as output_weight:
+                loss, terms = student_objective(
+                    student, output_weight, poison_teacher(teacher) if poisoned else teacher, loss_mask,
+                    self.run.objective,
+                    shared_vocab_size=self.shared_vocab_size,
+                    sampled_ids=sequences[:, -num_actions:].masked_fill(~loss_mask, 0),
+                    group_size=group_size if group_size > 1 else None,
+                )  # fmt: skip
             if not bool(torch.isfinite(loss)):
                 nonfinite_reason = "the TSD-KD loss is NaN or inf"
         except ValueError as error:
@@ -204,7 +204,7 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         any_rank_nonfinite = self.strategy.all_reduce(float(nonfinite_reason is not None), op="max") > 0
         skipped = self.nonfinite_guard.record(any_rank_nonfinite, nonfinite_reason or "on another rank")
         if skipped:
-            loss = zero_surrogate(student_logits)  # gradient exactly 0; one backward per micro-batch as usual
+            loss = zero_surrogate(student.graph_tensor)  # gradient exactly 0; one backward per micro-batch as usual
             terms = {name: 0.0 for name in METRIC_KEYS}  # same keys as a normal step; 0 = skipped
         terms["out_of_vocab_fraction"] = float((action_mask.bool() & ~loss_mask).sum().item()) / max(
             float(action_mask.sum().item()), 1.0
@@ -223,7 +223,7 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             metrics[f"tsdkd/{name}"] = value
             weights[f"tsdkd/{name}"] = "token"
         # Per-sample counters, logged as fractions of the step's samples (docs/reliability.md).
-        health = response_health(sequences, action_mask, loss_mask, getattr(self.tokenizer, "eos_token_id", None))
+        health = response_health(sequences, action_mask, loss_mask, self.tokenizer.eos_token_id)
         metrics["tsdkd/empty_response_fraction"] = health["empty_response"]
         metrics["tsdkd/no_eos_fraction"] = health["no_eos"]
         metrics["tsdkd/nonfinite_skipped"] = float(skipped)
@@ -239,8 +239,8 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             if isinstance(v, torch.Tensor):
                 metrics[k] = v
                 weights[k] = "token" if v.dim() == 0 else "sample"
-        for name in ("response_length", "total_length", "truncated"):
-            value = getattr(experience, name, None)
+        for name, value in (("response_length", experience.response_length),
+                            ("total_length", experience.total_length), ("truncated", experience.truncated)):
             if isinstance(value, torch.Tensor):
                 metrics[name] = value
                 weights[name] = "sample"
@@ -252,29 +252,30 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         }
 
 
-def actor_trainer_factory(tsdkd_options: Dict):
-    """What upstream's `init_model_from_pretrained` calls in place of `ActorPPOTrainer(...)`."""
-    return functools.partial(TSDKDActorTrainer, tsdkd_options=tsdkd_options)
+def actor_trainer_factory(run: RunConfig, shared_vocab_size: int):
+    """What upstream's `init_model_from_pretrained` calls in place of `ActorPPOTrainer(...)`: our
+    trainer with the run's options (upstream's call passes only its own arguments)."""
+    return functools.partial(TSDKDActorTrainer, run=run, shared_vocab_size=shared_vocab_size)
 
 
 class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
-    """Policy actor with the TSD-KD trainer, student candidates, and an optional in-process teacher."""
+    """Policy actor with the TSD-KD trainer, student candidates, and the teacher's actor-side half."""
 
     def init_model_from_pretrained(
-        self, strategy, pretrain, max_steps=None, vllm_engines=None, tsdkd_options: Optional[Dict] = None
+        self, strategy, pretrain, max_steps=None, vllm_engines=None, run: RunConfig | None = None,
+        shared_vocab_size: int | None = None,
     ):
-        self.tsdkd_options = dict(tsdkd_options)
-        self.colocated_teacher = None
-        teacher_path = self.tsdkd_options.get("colocated_teacher_path")
-        with _actor_trainer_class(actor_trainer_factory(self.tsdkd_options)):
+        """`run`: the run's options (validated by the CLI); `shared_vocab_size`: the token ids both models
+        share (the preflight's). Both are always given (host/launch.py policy_init_arguments); they default
+        to None only because an override may not require what upstream's callers need not pass
+        (tests/host/test_stock_contract.py)."""
+        if run is None or shared_vocab_size is None:
+            raise TypeError("TSDKDPolicyActorImpl.init_model_from_pretrained needs run= and shared_vocab_size=")
+        with _actor_trainer_class(actor_trainer_factory(run, shared_vocab_size)):
             super().init_model_from_pretrained(strategy, pretrain, max_steps=max_steps, vllm_engines=vllm_engines)
-        if teacher_path:
-            # The dense transport: the teacher lives beside the student and its full logits
-            # never leave the process.
-            self.colocated_teacher = load_causal_lm_for_scoring(
-                strategy, teacher_path, offload=strategy.args.teacher.offload
-            )
-            self.trainer.colocated_teacher = self.colocated_teacher
+        # After the student's engine: a colocated teacher is loaded here, beside the student.
+        self.teacher = actor_teacher(run, strategy, shared_vocab_size)
+        self.trainer.teacher = self.teacher
         self.restore_rng_state()
 
     def restore_rng_state(self) -> None:
@@ -285,7 +286,7 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             restore_rank_rng_state(actor_checkpoint_dir(self.strategy.args.ckpt.path), rank)
 
-    def placement(self) -> Dict:
+    def placement(self) -> dict:
         return where_am_i()
 
     def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
@@ -323,21 +324,16 @@ class TSDKDPolicyActorImpl(PolicyModelActor.__ray_actor_class__):
         """The student's top-k tokens at every response position (shared vocabulary only),
         which the teacher then orders for the token-level ListMLE."""
         device = current_device()
-        num_actions = action_mask.shape[1]
         self.actor.eval()
-        output = self.actor(sequences.to(device), attention_mask=attention_mask.to(device), return_output=True)
-        self.actor.train()
-        logits = action_logits(output["logits"], num_actions)[..., : self.tsdkd_options["shared_vocab_size"]]
-        return logits.topk(self.tsdkd_options["loss_config"].num_candidates, dim=-1).indices.to(torch.int32).cpu()
+        try:
+            ids = self.trainer.student_top_k(sequences.to(device), attention_mask.to(device), action_mask.shape[1])
+        finally:
+            self.actor.train()
+        return ids.to(torch.int32).cpu()
 
-    def colocated_teacher_scores(self, sequences, action_mask, attention_mask) -> Dict[str, torch.Tensor]:
-        """Sequence scores from the in-process teacher (for ranking and logging); the dense
-        per-token signals are recomputed in the training step."""
-        signals = score_samples(
-            self.colocated_teacher, self.strategy.args.ds.zero_stage, self.tsdkd_options["loss_config"],
-            self.tsdkd_options["shared_vocab_size"], sequences, action_mask, attention_mask, None,
-        )  # fmt: skip
-        return {k: v for k, v in signals.items() if k in PER_SAMPLE_SIGNALS}
+    def in_process_teacher_signals(self, sequences, action_mask, attention_mask) -> dict[str, torch.Tensor]:
+        """Experience-time signals of a teacher that lives in this actor (teachers.IN_PROCESS_TEACHER_SIGNALS)."""
+        return self.teacher.in_process_signals(sequences, action_mask, attention_mask)
 
 
 TSDKDPolicyActor = ray.remote(num_gpus=1)(TSDKDPolicyActorImpl)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -31,7 +31,7 @@ import torch
 #     training processes on the same machine also need.
 #   TOKENIZERS_PARALLELISM / RAY_ENABLE_ZERO_COPY_TORCH_TENSORS: what upstream train_ppo_ray's own
 #     ray.init would set; it skips its ray.init when a cluster is already initialized.
-CPU_MODE_ENV_DEFAULTS: Dict[str, str] = {
+CPU_MODE_ENV_DEFAULTS: dict[str, str] = {
     "OPENRLHF_DEVICE": "cpu",
     "TSDKD_DEVICE": "cpu",
     "DS_ACCELERATOR": "cpu",
@@ -80,7 +80,7 @@ def default_threads_per_process() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def cpu_mode_env(threads_per_process: Optional[int] = None, param_dtype: Optional[str] = None) -> Dict[str, str]:
+def cpu_mode_env(threads_per_process: int | None = None, param_dtype: str | None = None) -> dict[str, str]:
     """The environment CPU-mode processes need; values already set in os.environ win, except
     the engines' dtype, which follows `param_dtype` (the run's --ds.param_dtype) when given.
 
@@ -103,7 +103,7 @@ def cpu_mode_env(threads_per_process: Optional[int] = None, param_dtype: Optiona
     return env
 
 
-def apply_cpu_mode_env(threads_per_process: Optional[int] = None, param_dtype: Optional[str] = None) -> Dict[str, str]:
+def apply_cpu_mode_env(threads_per_process: int | None = None, param_dtype: str | None = None) -> dict[str, str]:
     """Set the CPU-mode environment in this process (see cpu_mode_env) and return it."""
     env = cpu_mode_env(threads_per_process, param_dtype)
     os.environ.update(env)
@@ -116,7 +116,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def set_single_process_dist_env() -> Dict[str, str]:
+def set_single_process_dist_env() -> dict[str, str]:
     """Make torch.distributed / DeepSpeed start as a world of one without a launcher.
 
     Without MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, `deepspeed.init_distributed`
@@ -137,15 +137,15 @@ def set_single_process_dist_env() -> Dict[str, str]:
 
 
 def init_local_ray_cluster(
-    num_cpus: Optional[int] = None,
+    num_cpus: int | None = None,
     num_gpus: int = 1,
     *,
-    threads_per_process: Optional[int] = None,
-    param_dtype: Optional[str] = None,
-    temp_dir: Optional[str] = None,
-    object_store_memory: Optional[int] = DEFAULT_OBJECT_STORE_BYTES,
+    threads_per_process: int | None = None,
+    param_dtype: str | None = None,
+    temp_dir: str | None = None,
+    object_store_memory: int | None = DEFAULT_OBJECT_STORE_BYTES,
     **ray_init_kwargs: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Start a private local Ray cluster with `num_gpus` logical GPUs for CPU mode.
 
     - num_gpus: logical GPUs, at least what the job's placement groups ask for (one per
@@ -190,3 +190,11 @@ def init_local_ray_cluster(
         **ray_init_kwargs,
     )
     return dict(getattr(context, "address_info", {}) or {})
+
+
+def where_am_i() -> dict:
+    """This Ray actor's node and logical GPUs (for the run log and the placement tests)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}

@@ -19,12 +19,14 @@ trained on as they are (an empty one contributes nothing); they are counted, not
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
 
 import torch
 
 from tsdkd_plugin.host.faults import TrainingStoppedError
+from tsdkd_plugin.objective import TeacherSignals
 
 DEFAULT_MAX_NONFINITE_STEPS = 8
 
@@ -54,9 +56,12 @@ def zero_surrogate(student_logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(student_logits.float(), nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
 
 
-def poison_with_nan(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Floating tensors replaced by NaN (test-only fault injection of a broken teacher)."""
-    return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
+def poison_teacher(signals: TeacherSignals) -> TeacherSignals:
+    """The teacher's outputs replaced by NaN, whichever the transport (test-only fault injection of a
+    broken teacher): every floating tensor but the output embedding, which is the model's weight."""
+    nan = {name: torch.full_like(tensor, float("nan")) for name, tensor in signals.tensors().items()
+           if tensor.is_floating_point() and name != "lm_head_weight"}
+    return dataclasses.replace(signals, **nan)
 
 
 @dataclass
@@ -67,7 +72,7 @@ class NonFiniteGuard:
     when the stop happens, because `latest` moves during the run."""
 
     max_consecutive: int = DEFAULT_MAX_NONFINITE_STEPS
-    resume_hint: Optional[Callable[[], str]] = None
+    resume_hint: Callable[[], str] | None = None
     consecutive: int = 0
     skipped_total: int = 0
 
@@ -75,7 +80,7 @@ class NonFiniteGuard:
         if self.max_consecutive < 1:
             raise ValueError(f"max_consecutive must be >= 1, got {self.max_consecutive}")
 
-    def record(self, nonfinite: bool, reason: Optional[str] = None) -> bool:
+    def record(self, nonfinite: bool, reason: str | None = None) -> bool:
         """Record one micro-batch; True = skip it. Raises NonFiniteLossStop at the limit."""
         if not nonfinite:
             self.consecutive = 0
@@ -94,8 +99,8 @@ class NonFiniteGuard:
 
 
 def response_health(
-    sequences: torch.Tensor, action_mask: torch.Tensor, loss_mask: torch.Tensor, eos_token_id: Optional[int]
-) -> Dict[str, torch.Tensor]:
+    sequences: torch.Tensor, action_mask: torch.Tensor, loss_mask: torch.Tensor, eos_token_id: int | None
+) -> dict[str, torch.Tensor]:
     """Per-sample 0/1 indicators [B] (float): `empty_response` (no trainable response token)
     and `no_eos` (a non-empty response whose last token is not EOS).
 

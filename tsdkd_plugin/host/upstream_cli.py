@@ -12,8 +12,10 @@ source and run it in two halves around ``parser.parse_args()``:
 
 So `--actor.*`, `--rollout.*`, `--vllm.*`, `--data.*`, `--ds.*`, `--train.*`,
 logging and checkpoint flags are exactly upstream's, and unknown or stale flags
-fail exactly as they do there. `tests/cli/test_upstream_cli.py` pins the
-structure this relies on, so an upstream refactor fails loudly in CI.
+fail exactly as they do there. `load_upstream_cli` checks the structure this
+relies on (one `__main__` block, one `parse_args()`, a final `train(args)`) and
+raises `UpstreamCLIError` otherwise (tests/cli/test_upstream_cli.py), so an
+upstream refactor fails loudly in every test that parses a command line.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import argparse
 import ast
 import importlib
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import CodeType, SimpleNamespace
-from typing import Sequence
 
 UPSTREAM_CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 

@@ -8,7 +8,7 @@ For every prompt of the TSD-KD prompt file (prepare_data prompts), the student w
 --num-samples responses with vLLM (temperature 1.0 and --max-new-tokens, as TSD-KD's rollouts);
 the teacher scores each with the score TSD-KD's sequence-level ranking uses: its
 length-normalized log-likelihood of the response over the shared vocabulary, computed by the
-TSD-KD teacher's own code (`tsdkd_plugin.host.teacher.score_samples`, on an OpenRLHF `Actor`).
+TSD-KD teacher's own code (`tsdkd_plugin.host.teachers.scoring.score_samples`, on an OpenRLHF `Actor`).
 The best-scored response becomes `chosen`, the worst `rejected` (prepare_data's teacher-ranked
 pairs: ties and groups closer than --min-margin carry no preference and are skipped).
 
@@ -104,7 +104,7 @@ def run_score(options, rows: List[dict], out: Path) -> None:
     from transformers import AutoTokenizer
 
     from tsdkd_plugin.host.device import current_device
-    from tsdkd_plugin.host.teacher import score_samples
+    from tsdkd_plugin.host.teachers.scoring import score_samples
     from tsdkd_plugin.objective import TSDKDConfig
 
     shared = shared_vocabulary(options)

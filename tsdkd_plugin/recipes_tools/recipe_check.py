@@ -82,7 +82,7 @@ class RecipeCommand:
 class ParsedRecipe:
     command: RecipeCommand
     args: SimpleNamespace  # hierarchical, as the entry point's own code sees it
-    config: object = None  # TSDKDConfig for TSD-KD recipes
+    config: object = None  # the typed RunConfig (host/run_config.py) for TSD-KD recipes
     notes: str = ""  # what upstream printed while validating (its warnings)
 
 
@@ -135,7 +135,7 @@ def _captured_streams():
 
 
 def parse_command(module: str, argv: Sequence[str], where: str = "") -> Tuple[SimpleNamespace, object, str]:
-    """(hierarchical args, TSD-KD config or None, upstream's printed warnings) or RecipeError."""
+    """(hierarchical args, TSD-KD run configuration or None, upstream's printed warnings) or RecipeError."""
     label = f"{where}: " if where else ""
     with _captured_streams() as (out, err):
         try:

@@ -5,8 +5,9 @@ and what would be valid; the CLI prints it without a traceback and exits 2 (docs
 
 Two entry points:
 - `options.check_options(args, defaults)`: the flags alone, at parse time (the recipe checks
-  parse launch scripts and must not touch models, data or the hub);
-- `preflight(args, config)`: everything else, in one call that returns the resolved `LaunchPlan`.
+  parse launch scripts and must not touch models, data or the hub); it builds and returns the typed
+  run configuration (host/run_config.py);
+- `preflight(args, run)`: everything else, in one call that returns the resolved `LaunchPlan`.
 
 The parts, one module each:
   options  flags alone: ranges, combinations, upstream options TSD-KD does not use
@@ -25,17 +26,17 @@ from tsdkd_plugin.host.preflight.models import check_models
 from tsdkd_plugin.host.preflight.options import check_options, require_option
 from tsdkd_plugin.host.preflight.paths import check_output_paths, check_resume_checkpoint, check_scripts
 from tsdkd_plugin.host.preflight.plan import LaunchPlan, check_cluster_capacity, required_gpus, resolved_plan
-from tsdkd_plugin.objective import TSDKDConfig
+from tsdkd_plugin.host.run_config import RunConfig
 
 __all__ = ["LaunchPlan", "check_cluster_capacity", "check_options", "preflight", "require_option", "required_gpus",
            "resolved_plan"]
 
 
-def preflight(args: SimpleNamespace, config: TSDKDConfig) -> LaunchPlan:
+def preflight(args: SimpleNamespace, run: RunConfig) -> LaunchPlan:
     """Everything a launch reads or writes, cheapest first; the plan of what will start."""
     check_output_paths(args)
     check_scripts(args)
-    models = check_models(args, config)
+    models = check_models(args, run.objective)
     prompts = check_datasets(args, models.student.tokenizer)
     check_resume_checkpoint(args, models.student.weights)
-    return LaunchPlan(models.shared_vocab_size, prompts, resolved_plan(args, config, models, prompts))
+    return LaunchPlan(models.shared_vocab_size, prompts, resolved_plan(args, run, models, prompts))

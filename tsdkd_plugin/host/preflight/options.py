@@ -5,14 +5,18 @@ post-parse code, which divides by some of them (`--rollout.micro_batch_size 0`,
 `--ds.tensor_parallel_size 0`: ZeroDivisionError) or dereferences others (`--algo.advantage.estimator
 gae` without a critic: AttributeError). Upstream's own validations (asserts) still run afterwards.
 
-Four kinds of checks, each answered with one sentence naming the flag and what would be valid:
-- ranges (`RANGES`): numbers that fail later in a worker, in DeepSpeed or in vLLM;
+Here the typed run configuration is built, once (`check_options` returns it): every `--tsdkd.*` and
+`--teacher.*` value is checked by the config class it lands in (host/run_config.py, the objective's
+`TSDKDConfig`), not here. Checked here, each answered with one sentence naming the flag and what
+would be valid:
+- required flags (`REQUIRED_OPTION_HINTS`);
+- ranges of upstream flags (`RANGES`): numbers that fail later in a worker, in DeepSpeed or in vLLM;
 - upstream options TSD-KD does not use (`UNUSED_UPSTREAM`): a value other than the default would
   be silently ignored (a PPO clip range, a critic, a KL penalty), so it is refused;
 - names checked against what the library that reads them knows (scheduler, attention kernel, dtypes),
   and Python packages a flag needs;
-- combinations (batch arithmetic, objective vs rollout, a loss that would train nothing, LoRA,
-  checkpoint and evaluation flags).
+- combinations, including of TSD-KD options with upstream flags (batch arithmetic, objective vs
+  rollout, a loss that would train nothing, LoRA, checkpoint and evaluation flags).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, Optional, Tuple
 
-from tsdkd_plugin.host.args import ArgumentError, loss_config_from_args
+from tsdkd_plugin.host.args import ArgumentError, run_config_from_args
+from tsdkd_plugin.host.run_config import RunConfig
 from tsdkd_plugin.objective import TSDKDConfig
 
 REQUIRED_OPTION_HINTS = {
@@ -61,7 +66,7 @@ class Range:
     low_open: bool = False
     high_open: bool = False
     optional: bool = False  # None (the flag's "unset") is valid
-    when: Optional[Callable[[SimpleNamespace], bool]] = None
+    when: Callable[[SimpleNamespace], bool] | None = None
     why: str = ""  # what fails otherwise, appended to the message
 
     def holds(self, value) -> bool:
@@ -89,19 +94,13 @@ UNIT = Range(0, 1)
 UNIT_LOW_OPEN = Range(0, 1, low_open=True)
 
 
-def _separate_teacher(args) -> bool:
-    return args.teacher.placement == "separate"
-
-
 def _muon(args) -> bool:
     return args.actor.optim == "muon"
 
 
-RANGES: Dict[str, Range] = {
+RANGES: dict[str, Range] = {
     "actor.num_nodes": AT_LEAST_1,
     "actor.num_gpus_per_node": AT_LEAST_1,
-    "teacher.num_nodes": Range(1, when=_separate_teacher),
-    "teacher.num_gpus_per_node": Range(1, when=_separate_teacher),
     "vllm.tensor_parallel_size": AT_LEAST_1,
     "vllm.gpu_memory_utilization": Range(0, 1, low_open=True, why="(the fraction of GPU memory vLLM may use)"),
     "ds.tensor_parallel_size": AT_LEAST_1,
@@ -168,7 +167,7 @@ def check_temperature(flag: str, temperature: float) -> None:
 
 # Prefix or flag -> why TSD-KD ignores it and what to use instead. A value other than the parser's
 # default is refused: it would be accepted by upstream's parser and then have no effect.
-UNUSED_UPSTREAM: Tuple[Tuple[str, str], ...] = (
+UNUSED_UPSTREAM: tuple[tuple[str, str], ...] = (
     ("critic.freezing_steps", "upstream freezes the policy for the first N steps while a critic warms up; TSD-KD "
                               "has no critic, so the student would just not train for N steps"),
     ("critic.", "TSD-KD trains no critic (the teacher's signals replace values and advantages)"),
@@ -200,7 +199,7 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def check_unused_upstream(args: SimpleNamespace, defaults: Dict[str, object]) -> None:
+def check_unused_upstream(args: SimpleNamespace, defaults: dict[str, object]) -> None:
     for dest, default in defaults.items():
         for prefix, why in UNUSED_UPSTREAM:
             if dest == prefix or (prefix.endswith(".") and dest.startswith(prefix)) or dest.startswith(prefix + "_"):
@@ -264,7 +263,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 GRAD_ACCUM_DTYPES = ("fp32", "float32", "float", "fp16", "float16", "half", "bf16", "bfloat16")
 
 
-def attention_implementations() -> Tuple[str, ...]:
+def attention_implementations() -> tuple[str, ...]:
     """What transformers accepts as attn_implementation (besides hub kernels "org/repo")."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -431,7 +430,8 @@ def check_input_template(args: SimpleNamespace) -> None:
             ) from None
 
 
-def check_objective_vs_rollout(args: SimpleNamespace, config: TSDKDConfig) -> None:
+def check_objective_vs_rollout(args: SimpleNamespace, run: RunConfig) -> None:
+    config = run.objective
     n = args.rollout.n_samples_per_prompt
     if config.sequence_level_on:
         if n < 2:
@@ -446,9 +446,7 @@ def check_objective_vs_rollout(args: SimpleNamespace, config: TSDKDConfig) -> No
                     f"{option} ({value}) must be a multiple of --rollout.n_samples_per_prompt ({n}) so a prompt's "
                     f"candidates stay in one micro-batch for sequence-level ranking"
                 )
-    if not 0.0 <= args.tsdkd.on_policy_fraction <= 1.0:
-        raise ArgumentError(f"--tsdkd.on_policy_fraction must be in [0, 1], got {args.tsdkd.on_policy_fraction}")
-    if args.tsdkd.on_policy_fraction < 1.0 and not args.data.label_key:
+    if run.on_policy_fraction < 1.0 and not args.data.label_key:
         raise ArgumentError(
             "--tsdkd.on_policy_fraction < 1 trains some steps on the dataset's reference responses: set "
             "--data.label_key to the response column"
@@ -469,17 +467,18 @@ def check_objective_vs_rollout(args: SimpleNamespace, config: TSDKDConfig) -> No
         )
 
 
-def check_options(args: SimpleNamespace, defaults: Dict[str, object]) -> TSDKDConfig:
+def check_options(args: SimpleNamespace, defaults: dict[str, object]) -> RunConfig:
     """Every flag-only check, on the parsed arguments before upstream's post-parse code.
-    `defaults`: each flag's parser default (dest -> value). Returns the objective's config."""
+    `defaults`: each flag's parser default (dest -> value). Returns the typed run configuration,
+    built here once (each --tsdkd.* / --teacher.* value is checked by the config class it lands in)."""
     for option in REQUIRED_OPTION_HINTS:
         require_option(option, value_of(args, option[2:]))
     check_ranges(args)
     check_temperature("--rollout.temperature", args.rollout.temperature)
     check_unsupported_features(args)
-    config = loss_config_from_args(args)  # the objective's own validation (TSDKDConfig.__post_init__)
-    check_objective_vs_rollout(args, config)
-    check_objective_trains(config)
+    run = run_config_from_args(args)  # TSDKDConfig / TeacherConfig / RunConfig.__post_init__
+    check_objective_vs_rollout(args, run)
+    check_objective_trains(run.objective)
     check_unused_upstream(args, defaults)
     check_names(args)
     check_batch_arithmetic(args)
@@ -489,7 +488,7 @@ def check_options(args: SimpleNamespace, defaults: Dict[str, object]) -> TSDKDCo
     check_prompt_probs(args)
     check_input_template(args)
     check_packages(args)
-    return config
+    return run
 
 
 def normalize_options(args: SimpleNamespace) -> SimpleNamespace:
