@@ -146,6 +146,23 @@ def test_tuning_tries_the_lr_grid_then_the_methods_grid_at_the_best_lr(tmp_path,
     assert len(result["trials"]) == len(LR_GRID) + len(METHODS["gkd"].grid)
 
 
+@pytest.mark.parametrize("grid_trials", [0, 2])
+def test_a_shorter_grid_keeps_the_same_first_entries_for_every_method(grid_trials, tmp_path, monkeypatch):
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        return {"evaluation": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(compare, "run_and_evaluate", fake_run)
+    for name in ("gkd", "seqkd", "tsdkd-paper"):
+        result = compare.tune_method(_state(tmp_path, "paper-like"), None, name, {}, grid_trials)
+        assert [t["settings"] for t in result["trials"]] == [{"lr": lr} for lr in LR_GRID] + [
+            {"lr": LR_GRID[0], **overrides} for overrides in METHODS[name].grid[:grid_trials]]
+
+
+def test_a_negative_grid_trial_count_is_refused(capsys):
+    assert compare.main(["--grid-trials", "-1", "--report-only"]) != 0
+    assert "--grid-trials must be 0 or more, got -1" in capsys.readouterr().err
+
+
 def test_an_lr_only_regime_keeps_the_inherited_settings_and_a_failed_trial_never_wins(tmp_path, monkeypatch):
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         return None if settings["lr"] == 3e-4 else {"evaluation": {"accuracy": 0.1 if settings["lr"] == 1e-4 else 0.0}}
@@ -199,7 +216,7 @@ def test_report_from_run_files(tmp_path):
     assert compare.chosen_settings_file(run_dir, "paper-like") == root / "chosen.json"
 
     options = SimpleNamespace(argv=["--regimes", "paper-like", "--seeds", "3"], run_dir=str(run_dir),
-                              seed_list=[0, 1, 2])
+                              seed_list=[0, 1, 2], grid_trials=None)
     data = compare.collect(options, ["paper-like"], ["seqkd", "gkd", "tsdkd-paper"], 60.0)
     written = write_comparison_report(data, tmp_path / "out")
     markdown = written["markdown"].read_text()

@@ -173,8 +173,11 @@ def tuning_trials(state: RegimeState, method_name: str, chosen: Mapping[str, dic
     return [{"lr": lr} for lr in LR_GRID]  # then the method's grid at the best lr (tune_method)
 
 
-def tune_method(state: RegimeState, ctx: RunContext, method_name: str, inherited: Mapping[str, dict]) -> dict:
-    """{"trials": [...], "chosen": settings} for one method on the validation split."""
+def tune_method(state: RegimeState, ctx: RunContext, method_name: str, inherited: Mapping[str, dict],
+                grid_trials: int | None = None) -> dict:
+    """{"trials": [...], "chosen": settings} for one method on the validation split. `grid_trials`
+    keeps only the first entries of the method's own grid (the same number for every method, so
+    that none is tuned more than its rivals); None keeps them all."""
     method = METHODS[method_name]
     trials = []
 
@@ -189,7 +192,7 @@ def tune_method(state: RegimeState, ctx: RunContext, method_name: str, inherited
         trial(settings)
     if state.regime.tune == "full":
         best_lr = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])[0]["lr"]
-        for overrides in method.grid:
+        for overrides in method.grid[:grid_trials]:
             trial({"lr": best_lr, **overrides})
     chosen, accuracy = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])
     return {"trials": trials, "chosen": chosen, "chosen_val_accuracy": accuracy}
@@ -244,7 +247,7 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
                            f"regime, which has not been tuned yet ({source} is missing): run that regime first")
         inherited = {m: entry["chosen"] for m, entry in json.loads(source.read_text()).items()}
     tuned = [m for m in methods if m in TUNED_METHODS]
-    tuning = {m: tune_method(state, ctx, m, inherited) for m in tuned}
+    tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials) for m in tuned}
     write_json_atomic(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
     if options.stop_after == "tune":
         return
@@ -264,6 +267,8 @@ def run_comparison(options: argparse.Namespace) -> int:
     started = time.time()
     if options.seeds < 1:
         raise JobError(f"--seeds must be at least 1, got {options.seeds}")
+    if options.grid_trials is not None and options.grid_trials < 0:
+        raise JobError(f"--grid-trials must be 0 or more, got {options.grid_trials}")
     regimes = [r.strip() for r in options.regimes.split(",") if r.strip()]
     for name in regimes:
         if name not in REGIMES:
@@ -287,7 +292,7 @@ def collect(options: argparse.Namespace, regimes: Sequence[str], methods: Sequen
     run_dir = Path(options.run_dir).resolve()
     data = {"command": [PROG, *(a for a in options.argv if a != "--report-only")], "machine": machine_info(),
             "wall_seconds": wall_seconds, "seeds": options.seed_list, "reference_method": REFERENCE_METHOD,
-            "lr_grid": list(LR_GRID), "tuning_seed": TUNING_SEED,
+            "lr_grid": list(LR_GRID), "tuning_seed": TUNING_SEED, "grid_trials": options.grid_trials,
             "methods_doc": {m: {"label": METHODS[m].label, "doc": METHODS[m].doc, "group": METHODS[m].group,
                                 "grid": [dict(g) for g in METHODS[m].grid], "derived_from": METHODS[m].derived_from}
                             for m in methods},
@@ -333,6 +338,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default="tuned,ablations",
                         help=f"comma-separated: {', '.join(METHODS)}; or {', '.join(METHOD_GROUPS)} "
                              "(default tuned,ablations)")
+    parser.add_argument("--grid-trials", type=int, default=None,
+                        help="trials of each method's own grid after the learning rate, the first N entries for "
+                             "every method alike (default: the whole grid)")
     parser.add_argument("--run-dir", default="runs/compare", help="work directory (resumable)")
     parser.add_argument("--out", default="benchmarks/toy_results", help="where the report goes")
     parser.add_argument("--cache-dir", default=None, help="fixture cache root")
