@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tsdkd_plugin.experiments import compare
+from tsdkd_plugin.experiments import compare, comparison
 from tsdkd_plugin.experiments.budgets import BUDGETS
 from tsdkd_plugin.experiments.evaluate import teacher_scores
 from tsdkd_plugin.experiments.flags import distill_flags, grpo_flags, tsdkd_flags
@@ -58,7 +58,7 @@ def _tsdkd_launches():
         if method.runner != "tsdkd":
             continue
         for overrides in ({}, *method.grid):
-            yield pytest.param(name, overrides, id=f"{name}-{compare.settings_key(overrides) or 'default'}")
+            yield pytest.param(name, overrides, id=f"{name}-{comparison.settings_key(overrides) or 'default'}")
 
 
 @pytest.mark.parametrize("name, overrides", list(_tsdkd_launches()))
@@ -119,12 +119,12 @@ def test_teacher_scores_are_mean_response_log_likelihoods(toy_teacher_dir):
 
 
 def test_settings_keys_are_stable_and_lr_first():
-    assert compare.settings_key({"beta": 0.5, "lr": 1e-4}) == "lr=0.0001,beta=0.5"
-    assert compare.settings_key({"lr": 3e-5, "estimator": "rloo"}) == "lr=3e-05,estimator=rloo"
+    assert comparison.settings_key({"beta": 0.5, "lr": 1e-4}) == "lr=0.0001,beta=0.5"
+    assert comparison.settings_key({"lr": 3e-5, "estimator": "rloo"}) == "lr=3e-05,estimator=rloo"
 
 
 def _state(tmp_path, regime):
-    return compare.RegimeState(regime=compare.REGIMES[regime], budget=BUDGETS[regime], root=tmp_path / regime)
+    return comparison.RegimeState(regime=comparison.REGIMES[regime], budget=BUDGETS[regime], root=tmp_path / regime)
 
 
 def test_tuning_tries_the_lr_grid_then_the_methods_grid_at_the_best_lr(tmp_path, monkeypatch):
@@ -136,8 +136,8 @@ def test_tuning_tries_the_lr_grid_then_the_methods_grid_at_the_best_lr(tmp_path,
         key = f"beta={settings['beta']:g}" if "beta" in settings else settings["lr"]
         return {"evaluation": {"accuracy": accuracy[key]}}
 
-    monkeypatch.setattr(compare, "run_and_evaluate", fake_run)
-    result = compare.tune_method(_state(tmp_path, "paper-like"), None, "gkd", {})
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    result = comparison.tune_method(_state(tmp_path, "paper-like"), None, "gkd", {})
     assert [c[2] for c in calls] == [{"lr": lr} for lr in LR_GRID] + [
         {"lr": 1e-4, "beta": 0.0}, {"lr": 1e-4, "beta": 0.5}, {"lr": 1e-4, "beta": 1.0}]
     assert all(c[0] == "tune" and c[3] == TUNING_SEED and c[4] == "val" for c in calls)
@@ -151,9 +151,9 @@ def test_a_shorter_grid_keeps_the_same_first_entries_for_every_method(grid_trial
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         return {"evaluation": {"accuracy": 0.5}}
 
-    monkeypatch.setattr(compare, "run_and_evaluate", fake_run)
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
     for name in ("gkd", "seqkd", "tsdkd-paper"):
-        result = compare.tune_method(_state(tmp_path, "paper-like"), None, name, {}, grid_trials)
+        result = comparison.tune_method(_state(tmp_path, "paper-like"), None, name, {}, grid_trials)
         assert [t["settings"] for t in result["trials"]] == [{"lr": lr} for lr in LR_GRID] + [
             {"lr": LR_GRID[0], **overrides} for overrides in METHODS[name].grid[:grid_trials]]
 
@@ -167,8 +167,8 @@ def test_an_lr_only_regime_keeps_the_inherited_settings_and_a_failed_trial_never
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         return None if settings["lr"] == 3e-4 else {"evaluation": {"accuracy": 0.1 if settings["lr"] == 1e-4 else 0.0}}
 
-    monkeypatch.setattr(compare, "run_and_evaluate", fake_run)
-    result = compare.tune_method(_state(tmp_path, "weak-student"), None, "gkd",
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    result = comparison.tune_method(_state(tmp_path, "weak-student"), None, "gkd",
                                  {"gkd": {"lr": 3e-4, "beta": 0.5}})
     assert [t["settings"] for t in result["trials"]] == [{"lr": lr, "beta": 0.5} for lr in LR_GRID]
     assert [t["failed"] for t in result["trials"]] == [False, False, True]
@@ -213,11 +213,11 @@ def test_report_from_run_files(tmp_path):
     (root / "chosen.json").write_text(json.dumps({"gkd": {
         "trials": [{"settings": {"lr": 1e-4}, "val_accuracy": 0.5, "failed": False}],
         "chosen": {"lr": 1e-4}, "chosen_val_accuracy": 0.5}}))
-    assert compare.chosen_settings_file(run_dir, "paper-like") == root / "chosen.json"
+    assert comparison.chosen_settings_file(run_dir, "paper-like") == root / "chosen.json"
 
-    options = SimpleNamespace(argv=["--regimes", "paper-like", "--seeds", "3"], run_dir=str(run_dir),
-                              seed_list=[0, 1, 2], grid_trials=None)
-    data = compare.collect(options, ["paper-like"], ["seqkd", "gkd", "tsdkd-paper"], 60.0)
+    options = SimpleNamespace(run_dir=str(run_dir), seed_list=[0, 1, 2], grid_trials=None)
+    data = comparison.collect(options, ["paper-like"], ["seqkd", "gkd", "tsdkd-paper"], 60.0,
+                              [compare.PROG, "--regimes", "paper-like", "--seeds", "3"])
     written = write_comparison_report(data, tmp_path / "out")
     markdown = written["markdown"].read_text()
     # mean 57.0, sd 2.65, t(0.975, 2) = 4.303: half width 6.57
@@ -235,12 +235,12 @@ def test_report_from_run_files(tmp_path):
 
 
 def test_a_run_that_missed_its_budget_is_not_a_result():
-    assert compare.budget_shortfall({"rollouts_planned": 8, "rollouts": 2, "samples_planned": 2048, "samples": 512}) == (
+    assert comparison.budget_shortfall({"rollouts_planned": 8, "rollouts": 2, "samples_planned": 2048, "samples": 512}) == (
         "it logged 2 of its 8 rollouts"
     )
-    assert compare.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048,
+    assert comparison.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048,
                                      "samples": 1024}) == "it logged 1024 of its 2048 samples"
-    assert compare.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048,
+    assert comparison.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048,
                                      "samples": 2048}) is None
     # SFT and DPO runs plan no Ray rollouts: their steps are what their data gives.
-    assert compare.budget_shortfall({"optimizer_steps": 30}) is None
+    assert comparison.budget_shortfall({"optimizer_steps": 30}) is None

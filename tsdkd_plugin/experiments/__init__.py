@@ -10,9 +10,11 @@ This layer drives OpenRLHF's real command lines (as subprocesses) on the fixture
 - `metrics`:        per-step metrics read back from the TensorBoard events the runs write
 - `evaluate`:       the toy task's evaluator (greedy accuracy by the verifier) and sampling
 - `methods`:        SeqKD, GKD, GRPO, DPO, TSD-KD and its ablations as runs at equal budget
+- `protocol`:       the comparison's statistics (means, 95% intervals, paired differences, best trial)
+- `comparison`:     the comparison's regimes, runs, tuning and test seeds, resumable from run files
 - `options`:        the command-line options the entry points share, checked once
 - `report`:         markdown, PNG and JSON reports
-- `main_job`, `compare`: the entry points (`python -m tsdkd_plugin.experiments.main_job`, `... .compare`)
+- `main_job`, `compare`, `calibrate`: the entry points (`python -m tsdkd_plugin.experiments.main_job`, ...)
 
 Nothing heavy is imported here.
 """

@@ -1,6 +1,6 @@
 """The main job: tiny teacher and student on the built-in task, TSD-KD through the real CLI, evaluation, report.
 
-    python -m tsdkd_plugin.experiments.main_job [--budget smoke|default|full] [--run-dir runs/default]
+    python -m tsdkd_plugin.experiments.main_job [--budget paper-like|weak-student|smoke] [--run-dir runs/default]
                                                 [--seed 0] [--difficulty easy]
 
 (`bash scripts/run_default.sh` sets up the environment and runs exactly this.)
