@@ -163,6 +163,24 @@ def test_a_negative_grid_trial_count_is_refused(capsys):
     assert "--grid-trials must be 0 or more, got -1" in capsys.readouterr().err
 
 
+def test_another_lr_grid_is_used_for_every_method(tmp_path, monkeypatch):
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        return {"evaluation": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    lr_grid = compare.parse_lr_grid("3e-5, 1e-4")
+    assert lr_grid == (3e-5, 1e-4)
+    for name in ("gkd", "seqkd", "tsdkd-paper"):
+        result = comparison.tune_method(_state(tmp_path, "paper-like"), None, name, {}, 0, lr_grid)
+        assert [t["settings"] for t in result["trials"]] == [{"lr": 3e-5}, {"lr": 1e-4}]
+
+
+@pytest.mark.parametrize("text", ["", "1e-4,-1", "fast"])
+def test_a_bad_lr_grid_is_refused(text):
+    with pytest.raises(JobError, match="--lr-grid must be comma-separated positive learning rates"):
+        compare.parse_lr_grid(text)
+
+
 def test_an_lr_only_regime_keeps_the_inherited_settings_and_a_failed_trial_never_wins(tmp_path, monkeypatch):
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         return None if settings["lr"] == 3e-4 else {"evaluation": {"accuracy": 0.1 if settings["lr"] == 1e-4 else 0.0}}
@@ -215,7 +233,7 @@ def test_report_from_run_files(tmp_path):
         "chosen": {"lr": 1e-4}, "chosen_val_accuracy": 0.5}}))
     assert comparison.chosen_settings_file(run_dir, "paper-like") == root / "chosen.json"
 
-    options = SimpleNamespace(run_dir=str(run_dir), seed_list=[0, 1, 2], grid_trials=None)
+    options = SimpleNamespace(run_dir=str(run_dir), seed_list=[0, 1, 2], grid_trials=None, lr_grid=LR_GRID)
     data = comparison.collect(options, ["paper-like"], ["seqkd", "gkd", "tsdkd-paper"], 60.0,
                               [compare.PROG, "--regimes", "paper-like", "--seeds", "3"])
     written = write_comparison_report(data, tmp_path / "out")

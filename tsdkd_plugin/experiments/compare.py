@@ -32,6 +32,7 @@ from typing import Sequence
 
 from tsdkd_plugin.experiments.comparison import REGIMES, collect, run_regime
 from tsdkd_plugin.experiments.methods import METHOD_GROUPS, METHODS, parse_methods
+from tsdkd_plugin.experiments.protocol import LR_GRID
 from tsdkd_plugin.experiments.runner import JobError, banner, run_entry_point
 
 PROG = "python -m tsdkd_plugin.experiments.compare"
@@ -43,6 +44,7 @@ def run_comparison(options: argparse.Namespace) -> int:
         raise JobError(f"--seeds must be at least 1, got {options.seeds}")
     if options.grid_trials is not None and options.grid_trials < 0:
         raise JobError(f"--grid-trials must be 0 or more, got {options.grid_trials}")
+    options.lr_grid = parse_lr_grid(options.lr_grid)
     regimes = [r.strip() for r in options.regimes.split(",") if r.strip()]
     for name in regimes:
         if name not in REGIMES:
@@ -63,6 +65,17 @@ def run_comparison(options: argparse.Namespace) -> int:
     return 0
 
 
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """--lr-grid "3e-5,1e-4" -> (3e-05, 0.0001); JobError naming the option for anything else."""
+    try:
+        grid = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        grid = ()
+    if not grid or any(not lr > 0 for lr in grid):
+        raise JobError(f"--lr-grid must be comma-separated positive learning rates (e.g. 3e-5,1e-4), got {text!r}")
+    return grid
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated: {', '.join(REGIMES)}")
@@ -71,6 +84,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default="tuned,ablations",
                         help=f"comma-separated: {', '.join(METHODS)}; or {', '.join(METHOD_GROUPS)} "
                              "(default tuned,ablations)")
+    parser.add_argument("--lr-grid", default=",".join(f"{lr:g}" for lr in LR_GRID),
+                        help="learning rates every method is tuned at, comma-separated (default: %(default)s)")
     parser.add_argument("--grid-trials", type=int, default=None,
                         help="trials of each method's own grid after the learning rate, the first N entries for "
                              "every method alike (default: the whole grid)")

@@ -148,21 +148,23 @@ def budget_shortfall(run: Mapping) -> str | None:
 # --------------------------------------------------------------------------- the protocol
 
 
-def tuning_trials(state: RegimeState, method_name: str, chosen: Mapping[str, dict]) -> list[dict]:
+def tuning_trials(state: RegimeState, method_name: str, chosen: Mapping[str, dict],
+                  lr_grid: Sequence[float] = LR_GRID) -> list[dict]:
     """The learning-rate trials of a method on validation, in order (its other settings: the
     defaults, or in an "lr" regime those chosen in the regime it inherits from)."""
     if state.regime.tune == "lr":
         inherited = chosen.get(method_name, {})
         knobs = {k: v for k, v in inherited.items() if k != "lr"}
-        return [{"lr": lr, **knobs} for lr in LR_GRID]
-    return [{"lr": lr} for lr in LR_GRID]  # then the method's grid at the best lr (tune_method)
+        return [{"lr": lr, **knobs} for lr in lr_grid]
+    return [{"lr": lr} for lr in lr_grid]  # then the method's grid at the best lr (tune_method)
 
 
 def tune_method(state: RegimeState, ctx: RunContext, method_name: str, inherited: Mapping[str, dict],
-                grid_trials: int | None = None) -> dict:
+                grid_trials: int | None = None, lr_grid: Sequence[float] = LR_GRID) -> dict:
     """{"trials": [...], "chosen": settings} for one method on the validation split. `grid_trials`
-    keeps only the first entries of the method's own grid (the same number for every method, so
-    that none is tuned more than its rivals); None keeps them all."""
+    keeps only the first entries of the method's own grid and `lr_grid` replaces the learning-rate
+    grid, the same for every method, so that none is tuned more than its rivals; None keeps the
+    whole grid."""
     method = METHODS[method_name]
     trials = []
 
@@ -173,7 +175,7 @@ def tune_method(state: RegimeState, ctx: RunContext, method_name: str, inherited
         trials.append({"settings": dict(settings), "val_accuracy": accuracy, "failed": result is None})
         return accuracy
 
-    for settings in tuning_trials(state, method_name, inherited):
+    for settings in tuning_trials(state, method_name, inherited, lr_grid):
         trial(settings)
     if state.regime.tune == "full":
         best_lr = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])[0]["lr"]
@@ -232,7 +234,7 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
                            f"regime, which has not been tuned yet ({source} is missing): run that regime first")
         inherited = {m: entry["chosen"] for m, entry in json.loads(source.read_text()).items()}
     tuned = [m for m in methods if m in TUNED_METHODS]
-    tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials) for m in tuned}
+    tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials, options.lr_grid) for m in tuned}
     write_json_atomic(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
     if options.stop_after == "tune":
         return
@@ -254,7 +256,7 @@ def collect(options: argparse.Namespace, regimes: Sequence[str], methods: Sequen
     run_dir = Path(options.run_dir).resolve()
     data = {"command": list(command), "machine": machine_info(),
             "wall_seconds": wall_seconds, "seeds": options.seed_list, "reference_method": REFERENCE_METHOD,
-            "lr_grid": list(LR_GRID), "tuning_seed": TUNING_SEED, "grid_trials": options.grid_trials,
+            "lr_grid": list(options.lr_grid), "tuning_seed": TUNING_SEED, "grid_trials": options.grid_trials,
             "methods_doc": {m: {"label": METHODS[m].label, "doc": METHODS[m].doc, "group": METHODS[m].group,
                                 "grid": [dict(g) for g in METHODS[m].grid], "derived_from": METHODS[m].derived_from}
                             for m in methods},
