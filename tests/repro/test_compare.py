@@ -246,6 +246,10 @@ def test_report_from_run_files(tmp_path):
     assert "seqkd lr 0.0001 seed 1: boom" in markdown
     assert "seqkd seed 0" in markdown and "seqkd seed 2" in markdown  # never run
     assert "python -m tsdkd_plugin.experiments.compare --regimes paper-like --seeds 3" in markdown
+    assert "the learning rate, then the method's own grid at the best one" in markdown
+    data["grid_trials"] = 0
+    assert "the learning rate, then none of the method's own grid" in \
+        write_comparison_report(data, tmp_path / "out0")["markdown"].read_text()
     for key in ("paper-like test", "paper-like curves", "paper-like diagnostics"):
         assert Path(written[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
     summary = json.loads(written["json"].read_text())["summaries"]["paper-like"]

@@ -344,7 +344,11 @@ def regime_markdown(name: str, regime: Mapping, summary: Mapping[str, Mapping], 
     ]
     tuning = regime.get("tuning", {})
     if tuning:
-        what = ("the learning rate, then the method's own grid at the best one" if regime["tune"] == "full" else
+        grid_trials = data.get("grid_trials")
+        own_grid = ("the method's own grid at the best one" if grid_trials is None else
+                    "none of the method's own grid" if grid_trials == 0 else
+                    f"the first {grid_trials} entries of the method's own grid at the best one")
+        what = (f"the learning rate, then {own_grid}" if regime["tune"] == "full" else
                 f"the learning rate only; other settings as chosen in the {regime['inherit_from']} regime")
         lines += [f"### Tuning on the validation split (seed {data['tuning_seed']}; {what})", "",
                   "| method | trials | chosen | val accuracy | every trial |", "|---|---|---|---|---|"]
