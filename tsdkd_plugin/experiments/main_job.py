@@ -41,9 +41,9 @@ PROG = "python -m tsdkd_plugin.experiments.main_job"
 # The teacher must beat the initial student by at least this much for the setting to make sense.
 MIN_TEACHER_MARGIN = 0.10
 # What the main job distils with: the paper preset at the settings the comparison chose for it on
-# the validation split of the paper-like regime (benchmarks/toy_results/comparison.md; the learning
-# rate is the budget's), so that the job's result sits beside the comparison's GKD and TSD-KD runs
-# of the same budget.
+# the validation split of the paper-like regime (benchmarks/toy_results/comparison.md: the learning
+# rate, which is the budget's; no other knob was tuned), so that the job's result sits beside the
+# comparison's GKD and TSD-KD runs of the same budget.
 MAIN_JOB_METHOD = "tsdkd-paper"
 MAIN_JOB_KNOBS: dict = {}
 COMPARISON_JSON = REPO_ROOT / "benchmarks" / "toy_results" / "comparison.json"
