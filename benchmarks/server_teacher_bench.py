@@ -52,8 +52,9 @@ TERMS = ("loss", "loss_direct", "loss_entropy", "loss_indirect_token", "loss_ind
 
 
 def default_models(cache_dir: Path | None, work_dir: Path) -> dict[str, Path]:
-    from tsdkd_plugin.toy.cache import toy_model_dir
     from tsdkd_plugin.toy.default_job import BUDGETS, trained_model_dir
+
+    from tsdkd_plugin.toy.cache import toy_model_dir
     from tsdkd_plugin.toy.models import TEACHER_RECIPE
 
     budget = BUDGETS["default"]

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_cpu.sh
 export TSDKD_DEVICE="${TSDKD_DEVICE:-cpu}"
-exec .venv/bin/python -m tsdkd_plugin.toy.default_job "$@"
+exec .venv/bin/python -m tsdkd_plugin.experiments.main_job "$@"

@@ -1,60 +1,106 @@
-"""The comparison driver: method table, pair construction, teacher scoring, every ablation's
-flags through the real CLI parser, and the report it writes (no training here)."""
+"""The comparison: method table, every run's flags through the real parsers, pair construction,
+teacher scoring, the tuning protocol and the report it writes (no training here)."""
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tsdkd_plugin.toy import compare
-from tsdkd_plugin.toy.compare import METHODS, parse_methods, ranked_pairs, teacher_scores
-from tsdkd_plugin.toy.default_job import BUDGETS, JobError, distill_flags, tsdkd_flags
+from tsdkd_plugin.experiments import compare, comparison
+from tsdkd_plugin.experiments.budgets import BUDGETS
+from tsdkd_plugin.experiments.evaluate import teacher_scores
+from tsdkd_plugin.experiments.flags import distill_flags, grpo_flags, tsdkd_flags
+from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, parse_methods, ranked_pairs
+from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED
+from tsdkd_plugin.experiments.report import write_comparison_report
+from tsdkd_plugin.experiments.runner import JobError
+from tsdkd_plugin.objective import PRESETS
 
 
 def test_method_groups_and_unknown_names():
     assert parse_methods("all") == list(METHODS)
-    assert parse_methods("tsdkd,gkd,tsdkd") == ["tsdkd", "gkd"]
-    assert set(parse_methods("baselines")) == {"seqkd", "gkd", "grpo", "dpo", "tsdkd"}
+    assert parse_methods("gkd,seqkd,gkd") == ["gkd", "seqkd"]
+    assert set(parse_methods("baselines")) == {"seqkd", "gkd", "grpo", "dpo"}
+    assert set(parse_methods("tuned")) == {"seqkd", "gkd", "grpo", "dpo", "tsdkd-paper", "tsdkd-reference"}
     with pytest.raises(JobError, match="unknown method 'kd'; valid methods: seqkd, gkd"):
-        parse_methods("tsdkd,kd")
+        parse_methods("gkd,kd")
 
 
 def test_the_required_comparison_is_covered():
-    runners = {m.runner for m in METHODS.values()}
-    assert runners == {"seqkd", "tsdkd", "grpo", "dpo"}
-    objectives = {name: dict(m.objective) for name, m in METHODS.items()}
-    assert objectives["gkd"] == {"gate": "none", "indirect_weight": 0.0, "entropy_weight": 0.0}
-    assert objectives["tsdkd"] == {}
-    for term in ("direct_weight", "indirect_weight", "entropy_weight"):
-        assert any(o == {term: 0.0} for o in objectives.values()), term
-    assert {"gate": "hard"} in objectives.values()
-    assert {"indirect_level": "sequence"} in objectives.values() and {"indirect_level": "both"} in objectives.values()
-    assert {"listmle_form": "prefix"} in objectives.values()
+    assert {m.runner for m in METHODS.values()} == {"seqkd", "tsdkd", "grpo", "dpo"}
+    assert METHODS["gkd"].objective == {"gate": "none", "indirect_weight": 0.0, "entropy_weight": 0.0}
+    assert METHODS["tsdkd-paper"].objective == {"preset": "paper"}
+    assert METHODS["tsdkd-reference"].objective == {"preset": "reference"}
+    # The paper's ablation ladder, at the paper preset's tuned settings.
+    ladder = {m.name: dict(m.objective) for m in METHODS.values() if m.derived_from == "tsdkd-paper"}
+    assert ladder["tsdkd-gated-jsd-only"] == {"indirect_weight": 0.0, "entropy_weight": 0.0}
+    assert ladder["tsdkd-no-entropy"] == {"entropy_weight": 0.0}
+    assert ladder["tsdkd-no-indirect"] == {"indirect_weight": 0.0}
+    assert ladder["tsdkd-prefix"] == {"listmle_form": "prefix"}
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.runner == "tsdkd"])
-def test_every_tsdkd_variant_is_a_valid_launch(name, tmp_path, toy_teacher_dir, toy_student_dir, arith_data_dir):
-    """Each ablation's flags pass train_tsdkd's own checks (e.g. sequence ranking needs the
-    micro batches to hold whole groups of samples)."""
+def test_an_ablation_switches_its_part_off_on_top_of_the_tuned_settings():
+    tuned = {"lr": 3e-4, "indirect_weight": 0.01}
+    assert METHODS["tsdkd-no-indirect"].objective_for(tuned) == {"preset": "paper", "indirect_weight": 0.0}
+    assert METHODS["tsdkd-no-entropy"].objective_for(tuned) == {
+        "preset": "paper",
+        "indirect_weight": 0.01,
+        "entropy_weight": 0.0,
+    }
+    assert METHODS["gkd"].objective_for({"lr": 1e-4, "beta": 0.5}) == {**METHODS["gkd"].objective, "beta": 0.5}
+
+
+def test_every_tuned_method_gets_the_same_number_of_trials():
+    counts = {name: len(LR_GRID) + len(METHODS[name].grid) for name in TUNED_METHODS}
+    assert len(set(counts.values())) == 1, counts
+
+
+def _tsdkd_launches():
+    for name, method in METHODS.items():
+        if method.runner != "tsdkd":
+            continue
+        for overrides in ({}, *method.grid):
+            yield pytest.param(name, overrides, id=f"{name}-{comparison.settings_key(overrides) or 'default'}")
+
+
+@pytest.mark.parametrize("name, overrides", list(_tsdkd_launches()))
+def test_every_tsdkd_run_is_a_valid_launch(name, overrides, tmp_path, toy_teacher_dir, toy_student_dir, arith_data_dir):
+    """Each method's and each trial's --tsdkd.* flags pass train_tsdkd's own parser and checks."""
     from tsdkd_plugin.cli.train_tsdkd import parse_args
 
-    budget = BUDGETS["default"].distill
-    flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
-                          output_dir=tmp_path / "m", seed=0)
-    _, run = parse_args(flags + tsdkd_flags(METHODS[name].objective, teacher_dir=toy_teacher_dir))
-    for field, value in METHODS[name].objective.items():
-        assert getattr(run.objective, field) == value
+    budget = BUDGETS["paper-like"].distill
+    flags = distill_flags(
+        budget,
+        student_dir=toy_student_dir,
+        prompts_file=arith_data_dir / "prompts_train.jsonl",
+        output_dir=tmp_path / "m",
+        seed=0,
+    )
+    objective = METHODS[name].objective_for({"lr": 1e-4, **overrides})
+    _, run = parse_args(flags + tsdkd_flags(objective, teacher_dir=toy_teacher_dir))
+    preset = objective.get("preset")
+    expected = {**(PRESETS[preset] if preset else {}), **{k: v for k, v in objective.items() if k != "preset"}}
+    for field, value in expected.items():
+        assert getattr(run.objective, field) == value, field
 
 
-def test_grpo_flags_parse_with_upstream_train_ppo_ray(tmp_path, toy_student_dir, arith_data_dir):
+@pytest.mark.parametrize("estimator", ["group_norm"] + [g["estimator"] for g in METHODS["grpo"].grid])
+def test_grpo_flags_parse_with_upstream_train_ppo_ray(estimator, tmp_path, toy_student_dir, arith_data_dir):
     from tsdkd_plugin.host.upstream_cli import load_upstream_cli
 
     upstream = load_upstream_cli()
-    budget = BUDGETS["default"].distill
-    flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
-                          output_dir=tmp_path / "m", seed=0)
-    flags += ["--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0"]
+    budget = BUDGETS["paper-like"].distill
+    flags = distill_flags(
+        budget,
+        student_dir=toy_student_dir,
+        prompts_file=arith_data_dir / "prompts_train.jsonl",
+        output_dir=tmp_path / "m",
+        seed=0,
+    )
+    flags += grpo_flags(estimator)
     args = upstream.finalize(upstream.build_parser().parse_args(flags))
-    assert args.algo.advantage.estimator == "group_norm" and args.algo.kl.init_coef == 0
+    assert args.algo.advantage.estimator == estimator and args.algo.kl.init_coef == 0
 
 
 def test_ranked_pairs_best_against_worst():
@@ -68,9 +114,12 @@ def test_ranked_pairs_best_against_worst():
 def test_teacher_scores_are_mean_response_log_likelihoods(toy_teacher_dir):
     import torch
 
-    from tsdkd_plugin.toy.evaluate import load_model_for_eval, render_prompt
+    from tsdkd_plugin.experiments.evaluate import load_model_for_eval, render_prompt
 
-    rows = [{"prompt": [{"role": "user", "content": "Q: 1+2=?"}]}, {"prompt": [{"role": "user", "content": "Q: 9-4=?"}]}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "Q: 1+2=?"}]},
+        {"prompt": [{"role": "user", "content": "Q: 9-4=?"}]},
+    ]
     responses = [["1+2=3. #### 3", "#### 4"], ["9-4=5. #### 5", "9-4=5. #### 5 and more words"]]
     scores = teacher_scores(toy_teacher_dir, rows, responses, batch_size=3)
     assert [len(s) for s in scores] == [2, 2]
@@ -84,46 +133,202 @@ def test_teacher_scores_are_mean_response_log_likelihoods(toy_teacher_dir):
     assert scores[1][1] == pytest.approx(float(logprobs[len(prompt_ids) - 1 :].mean()), abs=1e-5)
 
 
-def _fake_run(method, seed, accuracy):
+def test_settings_keys_are_stable_and_lr_first():
+    assert comparison.settings_key({"beta": 0.5, "lr": 1e-4}) == "lr=0.0001,beta=0.5"
+    assert comparison.settings_key({"lr": 3e-5, "estimator": "rloo"}) == "lr=3e-05,estimator=rloo"
+
+
+def _state(tmp_path, regime):
+    return comparison.RegimeState(regime=comparison.REGIMES[regime], budget=BUDGETS[regime], root=tmp_path / regime)
+
+
+def test_tuning_tries_the_lr_grid_then_the_methods_grid_at_the_best_lr(tmp_path, monkeypatch):
+    calls = []
+    accuracy = {1e-4: 0.60, 3e-5: 0.55, 3e-4: 0.60, "beta=0": 0.58, "beta=0.5": 0.62, "beta=1": 0.62}
+
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        calls.append((stage, method, dict(settings), seed, split))
+        key = f"beta={settings['beta']:g}" if "beta" in settings else settings["lr"]
+        return {"evaluation": {"accuracy": accuracy[key]}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    result = comparison.tune_method(_state(tmp_path, "paper-like"), None, "gkd", {})
+    assert [c[2] for c in calls] == [{"lr": lr} for lr in LR_GRID] + [
+        {"lr": 1e-4, "beta": 0.0},
+        {"lr": 1e-4, "beta": 0.5},
+        {"lr": 1e-4, "beta": 1.0},
+    ]
+    assert all(c[0] == "tune" and c[3] == TUNING_SEED and c[4] == "val" for c in calls)
+    # Ties go to the earlier trial: lr 1e-4 before 3e-4, beta 0.5 before beta 1.
+    assert result["chosen"] == {"lr": 1e-4, "beta": 0.5} and result["chosen_val_accuracy"] == 0.62
+    assert len(result["trials"]) == len(LR_GRID) + len(METHODS["gkd"].grid)
+
+
+@pytest.mark.parametrize("grid_trials", [0, 2])
+def test_a_shorter_grid_keeps_the_same_first_entries_for_every_method(grid_trials, tmp_path, monkeypatch):
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        return {"evaluation": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    for name in ("gkd", "seqkd", "tsdkd-paper"):
+        result = comparison.tune_method(_state(tmp_path, "paper-like"), None, name, {}, grid_trials)
+        assert [t["settings"] for t in result["trials"]] == [{"lr": lr} for lr in LR_GRID] + [
+            {"lr": LR_GRID[0], **overrides} for overrides in METHODS[name].grid[:grid_trials]
+        ]
+
+
+def test_a_negative_grid_trial_count_is_refused(capsys):
+    assert compare.main(["--grid-trials", "-1", "--report-only"]) != 0
+    assert "--grid-trials must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_another_lr_grid_is_used_for_every_method(tmp_path, monkeypatch):
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        return {"evaluation": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    lr_grid = compare.parse_lr_grid("3e-5, 1e-4")
+    assert lr_grid == (3e-5, 1e-4)
+    for name in ("gkd", "seqkd", "tsdkd-paper"):
+        result = comparison.tune_method(_state(tmp_path, "paper-like"), None, name, {}, 0, lr_grid)
+        assert [t["settings"] for t in result["trials"]] == [{"lr": 3e-5}, {"lr": 1e-4}]
+
+
+@pytest.mark.parametrize("text", ["", "1e-4,-1", "fast"])
+def test_a_bad_lr_grid_is_refused(text):
+    with pytest.raises(JobError, match="--lr-grid must be comma-separated positive learning rates"):
+        compare.parse_lr_grid(text)
+
+
+def test_an_lr_only_regime_keeps_the_inherited_settings_and_a_failed_trial_never_wins(tmp_path, monkeypatch):
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        return None if settings["lr"] == 3e-4 else {"evaluation": {"accuracy": 0.1 if settings["lr"] == 1e-4 else 0.0}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    result = comparison.tune_method(_state(tmp_path, "weak-student"), None, "gkd", {"gkd": {"lr": 3e-4, "beta": 0.5}})
+    assert [t["settings"] for t in result["trials"]] == [{"lr": lr, "beta": 0.5} for lr in LR_GRID]
+    assert [t["failed"] for t in result["trials"]] == [False, False, True]
+    assert result["chosen"] == {"lr": 1e-4, "beta": 0.5}
+
+
+def _fake_run(method, seed, accuracy, settings=None):
     return {
-        "method": method, "label": METHODS[method].label, "group": METHODS[method].group, "seed": seed,
-        "evaluation": {"accuracy": accuracy, "n": 100, "correct": int(100 * accuracy),
-                       "by_num_ops": {"2": {"n": 40, "correct": 20, "accuracy": 0.5},
-                                      "3": {"n": 60, "correct": 10, "accuracy": accuracy / 2}}},
-        "seconds": 120.0, "optimizer_steps": 32,
+        "regime": "paper-like",
+        "stage": "test",
+        "method": method,
+        "label": METHODS[method].label,
+        "group": METHODS[method].group,
+        "seed": seed,
+        "split": "test",
+        "settings": settings or {"lr": 1e-4},
+        "evaluation": {
+            "accuracy": accuracy,
+            "n": 100,
+            "correct": int(100 * accuracy),
+            "by_num_ops": {"2": {"n": 40, "correct": 20, "accuracy": 0.5}},
+        },
+        "seconds": 120.0,
+        "optimizer_steps": 32,
+        "rollouts_planned": 8,
+        "rollouts": 8,
+        "samples_planned": 2048,
+        "samples": 2048,
+        "samples_trained": 2048,
+        "training_curve": [
+            {"global_step": 1, "reward": 0.5, "tsdkd/loss": 1.0, "tsdkd/diag_grad_norm_jsd": 0.1},
+            {"global_step": 2, "reward": 0.6, "tsdkd/loss": 0.9, "tsdkd/diag_grad_norm_jsd": 0.2},
+        ],
     }
 
 
-def test_report_from_finished_runs_lists_what_is_missing(tmp_path):
-    results = tmp_path / "results"
-    results.mkdir()
-    for seed, acc in ((0, 0.30), (1, 0.34), (2, 0.32)):
-        (results / f"tsdkd-seed{seed}.json").write_text(json.dumps(_fake_run("tsdkd", seed, acc)))
-    (results / "gkd-seed0.json").write_text(json.dumps(_fake_run("gkd", 0, 0.25)))
-    (results / "gkd-seed1.failed.json").write_text(json.dumps({"method": "gkd", "seed": 1, "error": "boom\nlog tail"}))
-
-    class Options:
-        argv = ["--seeds", "3", "--methods", "tsdkd,gkd"]
-        seed_list = [0, 1, 2]
-        difficulty = "easy"
-        out = str(tmp_path / "out")
-
-    written = compare.write_report(Options, BUDGETS["default"], {"teacher": 0.7, "initial student": 0.2},
-                                   results, ["gkd", "tsdkd"], 3600.0)
-    markdown = written["markdown"].read_text()
-    assert "| TSD-KD | **32.0 ± 2.0** | 30.0, 34.0, 32.0 |" in markdown
-    assert "gkd seed 1: boom" in markdown and "gkd seed 2: not run yet" in markdown
-    assert "python -m tsdkd_plugin.toy.compare --seeds 3 --methods tsdkd,gkd" in markdown
-    assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads(written["json"].read_text())["summary"]
-    assert list(summary) == ["gkd", "tsdkd"]
-    assert summary["tsdkd"]["mean"] == pytest.approx(0.32)
-
-
-def test_a_run_that_missed_its_step_budget_is_redone():
-    assert compare.budget_shortfall({"optimizer_steps_planned": 32, "optimizer_steps": 8}) == (
-        "it took 8 of its 32 optimizer steps"
+def test_report_from_run_files(tmp_path):
+    """The report is built from the run files alone: CIs, paired differences against GKD, the
+    tuning table, the curves, and what is missing or failed."""
+    run_dir = tmp_path / "runs"
+    root = run_dir / "paper-like"
+    accuracies = {"gkd": [0.50, 0.52, 0.54], "tsdkd-paper": [0.55, 0.56, 0.60]}
+    for method, values in accuracies.items():
+        for seed, acc in enumerate(values):
+            path = root / "results" / "test" / method / f"lr=0.0001--seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_fake_run(method, seed, acc)))
+    failed = root / "results" / "test" / "seqkd" / "lr=0.0001--seed1.failed.json"
+    failed.parent.mkdir(parents=True)
+    failed.write_text(json.dumps({"method": "seqkd", "settings": {"lr": 1e-4}, "seed": 1, "error": "boom\ntail"}))
+    tune = root / "results" / "tune" / "gkd" / f"lr=0.0001--seed{TUNING_SEED}.json"
+    tune.parent.mkdir(parents=True)
+    tune.write_text(
+        json.dumps(
+            {
+                **_fake_run("gkd", TUNING_SEED, 0.5),
+                "stage": "tune",
+                "validation_curve": [{"samples": 1024, "accuracy": 0.45, "answered": 1.0}],
+            }
+        )
     )
-    assert compare.budget_shortfall({"optimizer_steps_planned": 32, "optimizer_steps": 32}) is None
+    (root / "references.json").write_text(
+        json.dumps(
+            {
+                f"{role} {split} {kind}": {"accuracy": acc, "answered": 0.99, "n": 100}
+                for role, acc in (("teacher", 0.8), ("student", 0.56))
+                for split, kind in (("val", "greedy"), ("test", "greedy"), ("val", "sampled"))
+            }
+        )
+    )
+    (root / "chosen.json").write_text(
+        json.dumps(
+            {
+                "gkd": {
+                    "trials": [{"settings": {"lr": 1e-4}, "val_accuracy": 0.5, "failed": False}],
+                    "chosen": {"lr": 1e-4},
+                    "chosen_val_accuracy": 0.5,
+                }
+            }
+        )
+    )
+    assert comparison.chosen_settings_file(run_dir, "paper-like") == root / "chosen.json"
+
+    options = SimpleNamespace(run_dir=str(run_dir), seed_list=[0, 1, 2], grid_trials=None, lr_grid=LR_GRID)
+    data = comparison.collect(
+        options,
+        ["paper-like"],
+        ["seqkd", "gkd", "tsdkd-paper"],
+        60.0,
+        [compare.PROG, "--regimes", "paper-like", "--seeds", "3"],
+    )
+    written = write_comparison_report(data, tmp_path / "out")
+    markdown = written["markdown"].read_text()
+    # mean 57.0, sd 2.65, t(0.975, 2) = 4.303: half width 6.57
+    assert "| TSD-KD (paper preset) | lr 0.0001 | **57.0** [50.4, 63.6] | 55.0, 56.0, 60.0 |" in markdown
+    # differences +5, +4, +6: mean +5.0, sd 1, half width 2.48
+    assert "+5.0 [+2.5, +7.5] | +5.0, +4.0, +6.0 |" in markdown
+    assert "Initial student / teacher on test: **0.70**" in markdown
+    assert "seqkd lr 0.0001 seed 1: boom" in markdown
+    assert "seqkd seed 0" in markdown and "seqkd seed 2" in markdown  # never run
+    assert "python -m tsdkd_plugin.experiments.compare --regimes paper-like --seeds 3" in markdown
+    assert "the learning rate, then the method's own grid at the best one" in markdown
+    data["grid_trials"] = 0
+    assert (
+        "the learning rate, then none of the method's own grid"
+        in write_comparison_report(data, tmp_path / "out0")["markdown"].read_text()
+    )
+    for key in ("paper-like test", "paper-like curves", "paper-like diagnostics"):
+        assert Path(written[key]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
+    summary = json.loads(written["json"].read_text())["summaries"]["paper-like"]
+    assert summary["tsdkd-paper"]["result_files"][0] == "paper-like/results/test/tsdkd-paper/lr=0.0001--seed0.json"
+
+
+def test_a_run_that_missed_its_budget_is_not_a_result():
+    assert comparison.budget_shortfall(
+        {"rollouts_planned": 8, "rollouts": 2, "samples_planned": 2048, "samples": 512}
+    ) == ("it logged 2 of its 8 rollouts")
+    assert (
+        comparison.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048, "samples": 1024})
+        == "it logged 1024 of its 2048 samples"
+    )
+    assert (
+        comparison.budget_shortfall({"rollouts_planned": 8, "rollouts": 8, "samples_planned": 2048, "samples": 2048})
+        is None
+    )
     # SFT and DPO runs plan no Ray rollouts: their steps are what their data gives.
-    assert compare.budget_shortfall({"optimizer_steps": 30}) is None
+    assert comparison.budget_shortfall({"optimizer_steps": 30}) is None

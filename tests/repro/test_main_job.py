@@ -7,20 +7,14 @@ import sys
 
 import pytest
 
+from tsdkd_plugin.experiments import main_job
+from tsdkd_plugin.experiments.budgets import BUDGETS, check_budget, with_difficulty_lengths
+from tsdkd_plugin.experiments.flags import distill_flags, tsdkd_flags
+from tsdkd_plugin.experiments.metrics import logged_rollouts, logged_samples, training_curve
+from tsdkd_plugin.experiments.runner import StageFailed, StepProgress, run_logged
+from tsdkd_plugin.experiments.trained_models import base_model_dir, sft_cache_path
 from tsdkd_plugin.testing import tree_digest
-from tsdkd_plugin.toy import default_job
 from tsdkd_plugin.toy.cache import MARKER_FILE
-from tsdkd_plugin.toy.default_job import (
-    BUDGETS,
-    StageFailed,
-    StepProgress,
-    check_budget,
-    distill_flags,
-    run_logged,
-    sft_cache_path,
-    training_curve,
-    tsdkd_flags,
-)
 
 
 @pytest.mark.parametrize("name", list(BUDGETS))
@@ -32,11 +26,21 @@ def test_every_budget_fills_its_batches(name):
     assert budget.teacher.steps >= 1 and budget.student.steps >= 1
 
 
-def test_default_budget_teacher_outtrains_student():
-    budget = BUDGETS["default"]
-    # The calibration's teacher needs ~1,700 steps of batch 32 to reach ~75%; the student gets a short SFT.
-    assert budget.teacher.steps >= 1700
-    assert budget.student.steps < budget.teacher.steps
+def test_the_two_regimes_differ_only_in_the_initial_student():
+    from tsdkd_plugin.toy.models import get_model_recipe
+
+    paper, weak = BUDGETS["paper-like"], BUDGETS["weak-student"]
+    assert paper.teacher == weak.teacher and paper.distill == weak.distill
+    assert (paper.n_val, paper.n_test, paper.difficulty) == (weak.n_val, weak.n_test, weak.difficulty)
+    assert paper.student != weak.student
+    assert main_job.build_arg_parser().parse_args([]).budget == "paper-like"
+
+    def block_weights(name):  # attention + MLP weights per model, embeddings left out
+        r = get_model_recipe(name)
+        return r.num_hidden_layers * (4 + 3 * r.intermediate_multiple) * r.hidden_size**2
+
+    for budget in (paper, weak):  # the student is the smaller model in both
+        assert block_weights(budget.student.model) < block_weights(budget.teacher.model)
 
 
 @pytest.mark.parametrize(
@@ -44,14 +48,14 @@ def test_default_budget_teacher_outtrains_student():
     [
         (["--task", "sudoku"], "unknown task 'sudoku'; valid tasks: arith"),
         (["--difficulty", "extreme"], "unknown difficulty 'extreme'; valid difficulties: easy, medium, hard"),
-        (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, default, full"),
+        (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, paper-like, weak-student"),
         (["--n-prompts", "4"], "has 4 rows, fewer than the batch size 8"),
         (["--n-test", "0"], "--n-test must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_sentence_and_touches_nothing(tmp_path, capsys, argv, message):
     run_dir = tmp_path / "run"
-    status = default_job.main(["--budget", "smoke", "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "c"), *argv])
+    status = main_job.main(["--budget", "smoke", "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "c"), *argv])
     err = capsys.readouterr().err
     assert status == 2
     assert message in err
@@ -62,11 +66,11 @@ def test_bad_input_is_one_sentence_and_touches_nothing(tmp_path, capsys, argv, m
 def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_path, capsys):
     cache_dir = tmp_path / "cache"
     budget = BUDGETS["smoke"]
-    recipe = default_job.with_difficulty_lengths(budget, "easy").teacher
+    recipe = with_difficulty_lengths(budget, "easy").teacher
     entry = sft_cache_path(recipe, "easy", cache_dir)
     kind, key = entry.name.rsplit("-", 1)
     # A complete-looking cache entry (marker and all) whose tokenizer maps two tokens differently.
-    base = default_job._base_model_dir("teacher", cache_dir)
+    base = base_model_dir(recipe.model, cache_dir)
     shutil.copytree(base, entry)
     (entry / MARKER_FILE).write_text(json.dumps({"kind": kind, "key": key}))
     tokenizer_json = entry / "tokenizer.json"
@@ -76,7 +80,7 @@ def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_pat
     tokenizer_json.write_text(json.dumps(data))
     before = tree_digest(entry)
 
-    status = default_job.main(["--budget", "smoke", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)])
+    status = main_job.main(["--budget", "smoke", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(cache_dir)])
     err = capsys.readouterr().err
     assert status == 2
     assert f"refusing the cached teacher at {entry}" in err and "tokenizer does not match" in err
@@ -87,11 +91,15 @@ def test_cached_teacher_with_another_tokenizer_is_refused_and_left_alone(tmp_pat
 def test_tsdkd_flags_parse_with_the_real_cli(tmp_path, toy_teacher_dir, toy_student_dir, arith_data_dir):
     from tsdkd_plugin.cli.train_tsdkd import parse_args
 
-    budget = BUDGETS["default"].distill
-    flags = distill_flags(budget, student_dir=toy_student_dir, prompts_file=arith_data_dir / "prompts_train.jsonl",
-                          output_dir=tmp_path / "model", seed=3)
-    flags += tsdkd_flags({"gate": "hard", "indirect_level": "both", "entropy_weight": 0.0},
-                         teacher_dir=toy_teacher_dir)
+    budget = BUDGETS["paper-like"].distill
+    flags = distill_flags(
+        budget,
+        student_dir=toy_student_dir,
+        prompts_file=arith_data_dir / "prompts_train.jsonl",
+        output_dir=tmp_path / "model",
+        seed=3,
+    )
+    flags += tsdkd_flags({"gate": "hard", "indirect_level": "both", "entropy_weight": 0.0}, teacher_dir=toy_teacher_dir)
     args, run = parse_args(flags)
     config = run.objective
     assert (config.gate, config.indirect_level, config.entropy_weight) == ("hard", "both", 0.0)
@@ -110,18 +118,25 @@ def test_step_progress_reads_openrlhf_output():
     assert ray.position("(TSDKDTrainerImpl pid=1) INFO ppo_trainer.py:551] ✨ Global step 3: {'reward': 0.5}") == 3
 
 
-def test_training_curve_parses_global_step_lines(tmp_path):
-    log = tmp_path / "train.log"
-    log.write_text(
-        "noise\n"
-        "(T pid=1) INFO x] ✨ Global step 1: {'reward': 0.25, 'policy_loss': 1.5, 'note': 'text'}\n"
-        "(T pid=1) INFO x] ✨ Global step 2: {'reward': 0.5, 'policy_loss': 1.25}\n"
-        "(T pid=1) INFO x] ✨ Global step 3: {'reward': tensor(0.5)}\n"
-    )
-    assert training_curve(log) == [
-        {"global_step": 1, "reward": 0.25, "policy_loss": 1.5},
-        {"global_step": 2, "reward": 0.5, "policy_loss": 1.25},
+def test_training_curve_reads_tensorboard_events(tmp_path):
+    """Per-step metrics come from the events the trainers write (OpenRLHF's TensorboardLogger logs
+    `train/<name>` at each global step), by name, in step order."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb" / "run_1"))
+    for step, (reward, loss) in ((2, (0.5, 1.25)), (1, (0.25, 1.5))):
+        writer.add_scalar("train/reward", reward, step)
+        writer.add_scalar("train/tsdkd/loss_direct", loss, step)
+        writer.add_scalar("train/rollout/num_samples", 64.0, step)
+    writer.add_scalar("eval/eval_pass1", 0.9, 2)  # not a training metric
+    writer.close()
+    curve = training_curve(tmp_path / "tb")
+    assert curve == [
+        {"global_step": 1, "reward": 0.25, "tsdkd/loss_direct": 1.5, "rollout/num_samples": 64.0},
+        {"global_step": 2, "reward": 0.5, "tsdkd/loss_direct": 1.25, "rollout/num_samples": 64.0},
     ]
+    assert logged_rollouts(curve) == 2 and logged_samples(curve) == 128
+    assert training_curve(tmp_path / "nothing-here") == []
 
 
 def test_failed_command_names_its_log_and_shows_its_end(tmp_path):
@@ -135,8 +150,12 @@ def test_failed_command_names_its_log_and_shows_its_end(tmp_path):
 
 def test_command_past_its_limit_is_stopped(tmp_path):
     with pytest.raises(StageFailed, match="ran past its 2 s limit"):
-        run_logged([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
-                   tmp_path / "slow.log", desc="slow stage", timeout_s=2)
+        run_logged(
+            [sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
+            tmp_path / "slow.log",
+            desc="slow stage",
+            timeout_s=2,
+        )
 
 
 def test_successful_command_is_logged(tmp_path):

@@ -1,6 +1,7 @@
-"""Greedy evaluation of a saved HF model directory on a split of the arithmetic task.
+"""The toy task's one evaluator: greedy accuracy of a saved HF model directory on a split of the
+arithmetic task; and the sampling and teacher scoring the SeqKD and DPO baselines build their data with.
 
-    python -m tsdkd_plugin.toy.evaluate --model DIR --prompts data/prompts_test.jsonl [--json OUT]
+    python -m tsdkd_plugin.experiments.evaluate --model DIR --prompts data/prompts_test.jsonl [--json OUT]
 
 Accuracy is what the task's verifier says (the integer after `####` equals the
 label), overall and by number of operations. Prompts are rendered exactly as
@@ -16,19 +17,18 @@ free of engine start-up time and of Ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
+from tsdkd_plugin.experiments.runner import TRAINING_THREADS
 from tsdkd_plugin.toy.arith_task import LABEL_KEY, PROMPT_KEY, extract_final_answer, verify
 
-# Longest worked solution per difficulty is 44 / 52 / 95 tokens (docs/toy_task.md);
-# the margin lets a model that rambles past the answer still be read correctly.
-MAX_NEW_TOKENS_BY_DIFFICULTY = {"easy": 64, "medium": 72, "hard": 128}
-DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = 64  # budgets.MAX_NEW_TOKENS_BY_DIFFICULTY["easy"]
 DEFAULT_BATCH_SIZE = 256
 NUM_EXAMPLES_KEPT = 8
 
@@ -55,6 +55,7 @@ class EvalResult:
     by_num_ops: dict[int, OpsBucket]
     seconds: float
     examples: list[dict] = field(default_factory=list)
+    decoding: str = "greedy"  # or "sampled": one sample per prompt at temperature 1, as in the rollouts
 
     @property
     def accuracy(self) -> float:
@@ -72,11 +73,27 @@ class EvalResult:
         return data
 
 
+@contextlib.contextmanager
+def fixed_threads(threads: int = TRAINING_THREADS):
+    """torch's intra-op threads set to `threads` inside the block (restored after it), so generation
+    and scoring give the same numbers on machines with other core counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_prompt_rows(path: str | Path) -> list[dict]:
     """Rows of a prompts_*.jsonl file (prompt, answer, num_ops), in file order."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; write it with python -m tsdkd_plugin.toy.arith_task")
+        raise FileNotFoundError(
+            f"prompt file {path} does not exist; write it with python -m tsdkd_plugin.toy.arith_task"
+        )
     rows = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -105,7 +122,7 @@ def score_responses(rows: Sequence[Mapping], responses: Sequence[str]) -> tuple[
         raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
     correct = answered = 0
     buckets: dict[int, OpsBucket] = {}
-    for row, response in zip(rows, responses):
+    for row, response in zip(rows, responses, strict=True):
         ok = verify(response, row[LABEL_KEY])
         correct += ok
         answered += extract_final_answer(response) is not None
@@ -211,27 +228,42 @@ def evaluate_model(
     limit: int | None = None,
     progress: bool = True,
     desc: str | None = None,
+    sampled: bool = False,
+    seed: int = 0,
 ) -> EvalResult:
-    """Greedy accuracy of the model in model_dir on the prompts file (optionally its first `limit` rows)."""
+    """Accuracy of the model in model_dir on the prompts file (optionally its first `limit` rows):
+    greedy, or with `sampled` one sample per prompt at temperature 1 (seeded), which is what the
+    on-policy methods train on. The same machine and libraries give the same result: the thread
+    count is fixed (runner.TRAINING_THREADS)."""
+    import torch
+
     rows = load_prompt_rows(prompts_path)
     if limit is not None:
         rows = rows[:limit]
     started = time.time()
-    model, tokenizer = load_model_for_eval(model_dir)
-    texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in rows]
-    responses = generate_greedy(
-        model,
-        tokenizer,
-        texts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        desc=desc or f"evaluating {Path(model_dir).name}",
-    )
+    with fixed_threads():
+        model, tokenizer = load_model_for_eval(model_dir)
+        texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in rows]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            responses = generate_greedy(
+                model,
+                tokenizer,
+                texts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+                desc=desc or f"evaluating {Path(model_dir).name}",
+                do_sample=sampled,
+            )
     correct, answered, buckets = score_responses(rows, responses)
     examples = [
-        {"prompt": texts[i], "response": responses[i], "label": rows[i][LABEL_KEY],
-         "correct": bool(verify(responses[i], rows[i][LABEL_KEY]))}
+        {
+            "prompt": texts[i],
+            "response": responses[i],
+            "label": rows[i][LABEL_KEY],
+            "correct": bool(verify(responses[i], rows[i][LABEL_KEY])),
+        }
         for i in range(min(NUM_EXAMPLES_KEPT, len(rows)))
     ]
     return EvalResult(
@@ -243,7 +275,22 @@ def evaluate_model(
         by_num_ops=buckets,
         seconds=time.time() - started,
         examples=examples,
+        decoding="sampled" if sampled else "greedy",
     )
+
+
+def evaluate_models(
+    models: Mapping[str, Path], prompts_path: str | Path, *, max_new_tokens: int, batch_size: int = DEFAULT_BATCH_SIZE
+) -> dict[str, dict]:
+    """{name: result dict with the model's directory} for several models on one split, one line printed each."""
+    results = {}
+    for name, model_dir in models.items():
+        result = evaluate_model(
+            model_dir, prompts_path, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"evaluating {name}"
+        )
+        print("  " + format_result_line(name, result), flush=True)
+        results[name] = {**result.to_dict(), "dir": str(model_dir)}
+    return results
 
 
 def format_result_line(name: str, result: EvalResult) -> str:
@@ -251,12 +298,88 @@ def format_result_line(name: str, result: EvalResult) -> str:
     return f"{name:<18} {result.accuracy:6.1%}  ({result.correct}/{result.n})  {by_ops}"
 
 
+# --------------------------------------------------------------------------- sampling and scoring
+
+
+def sample_responses(
+    model_dir: Path,
+    prompt_rows: Sequence[Mapping],
+    n: int,
+    seed: int,
+    max_new_tokens: int,
+    desc: str,
+    temperature: float = 1.0,
+) -> list[list[str]]:
+    """n sampled responses per prompt row (temperature 1 by default, like the rollouts)."""
+    import torch
+
+    with fixed_threads():
+        model, tokenizer = load_model_for_eval(model_dir)
+        texts = [render_prompt(tokenizer, row[PROMPT_KEY]) for row in prompt_rows]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flat = generate_greedy(
+                model,
+                tokenizer,
+                texts,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                num_return_sequences=n,
+                temperature=temperature,
+                desc=desc,
+            )
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompt_rows))]
+
+
+def teacher_scores(
+    teacher_dir: Path, prompt_rows: Sequence[Mapping], responses: Sequence[Sequence[str]], batch_size: int = 64
+) -> list[list[float]]:
+    """The teacher's length-normalized log-likelihood of each response (end-of-turn token included):
+    the same sequence score the sequence-level TSD-KD ranking uses by default."""
+    with fixed_threads():
+        return _teacher_scores(teacher_dir, prompt_rows, responses, batch_size)
+
+
+def _teacher_scores(teacher_dir, prompt_rows, responses, batch_size):
+    import torch
+    from tqdm.auto import tqdm
+
+    model, tokenizer = load_model_for_eval(teacher_dir)
+    tokenizer.padding_side = "right"
+    end = tokenizer.eos_token
+    pairs = [
+        (render_prompt(tokenizer, row[PROMPT_KEY]), response + end)
+        for row, group in zip(prompt_rows, responses, strict=True)
+        for response in group
+    ]
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(pairs), batch_size), desc="teacher scoring", leave=False):
+            batch = pairs[start : start + batch_size]
+            prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in batch]
+            full_ids = [tokenizer(p + r, add_special_tokens=False)["input_ids"] for p, r in batch]
+            width = max(len(ids) for ids in full_ids)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(full_ids):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention[i, : len(ids)] = 1
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1, : len(tokenizer)]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            for i, (p_ids, ids) in enumerate(zip(prompt_ids, full_ids, strict=True)):
+                # Response tokens are positions len(prompt)..len(full)-1; their log-probs sit one earlier.
+                span = logprobs[i, len(p_ids) - 1 : len(ids) - 1]
+                scores.append(float(span.mean()))
+    n = len(responses[0]) if responses else 0
+    return [scores[i * n : (i + 1) * n] for i in range(len(responses))]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tsdkd_plugin.toy.evaluate",
+        prog="python -m tsdkd_plugin.experiments.evaluate",
         description="Greedy accuracy of a saved HF model on a prompts_*.jsonl split of the arithmetic task.",
     )
     parser.add_argument("--model", required=True, help="HF model directory (config.json, weights, tokenizer)")

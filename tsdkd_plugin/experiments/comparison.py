@@ -1,0 +1,413 @@
+"""The comparison's machinery: regimes, one run and its result file, tuning, the test seeds, and
+what the report is made of. `python -m tsdkd_plugin.experiments.compare` is its entry point (the
+protocol itself is described there and in `protocol`).
+
+Every finished run is a JSON file under <run-dir>/<regime>/results/<stage>/<method>/ (what it ran,
+what it logged, its evaluation); a failed run leaves a .failed.json instead and the comparison goes
+on. `collect` reads only those files, so a report can be rewritten at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tsdkd_plugin.experiments.budgets import BUDGETS, Budget, check_budget, write_task_data
+from tsdkd_plugin.experiments.evaluate import evaluate_model, format_result_line, load_prompt_rows
+from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, RunContext, run_method
+from tsdkd_plugin.experiments.options import cache_dir_of
+from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED, best_trial
+from tsdkd_plugin.experiments.runner import JobError, banner, machine_info, write_json_atomic
+from tsdkd_plugin.experiments.trained_models import trained_model_dir
+
+REFERENCE_METHOD = "gkd"  # what the per-seed differences are taken against
+CHECKPOINTS_PER_TUNING_RUN = 4
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A budget and how much of the protocol runs in it."""
+
+    name: str
+    budget: str  # key of budgets.BUDGETS
+    tune: str  # "full": LR grid then each method's grid; "lr": LR grid only, the rest from `inherit_from`
+    inherit_from: str | None = None
+    ablations: bool = True
+    doc: str = ""
+
+
+REGIMES: dict[str, Regime] = {
+    r.name: r
+    for r in (
+        Regime(
+            "paper-like",
+            "paper-like",
+            "full",
+            ablations=True,
+            doc="the student starts at 0.55-0.8 of its teacher's accuracy (the paper's Qwen2.5-1.5B starts at "
+            "0.71 of its 14B teacher's on GSM8K), the teacher is above 80%",
+        ),
+        Regime(
+            "weak-student",
+            "weak-student",
+            "lr",
+            inherit_from="paper-like",
+            ablations=False,
+            doc="the earlier default: a 0.16M-parameter student far below its teacher, most of its own samples wrong",
+        ),
+    )
+}
+
+
+def settings_key(settings: Mapping[str, object]) -> str:
+    """A file-name-safe, stable name for a settings dict, e.g. "lr=0.0001,beta=0.5"."""
+    parts = []
+    for name in sorted(settings, key=lambda k: (k != "lr", k)):
+        value = settings[name]
+        parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
+    return ",".join(parts)
+
+
+@dataclass
+class RegimeState:
+    """Where one regime's files are and what has been decided so far."""
+
+    regime: Regime
+    budget: Budget
+    root: Path
+    files: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
+
+    def result_file(self, stage: str, method: str, name: str) -> Path:
+        return self.root / "results" / stage / method / f"{name}.json"
+
+    def stage_dir(self, stage: str, method: str, name: str) -> Path:
+        return self.root / "runs" / stage / method / name
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_and_evaluate(
+    state: RegimeState,
+    ctx: RunContext,
+    stage: str,
+    method_name: str,
+    settings: Mapping,
+    seed: int,
+    split: str,
+    *,
+    checkpoints: int = 0,
+    extra_objective: Mapping | None = None,
+) -> dict | None:
+    """The result dict of one run, from its file when it finished before; None when it failed
+    (recorded in a .failed.json next to where its result would be, the comparison goes on)."""
+    method = METHODS[method_name]
+    name = f"{settings_key(settings)}--seed{seed}"
+    result_file = state.result_file(stage, method_name, name)
+    failed_file = result_file.with_suffix(".failed.json")
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    if failed_file.is_file():
+        return None
+    banner(f"[{state.regime.name} / {stage}] {method.label}: {settings_key(settings)}, seed {seed}")
+    stage_dir = state.stage_dir(stage, method_name, name)
+    d = state.budget.distill
+    started = time.time()
+    load_at_start = machine_info()["load_average_1_5_15"]
+    try:
+        model_dir, command_result, notes = run_method(
+            method, settings, seed, ctx, stage_dir, checkpoints=checkpoints, extra_objective=extra_objective
+        )
+        evaluation = evaluate_model(
+            model_dir,
+            state.files[f"prompts_{split}"],
+            max_new_tokens=d.max_new_tokens,
+            batch_size=state.budget.eval_batch_size,
+            desc=f"evaluating on {split}",
+        )
+        curve = []
+        for samples, checkpoint in sorted(notes.pop("checkpoints", {}).items()):
+            point = evaluate_model(
+                checkpoint,
+                state.files[f"prompts_{split}"],
+                max_new_tokens=d.max_new_tokens,
+                batch_size=state.budget.eval_batch_size,
+                desc=f"checkpoint at {samples} samples",
+            )
+            curve.append({"samples": samples, "accuracy": point.accuracy, "answered": point.answered / point.n})
+            shutil.rmtree(checkpoint)  # its accuracy is all that is kept
+    except JobError as error:
+        print(f"  FAILED: {str(error).splitlines()[0]}", file=sys.stderr)
+        write_json_atomic(
+            failed_file, {"method": method_name, "settings": dict(settings), "seed": seed, "error": str(error)}
+        )
+        return None
+    print("  " + format_result_line(f"{method_name} ({split})", evaluation))
+    shutil.rmtree(stage_dir / "ds-ckpt", ignore_errors=True)
+    result = {
+        "regime": state.regime.name,
+        "stage": stage,
+        "method": method_name,
+        "label": method.label,
+        "group": method.group,
+        "settings": dict(settings),
+        "seed": seed,
+        "split": split,
+        "objective": method.objective_for(settings) if method.runner == "tsdkd" else {},
+        "extra_objective": dict(extra_objective or {}),
+        "evaluation": evaluation.to_dict(),
+        "validation_curve": curve,
+        "seconds": time.time() - started,
+        "train_seconds": command_result.seconds,
+        "command": command_result.command,
+        "model_dir": str(model_dir),
+        "log": command_result.log,
+        "load_average_at_start": load_at_start,
+        **notes,
+    }
+    write_json_atomic(result_file, result)
+    return result
+
+
+def budget_shortfall(run: Mapping) -> str | None:
+    """Why a finished on-policy run is not an equal-budget result (its TensorBoard events hold fewer
+    rollouts or samples than planned), or None."""
+    for what in ("rollouts", "samples"):
+        planned, taken = run.get(f"{what}_planned"), run.get(what)
+        if planned is not None and taken is not None and planned != taken:
+            return f"it logged {taken} of its {planned} {what}"
+    return None
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def tuning_trials(
+    state: RegimeState, method_name: str, chosen: Mapping[str, dict], lr_grid: Sequence[float] = LR_GRID
+) -> list[dict]:
+    """The learning-rate trials of a method on validation, in order (its other settings: the
+    defaults, or in an "lr" regime those chosen in the regime it inherits from)."""
+    if state.regime.tune == "lr":
+        inherited = chosen.get(method_name, {})
+        knobs = {k: v for k, v in inherited.items() if k != "lr"}
+        return [{"lr": lr, **knobs} for lr in lr_grid]
+    return [{"lr": lr} for lr in lr_grid]  # then the method's grid at the best lr (tune_method)
+
+
+def tune_method(
+    state: RegimeState,
+    ctx: RunContext,
+    method_name: str,
+    inherited: Mapping[str, dict],
+    grid_trials: int | None = None,
+    lr_grid: Sequence[float] = LR_GRID,
+) -> dict:
+    """{"trials": [...], "chosen": settings} for one method on the validation split. `grid_trials`
+    keeps only the first entries of the method's own grid and `lr_grid` replaces the learning-rate
+    grid, the same for every method, so that none is tuned more than its rivals; None keeps the
+    whole grid."""
+    method = METHODS[method_name]
+    trials = []
+
+    def trial(settings):
+        result = run_and_evaluate(
+            state, ctx, "tune", method_name, settings, TUNING_SEED, "val", checkpoints=CHECKPOINTS_PER_TUNING_RUN
+        )
+        accuracy = result["evaluation"]["accuracy"] if result and not budget_shortfall(result) else float("-inf")
+        trials.append({"settings": dict(settings), "val_accuracy": accuracy, "failed": result is None})
+        return accuracy
+
+    for settings in tuning_trials(state, method_name, inherited, lr_grid):
+        trial(settings)
+    if state.regime.tune == "full":
+        best_lr = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])[0]["lr"]
+        for overrides in method.grid[:grid_trials]:
+            trial({"lr": best_lr, **overrides})
+    chosen, accuracy = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])
+    return {"trials": trials, "chosen": chosen, "chosen_val_accuracy": accuracy}
+
+
+def chosen_settings_file(run_dir: Path, regime: str) -> Path:
+    return run_dir / regime / "chosen.json"
+
+
+def prepare_regime(regime: Regime, options: argparse.Namespace) -> RegimeState:
+    """Task files, teacher and initial student (cached), and their reference accuracies."""
+    budget = BUDGETS[regime.budget]
+    check_budget(budget)
+    root = Path(options.run_dir).resolve() / regime.name
+    state = RegimeState(regime=regime, budget=budget, root=root)
+    d = budget.distill
+    state.files = write_task_data(root / "data", budget.difficulty, d.n_prompts, budget.n_val, budget.n_test)
+    cache_dir = cache_dir_of(options)
+    for role, recipe in (("teacher", budget.teacher), ("student", budget.student)):
+        state.models[role], built = trained_model_dir(
+            recipe,
+            budget.difficulty,
+            cache_dir,
+            work_dir=root / "logs",
+            timeout_s=budget.stage_timeout_s,
+            verbose=options.verbose,
+        )
+        print(f"  {role}: {state.models[role]} ({'trained now' if built else 'reused from the cache'})")
+    references_file = root / "references.json"
+    state.references = json.loads(references_file.read_text()) if references_file.is_file() else {}
+    for role in ("teacher", "student"):
+        for split, sampled in (("val", False), ("test", False), ("val", True)):
+            key = f"{role} {split} {'sampled' if sampled else 'greedy'}"
+            if key not in state.references:
+                result = evaluate_model(
+                    state.models[role],
+                    state.files[f"prompts_{split}"],
+                    max_new_tokens=d.max_new_tokens,
+                    batch_size=budget.eval_batch_size,
+                    sampled=sampled,
+                    seed=0,
+                    desc=f"evaluating {key}",
+                )
+                state.references[key] = {
+                    "accuracy": result.accuracy,
+                    "answered": result.answered / result.n,
+                    "n": result.n,
+                }
+                write_json_atomic(references_file, state.references)
+            print(
+                f"  {key}: {state.references[key]['accuracy']:.1%} (answered {state.references[key]['answered']:.1%})"
+            )
+    return state
+
+
+def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[str]) -> None:
+    banner(f"regime {regime.name}: {regime.doc}")
+    state = prepare_regime(regime, options)
+    ctx = RunContext(
+        budget=state.budget,
+        teacher_dir=state.models["teacher"],
+        student_dir=state.models["student"],
+        prompts_file=state.files["prompts_train"],
+        prompt_rows=load_prompt_rows(state.files["prompts_train"]),
+        timeout_s=options.run_timeout or state.budget.stage_timeout_s,
+        verbose=options.verbose,
+    )
+    inherited = {}
+    if regime.inherit_from:
+        source = chosen_settings_file(Path(options.run_dir).resolve(), regime.inherit_from)
+        if not source.is_file():
+            raise JobError(
+                f"the {regime.name} regime takes its non-LR settings from the {regime.inherit_from} "
+                f"regime, which has not been tuned yet ({source} is missing): run that regime first"
+            )
+        inherited = {m: entry["chosen"] for m, entry in json.loads(source.read_text()).items()}
+    tuned = [m for m in methods if m in TUNED_METHODS]
+    tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials, options.lr_grid) for m in tuned}
+    write_json_atomic(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
+    if options.stop_after == "tune":
+        return
+    test_methods = tuned + [
+        m for m in methods if METHODS[m].derived_from and regime.ablations and METHODS[m].derived_from in tuning
+    ]
+    for seed in options.seed_list:
+        for method_name in test_methods:
+            base = METHODS[method_name].derived_from or method_name
+            # The first seed of every train_tsdkd method also logs the per-term gradient diagnostics
+            # (which change no loss or gradient bit; docs/objective.md).
+            diagnostics = (
+                {"diagnostics": True} if seed == options.seed_list[0] and METHODS[method_name].runner == "tsdkd" else {}
+            )
+            run_and_evaluate(
+                state, ctx, "test", method_name, tuning[base]["chosen"], seed, "test", extra_objective=diagnostics
+            )
+
+
+def collect(
+    options: argparse.Namespace,
+    regimes: Sequence[str],
+    methods: Sequence[str],
+    wall_seconds: float,
+    command: Sequence[str],
+) -> dict:
+    """Everything the report shows, from the run files alone (`command`: how the comparison was run)."""
+    run_dir = Path(options.run_dir).resolve()
+    data = {
+        "command": list(command),
+        "machine": machine_info(),
+        "wall_seconds": wall_seconds,
+        "seeds": options.seed_list,
+        "reference_method": REFERENCE_METHOD,
+        "lr_grid": list(options.lr_grid),
+        "tuning_seed": TUNING_SEED,
+        "grid_trials": options.grid_trials,
+        "methods_doc": {
+            m: {
+                "label": METHODS[m].label,
+                "doc": METHODS[m].doc,
+                "group": METHODS[m].group,
+                "grid": [dict(g) for g in METHODS[m].grid],
+                "derived_from": METHODS[m].derived_from,
+            }
+            for m in methods
+        },
+        "regimes": {},
+    }
+    for name in regimes:
+        regime = REGIMES[name]
+        root = run_dir / name
+        budget = BUDGETS[regime.budget]
+        entry = {
+            "doc": regime.doc,
+            "tune": regime.tune,
+            "inherit_from": regime.inherit_from,
+            "budget": asdict(budget),
+            "references": {},
+            "tuning": {},
+            "test_runs": [],
+            "failed": [],
+        }
+        if (root / "references.json").is_file():
+            entry["references"] = json.loads((root / "references.json").read_text())
+        if chosen_settings_file(run_dir, name).is_file():
+            entry["tuning"] = json.loads(chosen_settings_file(run_dir, name).read_text())
+        for path in sorted((root / "results" / "tune").rglob("*.json")) if (root / "results").is_dir() else []:
+            if path.name.endswith(".failed.json"):
+                entry["failed"].append(json.loads(path.read_text()))
+        entry["tuning_runs"] = (
+            [
+                json.loads(p.read_text())
+                for p in sorted((root / "results" / "tune").rglob("*.json"))
+                if not p.name.endswith(".failed.json")
+            ]
+            if (root / "results" / "tune").is_dir()
+            else []
+        )
+        test_dir = root / "results" / "test"
+        for path in sorted(test_dir.rglob("*.json")) if test_dir.is_dir() else []:
+            run = json.loads(path.read_text())
+            if path.name.endswith(".failed.json"):
+                entry["failed"].append(run)
+            elif run["method"] in methods and run["seed"] in options.seed_list:
+                run["result_file"] = str(path.relative_to(run_dir))
+                entry["test_runs"].append(run)
+        done = {(run["method"], run["seed"]) for run in entry["test_runs"]}
+        failed = {(run["method"], run["seed"]) for run in entry["failed"] if "settings" in run}
+        expected = [
+            m
+            for m in methods
+            if m in TUNED_METHODS
+            or (METHODS[m].derived_from and regime.ablations and METHODS[m].derived_from in methods)
+        ]
+        entry["missing"] = [
+            f"{m} seed {seed}"
+            for seed in options.seed_list
+            for m in expected
+            if (m, seed) not in done and (m, seed) not in failed
+        ]
+        data["regimes"][name] = entry
+    return data
