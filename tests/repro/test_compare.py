@@ -332,3 +332,55 @@ def test_a_run_that_missed_its_budget_is_not_a_result():
     )
     # SFT and DPO runs plan no Ray rollouts: their steps are what their data gives.
     assert comparison.budget_shortfall({"optimizer_steps": 30}) is None
+
+
+def _references(teacher_test):
+    keys = ("teacher val greedy", "teacher test greedy", "student val greedy", "student test greedy")
+    refs = {key: {"accuracy": 0.7, "answered": 1.0, "n": 500} for key in keys}
+    refs["teacher test greedy"]["accuracy"] = teacher_test
+    return refs
+
+
+def _report_with_runs(tmp_path, teacher_test):
+    tuning = {**_fake_run("gkd", 100, 0.77, {"lr": 3e-5}), "stage": "tune", "split": "val"}
+    test = {**_fake_run("gkd", 0, 0.76, {"lr": 3e-5}), "result_file": "paper-like/results/test/gkd/x.json"}
+    report = tmp_path / "comparison.json"
+    report.write_text(
+        json.dumps(
+            {
+                "regimes": {
+                    "paper-like": {
+                        "references": _references(teacher_test),
+                        "tuning_runs": [tuning],
+                        "test_runs": [test],
+                    }
+                }
+            }
+        )
+    )
+    return report
+
+
+def test_restore_writes_the_recorded_runs_back_where_a_resumed_comparison_reads_them(tmp_path):
+    state = _state(tmp_path, "paper-like")
+    state.references = _references(0.884)
+    report = _report_with_runs(tmp_path, 0.884)
+    assert comparison.restore_runs(state, report) == 2
+    restored = json.loads(state.result_file("test", "gkd", "lr=3e-05--seed0").read_text())
+    assert restored["evaluation"]["accuracy"] == 0.76 and restored["restored_from"] == str(report)
+    assert "result_file" not in restored
+    assert json.loads(state.result_file("tune", "gkd", "lr=3e-05--seed100").read_text())["split"] == "val"
+    # A second restore keeps what is there (a rerun's own result is never overwritten).
+    assert comparison.restore_runs(state, report) == 0
+
+
+def test_restore_refuses_runs_that_started_from_other_models(tmp_path):
+    state = _state(tmp_path, "paper-like")
+    state.references = _references(0.880)
+    with pytest.raises(
+        JobError, match="teacher test greedy accuracy recorded there is 0.884, the model built here scores 0.88"
+    ):
+        comparison.restore_runs(state, _report_with_runs(tmp_path, 0.884))
+    assert not (tmp_path / "paper-like" / "results").exists()
+    with pytest.raises(JobError, match="--restore-from: no such file"):
+        comparison.restore_runs(state, tmp_path / "missing.json")

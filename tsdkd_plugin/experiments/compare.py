@@ -109,6 +109,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="tune: stop each regime after tuning (default: run the test seeds too)",
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs")
+    parser.add_argument(
+        "--restore-from",
+        default=None,
+        metavar="COMPARISON_JSON",
+        help="an earlier comparison.json whose runs are written back as run files (after checking that the "
+        "teacher and student built here score what it recorded), so that it resumes and extends",
+    )
     parser.add_argument("--verbose", action="store_true")
     return parser
 

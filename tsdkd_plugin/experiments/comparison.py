@@ -285,9 +285,57 @@ def prepare_regime(regime: Regime, options: argparse.Namespace) -> RegimeState:
     return state
 
 
+REFERENCE_KEYS_CHECKED_ON_RESTORE = (
+    "teacher val greedy",
+    "teacher test greedy",
+    "student val greedy",
+    "student test greedy",
+)
+
+
+def restore_runs(state: RegimeState, report_file: Path) -> int:
+    """Write the run files recorded in an earlier comparison's JSON (`report_file`, what `collect`
+    wrote) back under this run dir, so that a comparison can be resumed and extended on another
+    machine; returns how many were written. Only when the teacher and initial student built here
+    score exactly what the report recorded (the builds are deterministic on the same kind of
+    machine): otherwise the recorded runs started from other models and a JobError says so. Files
+    already here are kept; each restored record names the report it came from."""
+    try:
+        recorded = json.loads(report_file.read_text())["regimes"][state.regime.name]
+    except FileNotFoundError:
+        raise JobError(f"--restore-from: no such file {report_file}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise JobError(
+            f"--restore-from: {report_file} is not a comparison.json holding the {state.regime.name} regime "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    for key in REFERENCE_KEYS_CHECKED_ON_RESTORE:
+        then, now = recorded["references"].get(key, {}).get("accuracy"), state.references[key]["accuracy"]
+        if then != now:
+            raise JobError(
+                f"--restore-from {report_file}: the {key} accuracy recorded there is {then}, the model built here "
+                f"scores {now}; the recorded runs started from other models, so they are not restored "
+                "(run the comparison without --restore-from)"
+            )
+    written = 0
+    for run in [*recorded.get("tuning_runs", []), *recorded.get("test_runs", [])]:
+        name = f"{settings_key(run['settings'])}--seed{run['seed']}"
+        target = state.result_file(run["stage"], run["method"], name)
+        if target.is_file():
+            continue
+        restored = {k: v for k, v in run.items() if k != "result_file"}
+        restored["restored_from"] = str(report_file)
+        write_json_atomic(target, restored)
+        written += 1
+    return written
+
+
 def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[str]) -> None:
     banner(f"regime {regime.name}: {regime.doc}")
     state = prepare_regime(regime, options)
+    if getattr(options, "restore_from", None):
+        count = restore_runs(state, Path(options.restore_from))
+        print(f"  restored {count} run files from {options.restore_from} (the teacher and student match it)")
     ctx = RunContext(
         budget=state.budget,
         teacher_dir=state.models["teacher"],
