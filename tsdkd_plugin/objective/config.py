@@ -138,9 +138,9 @@ class TSDKDConfig:
     """Remedy, off by default: "none" (the paper), or "grad_norm": per micro-batch, each extra term's
     weight w is replaced by w * G_dir / G, G_dir the gradient norm at the student logits of the
     weighted direct term and G that of the unweighted extra term (stop-gradient), so w becomes the
-    ratio of the two terms' gradient norms. Costs a measuring pass over the logits first (two
-    no-gradient passes, like diagnostics'); a term keeps its weight when G or G_dir is 0 or the
-    direct term is off."""
+    ratio of the two terms' gradient norms. A term keeps its weight when G or G_dir is 0 or the
+    direct term is off. Costs a measurement before the real passes: two more passes over the
+    student's (and a dense teacher's) logits without gradients (diagnostics cost one)."""
 
     def __post_init__(self) -> None:
         for name in ("direct_weight", "indirect_weight", "sequence_weight", "entropy_weight"):

@@ -276,7 +276,7 @@ class TokenRankingTerm(Term):
         divisor = listmle_divisor(config, config.num_candidates)
         scale = config.indirect_weight / num_open / batch.tau / divisor
         total = batch.zero
-        self.logit_grad = torch.zeros_like(self.student_scores) if config.diagnostics else None  # [N, k]
+        self.logit_grad = torch.zeros_like(self.student_scores) if batch.exact_grads else None  # [N, k]
         for part in batch.chunks(num_open):
             rows = open_index[part]
             values, grad = listmle_value_and_grad(
