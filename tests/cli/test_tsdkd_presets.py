@@ -1,4 +1,5 @@
-"""--tsdkd.preset paper|reference (every explicit --tsdkd.* flag wins over it) and --tsdkd.diagnostics."""
+"""--tsdkd.preset paper|reference (every explicit --tsdkd.* flag wins over it), --tsdkd.diagnostics and the
+remedies' flags (--tsdkd.listmle_normalize, --tsdkd.weight_warmup_steps, --tsdkd.term_balance)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,47 @@ def test_unknown_preset_is_refused(capsys):
 )
 def test_diagnostics_flag(flags, expected):
     assert config(*flags).diagnostics is expected
+
+
+# ----------------------------------------------------------------------------- the remedies' flags (docs/objective.md)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], (False, 0, "none")),
+        (["--tsdkd.listmle_normalize"], (True, 0, "none")),  # a bare bool flag is true
+        (["--tsdkd.listmle_normalize", "True", "--tsdkd.weight_warmup_steps", "16"], (True, 16, "none")),
+        (["--tsdkd.listmle_normalize", "false", "--tsdkd.term_balance", "grad_norm"], (False, 0, "grad_norm")),
+        (["--tsdkd.preset", "paper", "--tsdkd.term_balance", "none"], (False, 0, "none")),
+    ],
+)
+def test_remedy_flags(flags, expected):
+    got = config(*flags)
+    assert (got.listmle_normalize, got.weight_warmup_steps, got.term_balance) == expected
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--tsdkd.term_balance", "gradnorm"],
+            "--tsdkd.term_balance must be one of ('none', 'grad_norm'), got 'gradnorm'",
+        ),
+        (["--tsdkd.weight_warmup_steps", "-2"], "--tsdkd.weight_warmup_steps must be an integer >= 0"),
+        (
+            ["--tsdkd.listmle_normalize", "maybe"],
+            "argument --tsdkd.listmle_normalize: expected true or false, got 'maybe'",
+        ),
+    ],
+)
+def test_bad_remedy_flags_are_refused_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        config(*flags)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_balance_flag_lists_its_choices_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "--tsdkd.term_balance {none,grad_norm}" in " ".join(capsys.readouterr().out.split())

@@ -226,3 +226,25 @@ def plain_loss():
         return loss.detach(), metrics, student.grad
 
     return run
+
+
+@pytest.fixture
+def sparse_vs_dense():
+    """sparse_vs_dense(batch, cfg) -> (metrics with the dense teacher logits, metrics with the sparse
+    signals built from them at K = cfg.sparse_top_k and the student's top-k candidates) of tsdkd_loss
+    on a make_batch batch (group size 2); with K = the vocabulary both describe the same teacher."""
+    from tsdkd_plugin.objective import TeacherSignals, teacher_signals_from_logits, tsdkd_loss
+
+    def run(batch, cfg):
+        shared = batch["shared"]
+        candidates = torch.topk(torch.log_softmax(batch["student"][..., :shared], -1), cfg.num_candidates).indices
+        sparse = teacher_signals_from_logits(
+            batch["teacher"], cfg, mask=batch["mask"], shared_vocab_size=shared, candidate_ids=candidates,
+            sampled_ids=batch["sampled"],
+        )  # fmt: skip
+        kwargs = dict(shared_vocab_size=shared, sampled_ids=batch["sampled"], group_size=2)
+        _, dense = tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, **kwargs)
+        _, got = tsdkd_loss(batch["student"], sparse, batch["mask"], cfg, **kwargs)
+        return dense, got
+
+    return run

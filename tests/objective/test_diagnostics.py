@@ -12,7 +12,6 @@ from tsdkd_plugin.objective import (
     METRIC_KEYS,
     TeacherSignals,
     TSDKDConfig,
-    teacher_signals_from_logits,
     tsdkd_loss,
     tsdkd_loss_fused,
 )
@@ -99,17 +98,10 @@ def test_diagnostics_cost_nothing_to_the_result(make_batch, plain_loss):
     assert {k: results[1][1][k] for k in METRIC_KEYS} == results[0][1]
 
 
-def test_sparse_diagnostics_with_the_whole_vocabulary_equal_dense(make_batch):
+def test_sparse_diagnostics_with_the_whole_vocabulary_equal_dense(make_batch, sparse_vs_dense):
     batch = make_batch(4, 6, 20, seed=4)
     cfg = TSDKDConfig(num_candidates=3, sparse_top_k=20, indirect_level="both", diagnostics=True)
-    candidates = torch.topk(torch.log_softmax(batch["student"], -1), 3).indices
-    sparse = teacher_signals_from_logits(
-        batch["teacher"], cfg, mask=batch["mask"], shared_vocab_size=20, candidate_ids=candidates,
-        sampled_ids=batch["sampled"],
-    )  # fmt: skip
-    kwargs = dict(shared_vocab_size=20, sampled_ids=batch["sampled"], group_size=2)
-    _, dense = tsdkd_loss(batch["student"], TeacherSignals(logits=batch["teacher"]), batch["mask"], cfg, **kwargs)
-    _, got = tsdkd_loss(batch["student"], sparse, batch["mask"], cfg, **kwargs)
+    dense, got = sparse_vs_dense(batch, cfg)
     for key in DIAGNOSTIC_KEYS:  # sparse fields travel as float32
         assert got[key] == pytest.approx(dense[key], rel=1e-5, abs=1e-7), key
 

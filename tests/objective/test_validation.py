@@ -43,6 +43,14 @@ from tsdkd_plugin.objective import (
         ("num_candidates", True, "num_candidates must be an integer >= 1"),
         ("chunk_size", 0, "chunk_size must be an integer >= 1"),
         ("sparse_top_k", -3, "sparse_top_k must be an integer >= 1"),
+        ("diagnostics", 1, "diagnostics must be True or False"),
+        ("listmle_normalize", "yes", "listmle_normalize must be True or False"),
+        ("listmle_normalize", None, "listmle_normalize must be True or False"),
+        ("weight_warmup_steps", -1, r"weight_warmup_steps must be an integer >= 0 \(optimizer steps; 0 = no warm-up\)"),
+        ("weight_warmup_steps", 2.0, "weight_warmup_steps must be an integer >= 0"),
+        ("weight_warmup_steps", True, "weight_warmup_steps must be an integer >= 0"),
+        ("term_balance", "gradnorm", r"term_balance must be one of \('none', 'grad_norm'\), got 'gradnorm'"),
+        ("term_balance", None, "term_balance must be one of"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):
@@ -56,6 +64,8 @@ def test_config_defaults_match_the_paper():
     assert (cfg.entropy_weight, cfg.indirect_weight, cfg.entropy_top_fraction) == (1.0, 0.1, 0.9)
     assert (cfg.gate, cfg.listmle_form, cfg.indirect_level) == ("soft", "suffix", "token")
     assert cfg.token_level_on and not cfg.sequence_level_on
+    # The remedies (docs/objective.md) are deviations from the paper: all off.
+    assert (cfg.listmle_normalize, cfg.weight_warmup_steps, cfg.term_balance) == (False, 0, "none")
 
 
 @pytest.fixture

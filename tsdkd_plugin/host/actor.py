@@ -60,6 +60,7 @@ from tsdkd_plugin.host.student_step import (
     StudentForward,
     StudentOutputs,
     in_vocab_action_mask,
+    objective_at_step,
     student_objective,
     student_top_k,
 )
@@ -161,6 +162,12 @@ class TSDKDActorTrainer(ActorPPOTrainer):
             return contextlib.nullcontext(None)
         return output_embedding(self.actor, self.args.ds.zero_stage)
 
+    def optimizer_steps_taken(self) -> int:
+        """Optimizer steps the student has taken before this micro-batch's (0 throughout the first
+        step's gradient accumulation): DeepSpeed's own counter, `global_steps`, which each checkpoint
+        saves and a resume (`--ckpt.load_enable`) restores, so a resumed run continues it."""
+        return int(self.actor.model.global_steps)
+
     @torch.no_grad()
     def student_top_k(self, sequences, attention_mask, num_actions) -> torch.Tensor:
         """[B, A, k]: the student's top-k shared token ids at every response position."""
@@ -192,12 +199,14 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         loss_mask = in_vocab_action_mask(sequences, action_mask, self.shared_vocab_size)
         poisoned = inject_nonfinite_teacher()  # test-only fault hook (host/faults.py); False normally
         group_size = self.run.ranking_group_size
+        # The extra terms' weights at this optimizer step (--tsdkd.weight_warmup_steps; the run's own otherwise).
+        objective, step_metrics = objective_at_step(self.run.objective, self.optimizer_steps_taken())
         nonfinite_reason = None
         try:
             with self.teacher.signals(micro_batch) as teacher, self._output_weight() as output_weight:
                 loss, terms = student_objective(
                     student, output_weight, poison_teacher(teacher) if poisoned else teacher, loss_mask,
-                    self.run.objective,
+                    objective,
                     shared_vocab_size=self.shared_vocab_size,
                     sampled_ids=sequences[:, -num_actions:].masked_fill(~loss_mask, 0),
                     group_size=group_size if group_size > 1 else None,
@@ -213,7 +222,8 @@ class TSDKDActorTrainer(ActorPPOTrainer):
         skipped = self.nonfinite_guard.record(any_rank_nonfinite, nonfinite_reason or "on another rank")
         if skipped:
             loss = zero_surrogate(student.graph_tensor)  # gradient exactly 0; one backward per micro-batch as usual
-            terms = dict.fromkeys(metric_keys(self.run.objective), 0.0)  # same keys as a normal step; 0 = skipped
+            terms = dict.fromkeys(metric_keys(objective), 0.0)  # same keys as a normal step; 0 = skipped
+        terms.update(step_metrics)
         terms["out_of_vocab_fraction"] = float((action_mask.bool() & ~loss_mask).sum().item()) / max(
             float(action_mask.sum().item()), 1.0
         )

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 from tsdkd_plugin.host.run_config import RunConfig, TeacherConfig
 from tsdkd_plugin.objective import PRESETS, TSDKDConfig
-from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_FORMS, REDUCTIONS
+from tsdkd_plugin.objective.config import GATE_KINDS, INDIRECT_LEVELS, LISTMLE_FORMS, REDUCTIONS, TERM_BALANCES
 
 # TSDKDConfig's names are plain `str` fields checked against these tuples (its module is torch-only).
 OBJECTIVE_CHOICES = {
@@ -31,6 +31,7 @@ OBJECTIVE_CHOICES = {
     "listmle_form": LISTMLE_FORMS,
     "direct_reduction": REDUCTIONS,
     "entropy_reduction": REDUCTIONS,
+    "term_balance": TERM_BALANCES,
 }
 
 # Upstream flags whose train_ppo_ray default would be wrong for distillation.

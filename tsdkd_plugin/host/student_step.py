@@ -196,6 +196,17 @@ class StudentForward:
         return StudentOutputs(hidden=action_positions(captured.hidden, num_actions), head=self.head)
 
 
+def objective_at_step(config: TSDKDConfig, optimizer_step: int) -> tuple[TSDKDConfig, dict[str, float]]:
+    """The objective for a micro-batch of optimizer step `optimizer_step` (0 for the first): the run's
+    config with its extra terms' weights warmed up (`TSDKDConfig.at_step`, --tsdkd.weight_warmup_steps),
+    and what to log about it: {"weight_warmup_factor": min(1, step / N)} when the warm-up is on, else
+    nothing (so the logged keys are the same at every step of a run)."""
+    step_config = config.at_step(optimizer_step)
+    if config.weight_warmup_steps == 0:
+        return step_config, {}
+    return step_config, {"weight_warmup_factor": config.warmup_factor(optimizer_step)}
+
+
 def student_objective(
     student: StudentOutputs,
     output_weight: torch.Tensor | None,

@@ -19,7 +19,7 @@ Modules, one concern each:
 
 from .chunking import IDENTITY_HEAD, OutputHead
 from .config import PRESETS, TSDKDConfig
-from .engine import DIAGNOSTIC_KEYS, METRIC_KEYS, metric_keys
+from .engine import BALANCE_KEYS, DIAGNOSTIC_KEYS, METRIC_KEYS, metric_keys
 from .entropy import entropy_selection
 from .errors import NonFiniteInputError
 from .listmle import listmle, listmle_value_and_grad, opener_mask, sequence_listmle
@@ -28,6 +28,7 @@ from .selective_jsd import entropy_gate, generalized_jsd_dense, generalized_jsd_
 from .transport import TeacherSignals, check_shared_vocab, teacher_signals_from_hidden, teacher_signals_from_logits
 
 __all__ = [
+    "BALANCE_KEYS",
     "DIAGNOSTIC_KEYS",
     "IDENTITY_HEAD",
     "OutputHead",

@@ -9,12 +9,15 @@ checked when the loss is called.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 GATE_KINDS = ("soft", "hard", "none")
 INDIRECT_LEVELS = ("token", "sequence", "both")
 LISTMLE_FORMS = ("suffix", "prefix")
 REDUCTIONS = ("micro_batch", "response")
+TERM_BALANCES = ("none", "grad_norm")
+# The weights of the terms besides the direct one: what weight_warmup_steps and term_balance scale.
+EXTRA_WEIGHT_FIELDS = ("entropy_weight", "indirect_weight", "sequence_weight")
 
 
 def _is_int(value) -> bool:
@@ -85,6 +88,12 @@ class TSDKDConfig:
     "prefix": the reference code's bug (log-sum-exp over j <= i), which rewards the
     reversed order; kept only to reproduce the reference for an ablation."""
 
+    listmle_normalize: bool = False
+    """Remedy, off by default (a deviation from the paper; docs/objective.md): divide the token-level
+    ListMLE (per opener token) by log(k!) and the sequence-level one by log(n!), n the group size --
+    each list's value at equal scores, so a term is about 1 when the student knows nothing (the
+    divisor is 1 where that log is 0). Its gradient is scaled the same way."""
+
     # ---- entropy regularization ------------------------------------------------
     entropy_weight: float = 1.0
     """lambda_ent >= 0: weight of L_ent, the mean student entropy over the most
@@ -118,6 +127,21 @@ class TSDKDConfig:
     response token (TeacherSignals.to_wire) with L_dir within 1.5% of the dense value on peaked
     teachers; flat teachers need the dense transport or K >= 256 (docs/objective.md)."""
 
+    # ---- remedies: opt-in deviations from the paper (docs/objective.md, "Remedies") ---------------
+    weight_warmup_steps: int = 0
+    """Remedy, off by default: N >= 0 optimizer steps over which the extra terms' weights
+    (entropy_weight, indirect_weight, sequence_weight; not direct_weight) rise linearly from 0:
+    at optimizer step s (0 for the first) they are multiplied by min(1, s / N). 0 = no warm-up.
+    The actor applies it per step (TSDKDConfig.at_step)."""
+
+    term_balance: str = "none"
+    """Remedy, off by default: "none" (the paper), or "grad_norm": per micro-batch, each extra term's
+    weight w is replaced by w * G_dir / G, G_dir the gradient norm at the student logits of the
+    weighted direct term and G that of the unweighted extra term (stop-gradient), so w becomes the
+    ratio of the two terms' gradient norms. A term keeps its weight when G or G_dir is 0 or the
+    direct term is off. Costs a measurement before the real passes: two more passes over the
+    student's (and a dense teacher's) logits without gradients (diagnostics cost one)."""
+
     def __post_init__(self) -> None:
         for name in ("direct_weight", "indirect_weight", "sequence_weight", "entropy_weight"):
             value = getattr(self, name)
@@ -144,8 +168,16 @@ class TSDKDConfig:
                 raise ValueError(f"TSDKDConfig.{name} must be one of {REDUCTIONS}, got {getattr(self, name)!r}")
         if self.listmle_form not in LISTMLE_FORMS:
             raise ValueError(f"TSDKDConfig.listmle_form must be one of {LISTMLE_FORMS}, got {self.listmle_form!r}")
-        if not isinstance(self.diagnostics, bool):
-            raise ValueError(f"TSDKDConfig.diagnostics must be True or False, got {self.diagnostics!r}")
+        for name in ("diagnostics", "listmle_normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TSDKDConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if not _is_int(self.weight_warmup_steps) or self.weight_warmup_steps < 0:
+            raise ValueError(
+                "TSDKDConfig.weight_warmup_steps must be an integer >= 0 (optimizer steps; 0 = no warm-up), "
+                f"got {self.weight_warmup_steps!r}"
+            )
+        if self.term_balance not in TERM_BALANCES:
+            raise ValueError(f"TSDKDConfig.term_balance must be one of {TERM_BALANCES}, got {self.term_balance!r}")
         for name in ("num_candidates", "chunk_size", "sparse_top_k"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -167,6 +199,27 @@ class TSDKDConfig:
     @property
     def sequence_level_on(self) -> bool:
         return self.indirect_level in ("sequence", "both") and self.sequence_weight > 0
+
+    # ---- weight warm-up -----------------------------------------------------------
+    def warmup_factor(self, step: int) -> float:
+        """min(1, step / weight_warmup_steps) (1 without warm-up): what the extra terms' weights are
+        multiplied by at optimizer step `step` (0 for the first optimizer step)."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"TSDKDConfig.at_step: step must be an integer >= 0 (optimizer steps taken), got {step!r}")
+        if self.weight_warmup_steps == 0:
+            return 1.0
+        return min(1.0, step / self.weight_warmup_steps)
+
+    def at_step(self, step: int) -> TSDKDConfig:
+        """The config in effect at optimizer step `step` (0 for the first): the extra terms' weights
+        (EXTRA_WEIGHT_FIELDS; never direct_weight) times warmup_factor(step). Itself when there is no
+        warm-up or it is over; otherwise a copy with the scaled weights and weight_warmup_steps = 0,
+        so applying at_step to the result again changes nothing."""
+        factor = self.warmup_factor(step)
+        if factor == 1.0:
+            return self
+        scaled = {name: getattr(self, name) * factor for name in EXTRA_WEIGHT_FIELDS}
+        return replace(self, weight_warmup_steps=0, **scaled)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -27,6 +27,11 @@ a correction pass recomputes only those tokens' logits:
   the gradient of L_seq w.r.t. them is taken on a [B] tensor, and the correction
   pass adds coef_t * d log q_t(y_t) / dz_t (the surrogate coef_t * log q_t(y_t)).
 
+With TSDKDConfig.term_balance = "grad_norm" (an opt-in remedy, docs/objective.md) the computation
+above is preceded by a measurement without gradients: the main pass and the selections, then the
+diagnostics' pass of exact per-term gradients (`_gradient_sums`); the norms it finds set the extra
+terms' weights for the real passes.
+
 This module keeps only what is common: the valid tokens, each chunk's student and
 teacher rows, the chunk loop, the per-sequence opener, the correction pass and the
 metrics that belong to no term. All math is in float32 (float64 if the inputs are
@@ -36,12 +41,12 @@ float64), whatever the input dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .chunking import ChunkRows
-from .config import TSDKDConfig
+from .config import EXTRA_WEIGHT_FIELDS, TSDKDConfig
 from .entropy import entropy_from_logprobs
 from .errors import NonFiniteInputError
 from .listmle import opener_mask
@@ -81,9 +86,23 @@ DIAGNOSTIC_KEYS = (
 )
 
 
+# Returned besides METRIC_KEYS only with TSDKDConfig.term_balance = "grad_norm": the factor G_dir / G
+# each extra term's weight was multiplied by in this micro-batch (1 when unchanged, e.g. a term that
+# is off).
+BALANCE_KEYS = (
+    "balance_scale_entropy",
+    "balance_scale_indirect_token",
+    "balance_scale_indirect_sequence",
+)
+# The terms term_balance rescales: every term but the direct one (the same order as BALANCE_KEYS).
+BALANCED_TERMS = tuple(term for term in TERM_ORDER if term.weight_field in EXTRA_WEIGHT_FIELDS)
+
+
 def metric_keys(config: TSDKDConfig) -> tuple[str, ...]:
-    """The metric names the objective returns under `config` (diagnostics only when asked for)."""
-    return METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+    """The metric names the objective returns under `config` (diagnostics and balance scales only
+    when asked for)."""
+    keys = METRIC_KEYS + DIAGNOSTIC_KEYS if config.diagnostics else METRIC_KEYS
+    return keys + BALANCE_KEYS if config.term_balance == "grad_norm" else keys
 
 
 @dataclass
@@ -149,9 +168,19 @@ class Batch:
     dtype: torch.dtype  # compute dtype
     need_grad: bool
     chunk_size: int
+    measuring: bool = False  # a term_balance measurement: no gradient, exact gradients kept
     student_entropy: torch.Tensor | None = None  # [N], filled by the main pass
     teacher_entropy: torch.Tensor | None = None  # [N], when known
     opener: torch.Tensor | None = None  # [N] bool, set after the main pass
+
+    def fresh(self, **changes) -> Batch:
+        """The same micro-batch with `changes` (e.g. another config), before any pass."""
+        return replace(self, student_entropy=None, teacher_entropy=None, opener=None, **changes)
+
+    @property
+    def exact_grads(self) -> bool:
+        """Whether the terms keep what `Term.exact_grad` needs (diagnostics, or measuring)."""
+        return self.config.diagnostics or self.measuring
 
     @property
     def num(self) -> int:
@@ -272,13 +301,50 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
     """Value of the objective; its gradient is accumulated into `student` as a side effect.
 
     student: StudentLogits or StudentHidden. Returns (loss 0-dim tensor, metrics)."""
-    num, dtype, tau, device = batch.num, batch.dtype, batch.tau, batch.device
-    config, teacher = batch.config, batch.teacher
+    config = batch.config
     keys = metric_keys(config)
-    if num == 0:
-        return batch.zero, dict.fromkeys(keys, 0.0)
+    if batch.num == 0:
+        return batch.zero, {key: 1.0 if key in BALANCE_KEYS else 0.0 for key in keys}
+    work = _Workspace(batch.chunk_size, shared, batch.dtype, batch.device)
+    balance = None
+    if config.term_balance == "grad_norm":
+        balance = _balance_scales(student, batch, work)
+        scaled = {term.weight_field: getattr(config, term.weight_field) * scale for term, scale in balance.items()}
+        batch = batch.fresh(config=replace(config, **scaled))
+    terms, values, num_corrected = _passes(student, batch, work)
+
+    # L = w_dir*L_dir + lambda_ent*L_ent + alpha*L_ind + alpha_seq*L_seq, in this order (a term
+    # that is off contributes weight * 0).
+    weighted = [getattr(batch.config, term.weight_field) * values.get(term, batch.zero) for term in TERM_ORDER]
+    total = weighted[0] + weighted[1] + weighted[2] + weighted[3]
+
+    # ---------------- metrics (one device sync) ----------------
+    stats = dict.fromkeys(METRIC_KEYS, batch.zero)
+    for term in terms:
+        stats[term.loss_key] = values[type(term)]
+        stats.update(term.metrics())
+    stats.update(_common_metrics(batch, num_corrected))
+    stats["loss"] = total
+    if config.diagnostics:
+        stats.update(_diagnostics(student, batch, terms, work))
+    if balance is not None:
+        stats.update({f"balance_scale_{term.name}": batch.zero + balance.get(term, 1.0) for term in BALANCED_TERMS})
+    packed = torch.stack([stats[key].reshape(()).to(batch.dtype) for key in keys]).tolist()
+    metrics = dict(zip(keys, (float(v) for v in packed), strict=True))
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteInputError(
+            "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
+            "-inf while K < vocabulary); check the teacher signals"
+        )
+    return total, metrics
+
+
+def _passes(student, batch: Batch, work: _Workspace) -> tuple[list[Term], dict[type, torch.Tensor], int]:
+    """The main pass, the whole-batch selections, each term's finish and (with gradients) the
+    correction pass. Returns (the active terms, their unweighted values, tokens corrected)."""
+    num, tau, device = batch.num, batch.tau, batch.device
+    config, teacher = batch.config, batch.teacher
     terms: list[Term] = [term(batch) for term in active_terms(config)]
-    work = _Workspace(batch.chunk_size, shared, dtype, device)
     need_teacher_rows = batch.dense and any(term.uses_teacher_rows(teacher) for term in terms)
     main_pass_grad = batch.need_grad and any(term.dense_grad for term in terms)  # decided in their set-up
     batch.student_entropy = batch.per_token()
@@ -327,29 +393,7 @@ def evaluate(student, batch: Batch, shared: int) -> tuple[torch.Tensor, dict[str
         for term in corrections:
             term.correct(chunk, rows)
         student.add_grad(rows, chunk.grad, chunk.student_rows(tau))
-
-    # L = w_dir*L_dir + lambda_ent*L_ent + alpha*L_ind + alpha_seq*L_seq, in this order (a term
-    # that is off contributes weight * 0).
-    weighted = [getattr(config, term.weight_field) * values.get(term, batch.zero) for term in TERM_ORDER]
-    total = weighted[0] + weighted[1] + weighted[2] + weighted[3]
-
-    # ---------------- metrics (one device sync) ----------------
-    stats = dict.fromkeys(METRIC_KEYS, batch.zero)
-    for term in terms:
-        stats[term.loss_key] = values[type(term)]
-        stats.update(term.metrics())
-    stats.update(_common_metrics(batch, fix_index.numel()))
-    stats["loss"] = total
-    if config.diagnostics:
-        stats.update(_diagnostics(student, batch, terms, work))
-    packed = torch.stack([stats[key].reshape(()).to(dtype) for key in keys]).tolist()
-    metrics = dict(zip(keys, (float(v) for v in packed), strict=True))
-    if not math.isfinite(metrics["loss"]):
-        raise NonFiniteInputError(
-            "TSD-KD loss is not finite although every input is finite (e.g. sparse signals whose tail_logprob is "
-            "-inf while K < vocabulary); check the teacher signals"
-        )
-    return total, metrics
+    return terms, values, fix_index.numel()
 
 
 def _common_metrics(batch: Batch, num_corrected: int) -> dict[str, torch.Tensor]:
@@ -369,14 +413,41 @@ def _common_metrics(batch: Batch, num_corrected: int) -> dict[str, torch.Tensor]
     }
 
 
-def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> dict[str, torch.Tensor]:
+def _balance_scales(student, batch: Batch, work: _Workspace) -> dict[type[Term], float]:
+    """term_balance="grad_norm": {extra term: G_dir / G_t} for the active extra terms, G_dir the norm
+    of the weighted direct term's gradient at the student's logits and G_t that of the unweighted
+    term t (1 where G_t or G_dir is 0, or the ratio is not finite; empty when the direct term is off).
+
+    A measurement before the real pass, with no gradient: the main pass and the selections (what the
+    terms' gradients depend on), then the diagnostics' pass of exact gradients, with the extra terms
+    at weight 1."""
+    config = batch.config
+    extra = [term for term in active_terms(config) if term in BALANCED_TERMS]
+    if not config.direct_on or not extra:
+        return {}
+    unit = replace(config, **{term.weight_field: 1.0 for term in extra})
+    probe = batch.fresh(config=unit, need_grad=False, measuring=True)
+    terms, _, _ = _passes(student, probe, work)
+    squares, _ = _gradient_sums(student, probe, terms, work)
+    norms = dict(zip(squares, torch.stack(list(squares.values())).sqrt().tolist(), strict=True))  # one sync
+    scales = {}
+    for term in extra:
+        ratio = norms["direct"] / norms[term.name] if norms[term.name] > 0 else 1.0
+        scales[term] = ratio if 0 < ratio < math.inf else 1.0
+    return scales
+
+
+def _gradient_sums(
+    student, batch: Batch, terms: list[Term], work: _Workspace, *, diagnostics: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One more pass over the student's (and a dense teacher's) rows: every term's exact gradient
-    w.r.t. the logits, chunk by chunk, reduced to norms and dot products with the direct term's;
-    and the teacher's probability mass on the student's top-k candidates at opener tokens."""
+    w.r.t. the logits (as it enters L), chunk by chunk. Returns ({term name: squared norm},
+    {term name: dot product with the direct term's gradient, and under "candidate_mass" the sum
+    over opener tokens of the teacher's mass on the student's candidates}); the second only with
+    `diagnostics`, else empty."""
     teacher, tau = batch.teacher, batch.tau
-    stats = {key: batch.zero for key in DIAGNOSTIC_KEYS}
     squares = {term.name: batch.zero for term in terms}
-    dots = {term.name: batch.zero for term in terms}
+    dots = {term.name: batch.zero for term in terms} if diagnostics else {}
     direct = next((term for term in terms if term.name == "direct"), None)
     candidate_mass = batch.zero
     for index in batch.chunks(batch.num):
@@ -397,16 +468,29 @@ def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> 
             grad = work.get("diagnostic", chunk.rows)
             term.exact_grad(chunk, grad)
             squares[term.name] = squares[term.name] + torch.mul(grad, grad, out=chunk.scratch).sum()
-            if reference is not None:
+            if diagnostics and reference is not None:
                 dots[term.name] = dots[term.name] + torch.mul(grad, reference, out=chunk.scratch).sum()
-        candidate_mass = candidate_mass + _teacher_candidate_mass(chunk, batch)
+        if diagnostics:
+            candidate_mass = candidate_mass + _teacher_candidate_mass(chunk, batch)
+    if diagnostics:
+        dots["candidate_mass"] = candidate_mass
+    return squares, dots
+
+
+def _diagnostics(student, batch: Batch, terms: list[Term], work: _Workspace) -> dict[str, torch.Tensor]:
+    """Every term's gradient norm w.r.t. the logits and its cosine with the direct term's (one more
+    pass, `_gradient_sums`); and the teacher's probability mass on the student's top-k candidates
+    at opener tokens."""
+    stats = {key: batch.zero for key in DIAGNOSTIC_KEYS}
+    squares, dots = _gradient_sums(student, batch, terms, work, diagnostics=True)
+    direct_on = "direct" in squares
     for term in terms:
         stats[f"diag_grad_norm_{term.name}"] = squares[term.name].sqrt()
-        if term is not direct and direct is not None:
+        if term.name != "direct" and direct_on:
             norms = squares[term.name].sqrt() * squares["direct"].sqrt()
             stats[f"diag_grad_cos_{term.name}_direct"] = torch.where(norms > 0, dots[term.name] / norms, 0.0)
     num_open = batch.opener.sum()
-    stats["diag_teacher_mass_on_candidates"] = candidate_mass / num_open.clamp_min(1)
+    stats["diag_teacher_mass_on_candidates"] = dots["candidate_mass"] / num_open.clamp_min(1)
     return stats
 
 

@@ -23,6 +23,8 @@ from autograd on those.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import LISTMLE_FORMS
@@ -49,6 +51,14 @@ def listmle(scores_in_order: torch.Tensor, form: str = "suffix", valid: torch.Te
     if valid is not None:
         terms = torch.where(valid, terms, torch.zeros_like(terms))
     return -terms.sum(-1)
+
+
+def listmle_normalizer(num_items: int) -> float:
+    """log(n!): the (suffix) ListMLE of n items whose scores are all equal, i.e. its value when the
+    scores carry no knowledge of the order; 1 where that is 0 (n <= 1). TSDKDConfig.listmle_normalize
+    divides the ListMLE terms by it."""
+    value = math.lgamma(num_items + 1)
+    return value if value > 0 else 1.0
 
 
 def teacher_order(teacher_scores: torch.Tensor) -> torch.Tensor:

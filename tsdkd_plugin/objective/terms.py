@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .entropy import add_entropy_grad_, entropy_from_logprobs, entropy_selection, expected_selected_count
-from .listmle import add_logprob_grad_, listmle_value_and_grad, sequence_listmle
+from .listmle import add_logprob_grad_, listmle_normalizer, listmle_value_and_grad, sequence_listmle
 from .selective_jsd import entropy_gate, gate_selected, generalized_jsd_dense, generalized_jsd_partition
 
 
@@ -57,6 +57,12 @@ class Term:
 
     def exact_grad(self, chunk, out: torch.Tensor) -> None:
         raise NotImplementedError
+
+
+def listmle_divisor(config, num_items: int) -> float:
+    """What a ListMLE over lists of `num_items` is divided by: log(n!) with
+    TSDKDConfig.listmle_normalize (its value at equal scores), else 1 (the paper)."""
+    return listmle_normalizer(num_items) if config.listmle_normalize else 1.0
 
 
 class DirectTerm(Term):
@@ -267,9 +273,10 @@ class TokenRankingTerm(Term):
         batch, config = self.batch, self.batch.config
         open_index = batch.opener.nonzero().squeeze(1)
         num_open = open_index.numel()
-        scale = config.indirect_weight / num_open / batch.tau
+        divisor = listmle_divisor(config, config.num_candidates)
+        scale = config.indirect_weight / num_open / batch.tau / divisor
         total = batch.zero
-        self.logit_grad = torch.zeros_like(self.student_scores) if config.diagnostics else None  # [N, k]
+        self.logit_grad = torch.zeros_like(self.student_scores) if batch.exact_grads else None  # [N, k]
         for part in batch.chunks(num_open):
             rows = open_index[part]
             values, grad = listmle_value_and_grad(
@@ -280,7 +287,7 @@ class TokenRankingTerm(Term):
                 student.add_sparse_grad(rows, self.ids[rows], grad * scale)
             if self.logit_grad is not None:
                 self.logit_grad[rows] = grad * scale
-        return total / num_open
+        return total / num_open / divisor
 
     def exact_grad(self, chunk, out: torch.Tensor) -> None:
         out.zero_()
@@ -324,9 +331,10 @@ class SequenceRankingTerm(Term):
         loss, score_grad, _ = sequence_listmle(
             student_scores, teacher_scores, lengths > 0, batch.group_size, batch.config.listmle_form
         )
-        per_token_grad = score_grad / lengths.clamp_min(1).to(batch.dtype)
+        divisor = listmle_divisor(batch.config, batch.group_size)
+        per_token_grad = score_grad / lengths.clamp_min(1).to(batch.dtype) / divisor
         self.correction = per_token_grad[batch.tokens.sequence] * (batch.config.sequence_weight / batch.tau)
-        return loss
+        return loss / divisor
 
     def correct(self, chunk, rows: torch.Tensor) -> None:
         add_logprob_grad_(chunk.grad_to_add(), chunk.q, self.batch.sampled_ids[rows], self.correction[rows])
