@@ -13,7 +13,7 @@ from tsdkd_plugin.experiments.evaluate import teacher_scores
 from tsdkd_plugin.experiments.flags import distill_flags, grpo_flags, tsdkd_flags
 from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, parse_methods, ranked_pairs
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED
-from tsdkd_plugin.experiments.report import write_comparison_report
+from tsdkd_plugin.experiments.report import remedies_markdown, write_comparison_report
 from tsdkd_plugin.experiments.runner import JobError
 from tsdkd_plugin.objective import PRESETS
 
@@ -384,3 +384,52 @@ def test_restore_refuses_runs_that_started_from_other_models(tmp_path):
     assert not (tmp_path / "paper-like" / "results").exists()
     with pytest.raises(JobError, match="--restore-from: no such file"):
         comparison.restore_runs(state, tmp_path / "missing.json")
+
+
+def test_remedies_are_opt_in_options_on_top_of_the_paper_preset():
+    remedies = {m.name: m for m in METHODS.values() if m.group == "remedy"}
+    assert set(parse_methods("remedies")) == set(remedies) and len(remedies) == 3
+    assert {m.derived_from for m in remedies.values()} == {"tsdkd-paper"}
+    tuned = {"lr": 3e-5, "entropy_weight": 0.1}
+    assert METHODS["tsdkd-grad-balanced"].objective_for(tuned) == {
+        "preset": "paper",
+        "entropy_weight": 0.1,
+        "term_balance": "grad_norm",
+    }
+    assert set(parse_methods("ablations")) == {m.name for m in METHODS.values() if m.group == "ablation"}
+    assert {"tsdkd-hard-gate", "tsdkd-sequence", "tsdkd-prefix"} <= set(parse_methods("ablations"))
+
+
+@pytest.mark.parametrize(
+    "outcome, to_test",
+    [(0.75, True), (0.736, False), (0.70, False), (None, False)],
+    ids=["beats", "ties", "worse", "failed"],
+)
+def test_a_remedy_reaches_the_test_split_only_by_beating_its_parent_on_validation(
+    outcome, to_test, tmp_path, monkeypatch
+):
+    calls = []
+
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        calls.append((stage, method, dict(settings), seed, split))
+        return None if outcome is None else {"evaluation": {"accuracy": outcome}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    parent = {"chosen": {"lr": 3e-5, "entropy_weight": 0.1}, "chosen_val_accuracy": 0.736}
+    state = _state(tmp_path, "paper-like")
+    result = comparison.try_remedy(state, None, "tsdkd-listmle-normalized", parent)
+    assert calls == [("tune", "tsdkd-listmle-normalized", parent["chosen"], TUNING_SEED, "val")]
+    assert result["to_test"] is to_test and result["failed"] is (outcome is None)
+    regime = comparison.REGIMES["paper-like"]
+    tuning = {"tsdkd-paper": parent}
+    remedies = {"tsdkd-listmle-normalized": result}
+    assert comparison.goes_to_test("tsdkd-listmle-normalized", regime, tuning, remedies) is to_test
+    assert comparison.goes_to_test("tsdkd-grad-balanced", regime, tuning, remedies) is False  # never tried
+    assert comparison.goes_to_test("tsdkd-hard-gate", regime, tuning, remedies) is True  # an ablation
+    assert comparison.goes_to_test("tsdkd-hard-gate", comparison.REGIMES["weak-student"], tuning, remedies) is False
+
+    remedies_md = "\n".join(
+        remedies_markdown(remedies, {"methods_doc": {"tsdkd-paper": {"label": "TSD-KD (paper preset)"}}})
+    )
+    assert "one more validation trial of TSD-KD (paper preset) (1 in all)" in remedies_md
+    assert f"| {'yes' if to_test else 'no'} |" in remedies_md

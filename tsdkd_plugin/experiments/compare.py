@@ -13,8 +13,10 @@ for every method, then the same number of trials of each method's own hyperparam
 weak-student regime only the learning rate is tuned, the rest taken from the paper-like regime),
 then `--seeds` seeds of each method's chosen settings on the test split, reported with 95%
 confidence intervals and per-seed differences against GKD. Ablations take TSD-KD's (paper preset)
-chosen settings and switch one part off. Tuning runs keep evenly spaced checkpoints whose
-validation accuracy shows whether the budget is long enough (the curves in the report).
+chosen settings and switch one part off. Remedies (opt-in objective options) take the same settings,
+are tried on validation, and run on test only when they beat TSD-KD's chosen validation accuracy.
+Tuning runs keep evenly spaced checkpoints whose validation accuracy shows whether the budget is
+long enough (the curves in the report).
 
 Every finished run is a JSON file under <run-dir>/<regime>/results/ (what it ran, what it logged,
 its evaluation), so an interrupted comparison resumes where it stopped; the report in --out is
@@ -83,8 +85,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
         "--methods",
-        default="tuned,ablations",
-        help=f"comma-separated: {', '.join(METHODS)}; or {', '.join(METHOD_GROUPS)} (default tuned,ablations)",
+        default="tuned,ablations,remedies",
+        help=f"comma-separated: {', '.join(METHODS)}; or {', '.join(METHOD_GROUPS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--lr-grid",
