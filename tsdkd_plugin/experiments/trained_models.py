@@ -3,9 +3,10 @@ solutions, built once per recipe into the fixture cache and reused afterwards.
 
 The cache key hashes the whole recipe (base model directory, which itself encodes architecture,
 init seed and tokenizer; task, difficulty, data seed and size; the SFT recipe; dtype and ZeRO
-stage; library versions). A build happens in a temp directory renamed into place only when
-complete (`tsdkd_plugin.toy.cache.cached_build`); an existing entry is never retrained or
-overwritten. Every reuse checks the model's tokenizer against the toy tokenizer.
+stage; library versions; the kind of processor, which changes the trained weights). A build
+happens in a temp directory renamed into place only when complete
+(`tsdkd_plugin.toy.cache.cached_build`); an existing entry is never retrained or overwritten.
+Every reuse checks the model's tokenizer against the toy tokenizer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tsdkd_plugin.experiments.runner import (
     JobError,
     StepProgress,
     child_env,
+    hardware_kind,
     run_logged,
     upstream_command,
 )
@@ -54,6 +56,9 @@ def sft_cache_entry(recipe: SFTRecipe, difficulty: str, cache_dir: Path | None) 
         "param_dtype": "fp32",
         "zero_stage": 0,
         "format": SFT_CACHE_FORMAT,
+        # The same recipe trains other weights on another kind of processor (runner.hardware_kind), so a
+        # cache shared between machines never hands one machine's model to another.
+        "hardware": hardware_kind(),
     }
     return f"toy-sft-{recipe.role}", full_recipe
 
