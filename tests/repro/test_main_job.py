@@ -161,3 +161,45 @@ def test_command_past_its_limit_is_stopped(tmp_path):
 def test_successful_command_is_logged(tmp_path):
     result = run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log", desc="ok")
     assert result.returncode == 0 and "hello" in (tmp_path / "ok.log").read_text()
+
+
+def _comparison_file(tmp_path, teacher, student):
+    from dataclasses import asdict
+
+    budget = BUDGETS["paper-like"]
+    summary = {"gkd": {"accuracies": {"0": 0.75, "1": 0.76}, "mean": 0.755, "low": 0.70, "high": 0.81}}
+    data = {
+        "machine": {"cpu": "Intel(R) Xeon(R) Processor"},
+        "regimes": {
+            "paper-like": {
+                "budget": asdict(budget),
+                "references": {
+                    "teacher test greedy": {"accuracy": teacher},
+                    "student test greedy": {"accuracy": student},
+                },
+            }
+        },
+        "summaries": {"paper-like": summary},
+    }
+    path = tmp_path / "comparison.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_the_verdict_quotes_the_comparison_only_for_the_same_teacher_and_student(tmp_path):
+    results = {
+        "evaluations": {
+            "teacher": {"accuracy": 0.884},
+            "student (initial)": {"accuracy": 0.712},
+            "student (TSD-KD)": {"accuracy": 0.730},
+        }
+    }
+    budget = BUDGETS["paper-like"]
+    same = main_job.verdict_sentence(results, {"lr": 3e-5}, budget, _comparison_file(tmp_path, 0.884, 0.712))
+    assert same.startswith("TSD-KD took the student from 71.2% to 73.0% (+1.8 points, closing 10% of its gap")
+    assert "GKD reaches 75.5% [95% CI 70.0, 81.0] over 2 seeds" in same
+    # The same recipe built on another kind of processor: other models, so the comparison does not apply.
+    results["evaluations"]["teacher"]["accuracy"] = 0.808
+    other = main_job.verdict_sentence(results, {"lr": 3e-5}, budget, _comparison_file(tmp_path, 0.884, 0.712))
+    assert "GKD reaches" not in other
+    assert "started from other models (teacher 88.4%, initial student 71.2% on this test split, built on Intel" in other

@@ -164,6 +164,9 @@ def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, compar
         f"({100 * (distilled - initial):+.1f} points{closed})"
     )
     regime = _comparison_regime(comparison_json, budget)
+    other_models = _other_models(regime, teacher, initial) if regime else None
+    if other_models:
+        return f"{sentence}; {other_models}."
     summaries = (regime or {}).get("summary", {})
     gkd, tsdkd = summaries.get("gkd"), summaries.get(MAIN_JOB_METHOD)
     if not gkd:
@@ -186,6 +189,23 @@ def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, compar
     return sentence + "."
 
 
+def _other_models(regime: Mapping, teacher: float, initial: float) -> str | None:
+    """Why the comparison's numbers are not about this job's models (its teacher or initial student
+    scored otherwise on the same test split: the builds differ between kinds of processor), or None."""
+    refs = regime.get("references", {})
+    then_teacher = refs.get("teacher test greedy", {}).get("accuracy")
+    then_student = refs.get("student test greedy", {}).get("accuracy")
+    if then_teacher == teacher and then_student == initial:
+        return None
+    where = regime.get("machine_cpu") or "another machine"
+    return (
+        "the comparison in benchmarks/toy_results started from other models "
+        f"(teacher {100 * (then_teacher or 0):.1f}%, initial student {100 * (then_student or 0):.1f}% on this "
+        f"test split, built on {where}), so its GKD result "
+        "does not apply here; run python -m tsdkd_plugin.experiments.compare on this machine for one that does"
+    )
+
+
 def _comparison_regime(comparison_json: Path, budget: Budget) -> dict | None:
     """The comparison's regime named like this budget, with its per-method summary, if it used this
     very teacher, student and distillation budget; else None."""
@@ -201,7 +221,11 @@ def _comparison_regime(comparison_json: Path, budget: Budget) -> dict | None:
     this_distill = {k: v for k, v in asdict(budget.distill).items() if k != "lr"}
     if not same or used_distill != this_distill:
         return None
-    return {**regime, "summary": data.get("summaries", {}).get(budget.name, {})}
+    return {
+        **regime,
+        "summary": data.get("summaries", {}).get(budget.name, {}),
+        "machine_cpu": data.get("machine", {}).get("cpu"),
+    }
 
 
 def print_summary(results: Mapping) -> None:
