@@ -105,10 +105,14 @@ def test_float32_matches_float64_for_every_chunk_size(path, config_name, kind):
         assert abs(loss32 - loss64) <= 1e-5 * abs(loss64), f"chunk {chunk}: loss {loss32} vs float64 {loss64}"
         error = max_normalised(grad32, grad64)
         assert error <= 1e-4, f"chunk {chunk}: gradient off by {error:.1e} (max-normalised)"
-    # Chunking changes nothing beyond float32 rounding.
+    # Chunking changes nothing beyond float32 rounding. The fused path makes each chunk's logits
+    # (hidden @ W) itself, and how a BLAS kernel blocks a matmul of another shape depends on the CPU:
+    # the saturated JSD ("independent") differed by 1.16e-5 between chunk sizes on an AMD EPYC, by
+    # less than 1e-5 on an Intel Xeon. Issue 12's bug made percent-level differences.
+    chunk_bound = 3e-5 if path == "fused" else 1e-5
     first_loss, first_grad = results[CHUNK_SIZES[0]]
     for chunk in CHUNK_SIZES[1:]:
         loss32, grad32 = results[chunk]
         assert abs(loss32 - first_loss) <= 2e-6 * abs(first_loss), f"chunk {chunk} vs {CHUNK_SIZES[0]}: loss"
         error = max_normalised(grad32, first_grad)
-        assert error <= 1e-5, f"chunk {chunk} vs {CHUNK_SIZES[0]}: gradient differs by {error:.1e}"
+        assert error <= chunk_bound, f"chunk {chunk} vs {CHUNK_SIZES[0]}: gradient differs by {error:.1e}"
