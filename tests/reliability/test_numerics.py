@@ -139,9 +139,12 @@ class PlainStrategy:
         self.backward_calls += 1
         loss.backward()
 
+    optimizer_steps = 0
+
     def optimizer_step(self, optimizer, model, scheduler, name=None):
         optimizer.step()
         optimizer.zero_grad()
+        self.optimizer_steps += 1
 
     def get_grad_norm(self, model):
         return 0.0
@@ -178,6 +181,8 @@ def make_trainer(tmp_path, max_nonfinite_steps=3):
     trainer.run, trainer.shared_vocab_size = run, VOCAB
     trainer.teacher = ShippedSignals(temperature=CONFIG.temperature)  # a separate teacher's signals came with the batch
     trainer.nonfinite_guard = NonFiniteGuard(run.max_nonfinite_steps, lambda: resume_hint(args.ckpt.path))
+    # The real one reads the DeepSpeed engine's step counter (`actor.model`), which TinyStudent lacks.
+    trainer.optimizer_steps_taken = lambda: trainer.strategy.optimizer_steps
     return trainer
 
 
