@@ -1,9 +1,9 @@
 """Teacher and student builds are deterministic: the same recipe gives the same weights, byte for
 byte, whatever the calling environment's thread settings and the machine's load. The recipe fixes
-the training process's thread count (SFTRecipe.threads); a different count gives other weights,
-which is why it is part of the recipe (and of the cache key). Across kinds of processor the weights
-differ (an Intel Xeon and an AMD EPYC built teachers at 88.4% and 80.8% from the same recipe), so
-the processor is part of the cache key too."""
+the training process's thread count (SFTRecipe.threads); a different count can give other weights
+(it did on an Intel Xeon), which is why it is part of the recipe (and of the cache key). Across
+kinds of processor the weights differ (an Intel Xeon and an AMD EPYC built teachers at 88.4% and
+80.8% from the same recipe), so the processor is part of the cache key too."""
 
 import hashlib
 import os
@@ -58,11 +58,12 @@ def test_same_recipe_same_weights_under_load_and_other_thread_settings(tmp_path,
     assert built and second.name == first.name
     assert _weights_digest(second) == _weights_digest(first)
 
-    # The control: another thread count in the recipe is another model (and another cache entry).
+    # Another thread count in the recipe is another cache entry. Whether it also gives other weights
+    # depends on the processor: it did on an Intel Xeon, not on an AMD EPYC (same bytes for this
+    # recipe), so the count stays in the key and the weights are not compared here.
     monkeypatch.delenv("OMP_NUM_THREADS")
     other, _ = trained_model_dir(
         replace(recipe, threads=1), "easy", tmp_path / "a", work_dir=tmp_path / "logs-c", timeout_s=900
     )
-    assert other != first
-    assert _weights_digest(other) != _weights_digest(first)
+    assert other != first and (other / "model.safetensors").is_file()
     assert os.path.isdir(first)
