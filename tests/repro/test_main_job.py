@@ -203,3 +203,37 @@ def test_the_verdict_quotes_the_comparison_only_for_the_same_teacher_and_student
     other = main_job.verdict_sentence(results, {"lr": 3e-5}, budget, _comparison_file(tmp_path, 0.884, 0.712))
     assert "GKD reaches" not in other
     assert "started from other models (teacher 88.4%, initial student 71.2% on this test split, built on Intel" in other
+
+
+def test_teacher_and_student_are_built_side_by_side(tmp_path, monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    together = threading.Barrier(2, timeout=30)  # broken unless both builds run at the same time
+    work_dirs = {}
+
+    def fake_build(recipe, difficulty, cache_dir, *, work_dir, timeout_s, verbose=False):
+        work_dirs[recipe.role] = work_dir
+        together.wait()
+        if recipe.role == "student" and fail:
+            raise StageFailed("train_sft student failed; log: log")
+        return tmp_path / recipe.role, True
+
+    monkeypatch.setattr(main_job, "trained_model_dir", fake_build)
+    monkeypatch.setattr(main_job, "base_model_dir", lambda model, cache_dir: tmp_path / model)
+    options = SimpleNamespace(difficulty="easy", verbose=False)
+    fail = False
+    built = main_job.build_teacher_and_student(BUDGETS["smoke"], options, tmp_path, tmp_path / "run")
+    assert {role: value[:2] for role, value in built.items()} == {
+        "teacher": (tmp_path / "teacher", True),
+        "student": (tmp_path / "student", True),
+    }
+    # Each build logs into its own directory (their datasets caches never meet).
+    assert work_dirs == {
+        "teacher": tmp_path / "run" / "logs" / "teacher",
+        "student": tmp_path / "run" / "logs" / "student",
+    }
+    fail = True
+    together.reset()
+    with pytest.raises(StageFailed):
+        main_job.build_teacher_and_student(BUDGETS["smoke"], options, tmp_path, tmp_path / "run")

@@ -33,7 +33,7 @@ def test_smoke_budget_end_to_end(tmp_path, fixture_cache_dir):
         timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    for stage in ("1/6 task data", "2/6 teacher", "3/6 student", "4/6 TSD-KD", "5/6 evaluation", "6/6 report"):
+    for stage in ("1/6 task data", "2-3/6 teacher and student", "4/6 TSD-KD", "5/6 evaluation", "6/6 report"):
         assert f"=== {stage}" in completed.stdout
 
     results = json.loads((run_dir / "results.json").read_text())

@@ -35,7 +35,7 @@ from tsdkd_plugin.experiments.flags import tsdkd_flags
 from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
 from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, resolve_budget
 from tsdkd_plugin.experiments.runner import REPO_ROOT, banner, fresh_stage_dir, machine_info, run_entry_point
-from tsdkd_plugin.experiments.trained_models import trained_model_dir
+from tsdkd_plugin.experiments.trained_models import base_model_dir, trained_model_dir
 
 PROG = "python -m tsdkd_plugin.experiments.main_job"
 # The teacher must beat the initial student by at least this much for the setting to make sense.
@@ -78,22 +78,17 @@ def run_job(options: argparse.Namespace) -> dict:
     stages["task_data"] = StageRecord(time.time() - started, f"{data_dir}")
     print(f"  {budget.distill.n_prompts} train prompts, {budget.n_val} val, {budget.n_test} test -> {data_dir}")
 
+    banner(
+        f"2-3/6 teacher and student: OpenRLHF train_sft on worked solutions ({budget.teacher.steps} and "
+        f"{budget.student.steps} steps, side by side, cached)"
+    )
     models: dict[str, Path] = {}
-    for number, role, recipe in ((2, "teacher", budget.teacher), (3, "student", budget.student)):
-        banner(f"{number}/6 {role}: OpenRLHF train_sft on worked solutions ({recipe.steps} steps, cached)")
-        started = time.time()
-        path, built = trained_model_dir(
-            recipe,
-            options.difficulty,
-            cache_dir,
-            work_dir=run_dir / "logs",
-            timeout_s=timeout_s,
-            verbose=options.verbose,
-        )
+    for role, (path, built, seconds) in build_teacher_and_student(budget, options, cache_dir, run_dir).items():
+        recipe = budget.teacher if role == "teacher" else budget.student
         models[role] = path
         note = "trained now" if built else "reused from the cache"
-        stages[role] = StageRecord(time.time() - started, note, {"dir": str(path), "steps": recipe.steps})
-        print(f"  {role}: {path} ({note}, {time.time() - started:.0f} s)")
+        stages[role] = StageRecord(seconds, note, {"dir": str(path), "steps": recipe.steps})
+        print(f"  {role}: {path} ({note}, {seconds:.0f} s)")
 
     banner(f"4/6 TSD-KD: python -m openrlhf.cli.train_tsdkd ({budget.distill.optimizer_steps} optimizer steps)")
     started = time.time()
@@ -149,6 +144,36 @@ def run_job(options: argparse.Namespace) -> dict:
     print(f"  report: {paths['markdown']}\n  plot:   {paths['plot']}\n  json:   {paths['json']}")
     print_summary(results)
     return results
+
+
+def build_teacher_and_student(
+    budget: Budget, options: argparse.Namespace, cache_dir: Path | None, run_dir: Path
+) -> dict[str, tuple[Path, bool, float]]:
+    """{role: (model dir, built now, seconds)} for the teacher and the initial student, the two
+    train_sft runs side by side: small models keep neither of the two cores busy alone, and a build's
+    weights do not depend on the load beside it (the recipe fixes its thread count;
+    tests/repro/test_build_determinism.py). The first failure is raised once both have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    recipes = {"teacher": budget.teacher, "student": budget.student}
+    for recipe in recipes.values():  # the shared untrained models and tokenizer: built once, before
+        base_model_dir(recipe.model, cache_dir)
+
+    def build(role: str) -> tuple[Path, bool, float]:
+        started = time.time()
+        path, built = trained_model_dir(
+            recipes[role],
+            options.difficulty,
+            cache_dir,
+            work_dir=run_dir / "logs" / role,
+            timeout_s=budget.stage_timeout_s,
+            verbose=options.verbose,
+        )
+        return path, built, time.time() - started
+
+    with ThreadPoolExecutor(max_workers=len(recipes)) as pool:
+        futures = {role: pool.submit(build, role) for role in recipes}
+        return {role: future.result() for role, future in futures.items()}
 
 
 def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, comparison_json: Path) -> str:
