@@ -182,6 +182,13 @@ def test_a_negative_grid_trial_count_is_refused(capsys):
     assert "--grid-trials must be 0 or more, got -1" in capsys.readouterr().err
 
 
+def test_a_missing_restore_file_is_refused_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(comparison, "prepare_regime", lambda *a: pytest.fail("models built before the check"))
+    argv = ["--restore-from", str(tmp_path / "nope.json"), "--run-dir", str(tmp_path / "runs")]
+    assert compare.main(argv) != 0
+    assert f"--restore-from: no such file {tmp_path / 'nope.json'}" in capsys.readouterr().err
+
+
 def test_another_lr_grid_is_used_for_every_method(tmp_path, monkeypatch):
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         return {"evaluation": {"accuracy": 0.5}}

@@ -47,6 +47,9 @@ def run_comparison(options: argparse.Namespace) -> int:
     if options.grid_trials is not None and options.grid_trials < 0:
         raise JobError(f"--grid-trials must be 0 or more, got {options.grid_trials}")
     options.lr_grid = parse_lr_grid(options.lr_grid)
+    if options.restore_from and not Path(options.restore_from).is_file():
+        # Checked here, not only when the runs are restored: that comes after the teacher and student builds.
+        raise JobError(f"--restore-from: no such file {options.restore_from} (give an earlier comparison.json)")
     regimes = [r.strip() for r in options.regimes.split(",") if r.strip()]
     for name in regimes:
         if name not in REGIMES:

@@ -326,19 +326,23 @@ def _ci_text(entry: Mapping | None) -> str:
     return f"{100 * entry['mean']:+.1f} [{100 * entry['low']:+.1f}, {100 * entry['high']:+.1f}]"
 
 
-def paper_like_check(refs: Mapping) -> str:
-    """Whether the references meet the paper-like regime's definition (issue 13): student at
+def paper_like_checks(refs: Mapping) -> list[tuple[bool, str]]:
+    """(met, what) for each part of the paper-like regime's definition (issue 13): student at
     0.55-0.8 of the teacher's accuracy, teacher at >= 80%, >= 95% of the student's samples answered."""
     teacher, student = refs["teacher test greedy"]["accuracy"], refs["student test greedy"]["accuracy"]
     answered = refs.get("student val sampled", {}).get("answered", float("nan"))
-    checks = [
+    return [
         (0.55 <= student / teacher <= 0.8, f"student/teacher {student / teacher:.2f} in [0.55, 0.80]"),
         (teacher >= 0.8, f"teacher {100 * teacher:.1f}% >= 80%"),
         (answered >= 0.95, f"{100 * answered:.1f}% of the student's samples end in `#### n` (>= 95%)"),
     ]
+
+
+def paper_like_check(refs: Mapping) -> str:
+    """The paper-like definition's parts as one line of the report, each marked yes or **no**."""
     return (
         "Paper-like regime's definition: "
-        + "; ".join(f"{text} {'yes' if ok else '**no**'}" for ok, text in checks)
+        + "; ".join(f"{text} {'yes' if ok else '**no**'}" for ok, text in paper_like_checks(refs))
         + "."
     )
 
