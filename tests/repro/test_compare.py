@@ -436,7 +436,16 @@ def test_a_remedy_reaches_the_test_split_only_by_beating_its_parent_on_validatio
     assert comparison.goes_to_test("tsdkd-hard-gate", comparison.REGIMES["weak-student"], tuning, remedies) is False
 
     remedies_md = "\n".join(
-        remedies_markdown(remedies, {"methods_doc": {"tsdkd-paper": {"label": "TSD-KD (paper preset)"}}})
+        remedies_markdown(
+            remedies,
+            {
+                "methods_doc": {
+                    "tsdkd-paper": {"label": "TSD-KD (paper preset)"},
+                    "tsdkd-listmle-normalized": {"objective": {"listmle_normalize": True}},
+                }
+            },
+        )
     )
     assert "one more validation trial of TSD-KD (paper preset) (1 in all)" in remedies_md
     assert f"| {'yes' if to_test else 'no'} |" in remedies_md
+    assert "| `--tsdkd.listmle_normalize True` |" in remedies_md

@@ -455,6 +455,7 @@ def collect(
                 "doc": METHODS[m].doc,
                 "group": METHODS[m].group,
                 "grid": [dict(g) for g in METHODS[m].grid],
+                "objective": dict(METHODS[m].objective),
                 "derived_from": METHODS[m].derived_from,
             }
             for m in methods

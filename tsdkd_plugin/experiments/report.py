@@ -364,7 +364,7 @@ def remedies_markdown(remedies: Mapping[str, Mapping], data: Mapping) -> list[st
     ]
     for name, entry in remedies.items():
         doc = docs.get(name, {})
-        option = doc.get("doc", "").rsplit("(", 1)[-1].rstrip(")") if "(" in doc.get("doc", "") else ""
+        option = " ".join(f"--tsdkd.{key} {value}" for key, value in doc.get("objective", {}).items())
         accuracy = "failed" if entry["failed"] else _pct(entry["val_accuracy"])
         lines.append(
             f"| {doc.get('label', name)} | `{option}` | {_settings_text(entry['settings'])} | {accuracy} | "
