@@ -207,23 +207,26 @@ def test_the_verdict_quotes_the_comparison_only_for_the_same_teacher_and_student
 
 def test_teacher_and_student_are_built_side_by_side(tmp_path, monkeypatch):
     import threading
-    from types import SimpleNamespace
+    from dataclasses import replace
+
+    from tsdkd_plugin.experiments import trained_models
 
     together = threading.Barrier(2, timeout=30)  # broken unless both builds run at the same time
-    work_dirs = {}
+    work_dirs, selections = {}, {}
 
-    def fake_build(recipe, difficulty, cache_dir, *, work_dir, timeout_s, verbose=False):
+    def fake_build(recipe, difficulty, cache_dir, *, work_dir, timeout_s, verbose=False, selection=None):
         work_dirs[recipe.role] = work_dir
+        selections[recipe.role] = selection
         together.wait()
         if recipe.role == "student" and fail:
             raise StageFailed("train_sft student failed; log: log")
         return tmp_path / recipe.role, True
 
-    monkeypatch.setattr(main_job, "trained_model_dir", fake_build)
-    monkeypatch.setattr(main_job, "base_model_dir", lambda model, cache_dir: tmp_path / model)
-    options = SimpleNamespace(difficulty="easy", verbose=False)
+    monkeypatch.setattr(trained_models, "trained_model_dir", fake_build)
+    monkeypatch.setattr(trained_models, "base_model_dir", lambda model, cache_dir: tmp_path / model)
+    budget = replace(BUDGETS["smoke"], student_selection=None)
     fail = False
-    built = main_job.build_teacher_and_student(BUDGETS["smoke"], options, tmp_path, tmp_path / "run")
+    built = trained_models.build_teacher_and_student(budget, "easy", tmp_path, tmp_path / "run" / "logs")
     assert {role: value[:2] for role, value in built.items()} == {
         "teacher": (tmp_path / "teacher", True),
         "student": (tmp_path / "student", True),
@@ -233,7 +236,23 @@ def test_teacher_and_student_are_built_side_by_side(tmp_path, monkeypatch):
         "teacher": tmp_path / "run" / "logs" / "teacher",
         "student": tmp_path / "run" / "logs" / "student",
     }
+    assert selections == {"teacher": None, "student": None}
     fail = True
     together.reset()
     with pytest.raises(StageFailed):
-        main_job.build_teacher_and_student(BUDGETS["smoke"], options, tmp_path, tmp_path / "run")
+        trained_models.build_teacher_and_student(budget, "easy", tmp_path, tmp_path / "run" / "logs")
+    # With a student selection, only the student keeps checkpoints, and the call needs the validation split.
+    fail = False
+    together.reset()
+    evaluated = {}
+    monkeypatch.setattr(
+        trained_models, "evaluate_candidates", lambda candidates, prompts, record, **kw: evaluated.update(candidates)
+    )
+    smoke = BUDGETS["smoke"]
+    with pytest.raises(ValueError, match="prompts_val and selection_record"):
+        trained_models.build_teacher_and_student(smoke, "easy", tmp_path, tmp_path / "logs")
+    trained_models.build_teacher_and_student(
+        smoke, "easy", tmp_path, tmp_path / "logs", prompts_val=tmp_path / "val", selection_record=tmp_path / "r"
+    )
+    assert selections == {"teacher": None, "student": smoke.student_selection}
+    assert evaluated == {smoke.student.steps: tmp_path / "student"}  # no kept copies in the fake entry

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -34,19 +33,9 @@ from tsdkd_plugin.experiments.runner import (
     write_json_atomic,
     write_text_atomic,
 )
-from tsdkd_plugin.experiments.trained_models import base_model_dir, run_sft
+from tsdkd_plugin.experiments.trained_models import base_model_dir, hf_copies, hf_copy_flags, run_sft
 
 PROG = "python -m tsdkd_plugin.experiments.calibrate"
-
-
-def checkpoint_dirs(ckpt_dir: Path) -> dict[int, Path]:
-    """{optimizer step: HF directory} of the `global_step<N>_hf` copies OpenRLHF saved (--ckpt.save_hf)."""
-    found = {}
-    for path in Path(ckpt_dir).glob("global_step*_hf"):
-        match = re.fullmatch(r"global_step(\d+)_hf", path.name)
-        if match and (path / "config.json").is_file():
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 def evaluate_checkpoints(
@@ -123,16 +112,9 @@ def run_calibration(options: argparse.Namespace) -> int:
             work_dir=out,
             timeout_s=6 * 3600,
             verbose=options.verbose,
-            extra_flags=[
-                "--ckpt.path",
-                str(ckpt_dir),
-                "--ckpt.save_hf",
-                "--ckpt.disable_ds",
-                "--ckpt.save_steps",
-                str(options.every),
-            ],
+            extra_flags=hf_copy_flags(ckpt_dir, options.every),
         )
-    models = {**checkpoint_dirs(ckpt_dir), recipe.steps: model_dir}
+    models = {**hf_copies(ckpt_dir), recipe.steps: model_dir}
     header = {
         "command": [PROG, *options.argv],
         "difficulty": options.difficulty,

@@ -24,7 +24,7 @@ from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, RunContext,
 from tsdkd_plugin.experiments.options import cache_dir_of
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED, best_trial
 from tsdkd_plugin.experiments.runner import JobError, banner, hardware_kind, machine_info, write_json_atomic
-from tsdkd_plugin.experiments.trained_models import trained_model_dir
+from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, initial_student
 
 REFERENCE_METHOD = "gkd"  # what the per-seed differences are taken against
 CHECKPOINTS_PER_TUNING_RUN = 4
@@ -275,6 +275,10 @@ def goes_to_test(method_name: str, regime: Regime, tuning: Mapping, remedies: Ma
     return regime.ablations
 
 
+# How the regime chose its initial student among its SFT run's checkpoints (budgets.StudentSelection).
+SELECTION_FILE = "student_selection.json"
+
+
 def chosen_settings_file(run_dir: Path, regime: str) -> Path:
     return run_dir / regime / "chosen.json"
 
@@ -288,22 +292,40 @@ def prepare_regime(regime: Regime, options: argparse.Namespace) -> RegimeState:
     d = budget.distill
     state.files = write_task_data(root / "data", budget.difficulty, d.n_prompts, budget.n_val, budget.n_test)
     cache_dir = cache_dir_of(options)
-    for role, recipe in (("teacher", budget.teacher), ("student", budget.student)):
-        state.models[role], built = trained_model_dir(
-            recipe,
-            budget.difficulty,
-            cache_dir,
-            work_dir=root / "logs",
-            timeout_s=budget.stage_timeout_s,
-            verbose=options.verbose,
-        )
-        print(f"  {role}: {state.models[role]} ({'trained now' if built else 'reused from the cache'})")
+    selection_record = root / SELECTION_FILE
+    built_models = build_teacher_and_student(
+        budget,
+        budget.difficulty,
+        cache_dir,
+        root / "logs",
+        verbose=options.verbose,
+        prompts_val=state.files["prompts_val"],
+        selection_record=selection_record,
+    )
+    for role, (path, built, _) in built_models.items():
+        state.models[role] = path
+        print(f"  {role}: {path} ({'trained now' if built else 'reused from the cache'})")
     references_file = root / "references.json"
     state.references = json.loads(references_file.read_text()) if references_file.is_file() else {}
     for role in ("teacher", "student"):
+        if role == "student":
+            state.models["student"], selection = initial_student(
+                budget,
+                state.models["student"],
+                state.references["teacher val greedy"]["accuracy"],
+                state.files["prompts_val"],
+                selection_record,
+            )
+            if selection is not None:
+                print(
+                    f"  initial student: step {selection['chosen_step']} of {budget.student.steps}, validation "
+                    f"{selection['chosen_val_accuracy']:.1%} ({selection['chosen_ratio'] or 0:.2f} of the teacher's) "
+                    f"-> {state.models['student']}"
+                )
         for split, sampled in (("val", False), ("test", False), ("val", True)):
             key = f"{role} {split} {'sampled' if sampled else 'greedy'}"
-            if key not in state.references:
+            # An entry for another model (another build or choice of the student) is measured again.
+            if state.references.get(key, {}).get("model") != str(state.models[role]):
                 result = evaluate_model(
                     state.models[role],
                     state.files[f"prompts_{split}"],
@@ -317,6 +339,7 @@ def prepare_regime(regime: Regime, options: argparse.Namespace) -> RegimeState:
                     "accuracy": result.accuracy,
                     "answered": result.answered / result.n,
                     "n": result.n,
+                    "model": str(state.models[role]),
                 }
                 write_json_atomic(references_file, state.references)
             print(
@@ -478,6 +501,8 @@ def collect(
         }
         if (root / "references.json").is_file():
             entry["references"] = json.loads((root / "references.json").read_text())
+        if (root / SELECTION_FILE).is_file():
+            entry["student_selection"] = json.loads((root / SELECTION_FILE).read_text())
         if chosen_settings_file(run_dir, name).is_file():
             entry["tuning"] = json.loads(chosen_settings_file(run_dir, name).read_text())
         entry["remedies"] = (

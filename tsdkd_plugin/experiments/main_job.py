@@ -9,7 +9,9 @@ Stages, each announced with a banner and a progress bar:
 
 1. task data    arithmetic problems written as OpenRLHF JSONL files into <run-dir>/data
 2. teacher      the toy teacher trained by OpenRLHF `train_sft` on the worked solutions (cached)
-3. student      the toy student after a short `train_sft` on the same kind of data (cached)
+3. student      the toy student after a short `train_sft` on the same kind of data (cached); in the
+                paper-like budget, the checkpoint of that run whose validation accuracy is nearest
+                0.675 of the teacher's (budgets.StudentSelection)
 4. tsdkd        `python -m openrlhf.cli.train_tsdkd` distils the teacher into the student (subprocess)
 5. evaluation   greedy accuracy of teacher, initial student and distilled student on the held-out test split
 6. report       <run-dir>/report.md, accuracy.png, training.png and results.json, and a summary on the console
@@ -30,12 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tsdkd_plugin.experiments.budgets import Budget, write_task_data
-from tsdkd_plugin.experiments.evaluate import evaluate_models
+from tsdkd_plugin.experiments.evaluate import evaluate_model, evaluate_models
 from tsdkd_plugin.experiments.flags import tsdkd_flags
 from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
 from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, resolve_budget
 from tsdkd_plugin.experiments.runner import REPO_ROOT, banner, fresh_stage_dir, machine_info, run_entry_point
-from tsdkd_plugin.experiments.trained_models import base_model_dir, trained_model_dir
+from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, initial_student
 
 PROG = "python -m tsdkd_plugin.experiments.main_job"
 # The teacher must beat the initial student by at least this much for the setting to make sense.
@@ -83,12 +85,41 @@ def run_job(options: argparse.Namespace) -> dict:
         f"{budget.student.steps} steps, side by side, cached)"
     )
     models: dict[str, Path] = {}
-    for role, (path, built, seconds) in build_teacher_and_student(budget, options, cache_dir, run_dir).items():
+    selection_record = run_dir / "student_selection.json"
+    built_models = build_teacher_and_student(
+        budget,
+        options.difficulty,
+        cache_dir,
+        run_dir / "logs",
+        verbose=options.verbose,
+        prompts_val=files["prompts_val"],
+        selection_record=selection_record,
+    )
+    for role, (path, built, seconds) in built_models.items():
         recipe = budget.teacher if role == "teacher" else budget.student
         models[role] = path
         note = "trained now" if built else "reused from the cache"
         stages[role] = StageRecord(seconds, note, {"dir": str(path), "steps": recipe.steps})
         print(f"  {role}: {path} ({note}, {seconds:.0f} s)")
+    if budget.student_selection is not None:
+        started = time.time()
+        teacher_val = evaluate_model(
+            models["teacher"],
+            files["prompts_val"],
+            max_new_tokens=budget.distill.max_new_tokens,
+            batch_size=budget.eval_batch_size,
+            desc="evaluating the teacher on validation",
+        ).accuracy
+        models["student"], selection = initial_student(
+            budget, models["student"], teacher_val, files["prompts_val"], selection_record
+        )
+        note = (
+            f"step {selection['chosen_step']} of {budget.student.steps}: validation "
+            f"{selection['chosen_val_accuracy']:.1%}, {_ratio(selection['chosen_ratio'])} of the teacher's "
+            f"{teacher_val:.1%} (aimed at {budget.student_selection.target_ratio:g})"
+        )
+        stages["student_selection"] = StageRecord(time.time() - started, note, selection)
+        print(f"  initial student: {note} -> {models['student']}")
 
     banner(f"4/6 TSD-KD: python -m openrlhf.cli.train_tsdkd ({budget.distill.optimizer_steps} optimizer steps)")
     started = time.time()
@@ -146,34 +177,8 @@ def run_job(options: argparse.Namespace) -> dict:
     return results
 
 
-def build_teacher_and_student(
-    budget: Budget, options: argparse.Namespace, cache_dir: Path | None, run_dir: Path
-) -> dict[str, tuple[Path, bool, float]]:
-    """{role: (model dir, built now, seconds)} for the teacher and the initial student, the two
-    train_sft runs side by side: small models keep neither of the two cores busy alone, and a build's
-    weights do not depend on the load beside it (the recipe fixes its thread count;
-    tests/repro/test_build_determinism.py). The first failure is raised once both have ended."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    recipes = {"teacher": budget.teacher, "student": budget.student}
-    for recipe in recipes.values():  # the shared untrained models and tokenizer: built once, before
-        base_model_dir(recipe.model, cache_dir)
-
-    def build(role: str) -> tuple[Path, bool, float]:
-        started = time.time()
-        path, built = trained_model_dir(
-            recipes[role],
-            options.difficulty,
-            cache_dir,
-            work_dir=run_dir / "logs" / role,
-            timeout_s=budget.stage_timeout_s,
-            verbose=options.verbose,
-        )
-        return path, built, time.time() - started
-
-    with ThreadPoolExecutor(max_workers=len(recipes)) as pool:
-        futures = {role: pool.submit(build, role) for role in recipes}
-        return {role: future.result() for role, future in futures.items()}
+def _ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
 def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, comparison_json: Path) -> str:

@@ -44,6 +44,7 @@ from tsdkd_plugin.experiments.runner import (
     tsdkd_command,
     upstream_command,
 )
+from tsdkd_plugin.experiments.trained_models import hf_copies, hf_copy_flags
 from tsdkd_plugin.toy import arith_task
 
 DPO_BETA = 0.1  # OpenRLHF's default
@@ -333,22 +334,6 @@ def run_on_policy(
     )
 
 
-def checkpoint_flags(ckpt_dir: Path, every: int) -> list[str]:
-    """Save an HF copy of the model every `every` steps (rollouts for the Ray trainers, optimizer steps
-    for train_sft/train_dpo) into ckpt_dir/global_step<N>_hf, no DeepSpeed state."""
-    return ["--ckpt.path", str(ckpt_dir), "--ckpt.save_hf", "--ckpt.disable_ds", "--ckpt.save_steps", str(every)]
-
-
-def saved_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
-    """{step: HF directory} of the copies `checkpoint_flags` made."""
-    found = {}
-    for path in Path(ckpt_dir).glob("global_step*_hf"):
-        step = path.name[len("global_step") : -len("_hf")]
-        if step.isdigit() and (path / "config.json").is_file():
-            found[int(step)] = path
-    return dict(sorted(found.items()))
-
-
 @dataclass
 class RunContext:
     budget: Budget
@@ -385,7 +370,7 @@ def run_method(
         else:
             flags = grpo_flags(str(settings.get("estimator", GRPO_ESTIMATOR)))
         if every:
-            flags += checkpoint_flags(stage_dir / "checkpoints", every)
+            flags += hf_copy_flags(stage_dir / "checkpoints", every)
         model_dir, result, notes = run_on_policy(
             budget,
             trainer=method.runner,
@@ -420,7 +405,7 @@ def run_method(
     notes["samples_trained"] = notes.get("samples", notes.get("optimizer_steps", 0) * samples_per_save_step)
     if checkpoints:
         notes["checkpoints"] = {
-            step * samples_per_save_step: path for step, path in saved_checkpoints(stage_dir / "checkpoints").items()
+            step * samples_per_save_step: path for step, path in hf_copies(stage_dir / "checkpoints").items()
         }
     return model_dir, result, notes
 
@@ -483,7 +468,7 @@ def run_seqkd(
     recipe = _distill_sft_recipe(ctx, budget, len(data), budget.train_batch_size, seed)
     args = sft_flags(recipe, ctx.student_dir, data_file, stage_dir / "model", stage_dir / "ds-ckpt")
     if checkpoints:
-        args += checkpoint_flags(stage_dir / "checkpoints", max(1, recipe.steps // checkpoints))
+        args += hf_copy_flags(stage_dir / "checkpoints", max(1, recipe.steps // checkpoints))
     model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_sft", args, recipe.steps, stage_dir, ctx, desc)
     correct = sum(
         arith_task.verify(text, row[arith_task.LABEL_KEY])
@@ -528,7 +513,7 @@ def run_dpo(
         seed=seed,
     )
     if checkpoints:
-        args += checkpoint_flags(stage_dir / "checkpoints", max(1, steps // checkpoints))
+        args += hf_copy_flags(stage_dir / "checkpoints", max(1, steps // checkpoints))
     model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_dpo", args, steps, stage_dir, ctx, desc)
     n_pairs = max(1, len(data))
     return (

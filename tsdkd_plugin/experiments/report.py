@@ -165,6 +165,7 @@ def job_markdown(results: Mapping, plot_name: str, curve_name: str | None) -> st
         lines.append(
             f"- {label}: OpenRLHF `train_sft` on the worked solutions, {steps} steps ({recipe['n_train']} problems "
             f"x {recipe['epochs']} epochs, batch {recipe['batch_size']}), lr {recipe['lr']}"
+            + (f"; {selection_sentence(budget)}" if role == "student" and budget.get("student_selection") else "")
         )
     lines += [
         f"- TSD-KD: `python -m openrlhf.cli.train_tsdkd`, {distill['n_prompts']} prompts x "
@@ -179,6 +180,26 @@ def job_markdown(results: Mapping, plot_name: str, curve_name: str | None) -> st
         lines += ["", "## Training", "", f"![training]({curve_name})"]
     lines.append("")
     return "\n".join(lines)
+
+
+def _student_steps(budget: Mapping, selection: Mapping | None) -> str:
+    steps = budget["student"]["n_train"] // budget["student"]["batch_size"] * budget["student"]["epochs"]
+    if not budget.get("student_selection"):
+        return f"{steps} SFT steps"
+    chosen = (
+        f"step {selection['chosen_step']}" if selection and "chosen_step" in selection else "a step (not chosen yet)"
+    )
+    return f"{chosen} of a {steps}-step SFT run ({selection_sentence(budget)})"
+
+
+def selection_sentence(budget: Mapping) -> str:
+    """How the budget (a dict, as results.json holds it) chose its initial student, in words."""
+    chosen = budget["student_selection"]
+    return (
+        f"the initial student is the checkpoint of that run (one every {chosen['every']} steps from step "
+        f"{chosen['first_step']}, and the final model) whose greedy validation accuracy is nearest "
+        f"{chosen['target_ratio']:g} of the teacher's"
+    )
 
 
 def write_job_report(results: Mapping, run_dir: Path) -> dict[str, Path]:
@@ -407,8 +428,7 @@ def regime_markdown(
         f"{sequences} sequences, {sequences // d['train_batch_size']} "
         f"optimizer steps of {d['train_batch_size']}, constant learning rate after a {d['warmup_ratio']:.0%} warm-up. "
         f"Teacher: {teacher_sft['model']}, {teacher_steps} "
-        f"SFT steps; student: {budget['student']['model']}, "
-        f"{budget['student']['n_train'] // budget['student']['batch_size'] * budget['student']['epochs']} SFT steps; "
+        f"SFT steps; student: {budget['student']['model']}, {_student_steps(budget, regime.get('student_selection'))}; "
         f"difficulty {budget['difficulty']}; validation {budget['n_val']}, test {budget['n_test']} problems.",
         "",
     ]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from tsdkd_plugin.experiments.budgets import TASK_DATA_SEED, SFTRecipe, write_task_data
+from tsdkd_plugin.experiments.budgets import TASK_DATA_SEED, Budget, SFTRecipe, StudentSelection, write_task_data
 from tsdkd_plugin.experiments.flags import sft_flags
 from tsdkd_plugin.experiments.runner import (
     CommandResult,
@@ -43,7 +44,13 @@ def base_model_dir(model: str, cache_dir: Path | None) -> Path:
     return toy_model_dir(get_model_recipe(model), cache_dir)
 
 
-def sft_cache_entry(recipe: SFTRecipe, difficulty: str, cache_dir: Path | None) -> tuple[str, dict]:
+# Inside a cache entry built with a StudentSelection: HF copies of the model, global_step<N>_hf.
+KEPT_CHECKPOINTS_DIR = "checkpoints"
+
+
+def sft_cache_entry(
+    recipe: SFTRecipe, difficulty: str, cache_dir: Path | None, selection: StudentSelection | None = None
+) -> tuple[str, dict]:
     """(cache kind, full recipe) of a trained model; the cache key hashes exactly this dict."""
     base = base_model_dir(recipe.model, cache_dir)
     full_recipe = {
@@ -60,14 +67,19 @@ def sft_cache_entry(recipe: SFTRecipe, difficulty: str, cache_dir: Path | None) 
         # cache shared between machines never hands one machine's model to another.
         "hardware": hardware_kind(),
     }
+    if selection is not None:
+        # Only when copies are kept: an entry without them keeps the key it always had.
+        full_recipe["kept_checkpoints"] = {"every": selection.every, "first_step": selection.first_step}
     return f"toy-sft-{recipe.role}", full_recipe
 
 
-def sft_cache_path(recipe: SFTRecipe, difficulty: str, cache_dir: Path | None) -> Path:
+def sft_cache_path(
+    recipe: SFTRecipe, difficulty: str, cache_dir: Path | None, selection: StudentSelection | None = None
+) -> Path:
     """Where the model `recipe` describes lives (or will live) in the cache."""
     from tsdkd_plugin.toy.cache import default_cache_dir, recipe_key
 
-    kind, full_recipe = sft_cache_entry(recipe, difficulty, cache_dir)
+    kind, full_recipe = sft_cache_entry(recipe, difficulty, cache_dir, selection)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / f"{kind}-{recipe_key(kind, full_recipe, _SFT_LIBRARIES)}"
 
@@ -97,12 +109,15 @@ def trained_model_dir(
     work_dir: Path,
     timeout_s: float,
     verbose: bool = False,
+    selection: StudentSelection | None = None,
 ) -> tuple[Path, bool]:
     """(directory, built_now) of the model `recipe` describes, trained by OpenRLHF train_sft on
-    first use and reused afterwards. Its tokenizer is checked against the toy tokenizer either way."""
+    first use and reused afterwards. Its tokenizer is checked against the toy tokenizer either way.
+    With `selection`, the entry also keeps the run's HF copies from selection.first_step on, under
+    KEPT_CHECKPOINTS_DIR (`initial_student_candidates`)."""
     from tsdkd_plugin.toy.cache import cached_build, toy_tokenizer_dir
 
-    kind, full_recipe = sft_cache_entry(recipe, difficulty, cache_dir)
+    kind, full_recipe = sft_cache_entry(recipe, difficulty, cache_dir, selection)
     base = base_model_dir(recipe.model, cache_dir)
     built = False
 
@@ -111,10 +126,25 @@ def trained_model_dir(
         data_dir = out / "sft_data"
         # Only sft_train.jsonl is used; the other splits must merely be non-empty.
         write_task_data(data_dir, difficulty, recipe.n_train, 16, 16)
+        copies_dir = out / ".all_checkpoints"
         result = run_sft(
-            recipe, base, data_dir / "sft_train.jsonl", out, work_dir=work_dir, timeout_s=timeout_s, verbose=verbose
+            recipe,
+            base,
+            data_dir / "sft_train.jsonl",
+            out,
+            work_dir=work_dir,
+            timeout_s=timeout_s,
+            verbose=verbose,
+            extra_flags=hf_copy_flags(copies_dir, selection.every) if selection is not None else (),
         )
         shutil.rmtree(data_dir)
+        if selection is not None:
+            kept = out / KEPT_CHECKPOINTS_DIR
+            kept.mkdir()
+            for step, path in hf_copies(copies_dir).items():
+                if selection.first_step <= step < recipe.steps:  # the final model is the entry itself
+                    path.rename(kept / path.name)
+            shutil.rmtree(copies_dir)
         shutil.copyfile(result.log, out / "train_sft.log")
         (out / "tsdkd_sft_run.json").write_text(
             json.dumps({"command": result.command, "seconds": result.seconds, "steps": recipe.steps}, indent=2) + "\n"
@@ -124,6 +154,169 @@ def trained_model_dir(
     path = cached_build(kind, full_recipe, build, cache_dir, _SFT_LIBRARIES)
     check_model_tokenizer(path, toy_tokenizer_dir(cache_dir), recipe.role)
     return path, built
+
+
+def build_teacher_and_student(
+    budget: Budget,
+    difficulty: str,
+    cache_dir: Path | None,
+    logs_dir: Path,
+    *,
+    verbose: bool = False,
+    prompts_val: Path | None = None,
+    selection_record: Path | None = None,
+) -> dict[str, tuple[Path, bool, float]]:
+    """{role: (model dir, built now, seconds)} for the teacher and the student's SFT run, the two
+    train_sft runs side by side: small models keep neither of the two cores busy alone, and a build's
+    weights do not depend on the load beside it (the recipe fixes its thread count;
+    tests/repro/test_build_determinism.py). With the budget's student selection, the student's
+    candidates are evaluated on `prompts_val` (into `selection_record`) as soon as its build ends,
+    while the teacher's goes on; `select_initial_student` then only reads them. The first failure is
+    raised once both have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selection = budget.student_selection
+    if selection is not None and (prompts_val is None or selection_record is None):
+        raise ValueError("a budget with a student selection needs prompts_val and selection_record")
+    recipes = {"teacher": budget.teacher, "student": budget.student}
+    for recipe in recipes.values():  # the shared untrained models and tokenizer: built once, before
+        base_model_dir(recipe.model, cache_dir)
+
+    def build(role: str) -> tuple[Path, bool, float]:
+        started = time.time()
+        path, built = trained_model_dir(
+            recipes[role],
+            difficulty,
+            cache_dir,
+            work_dir=logs_dir / role,
+            timeout_s=budget.stage_timeout_s,
+            verbose=verbose,
+            selection=selection if role == "student" else None,
+        )
+        if role == "student" and selection is not None:
+            evaluate_candidates(
+                initial_student_candidates(path, budget.student.steps),
+                prompts_val,
+                selection_record,
+                max_new_tokens=budget.distill.max_new_tokens,
+                batch_size=budget.eval_batch_size,
+            )
+        return path, built, time.time() - started
+
+    with ThreadPoolExecutor(max_workers=len(recipes)) as pool:
+        futures = {role: pool.submit(build, role) for role in recipes}
+        return {role: future.result() for role, future in futures.items()}
+
+
+def initial_student(
+    budget: Budget, student_run_dir: Path, teacher_val_accuracy: float, prompts_val: Path, selection_record: Path
+) -> tuple[Path, dict | None]:
+    """(model directory, selection record or None) of the initial student: the SFT run's final model,
+    or with the budget's student selection the candidate it chooses on the validation split."""
+    if budget.student_selection is None:
+        return student_run_dir, None
+    return select_initial_student(
+        student_run_dir,
+        budget.student.steps,
+        budget.student_selection,
+        teacher_val_accuracy,
+        prompts_val,
+        selection_record,
+        max_new_tokens=budget.distill.max_new_tokens,
+        batch_size=budget.eval_batch_size,
+    )
+
+
+def hf_copy_flags(copies_dir: Path, every: int) -> list[str]:
+    """train_sft flags that save an HF copy of the model every `every` optimizer steps into
+    copies_dir/global_step<N>_hf, without DeepSpeed state (a later --ckpt.path overrides sft_flags')."""
+    return ["--ckpt.path", str(copies_dir), "--ckpt.save_hf", "--ckpt.disable_ds", "--ckpt.save_steps", str(every)]
+
+
+def hf_copies(copies_dir: Path) -> dict[int, Path]:
+    """{optimizer step: HF directory} of the complete global_step<N>_hf copies under copies_dir."""
+    found = {}
+    for path in Path(copies_dir).glob("global_step*_hf"):
+        match = re.fullmatch(r"global_step(\d+)_hf", path.name)
+        if match and (path / "config.json").is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def initial_student_candidates(student_dir: Path, steps: int) -> dict[int, Path]:
+    """{SFT step: HF directory} of the models an initial student is chosen from: the kept copies and
+    the run's final model (the entry itself, at `steps`)."""
+    return {**hf_copies(Path(student_dir) / KEPT_CHECKPOINTS_DIR), steps: Path(student_dir)}
+
+
+def choose_checkpoint(val_accuracy: Mapping[int, float], teacher_val_accuracy: float, target_ratio: float) -> int:
+    """The step whose validation accuracy is nearest target_ratio * the teacher's (the earlier step on a
+    tie; a teacher at 0%, as in the smoke budget, makes that the least accurate one)."""
+    if not val_accuracy:
+        raise ValueError("no checkpoint to choose from")
+    target = target_ratio * teacher_val_accuracy
+    return min(sorted(val_accuracy), key=lambda step: abs(val_accuracy[step] - target))
+
+
+def evaluate_candidates(
+    candidates: Mapping[int, Path], prompts_val: Path, record_file: Path, *, max_new_tokens: int, batch_size: int
+) -> dict[int, float]:
+    """{step: greedy validation accuracy} of every candidate, kept in record_file (a rerun resumes;
+    an entry for another model directory is evaluated again)."""
+    from tsdkd_plugin.experiments.evaluate import evaluate_model
+    from tsdkd_plugin.experiments.runner import write_json_atomic
+
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    done = {
+        int(c["step"]): c
+        for c in record.get("candidates", [])
+        if c.get("model") in {str(p) for p in candidates.values()}
+    }
+    for step, model_dir in candidates.items():
+        if step in done and done[step]["model"] == str(model_dir):
+            continue
+        result = evaluate_model(
+            model_dir, prompts_val, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"student step {step}"
+        )
+        done[step] = {"step": step, "model": str(model_dir), "val_accuracy": result.accuracy}
+        record["candidates"] = [done[s] for s in sorted(done)]
+        write_json_atomic(record_file, record)
+    return {step: done[step]["val_accuracy"] for step in sorted(candidates)}
+
+
+def select_initial_student(
+    student_dir: Path,
+    steps: int,
+    selection: StudentSelection,
+    teacher_val_accuracy: float,
+    prompts_val: Path,
+    record_file: Path,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[Path, dict]:
+    """(model directory, record) of the initial student `selection` chooses among its SFT run's
+    candidates on the validation split; the record (every candidate's accuracy, the target and the
+    choice) is written to record_file."""
+    from tsdkd_plugin.experiments.runner import write_json_atomic
+
+    candidates = initial_student_candidates(student_dir, steps)
+    accuracy = evaluate_candidates(
+        candidates, prompts_val, record_file, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    chosen = choose_checkpoint(accuracy, teacher_val_accuracy, selection.target_ratio)
+    record = {
+        **json.loads(record_file.read_text()),
+        "rule": selection.describe(steps),
+        "target_ratio": selection.target_ratio,
+        "teacher_val_accuracy": teacher_val_accuracy,
+        "chosen_step": chosen,
+        "chosen_val_accuracy": accuracy[chosen],
+        "chosen_ratio": accuracy[chosen] / teacher_val_accuracy if teacher_val_accuracy else None,
+        "model": str(candidates[chosen]),
+    }
+    write_json_atomic(record_file, record)
+    return candidates[chosen], record
 
 
 def run_sft(
