@@ -12,7 +12,8 @@ export TSDKD_DEVICE="${TSDKD_DEVICE:-cpu}"
 .venv/bin/python -m ruff format --check .
 .venv/bin/lint-imports
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+# The 15 slowest tests are listed at the end: where the suite's time goes (docs/testing.md).
+.venv/bin/python -m pytest --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "scripts/test.sh: pytest collected no tests; that is a failure, not a pass." >&2
 fi

@@ -324,6 +324,17 @@ def test_report_from_run_files(tmp_path):
     summary = json.loads(written["json"].read_text())["summaries"]["paper-like"]
     assert summary["tsdkd-paper"]["result_files"][0] == "paper-like/results/test/tsdkd-paper/lr=0.0001--seed0.json"
 
+    # An ablation is expected on test only once its parent was tuned in this run (chosen.json).
+    def missing_ablation_seeds():
+        data = comparison.collect(options, ["paper-like"], ["gkd", "tsdkd-paper", "tsdkd-no-entropy"], 1.0, ["c"])
+        return [m for m in data["regimes"]["paper-like"]["missing"] if m.startswith("tsdkd-no-entropy")]
+
+    assert missing_ablation_seeds() == []
+    chosen = json.loads((root / "chosen.json").read_text())
+    chosen["tsdkd-paper"] = {**chosen["gkd"], "chosen": {"lr": 1e-4}}
+    (root / "chosen.json").write_text(json.dumps(chosen))
+    assert missing_ablation_seeds() == [f"tsdkd-no-entropy seed {seed}" for seed in (0, 1, 2)]
+
 
 def test_a_run_that_missed_its_budget_is_not_a_result():
     assert comparison.budget_shortfall(

@@ -137,38 +137,43 @@ def write_calibration_summary(runs_dir: Path, report_dir: Path) -> dict[str, Pat
     runs = []
     for curve_file in sorted(Path(runs_dir).glob("*/curve.json")):
         data = json.loads(curve_file.read_text())
-        runs.append({**data, "name": curve_file.parent.name, "file": str(curve_file)})
+        # A curve gathered from an earlier summary keeps the run file it names.
+        runs.append({**data, "name": curve_file.parent.name, "file": data.get("file", str(curve_file))})
     lines = [
         "# Calibration: greedy validation accuracy against SFT steps",
         "",
         "Each run: `python -m tsdkd_plugin.experiments.calibrate` (its command is in calibration.json); "
         "a checkpoint at step s of an n-step cosine schedule is not what an s-step run would give.",
         "",
-        "| run | model | lr | schedule steps | step | greedy | sampled (T=1) | samples answered |",
-        "|---|---|---|---|---|---|---|---|",
+        "The same recipe climbs at other steps on another kind of processor (docs/reproduction.md), so each "
+        "run names the one it ran on.",
+        "",
+        "| run | processor | model | lr | schedule steps | step | greedy | sampled (T=1) | samples answered |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         recipe = run["recipe"]
         for point in run["curve"]:
             lines.append(
-                f"| {run['name']} | {recipe['model']} | {recipe['lr']:g} | {run['steps']} | {point['step']} | "
+                f"| {run['name']} | {_processor(run)} | {recipe['model']} | {recipe['lr']:g} | {run['steps']} | "
+                f"{point['step']} | "
                 f"{100 * point['greedy_accuracy']:.1f}% | {100 * point['sampled_accuracy']:.1f}% | "
                 f"{100 * point['sampled_answered']:.1f}% |"
             )
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    fig, ax = plt.subplots(figsize=(12, 5))
     for run in runs:
         ax.plot(
             [p["step"] for p in run["curve"]],
             [100 * p["greedy_accuracy"] for p in run["curve"]],
             marker="o",
             markersize=3,
-            label=f"{run['recipe']['model']}, {run['steps']} steps, lr {run['recipe']['lr']:g}",
+            label=f"{run['recipe']['model']}, {run['steps']} steps, lr {run['recipe']['lr']:g} ({_processor(run)})",
         )
     ax.set_xlabel("SFT step (batch 32)")
     ax.set_ylabel("validation accuracy (%), greedy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
     report_dir.mkdir(parents=True, exist_ok=True)
     plot = _save(plt, fig, report_dir / "calibration.png")
     lines += ["", f"![calibration]({plot.name})", ""]
@@ -177,6 +182,10 @@ def write_calibration_summary(runs_dir: Path, report_dir: Path) -> dict[str, Pat
         "json": write_json_atomic(report_dir / "calibration.json", {"runs": runs}),
         "plot": plot,
     }
+
+
+def _processor(run: dict) -> str:
+    return run.get("machine", {}).get("cpu") or "?"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

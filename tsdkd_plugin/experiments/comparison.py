@@ -532,10 +532,9 @@ def collect(
                 entry["test_runs"].append(run)
         done = {(run["method"], run["seed"]) for run in entry["test_runs"]}
         failed = {(run["method"], run["seed"]) for run in entry["failed"] if "settings" in run}
+        # What the run would test: the tuned methods, and the derived ones whose parent was tuned here.
         expected = [
-            m
-            for m in methods
-            if m in TUNED_METHODS or goes_to_test(m, regime, {p: None for p in methods}, entry["remedies"])
+            m for m in methods if m in TUNED_METHODS or goes_to_test(m, regime, entry["tuning"], entry["remedies"])
         ]
         entry["missing"] = [
             f"{m} seed {seed}"
