@@ -11,7 +11,7 @@ from tsdkd_plugin.experiments import main_job
 from tsdkd_plugin.experiments.budgets import BUDGETS, check_budget, with_difficulty_lengths
 from tsdkd_plugin.experiments.flags import distill_flags, tsdkd_flags
 from tsdkd_plugin.experiments.metrics import logged_rollouts, logged_samples, training_curve
-from tsdkd_plugin.experiments.runner import StageFailed, StepProgress, run_logged
+from tsdkd_plugin.experiments.runner import StageCancelled, StageFailed, StepProgress, run_logged
 from tsdkd_plugin.experiments.trained_models import base_model_dir, sft_cache_path
 from tsdkd_plugin.testing import tree_digest
 from tsdkd_plugin.toy.cache import MARKER_FILE
@@ -158,6 +158,24 @@ def test_command_past_its_limit_is_stopped(tmp_path):
         )
 
 
+def test_command_is_stopped_when_a_stage_beside_it_fails(tmp_path):
+    import threading
+    import time
+
+    event = threading.Event()
+    cancel = threading.Timer(1.0, event.set)
+    cancel.start()
+    started = time.time()
+    with pytest.raises(StageCancelled, match="stopped because a stage beside it failed"):
+        run_logged(
+            [sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
+            tmp_path / "beside.log",
+            desc="beside",
+            cancel=event,
+        )
+    assert time.time() - started < 30  # not the child's 60 s
+
+
 def test_successful_command_is_logged(tmp_path):
     result = run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log", desc="ok")
     assert result.returncode == 0 and "hello" in (tmp_path / "ok.log").read_text()
@@ -214,12 +232,18 @@ def test_teacher_and_student_are_built_side_by_side(tmp_path, monkeypatch):
     together = threading.Barrier(2, timeout=30)  # broken unless both builds run at the same time
     work_dirs, selections = {}, {}
 
-    def fake_build(recipe, difficulty, cache_dir, *, work_dir, timeout_s, verbose=False, selection=None):
+    stopped = []
+
+    def fake_build(recipe, difficulty, cache_dir, *, work_dir, timeout_s, verbose=False, selection=None, cancel):
         work_dirs[recipe.role] = work_dir
         selections[recipe.role] = selection
         together.wait()
         if recipe.role == "student" and fail:
             raise StageFailed("train_sft student failed; log: log")
+        if recipe.role == "teacher" and fail:
+            assert cancel.wait(timeout=30), "the teacher's build was not stopped"
+            stopped.append("teacher")
+            raise StageCancelled("train_sft teacher was stopped")
         return tmp_path / recipe.role, True
 
     monkeypatch.setattr(trained_models, "trained_model_dir", fake_build)
@@ -239,8 +263,11 @@ def test_teacher_and_student_are_built_side_by_side(tmp_path, monkeypatch):
     assert selections == {"teacher": None, "student": None}
     fail = True
     together.reset()
-    with pytest.raises(StageFailed):
+    with pytest.raises(StageFailed) as error:
         trained_models.build_teacher_and_student(budget, "easy", tmp_path, tmp_path / "run" / "logs")
+    # The student's failure stopped the teacher's build (which waited for that), and is what is raised.
+    assert not isinstance(error.value, StageCancelled) and "train_sft student failed" in str(error.value)
+    assert stopped == ["teacher"]
     # With a student selection, only the student keeps checkpoints, and the call needs the validation split.
     fail = False
     together.reset()

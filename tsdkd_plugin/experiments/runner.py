@@ -46,6 +46,10 @@ class StageFailed(JobError):
     exit_status = 1
 
 
+class StageCancelled(StageFailed):
+    """A stage stopped because another stage running beside it failed (that failure is the one to report)."""
+
+
 def child_env(run_dir: Path, *, threads: int) -> dict[str, str]:
     """Environment of every subprocess: offline, unbuffered, no wandb, datasets cache in the run dir
     (concurrent runs then never share half-written Arrow files), `threads` OpenMP threads per
@@ -160,11 +164,13 @@ def run_logged(
     cwd: Path | None = None,
     timeout_s: float = 3600,
     verbose: bool = False,
+    cancel: threading.Event | None = None,
 ) -> CommandResult:
     """Run one command, its whole output into log_path, a progress bar on the console.
 
     Raises JobError naming the stage and the log (with the log's last lines) when the command
-    fails or runs past timeout_s.
+    fails or runs past timeout_s; StageCancelled, with the child's process group stopped, once
+    `cancel` is set (another stage beside it failed).
     """
     from tqdm.auto import tqdm
 
@@ -193,11 +199,15 @@ def run_logged(
         reader = threading.Thread(target=_pump, args=(process.stdout, chunks), daemon=True)
         reader.start()
         pending = b""
-        timed_out = False
+        timed_out = cancelled = False
         try:
             while True:
                 if time.time() - started > timeout_s:
                     timed_out = True
+                    _stop_process_group(process)
+                    break
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
                     _stop_process_group(process)
                     break
                 try:
@@ -227,6 +237,8 @@ def run_logged(
             returncode = process.wait()
             bar.close()
     seconds = time.time() - started
+    if cancelled:
+        raise StageCancelled(f"{desc} was stopped because a stage beside it failed; its log is {log_path}.")
     if timed_out or returncode != 0:
         why = (
             f"ran past its {timeout_s:.0f} s limit and was stopped" if timed_out else f"exited with status {returncode}"

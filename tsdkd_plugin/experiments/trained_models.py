@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -24,6 +25,7 @@ from tsdkd_plugin.experiments.flags import sft_flags
 from tsdkd_plugin.experiments.runner import (
     CommandResult,
     JobError,
+    StageCancelled,
     StepProgress,
     child_env,
     hardware_kind,
@@ -110,6 +112,7 @@ def trained_model_dir(
     timeout_s: float,
     verbose: bool = False,
     selection: StudentSelection | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[Path, bool]:
     """(directory, built_now) of the model `recipe` describes, trained by OpenRLHF train_sft on
     first use and reused afterwards. Its tokenizer is checked against the toy tokenizer either way.
@@ -136,6 +139,7 @@ def trained_model_dir(
             timeout_s=timeout_s,
             verbose=verbose,
             extra_flags=hf_copy_flags(copies_dir, selection.every) if selection is not None else (),
+            cancel=cancel,
         )
         shutil.rmtree(data_dir)
         if selection is not None:
@@ -169,10 +173,10 @@ def build_teacher_and_student(
     """{role: (model dir, built now, seconds)} for the teacher and the student's SFT run, the two
     train_sft runs side by side: small models keep neither of the two cores busy alone, and a build's
     weights do not depend on the load beside it (the recipe fixes its thread count;
-    tests/repro/test_build_determinism.py). With the budget's student selection, the student's
-    candidates are evaluated on `prompts_val` (into `selection_record`) as soon as its build ends,
-    while the teacher's goes on; `select_initial_student` then only reads them. The first failure is
-    raised once both have ended."""
+    tests/repro/test_build_determinism.py). A failing build stops the other one at once, and its
+    error is the one raised. With the budget's student selection, the student's candidates are
+    evaluated on `prompts_val` (into `selection_record`) as soon as its build ends, while the
+    teacher's goes on; `select_initial_student` then only reads them."""
     from concurrent.futures import ThreadPoolExecutor
 
     selection = budget.student_selection
@@ -182,30 +186,41 @@ def build_teacher_and_student(
     for recipe in recipes.values():  # the shared untrained models and tokenizer: built once, before
         base_model_dir(recipe.model, cache_dir)
 
+    failed = threading.Event()  # set by the first build that fails: the other one is stopped
+
     def build(role: str) -> tuple[Path, bool, float]:
         started = time.time()
-        path, built = trained_model_dir(
-            recipes[role],
-            difficulty,
-            cache_dir,
-            work_dir=logs_dir / role,
-            timeout_s=budget.stage_timeout_s,
-            verbose=verbose,
-            selection=selection if role == "student" else None,
-        )
-        if role == "student" and selection is not None:
-            evaluate_candidates(
-                initial_student_candidates(path, budget.student.steps),
-                prompts_val,
-                selection_record,
-                max_new_tokens=budget.distill.max_new_tokens,
-                batch_size=budget.eval_batch_size,
+        try:
+            path, built = trained_model_dir(
+                recipes[role],
+                difficulty,
+                cache_dir,
+                work_dir=logs_dir / role,
+                timeout_s=budget.stage_timeout_s,
+                verbose=verbose,
+                selection=selection if role == "student" else None,
+                cancel=failed,
             )
+            if role == "student" and selection is not None:
+                evaluate_candidates(
+                    initial_student_candidates(path, budget.student.steps),
+                    prompts_val,
+                    selection_record,
+                    max_new_tokens=budget.distill.max_new_tokens,
+                    batch_size=budget.eval_batch_size,
+                )
+        except BaseException:
+            failed.set()
+            raise
         return path, built, time.time() - started
 
     with ThreadPoolExecutor(max_workers=len(recipes)) as pool:
         futures = {role: pool.submit(build, role) for role in recipes}
-        return {role: future.result() for role, future in futures.items()}
+        errors = [future.exception() for future in futures.values()]  # waits for both
+    # The failure to report is the one that stopped the other build, not the stop itself.
+    for error in sorted((e for e in errors if e is not None), key=lambda e: isinstance(e, StageCancelled)):
+        raise error
+    return {role: future.result() for role, future in futures.items()}
 
 
 def initial_student(
@@ -329,6 +344,7 @@ def run_sft(
     timeout_s: float,
     verbose: bool = False,
     extra_flags: Sequence[str] = (),
+    cancel: threading.Event | None = None,
 ) -> CommandResult:
     """One `train_sft` run of `recipe` from `base_dir` on `data_file` into `output_dir` (HF directory),
     with its TensorBoard events in output_dir/tensorboard and its log in work_dir."""
@@ -343,4 +359,5 @@ def run_sft(
         cwd=work_dir,
         timeout_s=timeout_s,
         verbose=verbose,
+        cancel=cancel,
     )
