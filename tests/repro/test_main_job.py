@@ -221,6 +221,15 @@ def test_the_verdict_quotes_the_comparison_only_for_the_same_teacher_and_student
     other = main_job.verdict_sentence(results, {"lr": 3e-5}, budget, _comparison_file(tmp_path, 0.884, 0.712))
     assert "GKD reaches" not in other
     assert "started from other models (teacher 88.4%, initial student 71.2% on this test split, built on Intel" in other
+    # A comparison whose student was chosen by another rule (or, before selections, not chosen) is another budget.
+    results["evaluations"]["teacher"]["accuracy"] = 0.884
+    path = _comparison_file(tmp_path, 0.884, 0.712)
+    data = json.loads(path.read_text())
+    del data["regimes"]["paper-like"]["budget"]["student_selection"]
+    path.write_text(json.dumps(data))
+    assert "the comparison has no GKD result for this budget" in main_job.verdict_sentence(
+        results, {"lr": 3e-5}, budget, path
+    )
 
 
 def test_teacher_and_student_are_built_side_by_side(tmp_path, monkeypatch):

@@ -144,7 +144,7 @@ _PAPER_LIKE_SELECTION = StudentSelection(every=50, first_step=500, target_ratio=
 _WEAK_STUDENT = SFTRecipe(role="student", model="student", n_train=48000, epochs=1, batch_size=32, lr=3e-3, seed=2)
 # The learning rate is the main job's (the comparison tunes every method's own): the one the
 # comparison chose for TSD-KD (paper preset) on the paper-like regime's validation split, 3e-5
-# (73.6% against 64.2% at 1e-4; runs/compare13, docs/reproduction.md).
+# (71.8% against 70.2% at 1e-5, 65.6% at 1e-4, 55.4% at 3e-4; runs/compare20, docs/reproduction.md).
 _DISTILL = DistillBudget(
     n_prompts=512, samples_per_prompt=4, rollout_batch_size=64, train_batch_size=64, micro_batch_size=16, lr=3e-5
 )

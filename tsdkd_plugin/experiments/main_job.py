@@ -246,7 +246,8 @@ def _comparison_regime(comparison_json: Path, budget: Budget) -> dict | None:
     if not regime:
         return None
     used = regime["budget"]
-    same = all(used.get(part) == asdict(budget)[part] for part in ("teacher", "student", "difficulty"))
+    parts = ("teacher", "student", "student_selection", "difficulty")
+    same = all(used.get(part) == asdict(budget)[part] for part in parts)
     used_distill = {k: v for k, v in used["distill"].items() if k != "lr"}
     this_distill = {k: v for k, v in asdict(budget.distill).items() if k != "lr"}
     if not same or used_distill != this_distill:
