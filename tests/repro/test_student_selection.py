@@ -13,6 +13,7 @@ from tsdkd_plugin.experiments.runner import JobError
 from tsdkd_plugin.experiments.trained_models import (
     KEPT_CHECKPOINTS_DIR,
     choose_checkpoint,
+    describe_choice,
     initial_student,
     select_initial_student,
     sft_cache_entry,
@@ -111,6 +112,11 @@ def test_selection_evaluates_every_candidate_once_and_records_the_choice(tmp_pat
     assert [(c["step"], c["val_accuracy"]) for c in record["candidates"]] == [(2, 0.2), (3, 0.55), (4, 0.8)]
     assert json.loads(record_file.read_text()) == record
     assert len(calls) == 3
+    # The one line the main job and the comparison print and report.
+    assert describe_choice(record, 4) == "step 3 of 4: validation 55.0%, 0.61 of the teacher's 90.0% (aimed at 0.675)"
+    assert "n/a of the teacher's 0.0%" in describe_choice(
+        {**record, "teacher_val_accuracy": 0.0, "chosen_ratio": None}, 4
+    )
     # A rerun reads the record; another teacher only moves the target, nothing is evaluated again.
     chosen, record = select_initial_student(
         entry, 4, selection, 1.2, tmp_path / "val.jsonl", record_file, max_new_tokens=8, batch_size=4

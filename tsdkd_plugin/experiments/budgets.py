@@ -60,10 +60,10 @@ class StudentSelection:
     first_step: int  # ... is kept from this step on; the run's final model is a candidate too
     target_ratio: float  # student / teacher greedy accuracy on the validation split aimed at
 
-    def describe(self, steps: int) -> str:
+    def describe(self) -> str:
         return (
-            f"the checkpoint of its {steps}-step run (every {self.every} steps from step {self.first_step}) whose "
-            f"validation accuracy is nearest {self.target_ratio:g} of the teacher's"
+            f"the checkpoint of its SFT run (one every {self.every} steps from step {self.first_step}, and the "
+            f"final model) whose greedy validation accuracy is nearest {self.target_ratio:g} of the teacher's"
         )
 
 
@@ -116,7 +116,7 @@ class Budget:
     def student_summary(self) -> str:
         if self.student_selection is None:
             return f"student SFT {self.student.steps} steps"
-        return f"student: {self.student_selection.describe(self.student.steps)}"
+        return f"student: {self.student.steps} SFT steps, {self.student_selection.describe()}"
 
     def summary(self) -> str:
         d = self.distill

@@ -24,7 +24,7 @@ from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, RunContext,
 from tsdkd_plugin.experiments.options import cache_dir_of
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED, best_trial
 from tsdkd_plugin.experiments.runner import JobError, banner, hardware_kind, machine_info, write_json_atomic
-from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, initial_student
+from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, describe_choice, initial_student
 
 REFERENCE_METHOD = "gkd"  # what the per-seed differences are taken against
 CHECKPOINTS_PER_TUNING_RUN = 4
@@ -307,21 +307,8 @@ def prepare_regime(regime: Regime, options: argparse.Namespace) -> RegimeState:
         print(f"  {role}: {path} ({'trained now' if built else 'reused from the cache'})")
     references_file = root / "references.json"
     state.references = json.loads(references_file.read_text()) if references_file.is_file() else {}
-    for role in ("teacher", "student"):
-        if role == "student":
-            state.models["student"], selection = initial_student(
-                budget,
-                state.models["student"],
-                state.references["teacher val greedy"]["accuracy"],
-                state.files["prompts_val"],
-                selection_record,
-            )
-            if selection is not None:
-                print(
-                    f"  initial student: step {selection['chosen_step']} of {budget.student.steps}, validation "
-                    f"{selection['chosen_val_accuracy']:.1%} ({selection['chosen_ratio'] or 0:.2f} of the teacher's) "
-                    f"-> {state.models['student']}"
-                )
+
+    def measure(role: str) -> None:
         for split, sampled in (("val", False), ("test", False), ("val", True)):
             key = f"{role} {split} {'sampled' if sampled else 'greedy'}"
             # An entry for another model (another build or choice of the student) is measured again.
@@ -345,6 +332,19 @@ def prepare_regime(regime: Regime, options: argparse.Namespace) -> RegimeState:
             print(
                 f"  {key}: {state.references[key]['accuracy']:.1%} (answered {state.references[key]['answered']:.1%})"
             )
+
+    measure("teacher")
+    # The student is chosen against the teacher's validation accuracy, then measured like the teacher.
+    state.models["student"], selection = initial_student(
+        budget,
+        state.models["student"],
+        state.references["teacher val greedy"]["accuracy"],
+        state.files["prompts_val"],
+        selection_record,
+    )
+    if selection is not None:
+        print(f"  initial student: {describe_choice(selection, budget.student.steps)} -> {state.models['student']}")
+    measure("student")
     if regime.name == "paper-like":
         from tsdkd_plugin.experiments.report import paper_like_checks
 

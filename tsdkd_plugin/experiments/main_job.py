@@ -37,7 +37,7 @@ from tsdkd_plugin.experiments.flags import tsdkd_flags
 from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
 from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, resolve_budget
 from tsdkd_plugin.experiments.runner import REPO_ROOT, banner, fresh_stage_dir, machine_info, run_entry_point
-from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, initial_student
+from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, describe_choice, initial_student
 
 PROG = "python -m tsdkd_plugin.experiments.main_job"
 # The teacher must beat the initial student by at least this much for the setting to make sense.
@@ -113,11 +113,7 @@ def run_job(options: argparse.Namespace) -> dict:
         models["student"], selection = initial_student(
             budget, models["student"], teacher_val, files["prompts_val"], selection_record
         )
-        note = (
-            f"step {selection['chosen_step']} of {budget.student.steps}: validation "
-            f"{selection['chosen_val_accuracy']:.1%}, {_ratio(selection['chosen_ratio'])} of the teacher's "
-            f"{teacher_val:.1%} (aimed at {budget.student_selection.target_ratio:g})"
-        )
+        note = describe_choice(selection, budget.student.steps)
         stages["student_selection"] = StageRecord(time.time() - started, note, selection)
         print(f"  initial student: {note} -> {models['student']}")
 
@@ -175,10 +171,6 @@ def run_job(options: argparse.Namespace) -> dict:
     print(f"  report: {paths['markdown']}\n  plot:   {paths['plot']}\n  json:   {paths['json']}")
     print_summary(results)
     return results
-
-
-def _ratio(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
 def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, comparison_json: Path) -> str:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tsdkd_plugin.experiments.budgets import StudentSelection
 from tsdkd_plugin.experiments.runner import write_json_atomic, write_text_atomic
 
 
@@ -194,12 +195,7 @@ def _student_steps(budget: Mapping, selection: Mapping | None) -> str:
 
 def selection_sentence(budget: Mapping) -> str:
     """How the budget (a dict, as results.json holds it) chose its initial student, in words."""
-    chosen = budget["student_selection"]
-    return (
-        f"the initial student is the checkpoint of that run (one every {chosen['every']} steps from step "
-        f"{chosen['first_step']}, and the final model) whose greedy validation accuracy is nearest "
-        f"{chosen['target_ratio']:g} of the teacher's"
-    )
+    return f"the initial student is {StudentSelection(**budget['student_selection']).describe()}"
 
 
 def write_job_report(results: Mapping, run_dir: Path) -> dict[str, Path]:

@@ -31,6 +31,7 @@ from tsdkd_plugin.experiments.runner import (
     hardware_kind,
     run_logged,
     upstream_command,
+    write_json_atomic,
 )
 
 # Libraries whose versions decide what a training run produces from the same recipe.
@@ -279,16 +280,12 @@ def evaluate_candidates(
     """{step: greedy validation accuracy} of every candidate, kept in record_file (a rerun resumes;
     an entry for another model directory is evaluated again)."""
     from tsdkd_plugin.experiments.evaluate import evaluate_model
-    from tsdkd_plugin.experiments.runner import write_json_atomic
 
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    done = {
-        int(c["step"]): c
-        for c in record.get("candidates", [])
-        if c.get("model") in {str(p) for p in candidates.values()}
-    }
+    wanted = {step: str(path) for step, path in candidates.items()}
+    done = {int(c["step"]): c for c in record.get("candidates", []) if wanted.get(int(c["step"])) == c.get("model")}
     for step, model_dir in candidates.items():
-        if step in done and done[step]["model"] == str(model_dir):
+        if step in done:
             continue
         result = evaluate_model(
             model_dir, prompts_val, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"student step {step}"
@@ -313,8 +310,6 @@ def select_initial_student(
     """(model directory, record) of the initial student `selection` chooses among its SFT run's
     candidates on the validation split; the record (every candidate's accuracy, the target and the
     choice) is written to record_file."""
-    from tsdkd_plugin.experiments.runner import write_json_atomic
-
     candidates = initial_student_candidates(student_dir, steps)
     accuracy = evaluate_candidates(
         candidates, prompts_val, record_file, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -322,7 +317,7 @@ def select_initial_student(
     chosen = choose_checkpoint(accuracy, teacher_val_accuracy, selection.target_ratio)
     record = {
         **json.loads(record_file.read_text()),
-        "rule": selection.describe(steps),
+        "rule": selection.describe(),
         "target_ratio": selection.target_ratio,
         "teacher_val_accuracy": teacher_val_accuracy,
         "chosen_step": chosen,
@@ -332,6 +327,16 @@ def select_initial_student(
     }
     write_json_atomic(record_file, record)
     return candidates[chosen], record
+
+
+def describe_choice(record: Mapping, steps: int) -> str:
+    """The choice a selection record holds, in one line (the main job's and the comparison's)."""
+    ratio = record["chosen_ratio"]
+    return (
+        f"step {record['chosen_step']} of {steps}: validation {record['chosen_val_accuracy']:.1%}, "
+        f"{'n/a' if ratio is None else f'{ratio:.2f}'} of the teacher's {record['teacher_val_accuracy']:.1%} "
+        f"(aimed at {record['target_ratio']:g})"
+    )
 
 
 def run_sft(
