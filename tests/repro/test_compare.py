@@ -2,6 +2,7 @@
 teacher scoring, the tuning protocol and the report it writes (no training here)."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED
 from tsdkd_plugin.experiments.report import remedies_markdown, write_comparison_report
 from tsdkd_plugin.experiments.runner import JobError
 from tsdkd_plugin.objective import PRESETS
+from tsdkd_plugin.toy import arith_task
 
 
 def test_method_groups_and_unknown_names():
@@ -103,6 +105,66 @@ def test_grpo_flags_parse_with_upstream_train_ppo_ray(estimator, tmp_path, toy_s
     assert args.algo.advantage.estimator == estimator and args.algo.kl.init_coef == 0
 
 
+class _TrainerReached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["seqkd", "dpo"])
+def test_every_offline_trial_names_a_data_file_upstream_loads(name, tmp_path, monkeypatch, toy_student_dir):
+    """SeqKD's and DPO's trials write their data file into a run directory whose name holds a comma
+    ("lr=3e-05,teacher_temperature=0.7--seed100"); OpenRLHF's blending_datasets splits --data.dataset
+    on commas, so the flag must still name the file it wrote (this once failed every grid trial)."""
+    from openrlhf.datasets.utils import blending_datasets
+
+    from tsdkd_plugin.experiments import methods
+
+    method = METHODS[name]
+    rows = [{arith_task.PROMPT_KEY: f"{i} + 1 = ?", arith_task.LABEL_KEY: str(i + 1)} for i in range(4)]
+    budget = BUDGETS["paper-like"]
+    distill = replace(budget.distill, n_prompts=4, samples_per_prompt=2, train_batch_size=4, micro_batch_size=4)
+    ctx = methods.RunContext(
+        budget=replace(budget, distill=distill),
+        teacher_dir=toy_student_dir,
+        student_dir=toy_student_dir,
+        prompts_file=tmp_path / "prompts.jsonl",
+        prompt_rows=rows,
+        timeout_s=60,
+        verbose=False,
+    )
+    monkeypatch.setattr(
+        methods,
+        "sample_responses",
+        lambda _m, r, n, *a, **k: [[f"#### {i}{j}" for j in range(n)] for i in range(len(r))],
+    )
+    monkeypatch.setattr(methods, "teacher_scores", lambda _m, r, groups: [list(range(len(g))) for g in groups])
+    loaded = []
+
+    def trainer(module, args, steps, stage_dir, ctx, desc):
+        value = args[args.index("--data.dataset") + 1]
+        monkeypatch.chdir(stage_dir)  # where _run_offline_trainer runs the trainer
+        data = blending_datasets(value, strategy=SimpleNamespace(print=lambda *a: None, is_rank_0=lambda: True))
+        loaded.append((value, len(data)))
+        raise _TrainerReached
+
+    monkeypatch.setattr(methods, "_run_offline_trainer", trainer)
+    for overrides in method.grid:
+        settings = {"lr": 3e-5, **overrides}
+        stage_dir = tmp_path / "runs" / f"{comparison.settings_key(settings)}--seed100"
+        assert "," in stage_dir.name
+        with pytest.raises(_TrainerReached):
+            methods.run_method(method, settings, 100, ctx, stage_dir)
+    assert len(loaded) == len(method.grid) and all(count > 0 for _, count in loaded), loaded
+
+
+def test_a_data_path_upstream_would_split_is_refused_with_its_name():
+    from tsdkd_plugin.experiments.flags import dataset_flag_value
+
+    assert dataset_flag_value(Path("/runs/a/data.jsonl")) == "/runs/a/data.jsonl"
+    for bad in ("/runs/lr=1,b=2/data.jsonl", "/runs/x@y/data.jsonl"):
+        with pytest.raises(ValueError, match=f"data file {bad} has a ',' or '@' in its path"):
+            dataset_flag_value(Path(bad))
+
+
 def test_ranked_pairs_best_against_worst():
     responses = ["a", "b", "c", "d"]
     scores = [-1.0, -0.1, -3.0, -2.0]
@@ -180,6 +242,16 @@ def test_a_shorter_grid_keeps_the_same_first_entries_for_every_method(grid_trial
 def test_a_negative_grid_trial_count_is_refused(capsys):
     assert compare.main(["--grid-trials", "-1", "--report-only"]) != 0
     assert "--grid-trials must be 0 or more, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--run-dir", "--cache-dir"])
+def test_a_work_directory_upstream_would_split_is_refused_before_anything_is_built(
+    option, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(comparison, "prepare_regime", lambda *a: pytest.fail("models built before the check"))
+    assert compare.main([option, str(tmp_path / "a,b")]) == 2
+    assert f"{option} {tmp_path / 'a,b'}: OpenRLHF's --data.dataset reads ','" in capsys.readouterr().err
+    assert not (tmp_path / "a,b").exists()
 
 
 def test_a_missing_restore_file_is_refused_before_anything_is_built(tmp_path, monkeypatch, capsys):

@@ -51,6 +51,7 @@ def test_the_two_regimes_differ_only_in_the_initial_student():
         (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, paper-like, weak-student"),
         (["--n-prompts", "4"], "has 4 rows, fewer than the batch size 8"),
         (["--n-test", "0"], "--n-test must be a positive integer"),
+        (["--run-dir", "/tmp/a,b"], "--run-dir /tmp/a,b: OpenRLHF's --data.dataset reads ',' and '@'"),
     ],
 )
 def test_bad_input_is_one_sentence_and_touches_nothing(tmp_path, capsys, argv, message):

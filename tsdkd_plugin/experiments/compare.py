@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tsdkd_plugin.experiments.comparison import REGIMES, collect, run_regime
 from tsdkd_plugin.experiments.methods import METHOD_GROUPS, METHODS, parse_methods
+from tsdkd_plugin.experiments.options import check_work_dirs
 from tsdkd_plugin.experiments.protocol import LR_GRID
 from tsdkd_plugin.experiments.runner import JobError, banner, run_entry_point
 
@@ -47,6 +48,7 @@ def run_comparison(options: argparse.Namespace) -> int:
     if options.grid_trials is not None and options.grid_trials < 0:
         raise JobError(f"--grid-trials must be 0 or more, got {options.grid_trials}")
     options.lr_grid = parse_lr_grid(options.lr_grid)
+    check_work_dirs(options)
     if options.restore_from and not Path(options.restore_from).is_file():
         # Checked here, not only when the runs are restored: that comes after the teacher and student builds.
         raise JobError(f"--restore-from: no such file {options.restore_from} (give an earlier comparison.json)")

@@ -21,13 +21,29 @@ REWARD_FUNC_PATH = Path(tsdkd_plugin.toy.__file__).resolve().with_name("reward_f
 TOY_DS_FLAGS = ("--ds.zero_stage", "0", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa")
 
 
+def dataset_flag_value(data_file: Path) -> str:
+    """The value of --data.dataset / --data.prompt_dataset for one data file. OpenRLHF's
+    `blending_datasets` reads it as a comma-separated list of datasets and cuts each at "@" (a split
+    name), so a path holding either would load something else: a ValueError naming the path. Runs
+    whose directory names hold a comma (a comparison's "lr=3e-05,beta=0.5" run directories) pass the
+    file's name relative to the trainer's working directory instead."""
+    value = str(data_file)
+    if "," in value or "@" in value:
+        raise ValueError(
+            f"data file {value} has a ',' or '@' in its path, which OpenRLHF's --data.dataset reads as a "
+            "list separator or a split name: use a directory without them (or a path relative to the "
+            "trainer's working directory)"
+        )
+    return value
+
+
 def sft_flags(recipe: SFTRecipe, model_dir: Path, data_file: Path, output_dir: Path, ds_ckpt_dir: Path) -> list[str]:
     """train_sft flags; the micro batch equals the batch, so one step is one optimizer update."""
     return [
         "--model.model_name_or_path",
         str(model_dir),
         "--data.dataset",
-        str(data_file),
+        dataset_flag_value(data_file),
         "--data.input_key",
         arith_task.PROMPT_KEY,
         "--data.output_key",
@@ -76,7 +92,7 @@ def distill_flags(
         "--actor.model_name_or_path",
         str(student_dir),
         "--data.prompt_dataset",
-        str(prompts_file),
+        dataset_flag_value(prompts_file),
         "--data.input_key",
         arith_task.PROMPT_KEY,
         "--data.label_key",
@@ -179,7 +195,7 @@ def dpo_flags(
         "--ref.model_name_or_path",
         str(student_dir),
         "--data.dataset",
-        str(data_file),
+        dataset_flag_value(data_file),
         "--data.prompt_key",
         arith_task.PROMPT_KEY,
         "--data.chosen_key",

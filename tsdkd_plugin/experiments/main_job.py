@@ -35,7 +35,7 @@ from tsdkd_plugin.experiments.budgets import Budget, write_task_data
 from tsdkd_plugin.experiments.evaluate import evaluate_model, evaluate_models
 from tsdkd_plugin.experiments.flags import tsdkd_flags
 from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
-from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, resolve_budget
+from tsdkd_plugin.experiments.options import add_common_arguments, cache_dir_of, check_work_dirs, resolve_budget
 from tsdkd_plugin.experiments.runner import REPO_ROOT, banner, fresh_stage_dir, machine_info, run_entry_point
 from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, describe_choice, initial_student
 
@@ -61,6 +61,7 @@ class StageRecord:
 def run_job(options: argparse.Namespace) -> dict:
     job_started = time.time()
     budget = resolve_budget(options)
+    check_work_dirs(options)
     run_dir = Path(options.run_dir).resolve()
     cache_dir = cache_dir_of(options)
     timeout_s = budget.stage_timeout_s

@@ -472,7 +472,8 @@ def run_seqkd(
     ]
     data_file = arith_task.write_jsonl(stage_dir / "seqkd_sft.jsonl", data)
     recipe = _distill_sft_recipe(ctx, budget, len(data), budget.train_batch_size, seed)
-    args = sft_flags(recipe, ctx.student_dir, data_file, stage_dir / "model", stage_dir / "ds-ckpt")
+    # By name: the trainer runs in stage_dir, whose path may hold a comma (flags.dataset_flag_value).
+    args = sft_flags(recipe, ctx.student_dir, Path(data_file.name), stage_dir / "model", stage_dir / "ds-ckpt")
     if checkpoints:
         args += hf_copy_flags(stage_dir / "checkpoints", max(1, recipe.steps // checkpoints))
     model_dir, result, notes = _run_offline_trainer("openrlhf.cli.train_sft", args, recipe.steps, stage_dir, ctx, desc)
@@ -512,7 +513,7 @@ def run_dpo(
     args = dpo_flags(
         budget,
         student_dir=ctx.student_dir,
-        data_file=data_file,
+        data_file=Path(data_file.name),  # by name, as for SeqKD: the trainer runs in stage_dir
         output_dir=stage_dir / "model",
         ds_ckpt_dir=stage_dir / "ds-ckpt",
         beta=beta,

@@ -82,5 +82,18 @@ def resolve_budget(options: argparse.Namespace) -> Budget:
     return budget
 
 
+def check_work_dirs(options: argparse.Namespace) -> None:
+    """--run-dir and --cache-dir hold data files that the trainers read through OpenRLHF's
+    --data.dataset, which splits a path at ',' and '@' (flags.dataset_flag_value): one sentence
+    now instead of a failed stage after the teacher's build."""
+    for name in ("run_dir", "cache_dir"):
+        value = getattr(options, name, None)
+        if value and any(mark in str(Path(value).expanduser().resolve()) for mark in ",@"):
+            raise JobError(
+                f"--{name.replace('_', '-')} {value}: OpenRLHF's --data.dataset reads ',' and '@' in a data "
+                "file's path as a list separator and a split name; choose a directory without them"
+            )
+
+
 def cache_dir_of(options: argparse.Namespace) -> Path | None:
     return Path(options.cache_dir).expanduser().resolve() if options.cache_dir else None
