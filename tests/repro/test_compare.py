@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tsdkd_plugin.experiments import compare, comparison
+from tsdkd_plugin.experiments import compare, comparison, methods
 from tsdkd_plugin.experiments.budgets import BUDGETS
 from tsdkd_plugin.experiments.evaluate import teacher_scores
 from tsdkd_plugin.experiments.flags import distill_flags, grpo_flags, tsdkd_flags
@@ -16,7 +16,7 @@ from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, parse_metho
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED
 from tsdkd_plugin.experiments.report import remedies_markdown, write_comparison_report
 from tsdkd_plugin.experiments.runner import JobError
-from tsdkd_plugin.objective import PRESETS
+from tsdkd_plugin.objective import PRESETS, TSDKDConfig
 from tsdkd_plugin.toy import arith_task
 
 
@@ -115,8 +115,6 @@ def test_every_offline_trial_names_a_data_file_upstream_loads(name, tmp_path, mo
     ("lr=3e-05,teacher_temperature=0.7--seed100"); OpenRLHF's blending_datasets splits --data.dataset
     on commas, so the flag must still name the file it wrote (this once failed every grid trial)."""
     from openrlhf.datasets.utils import blending_datasets
-
-    from tsdkd_plugin.experiments import methods
 
     method = METHODS[name]
     rows = [{arith_task.PROMPT_KEY: f"{i} + 1 = ?", arith_task.LABEL_KEY: str(i + 1)} for i in range(4)]
@@ -480,11 +478,20 @@ def test_remedies_are_opt_in_options_on_top_of_the_paper_preset():
     remedies = {m.name: m for m in METHODS.values() if m.group == "remedy"}
     assert set(parse_methods("remedies")) == set(remedies) and len(remedies) == 3
     assert {m.derived_from for m in remedies.values()} == {"tsdkd-paper"}
-    tuned = {"lr": 3e-5, "entropy_weight": 0.1}
+    # A remedy keeps the parent's tuned knobs but not its tuned weights: it runs at the paper's.
+    tuned = {"lr": 3e-5, "entropy_weight": 0.01, "indirect_weight": 0.001, "num_candidates": 5}
     assert METHODS["tsdkd-grad-balanced"].objective_for(tuned) == {
         "preset": "paper",
-        "entropy_weight": 0.1,
+        "num_candidates": 5,
+        "indirect_weight": 0.1,
+        "entropy_weight": 1.0,
         "term_balance": "grad_norm",
+    }
+    assert METHODS["tsdkd-weight-warmup"].objective_for(tuned)["entropy_weight"] == 1.0
+    defaults = TSDKDConfig()
+    assert methods.PAPER_WEIGHTS == {
+        "indirect_weight": defaults.indirect_weight,
+        "entropy_weight": defaults.entropy_weight,
     }
     assert set(parse_methods("ablations")) == {m.name for m in METHODS.values() if m.group == "ablation"}
     assert {"tsdkd-hard-gate", "tsdkd-sequence", "tsdkd-prefix"} <= set(parse_methods("ablations"))
