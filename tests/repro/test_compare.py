@@ -531,11 +531,31 @@ def test_a_remedy_reaches_the_test_split_only_by_beating_its_parent_on_validatio
             {
                 "methods_doc": {
                     "tsdkd-paper": {"label": "TSD-KD (paper preset)"},
-                    "tsdkd-listmle-normalized": {"objective": {"listmle_normalize": True}},
+                    "tsdkd-listmle-normalized": {"objective": dict(METHODS["tsdkd-listmle-normalized"].objective)},
                 }
             },
         )
     )
+    # The settings column says what the remedy ran at: the parent's lr, the paper's entropy weight.
+    assert "| lr 3e-05, entropy_weight 1 |" in remedies_md
     assert "one more validation trial of TSD-KD (paper preset) (1 in all)" in remedies_md
     assert f"| {'yes' if to_test else 'no'} |" in remedies_md
-    assert "| `--tsdkd.listmle_normalize True` |" in remedies_md
+    assert "--tsdkd.listmle_normalize True` |" in remedies_md
+
+
+def test_a_remedys_test_runs_report_the_weights_they_ran_at():
+    from tsdkd_plugin.experiments.report import summarize_test_runs
+
+    settings = {"lr": 3e-5, "entropy_weight": 0.01, "indirect_weight": 0.001}
+    runs = [
+        {
+            "method": "tsdkd-grad-balanced",
+            "seed": seed,
+            "settings": settings,
+            "objective": METHODS["tsdkd-grad-balanced"].objective_for(settings),
+            "evaluation": {"accuracy": 0.7 + seed / 100},
+        }
+        for seed in (0, 1)
+    ]
+    summary = summarize_test_runs(runs, "gkd")["tsdkd-grad-balanced"]
+    assert summary["settings"] == {"lr": 3e-5, "entropy_weight": 1.0, "indirect_weight": 0.1}

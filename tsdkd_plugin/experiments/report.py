@@ -223,6 +223,12 @@ def _settings_text(settings: Mapping) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
 
 
+def _ran_with(settings: Mapping, objective: Mapping) -> dict:
+    """The settings a run really had: a remedy keeps its parent's tuned settings except where its own
+    options override them (it runs at the paper's weights, methods.PAPER_WEIGHTS)."""
+    return {key: objective.get(key, value) for key, value in settings.items()}
+
+
 def summarize_test_runs(runs: Sequence[Mapping], reference_method: str) -> dict[str, dict]:
     """Per method: accuracies by seed, mean with 95% CI, and the per-seed difference against the
     reference method (same seeds) with its 95% CI."""
@@ -239,7 +245,7 @@ def summarize_test_runs(runs: Sequence[Mapping], reference_method: str) -> dict[
         summary[method] = {
             "label": first.get("label", method),
             "group": first.get("group", ""),
-            "settings": first["settings"],
+            "settings": _ran_with(first["settings"], first.get("objective", {})),
             "extra_objective": first.get("extra_objective", {}),
             "accuracies": accuracies,
             **mean_ci(list(accuracies.values())),
@@ -373,8 +379,9 @@ def remedies_markdown(remedies: Mapping[str, Mapping], data: Mapping) -> list[st
         "",
         "Each is one more validation trial of "
         + ", ".join(docs.get(p, {}).get("label", p) for p in parents)
-        + f" ({len(remedies)} in all), at its chosen settings; a remedy runs on test only if it beats "
-        "that method's chosen validation accuracy.",
+        + f" ({len(remedies)} in all), at its chosen learning rate and settings with the remedy's options "
+        "on top (the paper's weights among them); a remedy runs on test only if it beats that method's "
+        "chosen validation accuracy.",
         "",
         "| remedy | option | settings | val accuracy | parent's chosen val accuracy | on test |",
         "|---|---|---|---|---|---|",
@@ -383,8 +390,9 @@ def remedies_markdown(remedies: Mapping[str, Mapping], data: Mapping) -> list[st
         doc = docs.get(name, {})
         option = " ".join(f"--tsdkd.{key} {value}" for key, value in doc.get("objective", {}).items())
         accuracy = "failed" if entry["failed"] else _pct(entry["val_accuracy"])
+        ran_with = _settings_text(_ran_with(entry["settings"], doc.get("objective", {})))
         lines.append(
-            f"| {doc.get('label', name)} | `{option}` | {_settings_text(entry['settings'])} | {accuracy} | "
+            f"| {doc.get('label', name)} | `{option}` | {ran_with} | {accuracy} | "
             f"{_pct(entry['parent_val_accuracy'])} | {'yes' if entry['to_test'] else 'no'} |"
         )
     return [*lines, ""]
