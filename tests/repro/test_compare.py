@@ -217,11 +217,31 @@ def test_tuning_tries_the_lr_grid_then_the_methods_grid_at_the_best_lr(tmp_path,
         {"lr": 1e-4, "beta": 0.0},
         {"lr": 1e-4, "beta": 0.5},
         {"lr": 1e-4, "beta": 1.0},
+        # beta 0.5 moved the choice: the rates next to 1e-4, at beta 0.5
+        {"lr": 3e-5, "beta": 0.5},
+        {"lr": 3e-4, "beta": 0.5},
     ]
     assert all(c[0] == "tune" and c[3] == TUNING_SEED and c[4] == "val" for c in calls)
-    # Ties go to the earlier trial: lr 1e-4 before 3e-4, beta 0.5 before beta 1.
+    # Ties go to the earlier trial: lr 1e-4 before 3e-4, beta 0.5 before beta 1 (and its re-checks).
     assert result["chosen"] == {"lr": 1e-4, "beta": 0.5} and result["chosen_val_accuracy"] == 0.62
-    assert len(result["trials"]) == len(LR_GRID) + len(METHODS["gkd"].grid)
+    assert len(result["trials"]) == len(LR_GRID) + len(METHODS["gkd"].grid) + 2
+
+
+def test_a_rate_next_to_the_chosen_one_can_win_the_recheck_and_an_unmoved_choice_gets_none(tmp_path, monkeypatch):
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        weak = settings.get("entropy_weight") == 0.01
+        table = {3e-5: 0.70, 1e-4: 0.65, 3e-4: 0.5} if not weak else {3e-5: 0.72, 1e-4: 0.76, 3e-4: 0.4}
+        return {"evaluation": {"accuracy": table[settings["lr"]] - (0.01 if "num_candidates" in settings else 0)}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    result = comparison.tune_method(_state(tmp_path, "paper-like"), None, "tsdkd-paper", {})
+    weak = {"indirect_weight": 0.001, "entropy_weight": 0.01}
+    # 3e-5 is the first rate of the default grid: only its right-hand neighbour exists.
+    assert [t["settings"] for t in result["trials"]][-1:] == [{"lr": 1e-4, **weak}]
+    assert result["chosen"] == {"lr": 1e-4, **weak} and result["chosen_val_accuracy"] == 0.76
+
+    flat = comparison.tune_method(_state(tmp_path, "paper-like"), None, "seqkd", {})
+    assert len(flat["trials"]) == len(LR_GRID) + len(METHODS["seqkd"].grid)  # nothing moved: no re-check
 
 
 @pytest.mark.parametrize("grid_trials", [0, 2])

@@ -210,10 +210,11 @@ def tune_method(
     grid_trials: int | None = None,
     lr_grid: Sequence[float] = LR_GRID,
 ) -> dict:
-    """{"trials": [...], "chosen": settings} for one method on the validation split. `grid_trials`
-    keeps only the first entries of the method's own grid and `lr_grid` replaces the learning-rate
-    grid, the same for every method, so that none is tuned more than its rivals; None keeps the
-    whole grid."""
+    """{"trials": [...], "chosen": settings} for one method on the validation split: the learning-rate
+    grid, the method's own grid at the best rate, and when that moved the choice, the neighbouring
+    rates at the new settings (protocol.py). `grid_trials` keeps only the first entries of the
+    method's own grid and `lr_grid` replaces the learning-rate grid, the same for every method, so
+    that none is tuned more than its rivals; None keeps the whole grid."""
     method = METHODS[method_name]
     trials = []
 
@@ -225,13 +226,25 @@ def tune_method(
         trials.append({"settings": dict(settings), "val_accuracy": accuracy, "failed": result is None})
         return accuracy
 
+    def best():
+        return best_trial([(t["settings"], t["val_accuracy"]) for t in trials])
+
     for settings in tuning_trials(state, method_name, inherited, lr_grid):
         trial(settings)
     if state.regime.tune == "full":
-        best_lr = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])[0]["lr"]
+        best_lr = best()[0]["lr"]
         for overrides in method.grid[:grid_trials]:
             trial({"lr": best_lr, **overrides})
-    chosen, accuracy = best_trial([(t["settings"], t["val_accuracy"]) for t in trials])
+        # When the method's own grid moved its choice, the learning rate once more at the new
+        # settings: the grid's rates next to the chosen one (weights 100x smaller can move the best
+        # rate). The same rule for every method; the report counts the trials.
+        chosen = dict(best()[0])
+        if set(chosen) != {"lr"}:
+            index = list(lr_grid).index(chosen["lr"])
+            for neighbour in (index - 1, index + 1):
+                if 0 <= neighbour < len(lr_grid):
+                    trial({**chosen, "lr": lr_grid[neighbour]})
+    chosen, accuracy = best()
     return {"trials": trials, "chosen": chosen, "chosen_val_accuracy": accuracy}
 
 

@@ -4,6 +4,10 @@
    every method first gets the same learning-rate grid (LR_GRID) with its default settings; then,
    at its best learning rate, the same number of trials of its own hyperparameter (`Method.grid`:
    GKD's beta, TSD-KD's weights, DPO's beta, ...). So every method gets the same number of trials.
+   When that grid moved the choice off the default, the learning rates next to the chosen one in
+   the grid are tried once more at the new settings (a 100x smaller TSD-KD weight can move the best
+   rate); the same rule for every method, so a method whose own grid changed nothing gets no such
+   trials (the report gives every method's count).
    The best validation accuracy wins; ties go to the earlier trial (the default comes first).
 2. Test: each method's chosen settings, `seeds` seeds, on the test split. Reported: mean, a 95%
    confidence interval (Student t over seeds), and the per-seed difference against a reference
