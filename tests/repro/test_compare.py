@@ -579,3 +579,39 @@ def test_a_remedys_test_runs_report_the_weights_they_ran_at():
     ]
     summary = summarize_test_runs(runs, "gkd")["tsdkd-grad-balanced"]
     assert summary["settings"] == {"lr": 3e-5, "entropy_weight": 1.0, "indirect_weight": 0.1}
+
+
+def test_the_long_regime_runs_each_method_once_at_the_paper_like_choice_with_a_denser_curve(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        calls.append((method, dict(settings), split, kwargs["checkpoints"]))
+        return {"evaluation": {"accuracy": 0.7}}
+
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    chosen = {"gkd": {"lr": 1e-4, "beta": 0.5}}
+    result = comparison.tune_method(_state(tmp_path, "paper-like-long"), None, "gkd", chosen, 3)
+    assert calls == [("gkd", {"lr": 1e-4, "beta": 0.5}, "val", 12)]
+    assert result["chosen"] == {"lr": 1e-4, "beta": 0.5}
+    long, short = BUDGETS["paper-like-long"], BUDGETS["paper-like"]
+    assert long.distill.optimizer_steps == 3 * short.distill.optimizer_steps
+    assert (long.teacher, long.student, long.student_selection) == (
+        short.teacher,
+        short.student,
+        short.student_selection,
+    )
+    assert (long.n_val, long.n_test, long.difficulty) == (short.n_val, short.n_test, short.difficulty)
+
+
+def test_the_long_regime_needs_its_methods_tuned_in_the_paper_like_one_before_building_anything(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(comparison, "prepare_regime", lambda *a: pytest.fail("models built before the check"))
+    run_dir = tmp_path / "runs"
+    argv = ["--regimes", "paper-like-long", "--methods", "gkd,seqkd", "--run-dir", str(run_dir)]
+    assert compare.main(argv) == 2
+    assert "takes every setting from the paper-like regime, which has not been tuned yet" in capsys.readouterr().err
+    comparison.chosen_settings_file(run_dir, "paper-like").parent.mkdir(parents=True)
+    comparison.chosen_settings_file(run_dir, "paper-like").write_text(json.dumps({"gkd": {"chosen": {"lr": 1e-4}}}))
+    assert compare.main(argv) == 2
+    assert "which has not tuned seqkd: run it there first" in capsys.readouterr().err

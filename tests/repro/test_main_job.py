@@ -48,7 +48,10 @@ def test_the_two_regimes_differ_only_in_the_initial_student():
     [
         (["--task", "sudoku"], "unknown task 'sudoku'; valid tasks: arith"),
         (["--difficulty", "extreme"], "unknown difficulty 'extreme'; valid difficulties: easy, medium, hard"),
-        (["--budget", "huge"], "unknown budget 'huge'; valid budgets: smoke, paper-like, weak-student"),
+        (
+            ["--budget", "huge"],
+            "unknown budget 'huge'; valid budgets: smoke, paper-like, weak-student, paper-like-long",
+        ),
         (["--n-prompts", "4"], "has 4 rows, fewer than the batch size 8"),
         (["--n-test", "0"], "--n-test must be a positive integer"),
         (["--run-dir", "/tmp/a,b"], "--run-dir /tmp/a,b: OpenRLHF's --data.dataset reads ',' and '@'"),

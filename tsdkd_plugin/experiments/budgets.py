@@ -182,6 +182,18 @@ BUDGETS: dict[str, Budget] = {
     "weak-student": Budget(
         name="weak-student", teacher=_TEACHER, student=_WEAK_STUDENT, distill=_DISTILL, n_val=500, n_test=500
     ),
+    # The paper-like regime with three times the distillation prompts (96 optimizer steps): whether
+    # its 32 steps let the best method's validation accuracy flatten (issue 13). The same teacher,
+    # student and splits (a split depends only on its own size, so the first 512 prompts are the same).
+    "paper-like-long": Budget(
+        name="paper-like-long",
+        teacher=_TEACHER,
+        student=_PAPER_LIKE_STUDENT,
+        student_selection=_PAPER_LIKE_SELECTION,
+        distill=replace(_DISTILL, n_prompts=3 * _DISTILL.n_prompts),
+        n_val=500,
+        n_test=500,
+    ),
 }
 DEFAULT_BUDGET = "paper-like"
 

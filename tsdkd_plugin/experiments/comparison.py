@@ -36,10 +36,14 @@ class Regime:
 
     name: str
     budget: str  # key of budgets.BUDGETS
-    tune: str  # "full": LR grid then each method's grid; "lr": LR grid only, the rest from `inherit_from`
+    # "full": LR grid then each method's grid; "lr": LR grid only, the rest from `inherit_from`;
+    # "fixed": every setting, the learning rate included, from `inherit_from` (one validation run each)
+    tune: str
     inherit_from: str | None = None
     ablations: bool = True
     doc: str = ""
+    # Evaluated copies along each validation run (its curve in the report).
+    curve_points: int = CHECKPOINTS_PER_TUNING_RUN
 
 
 REGIMES: dict[str, Regime] = {
@@ -60,6 +64,16 @@ REGIMES: dict[str, Regime] = {
             inherit_from="paper-like",
             ablations=False,
             doc="the earlier default: a 0.16M-parameter student far below its teacher, most of its own samples wrong",
+        ),
+        Regime(
+            "paper-like-long",
+            "paper-like-long",
+            "fixed",
+            inherit_from="paper-like",
+            ablations=False,
+            curve_points=12,
+            doc="the paper-like regime with 3x the distillation budget (96 optimizer steps) at the settings "
+            "chosen there: is 32 steps long enough for the validation accuracy to flatten?",
         ),
     )
 }
@@ -194,7 +208,10 @@ def tuning_trials(
     state: RegimeState, method_name: str, chosen: Mapping[str, dict], lr_grid: Sequence[float] = LR_GRID
 ) -> list[dict]:
     """The learning-rate trials of a method on validation, in order (its other settings: the
-    defaults, or in an "lr" regime those chosen in the regime it inherits from)."""
+    defaults, or in an "lr" regime those chosen in the regime it inherits from); in a "fixed"
+    regime, the one run at the settings chosen there."""
+    if state.regime.tune == "fixed":
+        return [dict(chosen[method_name])]
     if state.regime.tune == "lr":
         inherited = chosen.get(method_name, {})
         knobs = {k: v for k, v in inherited.items() if k != "lr"}
@@ -220,7 +237,7 @@ def tune_method(
 
     def trial(settings):
         result = run_and_evaluate(
-            state, ctx, "tune", method_name, settings, TUNING_SEED, "val", checkpoints=CHECKPOINTS_PER_TUNING_RUN
+            state, ctx, "tune", method_name, settings, TUNING_SEED, "val", checkpoints=state.regime.curve_points
         )
         accuracy = result["evaluation"]["accuracy"] if result and not budget_shortfall(result) else float("-inf")
         trials.append({"settings": dict(settings), "val_accuracy": accuracy, "failed": result is None})
@@ -260,7 +277,7 @@ def try_remedy(state: RegimeState, ctx: RunContext, method_name: str, parent: Ma
         parent["chosen"],
         TUNING_SEED,
         "val",
-        checkpoints=CHECKPOINTS_PER_TUNING_RUN,
+        checkpoints=state.regime.curve_points,
     )
     accuracy = result["evaluation"]["accuracy"] if result and not budget_shortfall(result) else None
     return {
@@ -419,6 +436,24 @@ def restore_runs(state: RegimeState, report_file: Path) -> int:
 
 def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[str]) -> None:
     banner(f"regime {regime.name}: {regime.doc}")
+    tuned = [m for m in methods if m in TUNED_METHODS]
+    inherited = {}
+    if regime.inherit_from:  # read before any model is built: a missing parent is one sentence
+        source = chosen_settings_file(Path(options.run_dir).resolve(), regime.inherit_from)
+        what = "every setting" if regime.tune == "fixed" else "its non-LR settings"
+        if not source.is_file():
+            raise JobError(
+                f"the {regime.name} regime takes {what} from the {regime.inherit_from} "
+                f"regime, which has not been tuned yet ({source} is missing): run that regime first"
+            )
+        inherited = {m: entry["chosen"] for m, entry in json.loads(source.read_text()).items()}
+        untuned = [m for m in tuned if regime.tune == "fixed" and m not in inherited]
+        if untuned:
+            raise JobError(
+                f"the {regime.name} regime runs each method at the settings chosen in the {regime.inherit_from} "
+                f"regime, which has not tuned {', '.join(untuned)}: run {'it' if len(untuned) == 1 else 'them'} "
+                "there first"
+            )
     state = prepare_regime(regime, options)
     if getattr(options, "restore_from", None):
         count = restore_runs(state, Path(options.restore_from))
@@ -432,16 +467,6 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
         timeout_s=options.run_timeout or state.budget.stage_timeout_s,
         verbose=options.verbose,
     )
-    inherited = {}
-    if regime.inherit_from:
-        source = chosen_settings_file(Path(options.run_dir).resolve(), regime.inherit_from)
-        if not source.is_file():
-            raise JobError(
-                f"the {regime.name} regime takes its non-LR settings from the {regime.inherit_from} "
-                f"regime, which has not been tuned yet ({source} is missing): run that regime first"
-            )
-        inherited = {m: entry["chosen"] for m, entry in json.loads(source.read_text()).items()}
-    tuned = [m for m in methods if m in TUNED_METHODS]
     tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials, options.lr_grid) for m in tuned}
     write_json_atomic(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
     remedies = {

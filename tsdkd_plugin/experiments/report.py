@@ -446,11 +446,11 @@ def regime_markdown(
             if grid_trials == 0
             else f"the first {grid_trials} entries of the method's own grid at the best one"
         )
-        what = (
-            f"the learning rate, then {own_grid}"
-            if regime["tune"] == "full"
-            else f"the learning rate only; other settings as chosen in the {regime['inherit_from']} regime"
-        )
+        what = {
+            "full": f"the learning rate, then {own_grid}",
+            "lr": f"the learning rate only; other settings as chosen in the {regime['inherit_from']} regime",
+            "fixed": f"nothing tuned: one run at the settings chosen in the {regime['inherit_from']} regime",
+        }[regime["tune"]]
         lines += [
             f"### Tuning on the validation split (seed {data['tuning_seed']}; {what})",
             "",
