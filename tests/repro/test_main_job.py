@@ -220,6 +220,20 @@ def test_the_verdict_quotes_the_comparison_only_for_the_same_teacher_and_student
     same = main_job.verdict_sentence(results, {"lr": 3e-5}, budget, _comparison_file(tmp_path, 0.884, 0.712))
     assert same.startswith("TSD-KD took the student from 71.2% to 73.0% (+1.8 points, closing 10% of its gap")
     assert "GKD reaches 75.5% [95% CI 70.0, 81.0] over 2 seeds" in same
+    # The comparison's TSD-KD: quoted as "these settings" only when they are the job's, else named.
+    for settings, expected in (
+        ({"lr": 3e-5}, "where TSD-KD at these settings gets 72.0% and differs from GKD by -3.5 points [-5.0, -2.0]"),
+        ({"lr": 1e-4}, "where TSD-KD at the settings it chose on validation (lr 3e-05) gets 72.0%"),
+    ):
+        path = _comparison_file(tmp_path, 0.884, 0.712)
+        data = json.loads(path.read_text())
+        data["summaries"]["paper-like"]["tsdkd-paper"] = {
+            "settings": {"lr": 3e-5},
+            "mean": 0.72,
+            "difference": {"mean": -0.035, "low": -0.05, "high": -0.02},
+        }
+        path.write_text(json.dumps(data))
+        assert expected in main_job.verdict_sentence(results, settings, budget, path)
     # The same recipe built on another kind of processor: other models, so the comparison does not apply.
     results["evaluations"]["teacher"]["accuracy"] = 0.808
     other = main_job.verdict_sentence(results, {"lr": 3e-5}, budget, _comparison_file(tmp_path, 0.884, 0.712))
