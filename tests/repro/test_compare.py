@@ -426,6 +426,34 @@ def test_report_from_run_files(tmp_path):
     assert missing_ablation_seeds() == [f"tsdkd-no-entropy seed {seed}" for seed in (0, 1, 2)]
 
 
+def test_test_runs_at_settings_a_method_no_longer_has_are_left_out(tmp_path):
+    """A comparison resumed after its tuning changed (a longer grid, a re-check) keeps the earlier
+    test runs on disk; only those at each method's chosen settings are its results."""
+    run_dir = tmp_path / "runs"
+    root = run_dir / "paper-like"
+    for settings, accuracy in (({"lr": 1e-4}, 0.40), ({"lr": 1e-4, "beta": 0.5}, 0.70)):
+        for seed in (0, 1):
+            name = f"{comparison.settings_key(settings)}--seed{seed}.json"
+            path = root / "results" / "test" / "gkd" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_fake_run("gkd", seed, accuracy, settings)))
+    tuning = {"gkd": {"trials": [], "chosen": {"lr": 1e-4, "beta": 0.5}, "chosen_val_accuracy": 0.7}}
+    (root / "chosen.json").write_text(json.dumps(tuning))
+    options = SimpleNamespace(run_dir=str(run_dir), seed_list=[0, 1], grid_trials=None, lr_grid=LR_GRID)
+    data = comparison.collect(options, ["paper-like"], ["gkd"], 1.0, ["c"])
+    regime = data["regimes"]["paper-like"]
+    assert [(r["settings"], r["evaluation"]["accuracy"]) for r in regime["test_runs"]] == [
+        ({"lr": 1e-4, "beta": 0.5}, 0.70)
+    ] * 2
+    assert sorted(regime["superseded_test_runs"]) == [
+        "paper-like/results/test/gkd/lr=0.0001--seed0.json",
+        "paper-like/results/test/gkd/lr=0.0001--seed1.json",
+    ]
+    markdown = write_comparison_report(data, tmp_path / "out")["markdown"].read_text()
+    assert "| GKD (JSD, all tokens) | lr 0.0001, beta 0.5 | **70.0** [70.0, 70.0] | 70.0, 70.0 |" in markdown
+    assert "2 earlier test runs at settings a method no longer has" in markdown
+
+
 def test_a_run_that_missed_its_budget_is_not_a_result():
     assert comparison.budget_shortfall(
         {"rollouts_planned": 8, "rollouts": 2, "samples_planned": 2048, "samples": 512}

@@ -560,10 +560,17 @@ def collect(
             if (root / "results" / "tune").is_dir()
             else []
         )
+        # Test runs at settings the method no longer has (tuning went on after they ran: a longer grid,
+        # a re-check) stay on disk but are not results of this comparison; the report counts them.
+        chosen = {m: tuned["chosen"] for m, tuned in entry["tuning"].items()}
+        entry["superseded_test_runs"] = []
         test_dir = root / "results" / "test"
         for path in sorted(test_dir.rglob("*.json")) if test_dir.is_dir() else []:
             run = json.loads(path.read_text())
-            if path.name.endswith(".failed.json"):
+            base = METHODS[run["method"]].derived_from or run["method"] if run["method"] in METHODS else None
+            if base in chosen and dict(run["settings"]) != dict(chosen[base]):
+                entry["superseded_test_runs"].append(str(path.relative_to(run_dir)))
+            elif path.name.endswith(".failed.json"):
                 entry["failed"].append(run)
             elif run["method"] in methods and run["seed"] in options.seed_list:
                 run["result_file"] = str(path.relative_to(run_dir))

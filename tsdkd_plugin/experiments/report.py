@@ -579,6 +579,13 @@ def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "compariso
             )
         if regime.get("missing"):
             lines += ["### Test runs not made yet", "", ", ".join(regime["missing"]), ""]
+        superseded = regime.get("superseded_test_runs") or []
+        if superseded:
+            lines += [
+                f"{len(superseded)} earlier test runs at settings a method no longer has (tuning went on after "
+                "they ran) are kept on disk and left out of these tables.",
+                "",
+            ]
     lines += ["## Methods", ""] + [
         f"- **{m['label']}** (`{name}`): {m['doc']}" for name, m in data["methods_doc"].items()
     ]
