@@ -481,7 +481,7 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
     test_methods = tuned + [m for m in methods if goes_to_test(m, regime, tuning, remedies)]
     for seed in options.seed_list:
         for method_name in test_methods:
-            base = METHODS[method_name].derived_from or method_name
+            base = METHODS[method_name].tuned_as
             # The first seed of every train_tsdkd method also logs the per-term gradient diagnostics
             # (which change no loss or gradient bit; docs/objective.md).
             diagnostics = (
@@ -567,7 +567,7 @@ def collect(
         test_dir = root / "results" / "test"
         for path in sorted(test_dir.rglob("*.json")) if test_dir.is_dir() else []:
             run = json.loads(path.read_text())
-            base = METHODS[run["method"]].derived_from or run["method"] if run["method"] in METHODS else None
+            base = METHODS[run["method"]].tuned_as if run["method"] in METHODS else None
             if base in chosen and dict(run["settings"]) != dict(chosen[base]):
                 entry["superseded_test_runs"].append(str(path.relative_to(run_dir)))
             elif path.name.endswith(".failed.json"):

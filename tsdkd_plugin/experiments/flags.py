@@ -21,6 +21,11 @@ REWARD_FUNC_PATH = Path(tsdkd_plugin.toy.__file__).resolve().with_name("reward_f
 TOY_DS_FLAGS = ("--ds.zero_stage", "0", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "sdpa")
 
 
+# OpenRLHF's `blending_datasets` splits --data.dataset / --data.prompt_dataset at these: a list of
+# datasets at ',', a dataset and its split name at '@'.
+DATASET_PATH_SEPARATORS = ",@"
+
+
 def dataset_flag_value(data_file: Path) -> str:
     """The value of --data.dataset / --data.prompt_dataset for one data file. OpenRLHF's
     `blending_datasets` reads it as a comma-separated list of datasets and cuts each at "@" (a split
@@ -28,7 +33,7 @@ def dataset_flag_value(data_file: Path) -> str:
     whose directory names hold a comma (a comparison's "lr=3e-05,beta=0.5" run directories) pass the
     file's name relative to the trainer's working directory instead."""
     value = str(data_file)
-    if "," in value or "@" in value:
+    if any(mark in value for mark in DATASET_PATH_SEPARATORS):
         raise ValueError(
             f"data file {value} has a ',' or '@' in its path, which OpenRLHF's --data.dataset reads as a "
             "list separator or a split name: use a directory without them (or a path relative to the "

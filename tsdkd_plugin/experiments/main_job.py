@@ -208,10 +208,9 @@ def verdict_sentence(results: Mapping, settings: Mapping, budget: Budget, compar
         if dict(tsdkd["settings"]) == dict(settings):
             which = "TSD-KD at these settings"
         else:  # the comparison chose other settings for it on validation: name them
-            chosen = ", ".join(
-                f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in tsdkd["settings"].items()
-            )
-            which = f"TSD-KD at the settings it chose on validation ({chosen})"
+            from tsdkd_plugin.experiments.report import settings_text
+
+            which = f"TSD-KD at the settings it chose on validation ({settings_text(tsdkd['settings'])})"
         sentence += (
             f", where {which} gets {100 * tsdkd['mean']:.1f}% and differs from GKD by "
             f"{100 * diff['mean']:+.1f} points [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}] "

@@ -71,6 +71,12 @@ class Method:
     # Ablations and remedies take the settings chosen for this method and change only `objective`.
     derived_from: str | None = None
 
+    @property
+    def tuned_as(self) -> str:
+        """The method whose tuned settings a run of this one uses: the parent of an ablation or
+        remedy, else this method itself."""
+        return self.derived_from or self.name
+
     def objective_for(self, settings: Mapping[str, object]) -> dict:
         """--tsdkd.* values of a run: the method's fixed overrides, then the tuned ones; for an ablation
         or remedy, its parent's fixed overrides, the tuned ones, then its own change on top."""
@@ -225,7 +231,7 @@ METHODS: dict[str, Method] = {
             "remedy",
             "tsdkd",
             "TSD-KD with each ListMLE divided by its value at uniform scores, log k! (--tsdkd.listmle_normalize True)",
-            {**PAPER_WEIGHTS, **{"listmle_normalize": True}},
+            {**PAPER_WEIGHTS, "listmle_normalize": True},
             derived_from="tsdkd-paper",
         ),
         Method(
@@ -235,7 +241,7 @@ METHODS: dict[str, Method] = {
             "tsdkd",
             f"TSD-KD with the ranking and entropy weights raised linearly from 0 over the first "
             f"{REMEDY_WARMUP_STEPS} optimizer steps (--tsdkd.weight_warmup_steps {REMEDY_WARMUP_STEPS})",
-            {**PAPER_WEIGHTS, **{"weight_warmup_steps": REMEDY_WARMUP_STEPS}},
+            {**PAPER_WEIGHTS, "weight_warmup_steps": REMEDY_WARMUP_STEPS},
             derived_from="tsdkd-paper",
         ),
         Method(
@@ -245,7 +251,7 @@ METHODS: dict[str, Method] = {
             "tsdkd",
             "TSD-KD with each extra term rescaled per micro-batch so that its gradient norm at the student "
             "logits is its weight times the direct term's (--tsdkd.term_balance grad_norm)",
-            {**PAPER_WEIGHTS, **{"term_balance": "grad_norm"}},
+            {**PAPER_WEIGHTS, "term_balance": "grad_norm"},
             derived_from="tsdkd-paper",
         ),
     )

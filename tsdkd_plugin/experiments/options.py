@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tsdkd_plugin.experiments.budgets import BUDGETS, DEFAULT_BUDGET, Budget, check_budget, with_difficulty_lengths
+from tsdkd_plugin.experiments.flags import DATASET_PATH_SEPARATORS
 from tsdkd_plugin.experiments.runner import JobError
 from tsdkd_plugin.toy import arith_task
 
@@ -88,7 +89,7 @@ def check_work_dirs(options: argparse.Namespace) -> None:
     now instead of a failed stage after the teacher's build."""
     for name in ("run_dir", "cache_dir"):
         value = getattr(options, name, None)
-        if value and any(mark in str(Path(value).expanduser().resolve()) for mark in ",@"):
+        if value and any(mark in str(Path(value).expanduser().resolve()) for mark in DATASET_PATH_SEPARATORS):
             raise JobError(
                 f"--{name.replace('_', '-')} {value}: OpenRLHF's --data.dataset reads ',' and '@' in a data "
                 "file's path as a list separator and a split name; choose a directory without them"

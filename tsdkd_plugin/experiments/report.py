@@ -219,7 +219,8 @@ _COLORS = {"baseline": "#8c8c8c", "tsdkd": "#1f77b4", "ablation": "#9ecae1", "re
 DIAGNOSTIC_PREFIX = "tsdkd/diag_"
 
 
-def _settings_text(settings: Mapping) -> str:
+def settings_text(settings: Mapping) -> str:
+    """{"lr": 3e-05, "beta": 0.5} -> "lr 3e-05, beta 0.5" (tables, and the main job's sentence)."""
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
 
 
@@ -390,7 +391,7 @@ def remedies_markdown(remedies: Mapping[str, Mapping], data: Mapping) -> list[st
         doc = docs.get(name, {})
         option = " ".join(f"--tsdkd.{key} {value}" for key, value in doc.get("objective", {}).items())
         accuracy = "failed" if entry["failed"] else _pct(entry["val_accuracy"])
-        ran_with = _settings_text(_ran_with(entry["settings"], doc.get("objective", {})))
+        ran_with = settings_text(_ran_with(entry["settings"], doc.get("objective", {})))
         lines.append(
             f"| {doc.get('label', name)} | `{option}` | {ran_with} | {accuracy} | "
             f"{_pct(entry['parent_val_accuracy'])} | {'yes' if entry['to_test'] else 'no'} |"
@@ -460,11 +461,11 @@ def regime_markdown(
         for method, entry in tuning.items():
             label = data["methods_doc"].get(method, {}).get("label", method)
             trials = "; ".join(
-                f"{_settings_text(t['settings'])}: {'failed' if t['failed'] else _pct(t['val_accuracy'])}"
+                f"{settings_text(t['settings'])}: {'failed' if t['failed'] else _pct(t['val_accuracy'])}"
                 for t in entry["trials"]
             )
             lines.append(
-                f"| {label} | {len(entry['trials'])} | {_settings_text(entry['chosen'])} | "
+                f"| {label} | {len(entry['trials'])} | {settings_text(entry['chosen'])} | "
                 f"{_pct(entry['chosen_val_accuracy'])} | {trials} |"
             )
         lines.append("")
@@ -499,7 +500,7 @@ def regime_markdown(
             )
             steps = "/".join(str(s) for s in entry["optimizer_steps"])
             lines.append(
-                f"| {entry['label']} | {_settings_text(entry['settings'])} | {ci} | {per_seed} | "
+                f"| {entry['label']} | {settings_text(entry['settings'])} | {ci} | {per_seed} | "
                 f"{_ci_text(diff)} | {per_diff} | {steps} | {entry['seconds_mean']:.0f} |"
             )
         lines += ["", f"![test accuracy]({plots['test'].name})", ""]
@@ -572,7 +573,7 @@ def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "compariso
             lines += (
                 ["### Runs that failed", ""]
                 + [
-                    f"- {f['method']} {_settings_text(f['settings'])} seed {f['seed']}: {f['error'].splitlines()[0]}"
+                    f"- {f['method']} {settings_text(f['settings'])} seed {f['seed']}: {f['error'].splitlines()[0]}"
                     for f in failed
                 ]
                 + [""]
