@@ -52,7 +52,6 @@ def generator(monkeypatch, toy_student_dir):
     import openrlhf.trainer.ppo_utils.samples_generator as upstream
 
     monkeypatch.setattr(upstream.ray, "get", lambda refs: list(refs))
-    monkeypatch.setattr(seeded_sampling, "join_responses", SimpleNamespace(remote=lambda *refs: ("joined", refs)))
 
     class Generator(seeded_sampling.SeededDispatch, upstream.SamplesGenerator):
         pass
@@ -73,6 +72,7 @@ def generator(monkeypatch, toy_student_dir):
         vllm_engines=[FakeEngine("e0", calls), FakeEngine("e1", calls)],
     )
     made.sampling_seed = 42
+    made._joiner = SimpleNamespace(join=SimpleNamespace(remote=lambda *refs: ("joined", refs)))
     return made, calls
 
 
@@ -153,3 +153,33 @@ def test_rng_states_are_saved_per_rank_and_restored(tmp_path):
     torch.manual_seed(0), random.seed(0), numpy.random.seed(0)  # a fresh process seeds them all
     assert restore_rank_rng_state(str(tmp_path / "_actor"), rank=1) and draws() == expected
     assert not restore_rank_rng_state(str(tmp_path / "_actor"), rank=0)  # a checkpoint without RNG files
+
+
+@pytest.mark.network
+def test_one_joiner_actor_joins_each_prompt_as_soon_as_its_samples_are_done():
+    """The join runs in one long-lived async actor (a task per prompt made Ray start a worker process
+    per prompt on the first rollout, each importing torch): every join comes back in upstream's
+    shape, and a prompt whose samples are done is joined while an earlier prompt's are still running
+    (upstream's ray.wait loop takes prompts as they finish)."""
+    import time
+
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+
+        @ray.remote(num_cpus=0)
+        def one_sample(tag, delay=0.0):
+            time.sleep(delay)
+            return [{"sample": tag}]
+
+        joiner = seeded_sampling.ResponseJoiner.remote()
+        slow = joiner.join.remote(*(one_sample.remote(f"p0s{i}", delay=120.0) for i in range(2)))
+        fast = [joiner.join.remote(*(one_sample.remote(f"p{p}s{i}") for i in range(3))) for p in range(1, 9)]
+        ready, _ = ray.wait(fast, num_returns=len(fast), timeout=60.0)
+        assert len(ready) == len(fast), "the joins waited for an earlier prompt's samples"
+        for p, ref in enumerate(fast, start=1):
+            assert ray.get(ref) == [{"sample": f"p{p}s{i}"} for i in range(3)]
+        assert ray.wait([slow], timeout=0)[0] == []
+    finally:
+        ray.shutdown()

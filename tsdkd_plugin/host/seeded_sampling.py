@@ -16,8 +16,8 @@ num_samples=n)`), which runs n generations with that one SamplingParams: there i
 a seed per sample. `SeededDispatch` keeps upstream's dispatch (its SamplingParams, its engine
 balancing) and only stands in for the engines while it runs: each `generate_responses` call
 becomes n one-sample calls, each with a copy of the SamplingParams carrying its own seed,
-joined back into one result (a tiny Ray task), so upstream sees one reference per prompt as
-before (its per-prompt dynamic filtering keeps working). The tokenizer those calls carry is sent
+joined back into one result by one long-lived Ray actor (`ResponseJoiner`), so upstream sees one
+reference per prompt as before (its per-prompt dynamic filtering keeps working). The tokenizer those calls carry is sent
 by name (`EngineTokenizer`), not pickled n times per prompt. Evaluation rollouts are left as
 upstream makes them. This module imports no OpenRLHF or vLLM code: the join task runs in a plain
 Ray worker.
@@ -49,10 +49,23 @@ def with_seed(sampling_params, seed: int):
     return seeded
 
 
-@ray.remote(num_cpus=0)
-def join_responses(*responses_per_sample: list[Any]) -> list[Any]:
+def joined(responses_per_sample) -> list[Any]:
     """One prompt's n one-sample responses as the list `generate_responses(num_samples=n)` returns."""
     return [response for responses in responses_per_sample for response in responses]
+
+
+@ray.remote(num_cpus=0)
+class ResponseJoiner:
+    """Joins each prompt's n one-sample responses, in one worker process for the whole run.
+
+    It was a Ray task per prompt. A zero-CPU task has no concurrency limit, so the first rollout made
+    Ray start a worker process for nearly every prompt (dozens), each importing torch to unpickle the
+    responses: about two minutes of a run's first rollout on a 2-core machine (later rollouts reused
+    the workers). Async, so a prompt whose samples are done is joined without waiting for earlier
+    prompts."""
+
+    async def join(self, *responses_per_sample: list[Any]) -> list[Any]:
+        return joined(responses_per_sample)
 
 
 class EngineTokenizer:
@@ -106,7 +119,7 @@ class _SeededGenerateResponses:
             )
             for index in range(num_samples)
         ]
-        return join_responses.remote(*refs)
+        return self._dispatch.response_joiner().join.remote(*refs)
 
 
 class SeededEngine:
@@ -143,6 +156,14 @@ class SeededDispatch:
     sampling_seed: int = 0
     prompts_dispatched: int = 0
     _seeding: bool = False
+
+    _joiner = None
+
+    def response_joiner(self):
+        """The run's ResponseJoiner actor, started at the first seeded dispatch."""
+        if self._joiner is None:
+            self._joiner = ResponseJoiner.remote()
+        return self._joiner
 
     def engine_tokenizer(self) -> EngineTokenizer:
         return EngineTokenizer(self.args.actor.model_name_or_path, not self.args.data.disable_fast_tokenizer)
