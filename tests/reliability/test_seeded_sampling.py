@@ -155,7 +155,8 @@ def test_rng_states_are_saved_per_rank_and_restored(tmp_path):
     assert not restore_rank_rng_state(str(tmp_path / "_actor"), rank=0)  # a checkpoint without RNG files
 
 
-@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.network  # a local Ray instance
 def test_one_joiner_actor_joins_each_prompt_as_soon_as_its_samples_are_done():
     """The join runs in one long-lived async actor (a task per prompt made Ray start a worker process
     per prompt on the first rollout, each importing torch): every join comes back in upstream's
