@@ -643,3 +643,45 @@ def test_the_long_regime_needs_its_methods_tuned_in_the_paper_like_one_before_bu
     comparison.chosen_settings_file(run_dir, "paper-like").write_text(json.dumps({"gkd": {"chosen": {"lr": 1e-4}}}))
     assert compare.main(argv) == 2
     assert "which has not tuned seqkd: run it there first" in capsys.readouterr().err
+
+
+def test_a_comparison_extended_one_method_at_a_time_keeps_every_methods_choice(tmp_path, monkeypatch):
+    """chosen.json and remedies.json are per method: an invocation that tunes only some methods adds
+    theirs and keeps the others' (it used to overwrite the file, so the report lost the earlier
+    methods' choices and counted their test runs at superseded settings, and the long regime could
+    not find them)."""
+    run_dir = tmp_path / "runs"
+
+    def fake_prepare(regime, options):
+        root = run_dir / regime.name
+        state = comparison.RegimeState(regime=regime, budget=BUDGETS[regime.budget], root=root)
+        state.files = {"prompts_train": root / "prompts_train.jsonl"}
+        state.models = {"teacher": tmp_path / "teacher", "student": tmp_path / "student"}
+        return state
+
+    def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
+        return {"evaluation": {"accuracy": 0.7 if settings["lr"] == 1e-4 else 0.6}}
+
+    monkeypatch.setattr(comparison, "prepare_regime", fake_prepare)
+    monkeypatch.setattr(comparison, "load_prompt_rows", lambda path: [])
+    monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
+    common = ["--regimes", "paper-like", "--stop-after", "tune", "--grid-trials", "0", "--run-dir", str(run_dir)]
+    assert compare.main([*common, "--methods", "gkd,tsdkd-paper,tsdkd-weight-warmup"]) == 0
+    assert compare.main([*common, "--methods", "seqkd,tsdkd-paper,tsdkd-grad-balanced"]) == 0
+    chosen = json.loads(comparison.chosen_settings_file(run_dir, "paper-like").read_text())
+    assert sorted(chosen) == ["gkd", "seqkd", "tsdkd-paper"]
+    assert all(entry["chosen"] == {"lr": 1e-4} for entry in chosen.values())
+    remedies = json.loads(comparison.remedies_file(run_dir / "paper-like").read_text())
+    assert sorted(remedies) == ["tsdkd-grad-balanced", "tsdkd-weight-warmup"]
+
+    # The long regime finds every method the paper-like one has tuned, whichever invocation tuned it:
+    # past the inherited-settings check, it goes on to build the models.
+    class BuildingModels(Exception):
+        pass
+
+    def building(*args):
+        raise BuildingModels
+
+    monkeypatch.setattr(comparison, "prepare_regime", building)
+    with pytest.raises(BuildingModels):
+        compare.main(["--regimes", "paper-like-long", "--methods", "gkd,seqkd", "--run-dir", str(run_dir)])

@@ -294,6 +294,14 @@ def remedies_file(regime_root: Path) -> Path:
     return regime_root / "remedies.json"
 
 
+def update_json_record(path: Path, entries: Mapping) -> None:
+    """Write `entries` (per method) into the JSON object at `path`, keeping the entries of methods
+    this invocation did not run: a comparison extended one method at a time keeps every method's
+    choice (the report and the long regime read them from here)."""
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    write_json_atomic(path, {**recorded, **entries})
+
+
 def goes_to_test(method_name: str, regime: Regime, tuning: Mapping, remedies: Mapping) -> bool:
     """Whether a derived method runs on the test split: an ablation in a regime with ablations, a
     remedy that beat its parent on validation."""
@@ -468,14 +476,14 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
         verbose=options.verbose,
     )
     tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials, options.lr_grid) for m in tuned}
-    write_json_atomic(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
+    update_json_record(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
     remedies = {
         m: try_remedy(state, ctx, m, tuning[METHODS[m].derived_from])
         for m in methods
         if METHODS[m].group == "remedy" and regime.ablations and METHODS[m].derived_from in tuning
     }
     if remedies:
-        write_json_atomic(remedies_file(state.root), remedies)
+        update_json_record(remedies_file(state.root), remedies)
     if options.stop_after == "tune":
         return
     test_methods = tuned + [m for m in methods if goes_to_test(m, regime, tuning, remedies)]
