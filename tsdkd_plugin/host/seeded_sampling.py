@@ -17,10 +17,10 @@ a seed per sample. `SeededDispatch` keeps upstream's dispatch (its SamplingParam
 balancing) and only stands in for the engines while it runs: each `generate_responses` call
 becomes n one-sample calls, each with a copy of the SamplingParams carrying its own seed,
 joined back into one result by one long-lived Ray actor (`ResponseJoiner`), so upstream sees one
-reference per prompt as before (its per-prompt dynamic filtering keeps working). The tokenizer those calls carry is sent
-by name (`EngineTokenizer`), not pickled n times per prompt. Evaluation rollouts are left as
-upstream makes them. This module imports no OpenRLHF or vLLM code: the join task runs in a plain
-Ray worker.
+reference per prompt as before (its per-prompt dynamic filtering keeps working). The tokenizer
+those calls carry is sent by name (`EngineTokenizer`), not pickled n times per prompt. Evaluation
+rollouts are left as upstream makes them. This module imports no OpenRLHF or vLLM code: the joiner
+runs in a plain Ray worker.
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ def with_seed(sampling_params, seed: int):
     return seeded
 
 
-def joined(responses_per_sample) -> list[Any]:
-    """One prompt's n one-sample responses as the list `generate_responses(num_samples=n)` returns."""
-    return [response for responses in responses_per_sample for response in responses]
-
-
 @ray.remote(num_cpus=0)
 class ResponseJoiner:
     """Joins each prompt's n one-sample responses, in one worker process for the whole run.
@@ -65,7 +60,8 @@ class ResponseJoiner:
     prompts."""
 
     async def join(self, *responses_per_sample: list[Any]) -> list[Any]:
-        return joined(responses_per_sample)
+        """One prompt's n one-sample responses as the list `generate_responses(num_samples=n)` returns."""
+        return [response for responses in responses_per_sample for response in responses]
 
 
 class EngineTokenizer:

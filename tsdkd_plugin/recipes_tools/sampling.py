@@ -115,6 +115,7 @@ def sample_rows(model: str, rows: list[dict], options) -> list[dict]:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [prompt_token_ids(tokenizer, row["prompt"]) for row in rows]
@@ -128,8 +129,6 @@ def sample_rows(model: str, rows: list[dict], options) -> list[dict]:
     )
     if options.max_model_len:
         engine_args["max_model_len"] = options.max_model_len
-    from vllm.platforms import current_platform
-
     if current_platform.is_cpu():
         # vLLM-CPU cannot rewind a seeded request's generator after a partial prefill ("CPU Generator
         # does not use offset"): unchunked, a prompt waits for the next engine step instead of being split.
