@@ -102,30 +102,56 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     ray.shutdown()
 
 
-@pytest.mark.parametrize(
-    "placement, lora",
-    [("separate", False), ("colocate", False), ("separate", "zero3")],
-    ids=["separate", "colocate", "separate-lora-zero3"],
-)
-def test_tsdkd_trains_on_cpu_and_syncs_vllm(
-    tmp_path, placement, lora, toy_student_dir, toy_teacher_dir, arith_data_dir
-):
+CASES = {"separate": ("separate", False), "colocate": ("colocate", False), "separate-lora-zero3": ("separate", "zero3")}
+
+
+@pytest.fixture(scope="module")
+def e2e_runs(tmp_path_factory, toy_student_dir, toy_teacher_dir, arith_data_dir):
+    """The three configurations' runs, started at the same time (separate private Ray clusters, as
+    the reliability tests do): on two cores much of a launch is start-up latency that overlaps.
+    {case: (its directory, exit status)}."""
+    import subprocess
+
+    from tsdkd_plugin.testing import kill_processes_with_env
+
+    runs, codes = {}, {}
+    try:
+        for case, (placement, lora) in CASES.items():
+            out = tmp_path_factory.mktemp(f"e2e-{case}")
+            argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", out, placement)
+            argv += (LORA_ARGS + ZERO3_ARGS) if lora == "zero3" else []
+            ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
+            env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+            log = open(out / "train_tsdkd.log", "w")
+            command = [sys.executable, __file__, str(out / "probe.json"), str(toy_student_dir), *argv]
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            runs[case] = (out, ray_tmp, log, process)
+        for case, (*_, process) in runs.items():
+            try:
+                codes[case] = process.wait(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                codes[case] = f"timed out after {RUN_TIMEOUT_S} s"
+    finally:
+        for _, ray_tmp, log, process in runs.values():
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+                process.wait()
+            kill_processes_with_env("TSDKD_RAY_TMPDIR", ray_tmp)
+            log.close()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {case: (runs[case][0], codes[case]) for case in runs}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tsdkd_trains_on_cpu_and_syncs_vllm(case, e2e_runs, toy_student_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tsdkd_plugin.testing import log_tail, max_abs_diff, run_child, tensorboard_scalars
+    from tsdkd_plugin.testing import log_tail, max_abs_diff, tensorboard_scalars
 
-    argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", tmp_path, placement)
-    argv += (LORA_ARGS + ZERO3_ARGS) if lora == "zero3" else []
+    lora = CASES[case][1]
+    tmp_path, returncode = e2e_runs[case]
     probe_file, log_file = tmp_path / "probe.json", tmp_path / "train_tsdkd.log"
-    ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
-    env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-    try:
-        returncode = run_child(
-            [sys.executable, __file__, str(probe_file), str(toy_student_dir), *argv], env, log_file, RUN_TIMEOUT_S
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert returncode == 0, f"train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
 
     scalars = tensorboard_scalars(tmp_path / "tb")
@@ -157,35 +183,30 @@ def test_fused_and_full_student_logits_agree_end_to_end(tmp_path, toy_student_di
     """The same one-step CLI run (the configuration above, separate teacher) with the default fused student
     path and with `--tsdkd.student_logits full`: greedy rollouts, so both runs train on the same responses and
     teacher signals; every logged loss term of the step agrees within 1e-5. (The in-process DeepSpeed checks of
-    the training step, gradients included, sampling temperature != 1 too, are tests/host/test_fused_step.py.)"""
-    from tsdkd_plugin.testing import log_tail, run_child, tensorboard_scalars
+    the training step, gradients included, sampling temperature != 1 too, are tests/host/test_fused_step.py.)
+    The two runs go at the same time (separate private Ray clusters), through `python -m
+    openrlhf.cli.train_tsdkd` itself."""
+    from tsdkd_plugin.testing import TrainingLaunch, log_tail, tensorboard_scalars
 
     prompts = arith_data_dir / "prompts_train.jsonl"
+    launches = {}
+    try:
+        for mode in ("fused", "full"):
+            out = tmp_path / mode
+            out.mkdir()
+            argv = tsdkd_args(toy_student_dir, toy_teacher_dir, prompts, out, "separate")
+            argv += ["--data.max_samples", "4", "--ckpt.save_steps", "-1", "--rollout.temperature", "0"]
+            argv += ["--tsdkd.student_logits", mode]
+            launches[mode] = TrainingLaunch(argv, out / "train_tsdkd.log", prefix="tsdkd_ray_")
+        codes = {mode: launch.wait(RUN_TIMEOUT_S) for mode, launch in launches.items()}
+    finally:
+        for launch in launches.values():
+            launch.cleanup()
     scalars = {}
-    for mode in ("fused", "full"):
-        out = tmp_path / mode
-        argv = tsdkd_args(toy_student_dir, toy_teacher_dir, prompts, out, "separate")
-        argv += [
-            "--data.max_samples",
-            "4",
-            "--ckpt.save_steps",
-            "-1",
-            "--rollout.temperature",
-            "0",
-            "--tsdkd.student_logits",
-            mode,
-        ]
-        log_file = out / "train_tsdkd.log"
-        out.mkdir()
-        ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")
-        env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-        try:
-            returncode = run_child([sys.executable, __file__, str(out / "probe.json"), str(toy_student_dir), *argv],
-                                   env, log_file, RUN_TIMEOUT_S)  # fmt: skip
-        finally:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert returncode == 0, f"{mode}: train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
-        scalars[mode] = tensorboard_scalars(out / "tb")
+    for mode, launch in launches.items():
+        tail = log_tail(launch.log_file)
+        assert codes[mode] == 0, f"{mode}: train_tsdkd failed (exit {codes[mode]}); log tail:\n{tail}"
+        scalars[mode] = tensorboard_scalars(tmp_path / mode / "tb")
 
     assert (
         scalars["fused"]["train/rollout/response_length_mean"] == scalars["full"]["train/rollout/response_length_mean"]

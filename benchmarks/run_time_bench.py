@@ -1,0 +1,199 @@
+"""Where one comparison run's time goes: start-up, the first rollout, the steady steps.
+
+Not a test. One on-policy TSD-KD run through the code the comparison itself runs
+(`tsdkd_plugin.experiments.methods.run_on_policy`: the same `train_tsdkd` command, flags, child
+environment and log handling as every GKD / TSD-KD run of `python -m tsdkd_plugin.experiments.compare`),
+with the paper-like regime's budget per rollout (64 prompts x 4 samples drawn at temperature 1 with
+per-sample seeds, 64 new tokens, a colocated teacher), for `--rollouts` rollouts.
+
+While the run goes, a thread watches its log and notes when the local Ray instance is up, when the
+training loop starts and when vLLM reports its engine ready (with the seconds vLLM itself gives for
+its initialisation); each step's rollout time and total come from the run's own TensorBoard
+(`timing/generation`, `timing/step_total`). Printed: a table of the phases, the first rollout's time
+as a ratio to the median later rollout (both measured in this run), and the share of the run's wall
+time that is fixed cost rather than per-step work. `--write` stores it in benchmarks/RUN_TIME.md.
+
+The first rollout includes what OpenRLHF defers to it (vLLM's engine start, the seeded-sampling
+join actor's start); the later rollouts are the steady state. Before the seeded rollouts' join
+became one actor (82e90b5) the first rollout of a 128-prompt run took 240 s against 3 s for the
+second; that revision is not benchmarked here.
+
+    .venv/bin/python benchmarks/run_time_bench.py                      # untrained toy models (built here)
+    .venv/bin/python benchmarks/run_time_bench.py --student S --teacher T --write   # e.g. the comparison's
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# First appearance of each in the run's log, in this order.
+MARKERS = {
+    "ray_up": "Started a local Ray instance",
+    "loop_started": "Episode [",
+    "engine_ready": "init engine (profile, create kv cache, warmup model) took",
+}
+ENGINE_INIT = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s")
+
+
+class LogWatch(threading.Thread):
+    """Notes the wall time (since `started`) at which each marker first appears in a growing log."""
+
+    def __init__(self, log_file: Path, started: float):
+        super().__init__(daemon=True)
+        self.log_file, self.started = log_file, started
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and len(self.seen) < len(MARKERS):
+            text = self.log_file.read_text(errors="replace") if self.log_file.is_file() else ""
+            now = time.monotonic() - self.started
+            for name, marker in MARKERS.items():
+                if name not in self.seen and marker in text:
+                    self.seen[name] = now
+            self.stop.wait(0.25)
+
+
+def default_models(cache_dir: Path) -> tuple[Path, Path]:
+    """The paper-like regime's teacher and student architectures, untrained (built in seconds)."""
+    from tsdkd_plugin.experiments.budgets import BUDGETS
+    from tsdkd_plugin.toy.cache import toy_model_dir
+    from tsdkd_plugin.toy.models import get_model_recipe
+
+    budget = BUDGETS["paper-like"]
+    return (
+        toy_model_dir(get_model_recipe(budget.student.model), cache_dir),
+        toy_model_dir(get_model_recipe(budget.teacher.model), cache_dir),
+    )
+
+
+def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: float) -> dict:
+    from tsdkd_plugin.experiments.budgets import BUDGETS
+    from tsdkd_plugin.experiments.flags import tsdkd_flags
+    from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
+    from tsdkd_plugin.testing import tensorboard_scalars
+    from tsdkd_plugin.toy.arith_task import write_task_files
+
+    distill = BUDGETS["paper-like"].distill
+    budget = replace(distill, n_prompts=distill.rollout_batch_size * rollouts)
+    files = write_task_files(work / "data", n_train=budget.n_prompts, n_val=1, n_test=1)
+    method = METHODS["tsdkd-paper"]
+    flags = tsdkd_flags(method.objective_for({"lr": budget.lr}), teacher_dir=teacher)
+    stage = work / "run"
+    stage.mkdir()
+    started = time.monotonic()
+    watch = LogWatch(stage / "train.log", started)
+    watch.start()
+    try:
+        run_on_policy(
+            budget,
+            trainer="tsdkd",
+            method_flags=flags,
+            student_dir=student,
+            prompts_file=files["prompts_train"],
+            stage_dir=stage,
+            seed=0,
+            timeout_s=timeout_s,
+            desc="run_time_bench",
+        )
+    finally:
+        watch.stop.set()
+        watch.join()
+    wall = time.monotonic() - started
+    log = (stage / "train.log").read_text(errors="replace")
+    scalars = tensorboard_scalars(stage / "tensorboard")
+    generation = [scalars["train/timing/generation"][s] for s in sorted(scalars["train/timing/generation"])]
+    step_total = [scalars["train/timing/step_total"][s] for s in sorted(scalars["train/timing/step_total"])]
+    engine = ENGINE_INIT.search(log)
+    missing = [name for name in MARKERS if name not in watch.seen]
+    if missing or len(generation) != rollouts:
+        raise SystemExit(f"run_time_bench: the run's log lacks {missing} or logged {len(generation)} rollouts")
+    return {
+        "wall": wall,
+        **watch.seen,
+        "engine_init": float(engine.group(1)) if engine else float("nan"),
+        "generation": generation,
+        "step_total": step_total,
+        "rollouts": rollouts,
+    }
+
+
+def table(m: dict) -> str:
+    later_generation = statistics.median(m["generation"][1:])
+    later_step = statistics.median(m["step_total"][1:])
+    steps_after_first = sum(m["step_total"][1:])
+    loop_end = m["loop_started"] + m["step_total"][0] + steps_after_first
+    rows = [
+        ("start -> local Ray instance up (imports, ray.init)", m["ray_up"]),
+        ("Ray up -> training loop starts (actors, models, DeepSpeed)", m["loop_started"] - m["ray_up"]),
+        ("first step (its rollout starts vLLM's engine)", m["step_total"][0]),
+        (f"  of which its rollout; vLLM's own engine initialisation {m['engine_init']:.1f} s", m["generation"][0]),
+        (f"later steps ({m['rollouts'] - 1}), in all", steps_after_first),
+        ("  median later step", later_step),
+        ("  median later rollout", later_generation),
+        ("after the last step (save the model, stop Ray)", m["wall"] - loop_end),
+        ("wall", m["wall"]),
+    ]
+    lines = ["| phase | seconds | share of wall |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} | {100 * seconds / m['wall']:.0f}% |" for name, seconds in rows]
+    fixed = m["wall"] - later_step * m["rollouts"]
+    lines += [
+        "",
+        f"First rollout / median later rollout: **{m['generation'][0] / later_generation:.1f}x** "
+        f"({m['generation'][0]:.1f} s vs {later_generation:.1f} s, same run).",
+        f"Fixed cost of a run (wall minus {m['rollouts']} steady steps): {fixed:.0f} s, "
+        f"{100 * fixed / m['wall']:.0f}% of its wall time; a comparison run has 8 rollouts.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 64 prompts (>= 2; the comparison: 8)")
+    parser.add_argument("--student", type=Path, help="student HF directory (default: untrained toy model)")
+    parser.add_argument("--teacher", type=Path, help="teacher HF directory (default: untrained toy model)")
+    parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--write", action="store_true", help="write benchmarks/RUN_TIME.md")
+    args = parser.parse_args(argv)
+    if args.rollouts < 2:
+        parser.error("--rollouts must be at least 2 (the first rollout is compared with the later ones)")
+    if (args.student is None) != (args.teacher is None):
+        parser.error("--student and --teacher go together")
+    os.environ.setdefault("TSDKD_DEVICE", "cpu")
+    from tsdkd_plugin.toy.cache import default_cache_dir
+
+    if args.student is None:
+        student, teacher, models = *default_models(default_cache_dir()), "untrained toy models (paper-like sizes)"
+    else:
+        student, teacher, models = args.student, args.teacher, f"student {args.student}, teacher {args.teacher}"
+    work = Path(tempfile.mkdtemp(prefix="tsdkd_run_time_bench_"))
+    try:
+        load = os.getloadavg()[0]
+        report = table(measure(student, teacher, args.rollouts, work, args.timeout))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report)
+    if args.write:
+        command = "python benchmarks/run_time_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only"
+        (REPO / "benchmarks" / "RUN_TIME.md").write_text(
+            "# One comparison run: where its time goes (CPU)\n\n"
+            f"Command: `{command.strip()}`  \nModels: {models}  \nMachine: {machine}, "
+            f"load average {load:.1f} at the start  \nDate: {time.strftime('%Y-%m-%d')}\n\n{report}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
