@@ -400,6 +400,8 @@ def test_report_from_run_files(tmp_path):
     # differences +5, +4, +6: mean +5.0, sd 1, half width 2.48
     assert "+5.0 [+2.5, +7.5] | +5.0, +4.0, +6.0 |" in markdown
     assert "Initial student / teacher on test: **0.70**" in markdown
+    assert "The student starts at" in markdown  # the regime's description, capitals kept:
+    assert "Qwen2.5-1.5B starts at 0.71 of its 14B teacher's on GSM8K" in markdown
     assert "seqkd lr 0.0001 seed 1: boom" in markdown
     assert "seqkd seed 0" in markdown and "seqkd seed 2" in markdown  # never run
     assert "python -m tsdkd_plugin.experiments.compare --regimes paper-like --seeds 3" in markdown

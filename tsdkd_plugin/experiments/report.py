@@ -405,7 +405,7 @@ def regime_markdown(
     budget = regime["budget"]
     d = budget["distill"]
     refs = regime.get("references", {})
-    lines = [f"## Regime: {name}", "", f"{regime['doc'].capitalize()}.", ""]
+    lines = [f"## Regime: {name}", "", f"{regime['doc'][:1].upper()}{regime['doc'][1:]}.", ""]
     if refs:
         lines += [
             "| model | val (greedy) | test (greedy) | val, one sample at T=1 | samples with a `#### n` answer |",
