@@ -102,56 +102,30 @@ def run_and_probe(probe_file: str, initial_model: str, argv: list) -> None:
     ray.shutdown()
 
 
-CASES = {"separate": ("separate", False), "colocate": ("colocate", False), "separate-lora-zero3": ("separate", "zero3")}
-
-
-@pytest.fixture(scope="module")
-def e2e_runs(tmp_path_factory, toy_student_dir, toy_teacher_dir, arith_data_dir):
-    """The three configurations' runs, started at the same time (separate private Ray clusters, as
-    the reliability tests do): on two cores much of a launch is start-up latency that overlaps.
-    {case: (its directory, exit status)}."""
-    import subprocess
-
-    from tsdkd_plugin.testing import kill_processes_with_env
-
-    runs, codes = {}, {}
-    try:
-        for case, (placement, lora) in CASES.items():
-            out = tmp_path_factory.mktemp(f"e2e-{case}")
-            argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", out, placement)
-            argv += (LORA_ARGS + ZERO3_ARGS) if lora == "zero3" else []
-            ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
-            env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-            log = open(out / "train_tsdkd.log", "w")
-            command = [sys.executable, __file__, str(out / "probe.json"), str(toy_student_dir), *argv]
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            runs[case] = (out, ray_tmp, log, process)
-        for case, (*_, process) in runs.items():
-            try:
-                codes[case] = process.wait(timeout=RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                codes[case] = f"timed out after {RUN_TIMEOUT_S} s"
-    finally:
-        for _, ray_tmp, log, process in runs.values():
-            if process.poll() is None:
-                os.killpg(process.pid, 9)
-                process.wait()
-            kill_processes_with_env("TSDKD_RAY_TMPDIR", ray_tmp)
-            log.close()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {case: (runs[case][0], codes[case]) for case in runs}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_tsdkd_trains_on_cpu_and_syncs_vllm(case, e2e_runs, toy_student_dir):
+@pytest.mark.parametrize(
+    "placement, lora",
+    [("separate", False), ("colocate", False), ("separate", "zero3")],
+    ids=["separate", "colocate", "separate-lora-zero3"],
+)
+def test_tsdkd_trains_on_cpu_and_syncs_vllm(
+    tmp_path, placement, lora, toy_student_dir, toy_teacher_dir, arith_data_dir
+):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tsdkd_plugin.testing import log_tail, max_abs_diff, tensorboard_scalars
+    from tsdkd_plugin.testing import log_tail, max_abs_diff, run_child, tensorboard_scalars
 
-    lora = CASES[case][1]
-    tmp_path, returncode = e2e_runs[case]
+    argv = tsdkd_args(toy_student_dir, toy_teacher_dir, arith_data_dir / "prompts_train.jsonl", tmp_path, placement)
+    argv += (LORA_ARGS + ZERO3_ARGS) if lora == "zero3" else []
     probe_file, log_file = tmp_path / "probe.json", tmp_path / "train_tsdkd.log"
+    ray_tmp = tempfile.mkdtemp(prefix="tsdkd_ray_", dir="/tmp")  # Ray socket paths must stay short
+    env = {**os.environ, "TSDKD_RAY_TMPDIR": ray_tmp, "TSDKD_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    try:
+        returncode = run_child(
+            [sys.executable, __file__, str(probe_file), str(toy_student_dir), *argv], env, log_file, RUN_TIMEOUT_S
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert returncode == 0, f"train_tsdkd failed (exit {returncode}); log tail:\n{log_tail(log_file)}"
 
     scalars = tensorboard_scalars(tmp_path / "tb")
