@@ -6,17 +6,19 @@ environment and log handling as every GKD / TSD-KD run of `python -m tsdkd_plugi
 with the paper-like regime's budget per rollout (64 prompts x 4 samples drawn at temperature 1 with
 per-sample seeds, 64 new tokens, a colocated teacher), for `--rollouts` rollouts.
 
-While the run goes, a thread watches its log and notes when the local Ray instance is up, when the
-training loop starts and when vLLM reports its engine ready (with the seconds vLLM itself gives for
-its initialisation); each step's rollout time and total come from the run's own TensorBoard
-(`timing/generation`, `timing/step_total`). Printed: a table of the phases, the first rollout's time
-as a ratio to the median later rollout (both measured in this run), and the share of the run's wall
-time that is fixed cost rather than per-step work. `--write` stores it in benchmarks/RUN_TIME.md.
+While the run goes, a thread watches its log and notes when the driver reports its local Ray
+instance up; each step's rollout time and total come from the run's own TensorBoard
+(`timing/generation`, `timing/step_total`), when the first step began and the last one ended from
+those events' wall times, and vLLM's log gives the seconds of its engine initialisation. Printed: a
+table of the phases, the first rollout's time as a ratio to the median later rollout (both measured
+in this run), and the share of the run's wall time that is fixed cost rather than per-step work.
+`--write` stores it in benchmarks/RUN_TIME.md.
 
-The first rollout includes what OpenRLHF defers to it (vLLM's engine start, the seeded-sampling
-join actor's start); the later rollouts are the steady state. Before the seeded rollouts' join
-became one actor (82e90b5) the first rollout of a 128-prompt run took 240 s against 3 s for the
-second; that revision is not benchmarked here.
+The first rollout includes vLLM's engine start (in this stack the engine initialises at the first
+generate call: its log lines follow the trainer's first progress bar) and the seeded-sampling join
+actor's start; the later rollouts are the steady state. Before the seeded rollouts' join became one
+actor (82e90b5) the first rollout of a 128-prompt run took 240 s against 3 s for the second (an
+ad-hoc side-by-side run of the two revisions); that revision is not benchmarked here.
 
     .venv/bin/python benchmarks/run_time_bench.py                      # untrained toy models (built here)
     .venv/bin/python benchmarks/run_time_bench.py --student S --teacher T --write   # e.g. the comparison's
@@ -38,12 +40,8 @@ from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# First appearance of each in the run's log, in this order.
-MARKERS = {
-    "ray_up": "Started a local Ray instance",
-    "loop_started": "Episode [",
-    "engine_ready": "init engine (profile, create kv cache, warmup model) took",
-}
+# First appearance of each in the run's log (printed by the driver itself, not relayed by Ray).
+MARKERS = {"ray_up": "Started a local Ray instance"}
 ENGINE_INIT = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s")
 
 
@@ -83,7 +81,7 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
     from tsdkd_plugin.experiments.budgets import BUDGETS
     from tsdkd_plugin.experiments.flags import tsdkd_flags
     from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
-    from tsdkd_plugin.testing import tensorboard_scalars
+    from tsdkd_plugin.testing import tensorboard_scalars, tensorboard_wall_times
     from tsdkd_plugin.toy.arith_task import write_task_files
 
     distill = BUDGETS["paper-like"].distill
@@ -93,7 +91,7 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
     flags = tsdkd_flags(method.objective_for({"lr": budget.lr}), teacher_dir=teacher)
     stage = work / "run"
     stage.mkdir()
-    started = time.monotonic()
+    started, started_epoch = time.monotonic(), time.time()
     watch = LogWatch(stage / "train.log", started)
     watch.start()
     try:
@@ -116,6 +114,7 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
     scalars = tensorboard_scalars(stage / "tensorboard")
     generation = [scalars["train/timing/generation"][s] for s in sorted(scalars["train/timing/generation"])]
     step_total = [scalars["train/timing/step_total"][s] for s in sorted(scalars["train/timing/step_total"])]
+    written = tensorboard_wall_times(stage / "tensorboard", "train/timing/step_total")
     engine = ENGINE_INIT.search(log)
     missing = [name for name in MARKERS if name not in watch.seen]
     if missing or len(generation) != rollouts:
@@ -123,6 +122,8 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
     return {
         "wall": wall,
         **watch.seen,
+        "loop_start": written[min(written)] - step_total[0] - started_epoch,
+        "loop_end": written[max(written)] - started_epoch,
         "engine_init": float(engine.group(1)) if engine else float("nan"),
         "generation": generation,
         "step_total": step_total,
@@ -133,17 +134,16 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
 def table(m: dict) -> str:
     later_generation = statistics.median(m["generation"][1:])
     later_step = statistics.median(m["step_total"][1:])
-    steps_after_first = sum(m["step_total"][1:])
-    loop_end = m["loop_started"] + m["step_total"][0] + steps_after_first
+    steps_after_first = m["loop_end"] - m["loop_start"] - m["step_total"][0]
     rows = [
         ("start -> local Ray instance up (imports, ray.init)", m["ray_up"]),
-        ("Ray up -> training loop starts (actors, models, DeepSpeed)", m["loop_started"] - m["ray_up"]),
+        ("Ray up -> first step starts (actors, models, DeepSpeed)", m["loop_start"] - m["ray_up"]),
         ("first step (its rollout starts vLLM's engine)", m["step_total"][0]),
         (f"  of which its rollout; vLLM's own engine initialisation {m['engine_init']:.1f} s", m["generation"][0]),
         (f"later steps ({m['rollouts'] - 1}), in all", steps_after_first),
         ("  median later step", later_step),
         ("  median later rollout", later_generation),
-        ("after the last step (save the model, stop Ray)", m["wall"] - loop_end),
+        ("after the last step (save the model, stop Ray)", m["wall"] - m["loop_end"]),
         ("wall", m["wall"]),
     ]
     lines = ["| phase | seconds | share of wall |", "|---|---|---|"]

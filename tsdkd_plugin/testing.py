@@ -30,21 +30,37 @@ def log_tail(log_file: Path, lines: int = 60) -> str:
     return "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-lines:])
 
 
-def tensorboard_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} over every TensorBoard event file under tb_dir, oldest first, so a
-    resumed run's new file overrides the steps it repeats."""
+def _scalar_events(tb_dir: Path):
+    """(tag, event) for every scalar event under tb_dir, files oldest first, so that in a dict built
+    from them a resumed run's new file overrides the steps it repeats."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     event_files = sorted(Path(tb_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not event_files:
         raise FileNotFoundError(f"no TensorBoard event file under {tb_dir}")
-    scalars: dict[str, dict[int, float]] = {}
     for event_file in event_files:
         accumulator = EventAccumulator(str(event_file))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update({e.step: e.value for e in accumulator.Scalars(tag)})
+            for event in accumulator.Scalars(tag):
+                yield tag, event
+
+
+def tensorboard_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} over every TensorBoard event file under tb_dir (a resumed run's new file
+    overrides the steps it repeats)."""
+    scalars: dict[str, dict[int, float]] = {}
+    for tag, event in _scalar_events(tb_dir):
+        scalars.setdefault(tag, {})[event.step] = event.value
     return scalars
+
+
+def tensorboard_wall_times(tb_dir: Path, tag: str) -> dict[int, float]:
+    """{step: the Unix time at which `tag`'s event for that step was written}."""
+    times = {event.step: event.wall_time for name, event in _scalar_events(tb_dir) if name == tag}
+    if not times:
+        raise KeyError(f"no {tag!r} events under {tb_dir}")
+    return times
 
 
 def tree_digest(path: Path) -> dict[str, str]:
