@@ -25,6 +25,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARITH_TEST_SIZES = {"n_train": 64, "n_val": 16, "n_test": 16}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def published_results_untouched():
+    """benchmarks/ holds published results, written by experiments and benchmarks, never by a test: a test
+    that ran the comparison with its default --out rewrote benchmarks/toy_results/comparison.json and
+    .md with its fake runs, and two commits published them. Every file there must end the session as
+    it began (an error at the last test's teardown names the files)."""
+    from tsdkd_plugin.testing import tree_digest
+
+    before = tree_digest(REPO_ROOT / "benchmarks")
+    yield
+    after = tree_digest(REPO_ROOT / "benchmarks")
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the tests changed published results under benchmarks/: {changed}"
 
 
 @pytest.fixture(scope="session")

@@ -668,6 +668,7 @@ def test_a_comparison_extended_one_method_at_a_time_keeps_every_methods_choice(t
     monkeypatch.setattr(comparison, "load_prompt_rows", lambda path: [])
     monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
     common = ["--regimes", "paper-like", "--stop-after", "tune", "--grid-trials", "0", "--run-dir", str(run_dir)]
+    common += ["--out", str(tmp_path / "report")]  # the default is the published benchmarks/toy_results
     assert compare.main([*common, "--methods", "gkd,tsdkd-paper,tsdkd-weight-warmup"]) == 0
     assert compare.main([*common, "--methods", "seqkd,tsdkd-paper,tsdkd-grad-balanced"]) == 0
     chosen = json.loads(comparison.chosen_settings_file(run_dir, "paper-like").read_text())
@@ -686,4 +687,4 @@ def test_a_comparison_extended_one_method_at_a_time_keeps_every_methods_choice(t
 
     monkeypatch.setattr(comparison, "prepare_regime", building)
     with pytest.raises(BuildingModels):
-        compare.main(["--regimes", "paper-like-long", "--methods", "gkd,seqkd", "--run-dir", str(run_dir)])
+        compare.main(["--regimes", "paper-like-long", "--methods", "gkd,seqkd", *common[-4:]])
