@@ -6,10 +6,11 @@ environment and log handling as every GKD / TSD-KD run of `python -m tsdkd_plugi
 with the paper-like regime's budget per rollout (64 prompts x 4 samples drawn at temperature 1 with
 per-sample seeds, 64 new tokens, a colocated teacher), for `--rollouts` rollouts.
 
-While the run goes, a thread watches its log and notes when the driver reports its local Ray
-instance up; each step's rollout time and total come from the run's own TensorBoard
-(`timing/generation`, `timing/step_total`), when the first step began and the last one ended from
-those events' wall times, and vLLM's log gives the seconds of its engine initialisation. Printed: a
+The time the driver's local Ray instance came up is read from that log line's own timestamp; each
+step's rollout time and total from the per-rollout curve `run_on_policy` already reads from the
+run's TensorBoard (`timing/generation`, `timing/step_total`), when the first step began and the
+last one ended from those events' wall times, and vLLM's log gives the seconds of its engine
+initialisation. Printed: a
 table of the phases, the first rollout's time as a ratio to the median later rollout (both measured
 in this run), and the share of the run's wall time that is fixed cost rather than per-step work.
 `--write` stores it in benchmarks/RUN_TIME.md.
@@ -34,34 +35,23 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# First appearance of each in the run's log (printed by the driver itself, not relayed by Ray).
-MARKERS = {"ray_up": "Started a local Ray instance"}
+# The driver's own line (not relayed by Ray), stamped with local time to the millisecond.
+RAY_UP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s+INFO \S+ -- Started a local Ray instance", re.M)
 ENGINE_INIT = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s")
 
 
-class LogWatch(threading.Thread):
-    """Notes the wall time (since `started`) at which each marker first appears in a growing log."""
-
-    def __init__(self, log_file: Path, started: float):
-        super().__init__(daemon=True)
-        self.log_file, self.started = log_file, started
-        self.seen: dict[str, float] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set() and len(self.seen) < len(MARKERS):
-            text = self.log_file.read_text(errors="replace") if self.log_file.is_file() else ""
-            now = time.monotonic() - self.started
-            for name, marker in MARKERS.items():
-                if name not in self.seen and marker in text:
-                    self.seen[name] = now
-            self.stop.wait(0.25)
+def ray_up_time(log: str) -> float:
+    """Unix time of the driver's "Started a local Ray instance" line."""
+    match = RAY_UP.search(log)
+    if match is None:
+        raise SystemExit("run_time_bench: the run's log has no 'Started a local Ray instance' line")
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def default_models(cache_dir: Path) -> tuple[Path, Path]:
@@ -81,7 +71,7 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
     from tsdkd_plugin.experiments.budgets import BUDGETS
     from tsdkd_plugin.experiments.flags import tsdkd_flags
     from tsdkd_plugin.experiments.methods import METHODS, run_on_policy
-    from tsdkd_plugin.testing import tensorboard_scalars, tensorboard_wall_times
+    from tsdkd_plugin.testing import tensorboard_wall_times
     from tsdkd_plugin.toy.arith_task import write_task_files
 
     distill = BUDGETS["paper-like"].distill
@@ -92,36 +82,29 @@ def measure(student: Path, teacher: Path, rollouts: int, work: Path, timeout_s: 
     stage = work / "run"
     stage.mkdir()
     started, started_epoch = time.monotonic(), time.time()
-    watch = LogWatch(stage / "train.log", started)
-    watch.start()
-    try:
-        run_on_policy(
-            budget,
-            trainer="tsdkd",
-            method_flags=flags,
-            student_dir=student,
-            prompts_file=files["prompts_train"],
-            stage_dir=stage,
-            seed=0,
-            timeout_s=timeout_s,
-            desc="run_time_bench",
-        )
-    finally:
-        watch.stop.set()
-        watch.join()
+    _, _, notes = run_on_policy(
+        budget,
+        trainer="tsdkd",
+        method_flags=flags,
+        student_dir=student,
+        prompts_file=files["prompts_train"],
+        stage_dir=stage,
+        seed=0,
+        timeout_s=timeout_s,
+        desc="run_time_bench",
+    )
     wall = time.monotonic() - started
     log = (stage / "train.log").read_text(errors="replace")
-    scalars = tensorboard_scalars(stage / "tensorboard")
-    generation = [scalars["train/timing/generation"][s] for s in sorted(scalars["train/timing/generation"])]
-    step_total = [scalars["train/timing/step_total"][s] for s in sorted(scalars["train/timing/step_total"])]
+    curve = notes["training_curve"]  # one entry per rollout, in order
+    generation = [point["timing/generation"] for point in curve]
+    step_total = [point["timing/step_total"] for point in curve]
     written = tensorboard_wall_times(stage / "tensorboard", "train/timing/step_total")
     engine = ENGINE_INIT.search(log)
-    missing = [name for name in MARKERS if name not in watch.seen]
-    if missing or len(generation) != rollouts:
-        raise SystemExit(f"run_time_bench: the run's log lacks {missing} or logged {len(generation)} rollouts")
+    if len(generation) != rollouts:
+        raise SystemExit(f"run_time_bench: the run logged {len(generation)} rollouts, not {rollouts}")
     return {
         "wall": wall,
-        **watch.seen,
+        "ray_up": ray_up_time(log) - started_epoch,
         "loop_start": written[min(written)] - step_total[0] - started_epoch,
         "loop_end": written[max(written)] - started_epoch,
         "engine_init": float(engine.group(1)) if engine else float("nan"),

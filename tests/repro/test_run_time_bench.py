@@ -1,11 +1,13 @@
-"""benchmarks/run_time_bench.py's bookkeeping: the log watch and the table's arithmetic (the run itself
-is the benchmark's, not a test's)."""
+"""benchmarks/run_time_bench.py's bookkeeping: the Ray start-up time read from the log and the
+table's arithmetic (the run itself is the benchmark's, not a test's)."""
 
 from __future__ import annotations
 
 import importlib.util
 import time
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "run_time_bench.py"
 
@@ -17,20 +19,17 @@ def load_bench():
     return module
 
 
-def test_log_watch_notes_each_marker_when_it_first_appears(tmp_path):
+def test_ray_up_time_is_the_driver_lines_own_timestamp():
     bench = load_bench()
-    log = tmp_path / "train.log"
-    watch = bench.LogWatch(log, time.monotonic())
-    watch.start()
-    time.sleep(0.4)  # the file does not exist yet
-    log.write_text("2026 [WARNING] real_accelerator.py: Setting accelerator to CPU\n")
-    time.sleep(0.6)
-    assert watch.seen == {}
-    with log.open("a") as handle:
-        handle.write("2026 INFO worker.py -- Started a local Ray instance.\n")
-    watch.join(timeout=5)
-    assert not watch.is_alive() and set(watch.seen) == set(bench.MARKERS) == {"ray_up"}
-    assert watch.seen["ray_up"] > 0.9
+    log = (
+        "[2026-12-06 13:59:03,100] [WARNING] [real_accelerator.py:199:get_accelerator] Setting accelerator to CPU\n"
+        "(RolloutRayActor pid=1) INFO 12-06 13:59:20 agent.py:199] Started a local Ray instance.\n"
+        "2026-12-06 13:59:07,540\tINFO worker.py:2012 -- Started a local Ray instance.\n"
+    )
+    expected = time.mktime((2026, 12, 6, 13, 59, 7, 0, 0, -1)) + 0.54
+    assert abs(bench.ray_up_time(log) - expected) < 1e-6
+    with pytest.raises(SystemExit, match="no 'Started a local Ray instance' line"):
+        bench.ray_up_time(log.splitlines()[0])
 
 
 def test_table_ratios_and_fixed_cost():
