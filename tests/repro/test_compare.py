@@ -103,6 +103,8 @@ def test_grpo_flags_parse_with_upstream_train_ppo_ray(estimator, tmp_path, toy_s
     flags += grpo_flags(estimator)
     args = upstream.finalize(upstream.build_parser().parse_args(flags))
     assert args.algo.advantage.estimator == estimator and args.algo.kl.init_coef == 0
+    # Every on-policy toy run's vLLM engine runs eagerly (no per-run graph compile).
+    assert args.vllm.enforce_eager is True
 
 
 class _TrainerReached(Exception):
