@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -169,12 +168,15 @@ def main(argv=None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(report)
     if args.write:
-        command = "python benchmarks/run_time_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only"
-        (REPO / "benchmarks" / "RUN_TIME.md").write_text(
-            "# One comparison run: where its time goes (CPU)\n\n"
-            f"Command: `{command.strip()}`  \nModels: {models}  \nMachine: {machine}, "
-            f"load average {load:.1f} at the start  \nDate: {time.strftime('%Y-%m-%d')}\n\n{report}\n"
+        from tsdkd_plugin.testing import write_benchmark_report
+
+        write_benchmark_report(
+            REPO / "benchmarks" / "RUN_TIME.md",
+            "One comparison run: where its time goes (CPU)",
+            "run_time_bench.py",
+            sys.argv[1:] if argv is None else argv,
+            {"Models": models, "Load average at the start": f"{load:.1f}"},
+            report,
         )
 
 

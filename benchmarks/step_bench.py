@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -237,12 +236,15 @@ def main(argv=None) -> None:
     print(report)
     print(verdict)
     if args.write:
-        command = "python benchmarks/step_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, CPU only"
-        (REPO / "benchmarks" / "STEP_TIME.md").write_text(
-            "# TSD-KD vs GRPO: time per training step (CPU)\n\n"
-            f"Command: `{command.strip()}`  \nMachine: {machine}  \nDate: {time.strftime('%Y-%m-%d')}\n\n"
-            f"{report}\n\n{verdict}\n"
+        from tsdkd_plugin.testing import write_benchmark_report
+
+        write_benchmark_report(
+            REPO / "benchmarks" / "STEP_TIME.md",
+            "TSD-KD vs GRPO: time per training step (CPU)",
+            "step_bench.py",
+            sys.argv[1:] if argv is None else argv,
+            {},
+            f"{report}\n\n{verdict}",
         )
     shutil.rmtree(work, ignore_errors=True)
 

@@ -63,6 +63,21 @@ def tensorboard_wall_times(tb_dir: Path, tag: str) -> dict[int, float]:
     return times
 
 
+def write_benchmark_report(path: Path, title: str, script: str, argv: Sequence[str], fields: dict, body: str) -> None:
+    """A benchmark's markdown file: its title, the command that wrote it (`python benchmarks/<script>`
+    and its arguments), the machine (architecture, cores, Python, CPU only), then `fields` (name:
+    value lines) and the date, then `body`."""
+    import platform
+    import time
+
+    command = f"python benchmarks/{script} {' '.join(argv)}".strip()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only"
+    header = [f"Command: `{command}`", f"Machine: {machine}"]
+    header += [f"{name}: {value}" for name, value in fields.items()]
+    header.append(f"Date: {time.strftime('%Y-%m-%d')}")
+    path.write_text(f"# {title}\n\n" + "  \n".join(header) + f"\n\n{body}\n")
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under path (bytecode caches left out), so two trees
     compare byte for byte and a failed comparison shows which files differ."""

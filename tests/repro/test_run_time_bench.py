@@ -51,3 +51,16 @@ def test_table_ratios_and_fixed_cost():
     assert "First rollout / median later rollout: **6.7x** (20.0 s vs 3.0 s" in text
     # 100 s of wall minus 4 steady steps of 6 s (the later steps' median)
     assert "Fixed cost of a run (wall minus 4 steady steps): 76 s, 76%" in text
+
+
+def test_benchmark_report_header(tmp_path):
+    from tsdkd_plugin.testing import write_benchmark_report
+
+    path = tmp_path / "RUN_TIME.md"
+    write_benchmark_report(path, "A title", "run_time_bench.py", ["--rollouts", "8"], {"Models": "m"}, "| a |")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# A title" and lines[1] == ""
+    assert lines[2] == "Command: `python benchmarks/run_time_bench.py --rollouts 8`  "
+    assert lines[3].startswith("Machine: ") and lines[3].endswith("CPU only  ")
+    assert lines[4] == "Models: m  " and lines[5].startswith("Date: 20")
+    assert lines[6:] == ["", "| a |"]
