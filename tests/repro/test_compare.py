@@ -613,18 +613,22 @@ def test_a_remedys_test_runs_report_the_weights_they_ran_at():
     assert summary["settings"] == {"lr": 3e-5, "entropy_weight": 1.0, "indirect_weight": 0.1}
 
 
-def test_the_long_regime_runs_each_method_once_at_the_paper_like_choice_with_a_denser_curve(tmp_path, monkeypatch):
+def test_the_long_regime_tunes_the_learning_rate_at_its_budget_with_the_paper_like_choice_and_a_denser_curve(
+    tmp_path, monkeypatch
+):
     calls = []
 
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         calls.append((method, dict(settings), split, kwargs["checkpoints"]))
-        return {"evaluation": {"accuracy": 0.7}}
+        return {"evaluation": {"accuracy": 0.8 if settings["lr"] == 3e-5 else 0.7}}
 
     monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
     chosen = {"gkd": {"lr": 1e-4, "beta": 0.5}}
     result = comparison.tune_method(_state(tmp_path, "paper-like-long"), None, "gkd", chosen, 3)
-    assert calls == [("gkd", {"lr": 1e-4, "beta": 0.5}, "val", 12)]
-    assert result["chosen"] == {"lr": 1e-4, "beta": 0.5}
+    # The same learning-rate grid as every regime, GKD's beta as chosen at 32 steps, 12 points on each curve;
+    # the method's own grid is not run again.
+    assert calls == [("gkd", {"lr": lr, "beta": 0.5}, "val", 12) for lr in LR_GRID]
+    assert result["chosen"] == {"lr": 3e-5, "beta": 0.5}
     long, short = BUDGETS["paper-like-long"], BUDGETS["paper-like"]
     assert long.distill.optimizer_steps == 3 * short.distill.optimizer_steps
     assert (long.teacher, long.student, long.student_selection) == (
@@ -642,7 +646,9 @@ def test_the_long_regime_needs_its_methods_tuned_in_the_paper_like_one_before_bu
     run_dir = tmp_path / "runs"
     argv = ["--regimes", "paper-like-long", "--methods", "gkd,seqkd", "--run-dir", str(run_dir)]
     assert compare.main(argv) == 2
-    assert "takes every setting from the paper-like regime, which has not been tuned yet" in capsys.readouterr().err
+    assert (
+        "takes its non-LR settings from the paper-like regime, which has not been tuned yet" in capsys.readouterr().err
+    )
     comparison.chosen_settings_file(run_dir, "paper-like").parent.mkdir(parents=True)
     comparison.chosen_settings_file(run_dir, "paper-like").write_text(json.dumps({"gkd": {"chosen": {"lr": 1e-4}}}))
     assert compare.main(argv) == 2

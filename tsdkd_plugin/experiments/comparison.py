@@ -36,8 +36,7 @@ class Regime:
 
     name: str
     budget: str  # key of budgets.BUDGETS
-    # "full": LR grid then each method's grid; "lr": LR grid only, the rest from `inherit_from`;
-    # "fixed": every setting, the learning rate included, from `inherit_from` (one validation run each)
+    # "full": LR grid then each method's grid; "lr": LR grid only, the rest from `inherit_from`
     tune: str
     inherit_from: str | None = None
     ablations: bool = True
@@ -68,12 +67,12 @@ REGIMES: dict[str, Regime] = {
         Regime(
             "paper-like-long",
             "paper-like-long",
-            "fixed",
+            "lr",
             inherit_from="paper-like",
             ablations=False,
             curve_points=12,
-            doc="the paper-like regime with 3x the distillation budget (96 optimizer steps) at the settings "
-            "chosen there: is 32 steps long enough for the validation accuracy to flatten?",
+            doc="the paper-like regime with 3x the distillation budget (96 optimizer steps, where the best "
+            "baseline's validation accuracy flattens), the learning rate tuned again at this budget",
         ),
     )
 }
@@ -208,10 +207,7 @@ def tuning_trials(
     state: RegimeState, method_name: str, chosen: Mapping[str, dict], lr_grid: Sequence[float] = LR_GRID
 ) -> list[dict]:
     """The learning-rate trials of a method on validation, in order (its other settings: the
-    defaults, or in an "lr" regime those chosen in the regime it inherits from); in a "fixed"
-    regime, the one run at the settings chosen there."""
-    if state.regime.tune == "fixed":
-        return [dict(chosen[method_name])]
+    defaults, or in an "lr" regime those chosen in the regime it inherits from)."""
     if state.regime.tune == "lr":
         inherited = chosen.get(method_name, {})
         knobs = {k: v for k, v in inherited.items() if k != "lr"}
@@ -448,17 +444,16 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
     inherited = {}
     if regime.inherit_from:  # read before any model is built: a missing parent is one sentence
         source = chosen_settings_file(Path(options.run_dir).resolve(), regime.inherit_from)
-        what = "every setting" if regime.tune == "fixed" else "its non-LR settings"
         if not source.is_file():
             raise JobError(
-                f"the {regime.name} regime takes {what} from the {regime.inherit_from} "
+                f"the {regime.name} regime takes its non-LR settings from the {regime.inherit_from} "
                 f"regime, which has not been tuned yet ({source} is missing): run that regime first"
             )
         inherited = {m: entry["chosen"] for m, entry in json.loads(source.read_text()).items()}
-        untuned = [m for m in tuned if regime.tune == "fixed" and m not in inherited]
+        untuned = [m for m in tuned if m not in inherited]
         if untuned:
             raise JobError(
-                f"the {regime.name} regime runs each method at the settings chosen in the {regime.inherit_from} "
+                f"the {regime.name} regime runs each method at the non-LR settings chosen in the {regime.inherit_from} "
                 f"regime, which has not tuned {', '.join(untuned)}: run {'it' if len(untuned) == 1 else 'them'} "
                 "there first"
             )

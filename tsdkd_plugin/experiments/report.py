@@ -450,7 +450,6 @@ def regime_markdown(
         what = {
             "full": f"the learning rate, then {own_grid}",
             "lr": f"the learning rate only; other settings as chosen in the {regime['inherit_from']} regime",
-            "fixed": f"nothing tuned: one run at the settings chosen in the {regime['inherit_from']} regime",
         }[regime["tune"]]
         lines += [
             f"### Tuning on the validation split (seed {data['tuning_seed']}; {what})",
