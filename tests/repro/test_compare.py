@@ -408,6 +408,8 @@ def test_report_from_run_files(tmp_path):
     assert "seqkd seed 0" in markdown and "seqkd seed 2" in markdown  # never run
     assert "python -m tsdkd_plugin.experiments.compare --regimes paper-like --seeds 3" in markdown
     assert "the learning rate, then the method's own grid at the best one" in markdown
+    # Compute: 1 tuning run and 6 test runs of 120 s each (the failed one has no result file): 840 s.
+    assert "| paper-like | 1 | 6 | 0.23 |" in markdown and "| all | 7 runs | | 0.23 |" in markdown
     data["grid_trials"] = 0
     assert (
         "the learning rate, then none of the method's own grid"

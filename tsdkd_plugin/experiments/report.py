@@ -508,6 +508,32 @@ def regime_markdown(
     return lines
 
 
+def compute_markdown(data: Mapping) -> list[str]:
+    """What the runs this report counts cost: per regime, its validation runs (tuning and remedies)
+    and test runs, each run's own recorded wall time (training and evaluation) summed."""
+    rows, total_runs, total_seconds = [], 0, 0.0
+    for name, regime in data["regimes"].items():
+        tuning, test = regime.get("tuning_runs", []), regime["test_runs"]
+        seconds = sum(run.get("seconds", 0.0) for run in [*tuning, *test])
+        total_runs, total_seconds = total_runs + len(tuning) + len(test), total_seconds + seconds
+        rows.append(f"| {name} | {len(tuning)} | {len(test)} | {seconds / 3600:.2f} |")
+    if not rows:
+        return []
+    return [
+        "## Compute: the runs this report counts",
+        "",
+        "| regime | validation runs | test runs | recorded hours |",
+        "|---|---|---|---|",
+        *rows,
+        f"| all | {total_runs} runs | | {total_seconds / 3600:.2f} |",
+        "",
+        "Each run's own wall time as its result file records it (training and evaluation; not the building of "
+        "teacher and student, nor earlier runs at superseded settings). A run made while other jobs shared "
+        "the machine, or before a later speed-up, is counted at the time it took then.",
+        "",
+    ]
+
+
 def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "comparison") -> dict[str, Path]:
     """<stem>.md and <stem>.json, and per regime <stem>-<regime>.png (test accuracy),
     <stem>-<regime>-curves.png (validation curves), <stem>-<regime>-diagnostics.png, in out_dir."""
@@ -586,6 +612,7 @@ def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "compariso
                 "they ran) are kept on disk and left out of these tables.",
                 "",
             ]
+    lines += compute_markdown(data)
     lines += ["## Methods", ""] + [
         f"- **{m['label']}** (`{name}`): {m['doc']}" for name, m in data["methods_doc"].items()
     ]
