@@ -4,13 +4,16 @@
                                                [--run-dir runs/compare] [--out benchmarks/toy_results]
 
 Regimes (`budgets.BUDGETS`): "paper-like", a student that starts near its teacher as in the paper,
-and "weak-student", the earlier setting with a student far below its teacher. In each, every
+"weak-student", the earlier setting with a student far below its teacher, and "paper-like-long",
+the paper-like one with 3x the distillation budget (96 optimizer steps, where the best baseline's
+validation accuracy flattens). In each, every
 method starts from the same initial student and gets the same distillation budget (prompts,
 samples, optimizer steps of the same size); only the training signal differs (`methods`).
 
 Protocol (`protocol`): tuning on the validation split with one seed (the same learning-rate grid
 for every method, then the same number of trials of each method's own hyperparameters; in the
-weak-student regime only the learning rate is tuned, the rest taken from the paper-like regime),
+weak-student and paper-like-long regimes only the learning rate is tuned, the rest taken from the
+paper-like regime),
 then `--seeds` seeds of each method's chosen settings on the test split, reported with 95%
 confidence intervals and per-seed differences against GKD. Ablations take TSD-KD's (paper preset)
 chosen settings and switch one part off. Remedies (opt-in objective options) take the same settings,
