@@ -365,6 +365,10 @@ def test_report_from_run_files(tmp_path):
             }
         )
     )
+    # A tuning run of a method this report does not cover: on disk, not counted in the compute table.
+    other = root / "results" / "tune" / "grpo" / f"lr=0.0001--seed{TUNING_SEED}.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({**_fake_run("grpo", TUNING_SEED, 0.4), "stage": "tune"}))
     (root / "references.json").write_text(
         json.dumps(
             {
