@@ -661,25 +661,17 @@ def test_the_long_regime_needs_its_methods_tuned_in_the_paper_like_one_before_bu
     assert "which has not tuned seqkd: run it there first" in capsys.readouterr().err
 
 
-def test_a_comparison_extended_one_method_at_a_time_keeps_every_methods_choice(tmp_path, monkeypatch):
+def test_a_comparison_extended_one_method_at_a_time_keeps_every_methods_choice(tmp_path, monkeypatch, models_not_built):
     """chosen.json and remedies.json are per method: an invocation that tunes only some methods adds
     theirs and keeps the others' (it used to overwrite the file, so the report lost the earlier
     methods' choices and counted their test runs at superseded settings, and the long regime could
     not find them)."""
     run_dir = tmp_path / "runs"
-
-    def fake_prepare(regime, options):
-        root = run_dir / regime.name
-        state = comparison.RegimeState(regime=regime, budget=BUDGETS[regime.budget], root=root)
-        state.files = {"prompts_train": root / "prompts_train.jsonl"}
-        state.models = {"teacher": tmp_path / "teacher", "student": tmp_path / "student"}
-        return state
+    models_not_built(run_dir)
 
     def fake_run(state, ctx, stage, method, settings, seed, split, **kwargs):
         return {"evaluation": {"accuracy": 0.7 if settings["lr"] == 1e-4 else 0.6}}
 
-    monkeypatch.setattr(comparison, "prepare_regime", fake_prepare)
-    monkeypatch.setattr(comparison, "load_prompt_rows", lambda path: [])
     monkeypatch.setattr(comparison, "run_and_evaluate", fake_run)
     common = ["--regimes", "paper-like", "--stop-after", "tune", "--grid-trials", "0", "--run-dir", str(run_dir)]
     common += ["--out", str(tmp_path / "report")]  # the default is the published benchmarks/toy_results

@@ -21,6 +21,10 @@ are tried on validation, and run on test only when they beat TSD-KD's chosen val
 Tuning runs keep evenly spaced checkpoints whose validation accuracy shows whether the budget is
 long enough (the curves in the report).
 
+Each method's tuning is a chain of runs, but the methods are independent: with --jobs N, N runs
+go on side by side (run_pool), each method's tuning and then its test seeds beside the others'.
+Every invocation's wall time is recorded under <run-dir>/invocations/ (the report sums them).
+
 Every finished run is a JSON file under <run-dir>/<regime>/results/ (what it ran, what it logged,
 its evaluation), so an interrupted comparison resumes where it stopped; the report in --out is
 written from those files at the end (--report-only: only that). A failed run is recorded and the
@@ -35,10 +39,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tsdkd_plugin.experiments.comparison import REGIMES, collect, run_regime
+from tsdkd_plugin.experiments.comparison import REGIMES, collect, record_invocation, run_regime
 from tsdkd_plugin.experiments.methods import METHOD_GROUPS, METHODS, parse_methods
 from tsdkd_plugin.experiments.options import check_work_dirs
 from tsdkd_plugin.experiments.protocol import LR_GRID
+from tsdkd_plugin.experiments.run_pool import RunPool
 from tsdkd_plugin.experiments.runner import JobError, banner, run_entry_point
 
 PROG = "python -m tsdkd_plugin.experiments.compare"
@@ -48,6 +53,8 @@ def run_comparison(options: argparse.Namespace) -> int:
     started = time.time()
     if options.seeds < 1:
         raise JobError(f"--seeds must be at least 1, got {options.seeds}")
+    if options.jobs < 1:
+        raise JobError(f"--jobs must be at least 1, got {options.jobs}")
     if options.grid_trials is not None and options.grid_trials < 0:
         raise JobError(f"--grid-trials must be 0 or more, got {options.grid_trials}")
     options.lr_grid = parse_lr_grid(options.lr_grid)
@@ -62,8 +69,9 @@ def run_comparison(options: argparse.Namespace) -> int:
     methods = parse_methods(options.methods)
     options.seed_list = list(range(options.first_seed, options.first_seed + options.seeds))
     if not options.report_only:
-        for name in regimes:
-            run_regime(REGIMES[name], options, methods)
+        with record_invocation(Path(options.run_dir), options), RunPool(options.jobs) as pool:
+            for name in regimes:
+                run_regime(REGIMES[name], options, methods, pool)
     from tsdkd_plugin.experiments.report import write_comparison_report
 
     command = [PROG, *(a for a in options.argv if a != "--report-only")]
@@ -111,6 +119,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", default="runs/compare", help="work directory (resumable)")
     parser.add_argument("--out", default="benchmarks/toy_results", help="where the report goes")
     parser.add_argument("--cache-dir", default=None, help="fixture cache root")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side, each in its own worker process (default 1; 2 on a 2-core machine keeps both "
+        "cores busy and changes no result: each run pins its threads)",
+    )
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds before one run is stopped")
     parser.add_argument(
         "--stop-after",

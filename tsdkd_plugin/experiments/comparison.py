@@ -10,9 +10,12 @@ on. `collect` reads only those files, so a report can be rewritten at any time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +26,7 @@ from tsdkd_plugin.experiments.evaluate import evaluate_model, format_result_line
 from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, RunContext, run_method
 from tsdkd_plugin.experiments.options import cache_dir_of
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED, best_trial
+from tsdkd_plugin.experiments.run_pool import RunPool
 from tsdkd_plugin.experiments.runner import JobError, banner, hardware_kind, machine_info, write_json_atomic
 from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, describe_choice, initial_student
 
@@ -222,18 +226,29 @@ def tune_method(
     inherited: Mapping[str, dict],
     grid_trials: int | None = None,
     lr_grid: Sequence[float] = LR_GRID,
+    pool: RunPool | None = None,
 ) -> dict:
     """{"trials": [...], "chosen": settings} for one method on the validation split: the learning-rate
     grid, the method's own grid at the best rate, and when that moved the choice, the neighbouring
     rates at the new settings (protocol.py). `grid_trials` keeps only the first entries of the
     method's own grid and `lr_grid` replaces the learning-rate grid, the same for every method, so
-    that none is tuned more than its rivals; None keeps the whole grid."""
+    that none is tuned more than its rivals; None keeps the whole grid. Each trial depends on the ones
+    before it, so one method's trials run one after another (`pool` runs them)."""
     method = METHODS[method_name]
+    pool = pool or RunPool()
     trials = []
 
     def trial(settings):
-        result = run_and_evaluate(
-            state, ctx, "tune", method_name, settings, TUNING_SEED, "val", checkpoints=state.regime.curve_points
+        result = pool.call(
+            run_and_evaluate,
+            state,
+            ctx,
+            "tune",
+            method_name,
+            settings,
+            TUNING_SEED,
+            "val",
+            checkpoints=state.regime.curve_points,
         )
         accuracy = result["evaluation"]["accuracy"] if result and not budget_shortfall(result) else float("-inf")
         trials.append({"settings": dict(settings), "val_accuracy": accuracy, "failed": result is None})
@@ -261,11 +276,14 @@ def tune_method(
     return {"trials": trials, "chosen": chosen, "chosen_val_accuracy": accuracy}
 
 
-def try_remedy(state: RegimeState, ctx: RunContext, method_name: str, parent: Mapping) -> dict:
+def try_remedy(
+    state: RegimeState, ctx: RunContext, method_name: str, parent: Mapping, pool: RunPool | None = None
+) -> dict:
     """A remedy on the validation split (tuning seed) at its parent's chosen settings. It goes to the
     test split only when it beats the parent's chosen validation accuracy: a remedy is never chosen
     on test. Each remedy is one more validation trial of its parent (the report counts them)."""
-    result = run_and_evaluate(
+    result = (pool or RunPool()).call(
+        run_and_evaluate,
         state,
         ctx,
         "tune",
@@ -290,12 +308,16 @@ def remedies_file(regime_root: Path) -> Path:
     return regime_root / "remedies.json"
 
 
+_RECORD_LOCK = threading.Lock()  # methods tuned side by side record their choices one at a time
+
+
 def update_json_record(path: Path, entries: Mapping) -> None:
     """Write `entries` (per method) into the JSON object at `path`, keeping the entries of methods
     this invocation did not run: a comparison extended one method at a time keeps every method's
     choice (the report and the long regime read them from here)."""
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
-    write_json_atomic(path, {**recorded, **entries})
+    with _RECORD_LOCK:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+        write_json_atomic(path, {**recorded, **entries})
 
 
 def goes_to_test(method_name: str, regime: Regime, tuning: Mapping, remedies: Mapping) -> bool:
@@ -438,7 +460,67 @@ def restore_runs(state: RegimeState, report_file: Path) -> int:
     return written
 
 
-def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[str]) -> None:
+INVOCATIONS_DIR = "invocations"
+HEARTBEAT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def record_invocation(run_dir: Path, options: argparse.Namespace, heartbeat_s: float = HEARTBEAT_SECONDS):
+    """Record this invocation's wall time in <run_dir>/invocations/<start>-<pid>.json: written when it
+    starts, its "updated" time rewritten every `heartbeat_s` seconds and at the end with how it ended,
+    so the comparison's time in all (the report's sum) survives a kill to within a heartbeat."""
+    started = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    path = Path(run_dir).resolve() / INVOCATIONS_DIR / f"{stamp}-{os.getpid()}.json"
+    record = {
+        "started": started,
+        "updated": started,
+        "outcome": "running",
+        "jobs": getattr(options, "jobs", 1),
+        "argv": list(getattr(options, "argv", [])),
+        "hardware": hardware_kind(),
+    }
+    lock = threading.Lock()
+
+    def write(**changes) -> None:
+        with lock:
+            record.update(changes, updated=time.time())
+            write_json_atomic(path, record)
+
+    write()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(heartbeat_s):
+            write()
+
+    thread = threading.Thread(target=beat, name="invocation-heartbeat", daemon=True)
+    thread.start()
+    outcome = "interrupted"
+    try:
+        yield path
+        outcome = "finished"
+    except JobError as error:
+        outcome = f"stopped: {str(error).splitlines()[0]}"
+        raise
+    finally:
+        done.set()
+        thread.join()
+        write(outcome=outcome)
+
+
+def read_invocations(run_dir: Path) -> list[dict]:
+    """The recorded invocations of a run directory (record_invocation), oldest first."""
+    folder = Path(run_dir) / INVOCATIONS_DIR
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def run_regime(
+    regime: Regime, options: argparse.Namespace, methods: Sequence[str], pool: RunPool | None = None
+) -> None:
+    """One regime: each tuned method's pipeline (its tuning, then its remedies, then the test seeds of
+    it and of the methods derived from it) runs beside the other methods' pipelines, `pool.jobs`
+    runs at a time; with one job, one method after another."""
     banner(f"regime {regime.name}: {regime.doc}")
     tuned = [m for m in methods if m in TUNED_METHODS]
     inherited = {}
@@ -470,29 +552,47 @@ def run_regime(regime: Regime, options: argparse.Namespace, methods: Sequence[st
         timeout_s=options.run_timeout or state.budget.stage_timeout_s,
         verbose=options.verbose,
     )
-    tuning = {m: tune_method(state, ctx, m, inherited, options.grid_trials, options.lr_grid) for m in tuned}
-    update_json_record(chosen_settings_file(Path(options.run_dir).resolve(), regime.name), tuning)
-    remedies = {
-        m: try_remedy(state, ctx, m, tuning[METHODS[m].derived_from])
-        for m in methods
-        if METHODS[m].group == "remedy" and regime.ablations and METHODS[m].derived_from in tuning
-    }
-    if remedies:
-        update_json_record(remedies_file(state.root), remedies)
-    if options.stop_after == "tune":
-        return
-    test_methods = tuned + [m for m in methods if goes_to_test(m, regime, tuning, remedies)]
-    for seed in options.seed_list:
-        for method_name in test_methods:
-            base = METHODS[method_name].tuned_as
-            # The first seed of every train_tsdkd method also logs the per-term gradient diagnostics
-            # (which change no loss or gradient bit; docs/objective.md).
-            diagnostics = (
-                {"diagnostics": True} if seed == options.seed_list[0] and METHODS[method_name].runner == "tsdkd" else {}
+    pool = pool or RunPool()
+    chosen_file = chosen_settings_file(Path(options.run_dir).resolve(), regime.name)
+
+    def pipeline(method_name: str) -> None:
+        tuned_here = tune_method(state, ctx, method_name, inherited, options.grid_trials, options.lr_grid, pool)
+        tuning = {method_name: tuned_here}
+        update_json_record(chosen_file, tuning)
+        derived = [m for m in methods if METHODS[m].derived_from == method_name]
+        remedy_names = [m for m in derived if METHODS[m].group == "remedy" and regime.ablations]
+        remedies = dict(
+            zip(
+                remedy_names,
+                pool.map(lambda m: try_remedy(state, ctx, m, tuning[method_name], pool), remedy_names),
+                strict=True,
             )
-            run_and_evaluate(
-                state, ctx, "test", method_name, tuning[base]["chosen"], seed, "test", extra_objective=diagnostics
-            )
+        )
+        if remedies:
+            update_json_record(remedies_file(state.root), remedies)
+        if options.stop_after == "tune":
+            return
+        test_methods = [method_name] + [m for m in derived if goes_to_test(m, regime, tuning, remedies)]
+        # The first seed of every train_tsdkd method also logs the per-term gradient diagnostics
+        # (which change no loss or gradient bit; docs/objective.md).
+        pool.map(
+            lambda job: pool.call(
+                run_and_evaluate,
+                state,
+                ctx,
+                "test",
+                job[1],
+                tuning[method_name]["chosen"],
+                job[0],
+                "test",
+                extra_objective={"diagnostics": True}
+                if job[0] == options.seed_list[0] and METHODS[job[1]].runner == "tsdkd"
+                else {},
+            ),
+            [(seed, m) for seed in options.seed_list for m in test_methods],
+        )
+
+    pool.map(pipeline, tuned)
 
 
 def collect(
@@ -508,6 +608,7 @@ def collect(
         "command": list(command),
         "machine": machine_info(),
         "wall_seconds": wall_seconds,
+        "invocations": read_invocations(run_dir),
         "seeds": options.seed_list,
         "reference_method": REFERENCE_METHOD,
         "lr_grid": list(options.lr_grid),

@@ -13,6 +13,7 @@ import json
 import math
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -531,7 +532,27 @@ def compute_markdown(data: Mapping) -> list[str]:
         "",
         "Each run's own wall time as its result file records it (training and evaluation; not the building of "
         "teacher and student, nor earlier runs at superseded settings). A run made while other jobs shared "
-        "the machine, or before a later speed-up, is counted at the time it took then.",
+        "the machine (another run beside it with --jobs 2, too), or before a later speed-up, is counted at the "
+        "time it took then.",
+        "",
+        *invocations_markdown(data.get("invocations", [])),
+    ]
+
+
+def invocations_markdown(invocations: Sequence[Mapping]) -> list[str]:
+    """The comparison's own wall time: its recorded invocations on this run directory (each from its
+    start to its last heartbeat or its end), summed; teacher and student builds included."""
+    if not invocations:
+        return []
+    hours = sum(max(0.0, i["updated"] - i["started"]) for i in invocations) / 3600
+    jobs = sorted({i.get("jobs", 1) for i in invocations})
+    outcomes = Counter(i.get("outcome", "?").split(":")[0] for i in invocations)
+    return [
+        f"Wall time of the comparison itself: **{hours:.2f} h** over {len(invocations)} recorded invocation"
+        f"{'s' if len(invocations) != 1 else ''} on this run directory (--jobs {', '.join(map(str, jobs))}; "
+        + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
+        + "), from each one's start to its end or last heartbeat, building teacher and students included; "
+        "runs made before invocations were recorded are not in it.",
         "",
     ]
 
