@@ -141,25 +141,34 @@ def table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 64 prompts (>= 2; the comparison: 8)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--student, --teacher and --timeout, as every run benchmark here takes them."""
     parser.add_argument("--student", type=Path, help="student HF directory (default: untrained toy model)")
     parser.add_argument("--teacher", type=Path, help="teacher HF directory (default: untrained toy model)")
     parser.add_argument("--timeout", type=float, default=1200)
-    parser.add_argument("--write", action="store_true", help="write benchmarks/RUN_TIME.md")
-    args = parser.parse_args(argv)
-    if args.rollouts < 2:
-        parser.error("--rollouts must be at least 2 (the first rollout is compared with the later ones)")
+
+
+def resolve_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """(student, teacher, how the report names them) in CPU mode; the untrained toy models by default."""
     if (args.student is None) != (args.teacher is None):
         parser.error("--student and --teacher go together")
     os.environ.setdefault("TSDKD_DEVICE", "cpu")
     from tsdkd_plugin.toy.cache import default_cache_dir
 
     if args.student is None:
-        student, teacher, models = *default_models(default_cache_dir()), "untrained toy models (paper-like sizes)"
-    else:
-        student, teacher, models = args.student, args.teacher, f"student {args.student}, teacher {args.teacher}"
+        return *default_models(default_cache_dir()), "untrained toy models (paper-like sizes)"
+    return args.student, args.teacher, f"student {args.student}, teacher {args.teacher}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 64 prompts (>= 2; the comparison: 8)")
+    add_model_arguments(parser)
+    parser.add_argument("--write", action="store_true", help="write benchmarks/RUN_TIME.md")
+    args = parser.parse_args(argv)
+    if args.rollouts < 2:
+        parser.error("--rollouts must be at least 2 (the first rollout is compared with the later ones)")
+    student, teacher, models = resolve_models(parser, args)
     work = Path(tempfile.mkdtemp(prefix="tsdkd_run_time_bench_"))
     try:
         load = os.getloadavg()[0]

@@ -2,10 +2,10 @@
 worker processes (`python -m tsdkd_plugin.experiments.compare --jobs 2`).
 
 Why side by side: on the 2-core machine one on-policy run keeps about 1.5 cores busy (its trainer,
-teacher and vLLM engine wait on one another, each on one thread). Two 8-rollout TSD-KD runs took
-110 s side by side against 134 s one after the other (an ad-hoc measurement, the same machine),
-with the same loss on every rollout: a run's threads are pinned per process (runner.child_env), so
-the load beside it changes no result.
+teacher and vLLM engine wait on one another, each on one thread). Two 8-rollout TSD-KD runs side
+by side finish 1.32x as fast as one after the other (benchmarks/SIDE_BY_SIDE.md), with the same
+loss on every rollout: a run's threads are pinned per process (runner.child_env), so the load
+beside it changes no result.
 
 Why processes, not threads: a run's in-process torch work (evaluation, SeqKD's teacher sampling,
 DPO's teacher scores) sets the process-wide torch thread count, which two threads in one process

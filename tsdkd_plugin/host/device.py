@@ -32,9 +32,9 @@ import torch
 #   VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM-CPU otherwise runs its model in a third process beside
 #     the engine actor and its engine core ("mp" executor, forced on CPU for OpenMP core binding,
 #     which nobind above turns off); with 0 the engine core runs the model itself ("uni" executor;
-#     OpenRLHF's AsyncLLMEngine keeps its engine-core process either way). Side by side on the
-#     2-core machine, an 8-rollout TSD-KD run: 67 s instead of 84 s, 98 instead of 127 CPU-seconds,
-#     the same loss on every rollout (stock OpenRLHF sets the same variable for
+#     OpenRLHF's AsyncLLMEngine keeps its engine-core process either way). An 8-rollout TSD-KD
+#     run takes 1.16x as long with the third process (benchmarks/SIDE_BY_SIDE.md), with the same
+#     loss on every rollout (stock OpenRLHF sets the same variable for
 #     --train.full_determinism_enable).
 #   TOKENIZERS_PARALLELISM / RAY_ENABLE_ZERO_COPY_TORCH_TENSORS: what upstream train_ppo_ray's own
 #     ray.init would set; it skips its ray.init when a cluster is already initialized.
