@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from tsdkd_plugin.experiments import compare, comparison, methods
+from tsdkd_plugin.experiments import report as report_module
 from tsdkd_plugin.experiments.budgets import BUDGETS
 from tsdkd_plugin.experiments.evaluate import teacher_scores
 from tsdkd_plugin.experiments.flags import distill_flags, grpo_flags, tsdkd_flags
@@ -530,6 +531,42 @@ def test_restore_refuses_runs_that_started_from_other_models(tmp_path):
     assert not (tmp_path / "paper-like" / "results").exists()
     with pytest.raises(JobError, match="--restore-from: no such file"):
         comparison.restore_runs(state, tmp_path / "missing.json")
+
+
+def test_a_regime_the_stopped_comparison_had_not_begun_restores_nothing(tmp_path):
+    # A comparison stopped during its first regime reports the later ones with no models and no runs:
+    # resuming it must go on to build and run them, not refuse the file.
+    report = _report_with_runs(tmp_path, 0.884)
+    data = json.loads(report.read_text())
+    data["regimes"]["paper-like-long"] = {"references": {}, "tuning_runs": [], "test_runs": []}
+    report.write_text(json.dumps(data))
+    for regime in ("paper-like-long", "weak-student"):
+        state = _state(tmp_path, regime)
+        state.references = _references(0.5)
+        assert comparison.restore_runs(state, report) == 0
+        assert not state.root.exists()
+    (tmp_path / "not-a-report.json").write_text("[1, 2]")
+    with pytest.raises(JobError, match="is not a comparison.json"):
+        comparison.restore_runs(_state(tmp_path, "paper-like"), tmp_path / "not-a-report.json")
+
+
+def test_restored_invocations_keep_the_time_of_a_comparison_resumed_elsewhere(tmp_path):
+    earlier = {"started": 1000.0, "updated": 1000.0 + 2 * 3600, "outcome": "interrupted", "jobs": 2, "hardware": "a"}
+    report = tmp_path / "comparison.json"
+    report.write_text(json.dumps({"regimes": {}, "invocations": [earlier]}))
+    run_dir = tmp_path / "run"
+    options = SimpleNamespace(jobs=2, argv=["--jobs", "2"])
+    with comparison.record_invocation(run_dir, options):
+        pass
+    assert comparison.restore_invocations(run_dir, report) == 1
+    assert comparison.restore_invocations(run_dir, report) == 0  # once only
+    first, second = comparison.read_invocations(run_dir)  # oldest first, whatever the file names
+    assert first["started"] == 1000.0 and first["restored_from"] == str(report)
+    assert "restored_from" not in second
+    text = "\n".join(report_module.invocations_markdown([first, second]))
+    assert "**2.00 h** over 2 recorded invocations" in text  # the restored two hours, plus ~0 s here
+    assert "1 of them ran on an earlier machine" in text
+    assert f"| 1970-01-01 00:16 | 2.00 | 2 | interrupted | a | {report} |" in text
 
 
 def test_remedies_are_opt_in_options_on_top_of_the_paper_preset():

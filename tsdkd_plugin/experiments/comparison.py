@@ -431,14 +431,18 @@ def restore_runs(state: RegimeState, report_file: Path) -> int:
     machine): otherwise the recorded runs started from other models and a JobError says so. Files
     already here are kept; each restored record names the report it came from."""
     try:
-        recorded = json.loads(report_file.read_text())["regimes"][state.regime.name]
+        regimes = json.loads(report_file.read_text())["regimes"]
+        recorded = regimes.get(state.regime.name)
     except FileNotFoundError:
         raise JobError(f"--restore-from: no such file {report_file}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise JobError(
-            f"--restore-from: {report_file} is not a comparison.json holding the {state.regime.name} regime "
-            f"({type(error).__name__}: {error})"
+            f"--restore-from: {report_file} is not a comparison.json ({type(error).__name__}: {error})"
         ) from None
+    if not recorded or not recorded.get("references"):
+        # A comparison stopped before this regime began (its report lists the regime with no models):
+        # nothing of it to restore, and nothing to check the models built here against.
+        return 0
     for key in REFERENCE_KEYS_CHECKED_ON_RESTORE:
         then, now = recorded["references"].get(key, {}).get("accuracy"), state.references[key]["accuracy"]
         if then != now:
@@ -510,9 +514,31 @@ def record_invocation(run_dir: Path, options: argparse.Namespace, heartbeat_s: f
 
 
 def read_invocations(run_dir: Path) -> list[dict]:
-    """The recorded invocations of a run directory (record_invocation), oldest first."""
+    """The recorded invocations of a run directory (record_invocation, restore_invocations), oldest first."""
     folder = Path(run_dir) / INVOCATIONS_DIR
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    records = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return sorted(records, key=lambda record: record["started"])
+
+
+def restore_invocations(run_dir: Path, report_file: Path) -> int:
+    """Write the invocations an earlier comparison's JSON recorded (`collect`'s "invocations") back
+    under <run_dir>/invocations/, each marked with the report it came from, so that the time of a
+    comparison resumed on another machine (--restore-from) still sums every invocation it took;
+    returns how many were written. Records already here (same start) are kept."""
+    try:
+        recorded = json.loads(Path(report_file).read_text()).get("invocations", [])
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise JobError(f"--restore-from: {report_file} is not a comparison.json ({type(error).__name__})") from None
+    folder = Path(run_dir).resolve() / INVOCATIONS_DIR
+    here = {record["started"] for record in read_invocations(Path(run_dir).resolve())}
+    written = 0
+    for record in recorded:
+        if record["started"] in here:
+            continue
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(record["started"]))
+        write_json_atomic(folder / f"restored-{stamp}.json", {**record, "restored_from": str(report_file)})
+        written += 1
+    return written
 
 
 def run_regime(

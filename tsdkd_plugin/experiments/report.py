@@ -13,6 +13,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -547,14 +548,30 @@ def invocations_markdown(invocations: Sequence[Mapping]) -> list[str]:
     hours = sum(max(0.0, i["updated"] - i["started"]) for i in invocations) / 3600
     jobs = sorted({i.get("jobs", 1) for i in invocations})
     outcomes = Counter(i.get("outcome", "?").split(":")[0] for i in invocations)
-    return [
+    restored = sum(1 for i in invocations if i.get("restored_from"))
+    lines = [
         f"Wall time of the comparison itself: **{hours:.2f} h** over {len(invocations)} recorded invocation"
         f"{'s' if len(invocations) != 1 else ''} on this run directory (--jobs {', '.join(map(str, jobs))}; "
         + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
         + "), from each one's start to its end or last heartbeat, building teacher and students included; "
-        "runs made before invocations were recorded are not in it.",
+        "runs made before invocations were recorded are not in it."
+        + (
+            f" {restored} of them ran on an earlier machine of a resumed comparison (--restore-from): each "
+            "machine built the teacher and students again, so the sum counts those builds once per machine."
+            if restored
+            else ""
+        ),
         "",
+        "| started (UTC) | hours | --jobs | outcome | machine | restored from |",
+        "|---|---|---|---|---|---|",
     ]
+    for i in invocations:
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(i["started"]))
+        lines.append(
+            f"| {started} | {max(0.0, i['updated'] - i['started']) / 3600:.2f} | {i.get('jobs', 1)} | "
+            f"{i.get('outcome', '?')} | {i.get('hardware', '?')} | {i.get('restored_from') or ''} |"
+        )
+    return [*lines, ""]
 
 
 def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "comparison") -> dict[str, Path]:
