@@ -556,17 +556,20 @@ def test_restored_invocations_keep_the_time_of_a_comparison_resumed_elsewhere(tm
     report.write_text(json.dumps({"regimes": {}, "invocations": [earlier]}))
     run_dir = tmp_path / "run"
     options = SimpleNamespace(jobs=2, argv=["--jobs", "2"])
-    with comparison.record_invocation(run_dir, options):
-        pass
+    with comparison.record_invocation(run_dir, options) as add_phase_seconds:
+        add_phase_seconds("building", 0.25 * 3600)
+        add_phase_seconds("building", 0.25 * 3600)
     assert comparison.restore_invocations(run_dir, report) == 1
     assert comparison.restore_invocations(run_dir, report) == 0  # once only
     first, second = comparison.read_invocations(run_dir)  # oldest first, whatever the file names
     assert first["started"] == 1000.0 and first["restored_from"] == str(report)
-    assert "restored_from" not in second
+    assert "restored_from" not in second and second["phases"] == {"building": 1800.0}
     text = "\n".join(report_module.invocations_markdown([first, second]))
     assert "**2.00 h** over 2 recorded invocations" in text  # the restored two hours, plus ~0 s here
     assert "1 of them ran on an earlier machine" in text
-    assert f"| 1970-01-01 00:16 | 2.00 | 2 | interrupted | a | {report} |" in text
+    assert f"| 1970-01-01 00:16 | 2.00 |  | 2 | interrupted | a | {report} |" in text
+    assert "| 0.00 | 0.50 | 2 | finished |" in text  # its own time is ~0 s; the building counted to it
+    assert "took 0.50 h of it in the 1 invocations that recorded it" in text
 
 
 def test_remedies_are_opt_in_options_on_top_of_the_paper_preset():

@@ -113,6 +113,7 @@ def test_side_by_side_pipelines_make_the_same_runs_in_each_methods_protocol_orde
         assert sorted(chosen) == ["gkd", "seqkd", "tsdkd-paper"]
         (invocation,) = comparison.read_invocations(run_dir)
         assert invocation["outcome"] == "finished" and invocation["updated"] >= invocation["started"]
+        assert 0 <= invocation["phases"]["building"] <= invocation["updated"] - invocation["started"]
     assert comparison.read_invocations(parallel_dir)[0]["jobs"] == 2
 
 

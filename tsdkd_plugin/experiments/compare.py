@@ -78,9 +78,9 @@ def run_comparison(options: argparse.Namespace) -> int:
         if options.restore_from:
             count = restore_invocations(Path(options.run_dir), Path(options.restore_from))
             print(f"restored {count} earlier invocations' wall times from {options.restore_from}")
-        with record_invocation(Path(options.run_dir), options), RunPool(options.jobs) as pool:
+        with record_invocation(Path(options.run_dir), options) as add_phase_seconds, RunPool(options.jobs) as pool:
             for name in regimes:
-                run_regime(REGIMES[name], options, methods, pool)
+                run_regime(REGIMES[name], options, methods, pool, add_phase_seconds)
     from tsdkd_plugin.experiments.report import write_comparison_report
 
     command = [PROG, *(a for a in options.argv if a != "--report-only")]

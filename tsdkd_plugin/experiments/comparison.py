@@ -27,7 +27,14 @@ from tsdkd_plugin.experiments.methods import METHODS, TUNED_METHODS, RunContext,
 from tsdkd_plugin.experiments.options import cache_dir_of
 from tsdkd_plugin.experiments.protocol import LR_GRID, TUNING_SEED, best_trial
 from tsdkd_plugin.experiments.run_pool import RunPool
-from tsdkd_plugin.experiments.runner import JobError, banner, hardware_kind, machine_info, write_json_atomic
+from tsdkd_plugin.experiments.runner import (
+    BUILD_PHASE,
+    JobError,
+    banner,
+    hardware_kind,
+    machine_info,
+    write_json_atomic,
+)
 from tsdkd_plugin.experiments.trained_models import build_teacher_and_student, describe_choice, initial_student
 
 REFERENCE_METHOD = "gkd"  # what the per-seed differences are taken against
@@ -472,7 +479,8 @@ HEARTBEAT_SECONDS = 30.0
 def record_invocation(run_dir: Path, options: argparse.Namespace, heartbeat_s: float = HEARTBEAT_SECONDS):
     """Record this invocation's wall time in <run_dir>/invocations/<start>-<pid>.json: written when it
     starts, its "updated" time rewritten every `heartbeat_s` seconds and at the end with how it ended,
-    so the comparison's time in all (the report's sum) survives a kill to within a heartbeat."""
+    so the comparison's time in all (the report's sum) survives a kill to within a heartbeat. Yields
+    add_phase_seconds(phase, seconds), which counts part of that time to a named phase ("phases")."""
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     path = Path(run_dir).resolve() / INVOCATIONS_DIR / f"{stamp}-{os.getpid()}.json"
@@ -491,6 +499,13 @@ def record_invocation(run_dir: Path, options: argparse.Namespace, heartbeat_s: f
             record.update(changes, updated=time.time())
             write_json_atomic(path, record)
 
+    def add_phase_seconds(phase: str, seconds: float) -> None:
+        """Count `seconds` of this invocation to `phase` (e.g. BUILD_PHASE), recorded at once."""
+        with lock:
+            phases = record.setdefault("phases", {})
+            phases[phase] = phases.get(phase, 0.0) + seconds
+        write()
+
     write()
     done = threading.Event()
 
@@ -502,7 +517,7 @@ def record_invocation(run_dir: Path, options: argparse.Namespace, heartbeat_s: f
     thread.start()
     outcome = "interrupted"
     try:
-        yield path
+        yield add_phase_seconds
         outcome = "finished"
     except JobError as error:
         outcome = f"stopped: {str(error).splitlines()[0]}"
@@ -542,11 +557,16 @@ def restore_invocations(run_dir: Path, report_file: Path) -> int:
 
 
 def run_regime(
-    regime: Regime, options: argparse.Namespace, methods: Sequence[str], pool: RunPool | None = None
+    regime: Regime,
+    options: argparse.Namespace,
+    methods: Sequence[str],
+    pool: RunPool | None = None,
+    add_phase_seconds=None,
 ) -> None:
     """One regime: each tuned method's pipeline (its tuning, then its remedies, then the test seeds of
     it and of the methods derived from it) runs beside the other methods' pipelines, `pool.jobs`
-    runs at a time; with one job, one method after another."""
+    runs at a time; with one job, one method after another. `add_phase_seconds` (record_invocation's)
+    is told how long building the models took."""
     banner(f"regime {regime.name}: {regime.doc}")
     tuned = [m for m in methods if m in TUNED_METHODS]
     inherited = {}
@@ -565,7 +585,10 @@ def run_regime(
                 f"regime, which has not tuned {', '.join(untuned)}: run {'it' if len(untuned) == 1 else 'them'} "
                 "there first"
             )
+    building_started = time.monotonic()
     state = prepare_regime(regime, options)
+    if add_phase_seconds is not None:
+        add_phase_seconds(BUILD_PHASE, time.monotonic() - building_started)
     if getattr(options, "restore_from", None):
         count = restore_runs(state, Path(options.restore_from))
         print(f"  restored {count} run files from {options.restore_from} (the teacher and student match it)")

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tsdkd_plugin.experiments.budgets import StudentSelection
-from tsdkd_plugin.experiments.runner import write_json_atomic, write_text_atomic
+from tsdkd_plugin.experiments.runner import BUILD_PHASE, write_json_atomic, write_text_atomic
 
 
 def _pyplot():
@@ -549,6 +549,7 @@ def invocations_markdown(invocations: Sequence[Mapping]) -> list[str]:
     jobs = sorted({i.get("jobs", 1) for i in invocations})
     outcomes = Counter(i.get("outcome", "?").split(":")[0] for i in invocations)
     restored = sum(1 for i in invocations if i.get("restored_from"))
+    building = [i["phases"][BUILD_PHASE] for i in invocations if BUILD_PHASE in i.get("phases", {})]
     lines = [
         f"Wall time of the comparison itself: **{hours:.2f} h** over {len(invocations)} recorded invocation"
         f"{'s' if len(invocations) != 1 else ''} on this run directory (--jobs {', '.join(map(str, jobs))}; "
@@ -560,15 +561,28 @@ def invocations_markdown(invocations: Sequence[Mapping]) -> list[str]:
             "machine built the teacher and students again, so the sum counts those builds once per machine."
             if restored
             else ""
+        )
+        + (
+            f" Building teacher and students and measuring their reference accuracies took "
+            f"{sum(building) / 3600:.2f} h of it"
+            + (
+                f" in the {len(building)} invocations that recorded it (invocations before stop 26 did not)."
+                if len(building) < len(invocations)
+                else "."
+            )
+            if building
+            else ""
         ),
         "",
-        "| started (UTC) | hours | --jobs | outcome | machine | restored from |",
-        "|---|---|---|---|---|---|",
+        "| started (UTC) | hours | of which building | --jobs | outcome | machine | restored from |",
+        "|---|---|---|---|---|---|---|",
     ]
     for i in invocations:
         started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(i["started"]))
+        built = i.get("phases", {}).get(BUILD_PHASE)
         lines.append(
-            f"| {started} | {max(0.0, i['updated'] - i['started']) / 3600:.2f} | {i.get('jobs', 1)} | "
+            f"| {started} | {max(0.0, i['updated'] - i['started']) / 3600:.2f} | "
+            f"{'' if built is None else f'{built / 3600:.2f}'} | {i.get('jobs', 1)} | "
             f"{i.get('outcome', '?')} | {i.get('hardware', '?')} | {i.get('restored_from') or ''} |"
         )
     return [*lines, ""]

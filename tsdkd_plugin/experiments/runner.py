@@ -289,6 +289,11 @@ def cpu_model_name() -> str:
     return name
 
 
+# The phase of an invocation that builds (or loads from the cache) each regime's teacher and students
+# and measures their reference accuracies: a comparison resumed on a wiped machine repeats it.
+BUILD_PHASE = "building"
+
+
 def hardware_kind() -> str:
     """What decides the float results of a training run besides its recipe and library versions:
     the device and, on CPU, the processor model and the instruction set torch dispatches to (the
