@@ -501,7 +501,8 @@ def _report_with_runs(tmp_path, teacher_test):
                         "tuning_runs": [tuning],
                         "test_runs": [test],
                     }
-                }
+                },
+                "invocations": [{"started": 1000.0, "updated": 4600.0, "outcome": "interrupted", "jobs": 2}],
             }
         )
     )
@@ -519,6 +520,9 @@ def test_restore_writes_the_recorded_runs_back_where_a_resumed_comparison_reads_
     assert json.loads(state.result_file("tune", "gkd", "lr=3e-05--seed100").read_text())["split"] == "val"
     # A second restore keeps what is there (a rerun's own result is never overwritten).
     assert comparison.restore_runs(state, report) == 0
+    # The earlier invocation's time comes back with the runs, once.
+    (invocation,) = comparison.read_invocations(tmp_path)
+    assert invocation["started"] == 1000.0 and invocation["restored_from"] == str(report)
 
 
 def test_restore_refuses_runs_that_started_from_other_models(tmp_path):
@@ -529,6 +533,7 @@ def test_restore_refuses_runs_that_started_from_other_models(tmp_path):
     ):
         comparison.restore_runs(state, _report_with_runs(tmp_path, 0.884))
     assert not (tmp_path / "paper-like" / "results").exists()
+    assert comparison.read_invocations(tmp_path) == []  # nor the refused report's time
     with pytest.raises(JobError, match="--restore-from: no such file"):
         comparison.restore_runs(state, tmp_path / "missing.json")
 

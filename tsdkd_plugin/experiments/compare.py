@@ -43,7 +43,6 @@ from tsdkd_plugin.experiments.comparison import (
     REGIMES,
     collect,
     record_invocation,
-    restore_invocations,
     run_regime,
 )
 from tsdkd_plugin.experiments.methods import METHOD_GROUPS, METHODS, parse_methods
@@ -75,9 +74,6 @@ def run_comparison(options: argparse.Namespace) -> int:
     methods = parse_methods(options.methods)
     options.seed_list = list(range(options.first_seed, options.first_seed + options.seeds))
     if not options.report_only:
-        if options.restore_from:
-            count = restore_invocations(Path(options.run_dir), Path(options.restore_from))
-            print(f"restored {count} earlier invocations' wall times from {options.restore_from}")
         with record_invocation(Path(options.run_dir), options) as add_phase_seconds, RunPool(options.jobs) as pool:
             for name in regimes:
                 run_regime(REGIMES[name], options, methods, pool, add_phase_seconds)

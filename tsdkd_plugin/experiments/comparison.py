@@ -430,22 +430,32 @@ REFERENCE_KEYS_CHECKED_ON_RESTORE = (
 )
 
 
+def read_restore_report(report_file: Path) -> dict:
+    """An earlier comparison's JSON (what `collect` wrote), for --restore-from; a JobError naming the
+    option when the file is missing or is not such a report."""
+    try:
+        data = json.loads(Path(report_file).read_text())
+    except FileNotFoundError:
+        raise JobError(f"--restore-from: no such file {report_file}") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise JobError(
+            f"--restore-from: {report_file} is not a comparison.json ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("regimes"), dict):
+        raise JobError(f'--restore-from: {report_file} is not a comparison.json (it has no "regimes" mapping)')
+    return data
+
+
 def restore_runs(state: RegimeState, report_file: Path) -> int:
     """Write the run files recorded in an earlier comparison's JSON (`report_file`, what `collect`
     wrote) back under this run dir, so that a comparison can be resumed and extended on another
     machine; returns how many were written. Only when the teacher and initial student built here
     score exactly what the report recorded (the builds are deterministic on the same kind of
     machine): otherwise the recorded runs started from other models and a JobError says so. Files
-    already here are kept; each restored record names the report it came from."""
-    try:
-        regimes = json.loads(report_file.read_text())["regimes"]
-        recorded = regimes.get(state.regime.name)
-    except FileNotFoundError:
-        raise JobError(f"--restore-from: no such file {report_file}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise JobError(
-            f"--restore-from: {report_file} is not a comparison.json ({type(error).__name__}: {error})"
-        ) from None
+    already here are kept; each restored record names the report it came from. The report's
+    invocation records come back with the runs (restore_invocations), so that the refused report of
+    another machine never adds its time to this run directory's."""
+    recorded = read_restore_report(report_file)["regimes"].get(state.regime.name)
     if not recorded or not recorded.get("references"):
         # A comparison stopped before this regime began (its report lists the regime with no models):
         # nothing of it to restore, and nothing to check the models built here against.
@@ -458,6 +468,7 @@ def restore_runs(state: RegimeState, report_file: Path) -> int:
                 f"scores {now}; the recorded runs started from other models, so they are not restored "
                 "(run the comparison without --restore-from)"
             )
+    restore_invocations(state.root.parent, report_file)
     written = 0
     for run in [*recorded.get("tuning_runs", []), *recorded.get("test_runs", [])]:
         name = f"{settings_key(run['settings'])}--seed{run['seed']}"
@@ -540,10 +551,7 @@ def restore_invocations(run_dir: Path, report_file: Path) -> int:
     under <run_dir>/invocations/, each marked with the report it came from, so that the time of a
     comparison resumed on another machine (--restore-from) still sums every invocation it took;
     returns how many were written. Records already here (same start) are kept."""
-    try:
-        recorded = json.loads(Path(report_file).read_text()).get("invocations", [])
-    except (OSError, json.JSONDecodeError, AttributeError) as error:
-        raise JobError(f"--restore-from: {report_file} is not a comparison.json ({type(error).__name__})") from None
+    recorded = read_restore_report(report_file).get("invocations", [])
     folder = Path(run_dir).resolve() / INVOCATIONS_DIR
     here = {record["started"] for record in read_invocations(Path(run_dir).resolve())}
     written = 0
