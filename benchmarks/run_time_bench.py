@@ -141,11 +141,16 @@ def table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--student, --teacher and --timeout, as every run benchmark here takes them."""
+def run_bench_parser(description: str, rollouts_help: str, report_name: str) -> argparse.ArgumentParser:
+    """The options every run benchmark here takes: --rollouts, --student, --teacher, --timeout and
+    --write (which writes benchmarks/<report_name>)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rollouts", type=int, default=4, help=rollouts_help)
     parser.add_argument("--student", type=Path, help="student HF directory (default: untrained toy model)")
     parser.add_argument("--teacher", type=Path, help="teacher HF directory (default: untrained toy model)")
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--write", action="store_true", help=f"write benchmarks/{report_name}")
+    return parser
 
 
 def resolve_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path, str]:
@@ -161,10 +166,9 @@ def resolve_models(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 64 prompts (>= 2; the comparison: 8)")
-    add_model_arguments(parser)
-    parser.add_argument("--write", action="store_true", help="write benchmarks/RUN_TIME.md")
+    parser = run_bench_parser(
+        __doc__.split("\n\n")[0], "rollouts of 64 prompts (>= 2; the comparison: 8)", "RUN_TIME.md"
+    )
     args = parser.parse_args(argv)
     if args.rollouts < 2:
         parser.error("--rollouts must be at least 2 (the first rollout is compared with the later ones)")

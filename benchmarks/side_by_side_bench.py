@@ -15,7 +15,6 @@ budget), one after another on an otherwise idle machine:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -23,16 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_time_bench import REPO, add_model_arguments, measure, resolve_models
+from run_time_bench import REPO, measure, resolve_models, run_bench_parser
 
 ENGINE_VAR = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rollouts", type=int, default=4, help="rollouts of 64 prompts per run (the comparison: 8)")
-    add_model_arguments(parser)
-    parser.add_argument("--write", action="store_true", help="write benchmarks/SIDE_BY_SIDE.md")
+    parser = run_bench_parser(
+        __doc__.split("\n\n")[0], "rollouts of 64 prompts per run (the comparison: 8)", "SIDE_BY_SIDE.md"
+    )
     args = parser.parse_args(argv)
     if args.rollouts < 1:
         parser.error("--rollouts must be at least 1")
