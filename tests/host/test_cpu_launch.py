@@ -84,6 +84,55 @@ def test_single_process_dist_env_fills_only_missing_values(monkeypatch):
     assert env == expected
 
 
+def test_a_world_of_one_lets_the_os_pick_its_store_port(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    assert device.set_single_process_dist_env()["MASTER_PORT"] == "0"
+
+
+WORLD_OF_ONE_SCRIPT = """
+import datetime, os, sys
+import deepspeed, torch
+from tsdkd_plugin.host.device import apply_cpu_mode_env, set_single_process_dist_env
+apply_cpu_mode_env()
+set_single_process_dist_env()
+sys.stdin.read()  # every world starts initialising at once
+deepspeed.init_distributed(timeout=datetime.timedelta(seconds=60))
+total = torch.ones(2)
+torch.distributed.all_reduce(total)
+store = torch.distributed.distributed_c10d._get_default_store()
+while isinstance(store, torch.distributed.PrefixStore):
+    store = store.underlying_store
+print("store port", store.port, "sum", int(total.sum()))
+"""
+
+
+def test_worlds_of_one_started_side_by_side_each_get_a_store(tmp_path):
+    """Teacher and student SFT (and --jobs 2 comparisons) start DeepSpeed worlds of one at the same
+    moment; each must listen on its own port, chosen as it binds, not on one picked beforehand."""
+    env = {name: value for name, value in os.environ.items() if name not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["TSDKD_DEVICE"] = "cpu"
+    worlds = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORLD_OF_ONE_SCRIPT],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    outputs = [world.communicate("", timeout=240) for world in worlds]
+    for world, (_, err) in zip(worlds, outputs, strict=True):
+        assert world.returncode == 0, err[-2000:]
+    ports = [int(out.split("store port ")[1].split()[0]) for out, _ in outputs]
+    assert all(port > 0 for port in ports) and len(set(ports)) == 3
+    assert all(out.rstrip().endswith("sum 2") for out, _ in outputs)
+
+
 @pytest.mark.parametrize(
     "args, gpus",
     [

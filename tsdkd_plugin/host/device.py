@@ -132,12 +132,21 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+# The port a world of one's store listens on: 0, chosen by the OS as it binds (see set_single_process_dist_env).
+WORLD_OF_ONE_MASTER_PORT = "0"
+
+
 def set_single_process_dist_env() -> dict[str, str]:
     """Make torch.distributed / DeepSpeed start as a world of one without a launcher.
 
     Without MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, `deepspeed.init_distributed`
     falls back to MPI discovery and fails. Values already set are kept; returns what is in effect.
     (OpenRLHF's Ray actors set these themselves, per rank.)
+
+    MASTER_PORT defaults to 0: a world of one has no other rank that must find its store, so the
+    store's server lets the OS pick the port when it listens. A port picked here and released
+    (free_ports) could be taken before the store binds it, and was: two OpenRLHF CLIs started side
+    by side (teacher and student SFT) drew the same one, and the second failed with EADDRINUSE.
     """
     defaults = {
         "MASTER_ADDR": "127.0.0.1",
@@ -147,8 +156,7 @@ def set_single_process_dist_env() -> dict[str, str]:
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_ports(1)[0])
+    os.environ.setdefault("MASTER_PORT", WORLD_OF_ONE_MASTER_PORT)
     return {name: os.environ[name] for name in (*defaults, "MASTER_PORT")}
 
 
