@@ -147,6 +147,8 @@ def set_single_process_dist_env() -> dict[str, str]:
     store's server lets the OS pick the port when it listens. A port picked here and released
     (free_ports) could be taken before the store binds it, and was: two OpenRLHF CLIs started side
     by side (teacher and student SFT) drew the same one, and the second failed with EADDRINUSE.
+    (DeepSpeed's CPU shared-memory all-reduce names its segment after MASTER_ADDR and MASTER_PORT,
+    but starts only when LOCAL_SIZE is set, which a launcher does, along with MASTER_PORT.)
     """
     defaults = {
         "MASTER_ADDR": "127.0.0.1",
