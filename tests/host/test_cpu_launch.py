@@ -92,7 +92,7 @@ def test_a_world_of_one_lets_the_os_pick_its_store_port(monkeypatch):
 
 
 WORLD_OF_ONE_SCRIPT = """
-import datetime, os, sys
+import datetime, sys
 import deepspeed, torch
 from tsdkd_plugin.host.device import apply_cpu_mode_env, set_single_process_dist_env
 apply_cpu_mode_env()
@@ -122,7 +122,7 @@ def test_worlds_of_one_started_side_by_side_each_get_a_store(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
             cwd=tmp_path,
-        )  # fmt: skip
+        )
         for _ in range(3)
     ]
     outputs = [world.communicate("", timeout=240) for world in worlds]

@@ -132,10 +132,6 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-# The port a world of one's store listens on: 0, chosen by the OS as it binds (see set_single_process_dist_env).
-WORLD_OF_ONE_MASTER_PORT = "0"
-
-
 def set_single_process_dist_env() -> dict[str, str]:
     """Make torch.distributed / DeepSpeed start as a world of one without a launcher.
 
@@ -155,11 +151,11 @@ def set_single_process_dist_env() -> dict[str, str]:
         "RANK": "0",
         "WORLD_SIZE": "1",
         "LOCAL_RANK": "0",
+        "MASTER_PORT": "0",  # the OS picks the port as the store binds (see above)
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", WORLD_OF_ONE_MASTER_PORT)
-    return {name: os.environ[name] for name in (*defaults, "MASTER_PORT")}
+    return {name: os.environ[name] for name in defaults}
 
 
 def init_local_ray_cluster(
