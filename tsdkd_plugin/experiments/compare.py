@@ -12,12 +12,16 @@ samples, optimizer steps of the same size); only the training signal differs (`m
 
 Protocol (`protocol`): tuning on the validation split with one seed (the same learning-rate grid
 for every method, then the same number of trials of each method's own hyperparameters; in the
-weak-student and paper-like-long regimes only the learning rate is tuned, the rest taken from the
-paper-like regime),
+weak-student and paper-like-long regimes only the learning rate is tuned, at the rate chosen in the
+paper-like regime and the grid's rates next to it, the rest taken from the paper-like regime),
 then `--seeds` seeds of each method's chosen settings on the test split, reported with 95%
-confidence intervals and per-seed differences against GKD. Ablations take TSD-KD's (paper preset)
-chosen settings and switch one part off. Remedies (opt-in objective options) take the same settings,
-are tried on validation, and run on test only when they beat TSD-KD's chosen validation accuracy.
+confidence intervals and per-seed differences against GKD. At 32 steps (paper-like) the test split
+gets GKD, TSD-KD (paper preset) and its ablations and remedies; every method is tested at 96 steps
+(paper-like-long) and in the weak-student regime. Ablations (the paper's ladder by default;
+--methods design-ablations adds the reference code's prefix ListMLE, the hard gate and sequence
+ranking) take TSD-KD's (paper preset) chosen settings and switch one part off. Remedies (opt-in
+objective options) take the same settings, are tried on validation, and run on test only when they
+beat TSD-KD's chosen validation accuracy.
 Tuning runs keep evenly spaced checkpoints whose validation accuracy shows whether the budget is
 long enough (the curves in the report).
 

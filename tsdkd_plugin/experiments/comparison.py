@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -54,6 +55,12 @@ class Regime:
     doc: str = ""
     # Evaluated copies along each validation run (its curve in the report).
     curve_points: int = CHECKPOINTS_PER_TUNING_RUN
+    # The tuned methods whose chosen settings run on the test split here (None: every tuned method);
+    # the ablations and remedies of a tested method follow it.
+    tested: tuple[str, ...] | None = None
+
+    def tests(self, method_name: str) -> bool:
+        return self.tested is None or method_name in self.tested
 
 
 REGIMES: dict[str, Regime] = {
@@ -64,8 +71,11 @@ REGIMES: dict[str, Regime] = {
             "paper-like",
             "full",
             ablations=True,
+            tested=("gkd", "tsdkd-paper"),
             doc="the student starts at 0.55-0.8 of its teacher's accuracy (the paper's Qwen2.5-1.5B starts at "
-            "0.71 of its 14B teacher's on GSM8K), the teacher is above 80%",
+            "0.71 of its 14B teacher's on GSM8K), the teacher is above 80%; at 32 optimizer steps every method "
+            "is tuned here (the other regimes take its choices), and the test split gets GKD, the paper preset "
+            "and the paper preset's ablations and remedies (every method is tested at 96 steps, paper-like-long)",
         ),
         Regime(
             "weak-student",
@@ -73,7 +83,8 @@ REGIMES: dict[str, Regime] = {
             "lr",
             inherit_from="paper-like",
             ablations=False,
-            doc="the earlier default: a 0.16M-parameter student far below its teacher, most of its own samples wrong",
+            doc="the earlier default: a 0.16M-parameter student far below its teacher, most of its own samples "
+            "wrong; the learning rate tuned again (the paper-like choice and the grid's rates next to it)",
         ),
         Regime(
             "paper-like-long",
@@ -83,7 +94,8 @@ REGIMES: dict[str, Regime] = {
             ablations=False,
             curve_points=12,
             doc="the paper-like regime with 3x the distillation budget (96 optimizer steps, where the best "
-            "baseline's validation accuracy flattens), the learning rate tuned again at this budget",
+            "baseline's validation accuracy flattens), the learning rate tuned again at this budget (the "
+            "paper-like choice and the grid's rates next to it)",
         ),
     )
 }
@@ -214,15 +226,34 @@ def budget_shortfall(run: Mapping) -> str | None:
 # --------------------------------------------------------------------------- the protocol
 
 
+# Learning rates a method is tried at in an "lr" regime: the one chosen where its settings come
+# from and the grid's rates next to it, the same count for every method.
+INHERITED_LR_TRIALS = 3
+
+
+def lr_window(lr_grid: Sequence[float], centre: float, size: int = INHERITED_LR_TRIALS) -> list[float]:
+    """The `size` neighbouring rates of the sorted grid around the one nearest `centre` (in log
+    scale), moved inwards at the grid's ends so that every method gets `size` trials; the whole
+    grid when it has no more."""
+    grid = sorted(lr_grid)
+    if len(grid) <= size:
+        return grid
+    nearest = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / centre)))
+    start = min(max(nearest - size // 2, 0), len(grid) - size)
+    return grid[start : start + size]
+
+
 def tuning_trials(
     state: RegimeState, method_name: str, chosen: Mapping[str, dict], lr_grid: Sequence[float] = LR_GRID
 ) -> list[dict]:
-    """The learning-rate trials of a method on validation, in order (its other settings: the
-    defaults, or in an "lr" regime those chosen in the regime it inherits from)."""
+    """The learning-rate trials of a method on validation, in order: the grid with the method's
+    defaults, or in an "lr" regime the rates of the grid around the one chosen in the regime it
+    inherits from (`lr_window`), with the other settings chosen there."""
     if state.regime.tune == "lr":
         inherited = chosen.get(method_name, {})
         knobs = {k: v for k, v in inherited.items() if k != "lr"}
-        return [{"lr": lr, **knobs} for lr in lr_grid]
+        rates = lr_window(lr_grid, inherited["lr"]) if "lr" in inherited else list(lr_grid)
+        return [{"lr": lr, **knobs} for lr in rates]
     return [{"lr": lr} for lr in lr_grid]  # then the method's grid at the best lr (tune_method)
 
 
@@ -331,7 +362,7 @@ def goes_to_test(method_name: str, regime: Regime, tuning: Mapping, remedies: Ma
     """Whether a derived method runs on the test split: an ablation in a regime with ablations, a
     remedy that beat its parent on validation."""
     method = METHODS[method_name]
-    if not method.derived_from or method.derived_from not in tuning:
+    if not method.derived_from or method.derived_from not in tuning or not regime.tests(method.derived_from):
         return False
     if method.group == "remedy":
         return bool(remedies.get(method_name, {}).get("to_test"))
@@ -629,7 +660,8 @@ def run_regime(
             update_json_record(remedies_file(state.root), remedies)
         if options.stop_after == "tune":
             return
-        test_methods = [method_name] + [m for m in derived if goes_to_test(m, regime, tuning, remedies)]
+        test_methods = [method_name] if regime.tests(method_name) else []
+        test_methods += [m for m in derived if goes_to_test(m, regime, tuning, remedies)]
         # The first seed of every train_tsdkd method also logs the per-term gradient diagnostics
         # (which change no loss or gradient bit; docs/objective.md).
         pool.map(
@@ -712,7 +744,12 @@ def collect(
         for path in sorted((root / "results" / "tune").rglob("*.json")) if (root / "results").is_dir() else []:
             if path.name.endswith(".failed.json"):
                 entry["failed"].append(json.loads(path.read_text()))
-        entry["tuning_runs"] = (
+        # Validation runs the protocol made: each method's trials, and its remedies. Others on disk (a
+        # longer grid of an earlier protocol) are not runs of this comparison; the report counts them.
+        protocol_trials = {
+            (m, settings_key(t["settings"])) for m, tuned in entry["tuning"].items() for t in tuned["trials"]
+        } | {(m, settings_key(r["settings"])) for m, r in entry["remedies"].items()}
+        tuning_runs = (
             [
                 json.loads(p.read_text())
                 for p in sorted((root / "results" / "tune").rglob("*.json"))
@@ -721,15 +758,21 @@ def collect(
             if (root / "results" / "tune").is_dir()
             else []
         )
+        entry["tuning_runs"] = [
+            run for run in tuning_runs if (run["method"], settings_key(run["settings"])) in protocol_trials
+        ]
+        entry["unused_tuning_runs"] = len(tuning_runs) - len(entry["tuning_runs"])
         # Test runs at settings the method no longer has (tuning went on after they ran: a longer grid,
-        # a re-check) stay on disk but are not results of this comparison; the report counts them.
+        # a re-check), or of a method this regime no longer tests, stay on disk but are not results of
+        # this comparison; the report counts them.
         chosen = {m: tuned["chosen"] for m, tuned in entry["tuning"].items()}
         entry["superseded_test_runs"] = []
         test_dir = root / "results" / "test"
         for path in sorted(test_dir.rglob("*.json")) if test_dir.is_dir() else []:
             run = json.loads(path.read_text())
             base = METHODS[run["method"]].tuned_as if run["method"] in METHODS else None
-            if base in chosen and dict(run["settings"]) != dict(chosen[base]):
+            tested = base is None or regime.tests(base)
+            if base in chosen and (dict(run["settings"]) != dict(chosen[base]) or not tested):
                 entry["superseded_test_runs"].append(str(path.relative_to(run_dir)))
             elif path.name.endswith(".failed.json"):
                 entry["failed"].append(run)
@@ -740,7 +783,9 @@ def collect(
         failed = {(run["method"], run["seed"]) for run in entry["failed"] if "settings" in run}
         # What the run would test: the tuned methods, and the derived ones whose parent was tuned here.
         expected = [
-            m for m in methods if m in TUNED_METHODS or goes_to_test(m, regime, entry["tuning"], entry["remedies"])
+            m
+            for m in methods
+            if (m in TUNED_METHODS and regime.tests(m)) or goes_to_test(m, regime, entry["tuning"], entry["remedies"])
         ]
         entry["missing"] = [
             f"{m} seed {seed}"

@@ -451,7 +451,8 @@ def regime_markdown(
         )
         what = {
             "full": f"the learning rate, then {own_grid}",
-            "lr": f"the learning rate only; other settings as chosen in the {regime['inherit_from']} regime",
+            "lr": f"the learning rate only, the rate chosen in the {regime['inherit_from']} regime and the grid's "
+            "rates next to it; other settings as chosen there",
         }[regime["tune"]]
         lines += [
             f"### Tuning on the validation split (seed {data['tuning_seed']}; {what})",
@@ -663,7 +664,13 @@ def write_comparison_report(data: Mapping, out_dir: Path, stem: str = "compariso
         if superseded:
             lines += [
                 f"{len(superseded)} earlier test runs at settings a method no longer has (tuning went on after "
-                "they ran) are kept on disk and left out of these tables.",
+                "they ran), or of methods this regime no longer tests, are kept on disk and left out of these tables.",
+                "",
+            ]
+        if regime.get("unused_tuning_runs"):
+            lines += [
+                f"{regime['unused_tuning_runs']} validation runs on disk are not trials of this protocol (an earlier, "
+                "longer grid) and are left out of these tables and of the compute below.",
                 "",
             ]
     lines += compute_markdown(data)
