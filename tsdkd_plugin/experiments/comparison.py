@@ -71,7 +71,8 @@ REGIMES: dict[str, Regime] = {
             "paper-like",
             "full",
             ablations=True,
-            tested=("gkd", "tsdkd-paper"),
+            # GKD: every paired difference is taken against it; the paper preset: its ablations' parent.
+            tested=(REFERENCE_METHOD, "tsdkd-paper"),
             doc="the student starts at 0.55-0.8 of its teacher's accuracy (the paper's Qwen2.5-1.5B starts at "
             "0.71 of its 14B teacher's on GSM8K), the teacher is above 80%; at 32 optimizer steps every method "
             "is tuned here (the other regimes take its choices), and the test split gets GKD, the paper preset "
@@ -771,8 +772,7 @@ def collect(
         for path in sorted(test_dir.rglob("*.json")) if test_dir.is_dir() else []:
             run = json.loads(path.read_text())
             base = METHODS[run["method"]].tuned_as if run["method"] in METHODS else None
-            tested = base is None or regime.tests(base)
-            if base in chosen and (dict(run["settings"]) != dict(chosen[base]) or not tested):
+            if base in chosen and (dict(run["settings"]) != dict(chosen[base]) or not regime.tests(base)):
                 entry["superseded_test_runs"].append(str(path.relative_to(run_dir)))
             elif path.name.endswith(".failed.json"):
                 entry["failed"].append(run)
