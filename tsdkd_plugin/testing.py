@@ -63,6 +63,17 @@ def tensorboard_wall_times(tb_dir: Path, tag: str) -> dict[int, float]:
     return times
 
 
+def load_script(path: Path, name: str):
+    """The Python file at `path` (a benchmark or recipe script, not a package module) as module `name`,
+    so a test can call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_benchmark_report(path: Path, title: str, script: str, argv: Sequence[str], fields: dict, body: str) -> None:
     """A benchmark's markdown file: its title, the command that wrote it (`python benchmarks/<script>`
     and its arguments), the machine (architecture, cores, Python, CPU only), then `fields` (name:

@@ -3,20 +3,18 @@ and of the invocations' wall time (on run directories written here, not on real 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tsdkd_plugin.testing import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "comparison_pace.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("comparison_pace", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "comparison_pace")
 
 
 def write_run(run_dir: Path, rel: str, method: str, seconds: float, accuracy: float) -> None:

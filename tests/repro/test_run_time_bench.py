@@ -3,20 +3,18 @@ table's arithmetic (the run itself is the benchmark's, not a test's)."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import pytest
 
+from tsdkd_plugin.testing import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "run_time_bench.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("run_time_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "run_time_bench")
 
 
 def test_ray_up_time_is_the_driver_lines_own_timestamp():
