@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from tsdkd_plugin.experiments.comparison import INVOCATIONS_DIR  # noqa: E402  (where invocations are recorded)
+from tsdkd_plugin.experiments.comparison import INVOCATIONS_DIR, read_invocations  # noqa: E402
 from tsdkd_plugin.experiments.runner import BUILD_PHASE  # noqa: E402
 
 
@@ -45,12 +45,9 @@ def result_files(run_dir: Path) -> dict[str, dict]:
 
 def invocation_hours(run_dir: Path) -> tuple[float, float, int]:
     """(wall hours in all, of which building teacher and students, number of invocations)."""
-    wall = building = 0.0
-    records = sorted((run_dir / INVOCATIONS_DIR).glob("*.json"))
-    for path in records:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        wall += record["updated"] - record["started"]
-        building += (record.get("phases") or {}).get(BUILD_PHASE, 0.0)
+    records = read_invocations(run_dir)
+    wall = sum(record["updated"] - record["started"] for record in records)
+    building = sum((record.get("phases") or {}).get(BUILD_PHASE, 0.0) for record in records)
     return wall / 3600, building / 3600, len(records)
 
 
