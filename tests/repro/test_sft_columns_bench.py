@@ -10,15 +10,14 @@ import pytest
 
 from tsdkd_plugin.testing import load_script
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "sft_columns_bench.py"
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark script, loaded once as a module."""
+    return load_script(Path(__file__).resolve().parents[2] / "benchmarks" / "sft_columns_bench.py", "sft_columns_bench")
 
 
-def load_bench():
-    return load_script(BENCH, "sft_columns_bench")
-
-
-def test_step_seconds_reads_the_last_completed_epoch_bar():
-    bench = load_bench()
+def test_step_seconds_reads_the_last_completed_epoch_bar(bench):
     log = (
         "Train step of epoch 0:  50%|#####     | 75/150 [00:20<00:20,  3.7it/s]\r"
         "Train step of epoch 0: 100%|##########| 150/150 [00:30<00:00,  5.0it/s]\n"
@@ -30,8 +29,7 @@ def test_step_seconds_reads_the_last_completed_epoch_bar():
         bench.step_seconds(log.split("\r")[0])
 
 
-def test_lazy_command_keeps_every_argument_and_turns_the_wrap_off():
-    bench = load_bench()
+def test_lazy_command_keeps_every_argument_and_turns_the_wrap_off(bench):
     command = [sys.executable, "-m", "tsdkd_plugin.host.cpu_launch", "--threads", "2", "openrlhf.cli.train_sft", "--x"]
     lazy = bench.lazy_command(command)
     assert lazy[0] == sys.executable and lazy[1] == "-c" and lazy[3:] == command[3:]
@@ -40,8 +38,7 @@ def test_lazy_command_keeps_every_argument_and_turns_the_wrap_off():
         bench.lazy_command([sys.executable, "-m", "openrlhf.cli.train_sft"])
 
 
-def test_table_reports_medians_ratios_and_whether_weights_match():
-    bench = load_bench()
+def test_table_reports_medians_ratios_and_whether_weights_match(bench):
     runs = {
         "lazy": [{"wall": 50.0, "step": 0.25, "weights": "a"}, {"wall": 46.0, "step": 0.23, "weights": "a"}],
         "lists": [{"wall": 40.0, "step": 0.2, "weights": "a"}, {"wall": 38.0, "step": 0.18, "weights": "a"}],
